@@ -1,0 +1,214 @@
+"""Backend protocol, artifacts, latency statistics and the shared timing loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+
+@dataclass
+class Artifact:
+    """A deployable file produced by a backend.
+
+    Attributes:
+        path: the file itself (e.g. ``model.onnx``).
+        backend / device: who made it and where it runs.
+        size_bytes: bytes on disk (the size objective).
+        packed_size_bytes: theoretical size with every weight at its plan's bit width (labelled so).
+        precisions: layer name -> bits as lowered.
+        meta: backend-specific facts (kernels ORT actually runs, opset, ...).
+    """
+
+    path: Path
+    backend: str
+    device: str
+    size_bytes: int
+    packed_size_bytes: int
+    precisions: dict[str, int] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class LatencyStats:
+    """Latency of one artifact on one device, in milliseconds per call at ``batch_size``."""
+
+    median_ms: float
+    p90_ms: float
+    iqr_ms: float
+    mean_ms: float
+    n: int
+    rel_ci: float  # half width of the median's ~95% confidence interval, relative to the median
+    batch_size: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lock_dir() -> Path:
+    d = Path(os.environ.get("AUTOCOMPRESS_LOCK_DIR", Path(tempfile.gettempdir()) / "autocompress-locks"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def device_lock(device: str, timeout_s: float = 3600) -> Iterator[None]:
+    """Hold the machine-wide lock of ``device`` so concurrent trials never time at the same time."""
+    safe = "".join(c if c.isalnum() else "_" for c in device)
+    with FileLock(str(lock_dir() / f"{safe}.lock"), timeout=timeout_s):
+        yield
+
+
+def time_callable(
+    fn: Callable[[], object],
+    *,
+    device: str,
+    batch_size: int,
+    sync: Callable[[], None] | None = None,
+    **limits,
+) -> LatencyStats:
+    """Time one callable with :func:`time_callables` (warm-up, repeat until the CI is small)."""
+    return time_callables([fn], device=device, batch_size=batch_size, sync=sync, **limits)[0]
+
+
+def time_callables(
+    fns: list[Callable[[], object]],
+    *,
+    device: str,
+    batch_size: int,
+    sync: Callable[[], None] | None = None,
+    warmup_min: int = 10,
+    warmup_s: float = 0.2,
+    block: int = 50,
+    min_repeats: int = 100,
+    max_repeats: int = 3000,
+    max_s: float = 3.0,
+    target_rel_ci: float = 0.02,
+) -> list[LatencyStats]:
+    """Warm up, then time ``fns`` in alternating blocks until every median's relative CI is small.
+
+    Alternating blocks means several artifacts (e.g. a candidate and the baseline) see the same
+    machine state, so their ratio is measured side by side. The CI half width uses the notch rule
+    ``1.57 * IQR / sqrt(n)``; timing stops when every CI is at most ``target_rel_ci`` (after at
+    least ``min_repeats`` calls each), or at ``max_repeats`` calls or ``max_s`` seconds.
+    """
+    sync = sync or (lambda: None)
+    for fn in fns:
+        t_end = time.perf_counter() + warmup_s / len(fns)
+        i = 0
+        while i < warmup_min or time.perf_counter() < t_end:
+            fn()
+            i += 1
+        sync()
+    samples: list[list[float]] = [[] for _ in fns]
+    deadline = time.perf_counter() + max_s
+    while True:
+        for fn, out in zip(fns, samples, strict=True):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                out.append(time.perf_counter() - t0)
+        stats = [_stats(s, device, batch_size) for s in samples]
+        n = len(samples[0])
+        if n >= min_repeats and all(st.rel_ci <= target_rel_ci for st in stats):
+            return stats
+        if n >= max_repeats or time.perf_counter() > deadline:
+            return stats
+
+
+def _stats(samples: list[float], device: str, batch_size: int) -> LatencyStats:
+    a = np.asarray(samples) * 1e3
+    med = float(np.median(a))
+    q1, q3 = np.percentile(a, [25, 75])
+    rel_ci = float(1.57 * (q3 - q1) / np.sqrt(len(a)) / med) if med > 0 else 0.0
+    return LatencyStats(
+        median_ms=med,
+        p90_ms=float(np.percentile(a, 90)),
+        iqr_ms=float(q3 - q1),
+        mean_ms=float(a.mean()),
+        n=len(a),
+        rel_ci=rel_ci,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+class Backend(ABC):
+    """Lowers a compressed torch model to a deployable artifact, evaluates it and times it.
+
+    Class-level capabilities tell the search what the backend can store and what it runs natively.
+    """
+
+    name: ClassVar[str]
+    stored_bits: ClassVar[tuple[int, ...]]  # precisions the artifact can hold
+    native_bits: ClassVar[tuple[int, ...]]  # precisions with real kernels (faster, not only smaller)
+    sparsity_kinds: ClassVar[tuple[str, ...]] = ("unstructured",)  # stored; none run sparse kernels
+    reduce_range: ClassVar[bool] = False  # 8-bit weights use a 7-bit grid (see quantize.qmax_for)
+
+    def __init__(self, device: str = "cpu", batch_size: int = 1, threads: int = 1, **options):
+        self.device = device
+        self.batch_size = batch_size
+        self.threads = threads
+        self.options = options
+
+    @abstractmethod
+    def lower(
+        self,
+        model: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        precisions: dict[str, int],
+        out_dir: Path,
+        calibration: np.ndarray | None = None,
+    ) -> Artifact:
+        """Write the deployable artifact for ``model`` with each layer at its precision."""
+
+    @abstractmethod
+    def evaluate(
+        self,
+        artifact: Artifact,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        score: Callable[[np.ndarray, np.ndarray], float],
+    ) -> float:
+        """The metric of the artifact itself (not of the torch model) on ``inputs``."""
+
+    @abstractmethod
+    def measure(self, artifact: Artifact, example_inputs: tuple[torch.Tensor, ...]) -> LatencyStats:
+        """Latency on the target device at ``self.batch_size``, under the device lock."""
+
+    def measure_pair(
+        self, artifact: Artifact, reference: Artifact, example_inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[LatencyStats, LatencyStats]:
+        """Latency of ``artifact`` and of ``reference`` (the baseline), timed side by side.
+
+        Backends should interleave the two so that their ratio is immune to drift; this default
+        times them one after the other.
+        """
+        return self.measure(artifact, example_inputs), self.measure(reference, example_inputs)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release processes or sessions the backend holds."""
+
+    @classmethod
+    def capabilities(cls) -> dict:
+        return {
+            "stored_bits": list(cls.stored_bits),
+            "native_bits": list(cls.native_bits),
+            "sparsity_kinds": list(cls.sparsity_kinds),
+            "reduce_range": cls.reduce_range,
+        }
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}

@@ -1,0 +1,444 @@
+"""ONNX Runtime backend (CPU execution provider): QDQ int8 / INT4 artifacts with real int8 kernels.
+
+Lowering, in order:
+1. ``torch.onnx.export`` of the finalized model (BN already folded, weights already on their grid).
+2. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
+   by min-max on training samples) for the layers whose plan says 8 or 4 bits. It lays out the
+   Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
+3. The weight integers and scales it computed are replaced by the ones the QAT fine-tune trained on
+   (symmetric per channel, ``amax / qmax``), and each int32 bias is re-quantized with
+   ``input_scale * weight_scale``. The artifact then holds exactly the integers the torch model
+   was fine-tuned with, at the plan's precision (INT4 tensors are packed two per byte, opset 21).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import BackendError, MissingDependencyError
+from ..techniques.quantize import qmax_for, quantize_weight
+from .base import Artifact, Backend, LatencyStats, device_lock, time_callables
+
+INPUT, OUTPUT = "input", "logits"
+QUANT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """True when the CPU has VNNI (or AMX) int8 dot-product instructions."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def make_session(path: str | Path, threads: int, optimized_path: Path | None = None):
+    """An ORT CPU session with full graph optimizations and ``threads`` intra-op threads."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def export_onnx(
+    model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path, opset: int = 17
+) -> None:
+    """Export with a dynamic batch axis, initializers named after the torch parameters."""
+    model = model.eval()
+    dyn = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            tuple(example_inputs),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes=dyn,
+            do_constant_folding=True,
+        )
+
+
+def _consumers(graph: onnx.GraphProto, tensor: str) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if tensor in n.input]
+
+
+def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
+    return next((n for n in graph.node if tensor in n.output), None)
+
+
+class _Calibration:
+    """``CalibrationDataReader`` over a numpy array, 32 samples per batch."""
+
+    def __init__(self, data: np.ndarray):
+        self._batches = iter([{INPUT: data[i : i + 32]} for i in range(0, len(data), 32)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self):  # pragma: no cover - not used by MinMax
+        pass
+
+
+def _int_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
+    if bits == 4:  # raw bytes, two values per byte
+        return numpy_helper.from_array(q.astype(np.int8).astype(ml_dtypes.int4), name)
+    return numpy_helper.from_array(q.astype(np.int8), name)
+
+
+@dataclass
+class _Weight:
+    """Where a torch layer's weight lives in the exported graph, and the integers it must hold.
+
+    ``axis`` is the output-channel axis of the ONNX initializer: 0 when it keeps the torch layout
+    (Conv, Gemm with transB=1), 1 when the exporter stored it transposed (MatMul).
+    """
+
+    layer: str
+    init: str
+    axis: int
+    nodes: list[str]
+    bits: int
+    q: np.ndarray  # torch layout, [-qmax, qmax]
+    scale: np.ndarray  # per output channel
+
+    def q_onnx(self) -> np.ndarray:
+        return self.q.T if self.axis == 1 else self.q
+
+
+def _locate(
+    graph: onnx.GraphProto,
+    layer: str,
+    weight: np.ndarray,
+    bits: int,
+    q: np.ndarray,
+    scale: np.ndarray,
+    taken: set[str],
+) -> _Weight:
+    """Find the initializer holding ``weight`` (by name, else by value: the exporter may rename and
+    transpose it, e.g. a bias-free Linear becomes MatMul with a folded transpose)."""
+    inits = {i.name: i for i in graph.initializer}
+    name = f"{layer}.weight"
+    candidates = [name] if name in inits else []
+    candidates += [
+        n for n, i in inits.items() if n != name and n not in taken and int(np.prod(i.dims)) == weight.size
+    ]
+    for cand in candidates:
+        users = [n for n in _consumers(graph, cand) if n.op_type in QUANT_OPS and n.input[1] == cand]
+        if not users:
+            continue
+        a = numpy_helper.to_array(inits[cand])
+        if a.shape == weight.shape and np.array_equal(a, weight):
+            axis = 0
+        elif weight.ndim == 2 and a.shape == weight.T.shape and np.array_equal(a, weight.T):
+            axis = 1
+        else:
+            continue
+        return _Weight(layer, cand, axis, [n.name for n in users], bits, q, scale)
+    raise BackendError(
+        f"cannot find the ONNX initializer of {name!r} (layer {layer!r}) in the exported graph"
+    )
+
+
+def _write_trained_integers(
+    qmodel: onnx.ModelProto, float_model: onnx.ModelProto, weights: list[_Weight]
+) -> None:
+    """Replace ORT's weight integers/scales by the QAT ones; re-quantize the int32 biases."""
+    g = qmodel.graph
+    inits = {i.name: i for i in g.initializer}
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    for w in weights:
+        for node in g.node:
+            if node.op_type not in QUANT_OPS or len(node.input) < 2:
+                continue
+            w_dq = _producer(g, node.input[1])
+            if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] != f"{w.init}_quantized":
+                continue
+            inits[w_dq.input[0]].CopyFrom(_int_tensor(w_dq.input[0], w.q_onnx(), w.bits))
+            inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(w.scale, w_dq.input[1]))
+            if len(node.input) < 3 or not node.input[2]:
+                continue
+            b_dq, x_dq = _producer(g, node.input[2]), _producer(g, node.input[0])
+            if b_dq is None or b_dq.op_type != "DequantizeLinear" or x_dq is None:
+                continue
+            x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]))
+            bias = numpy_helper.to_array(float_inits[b_dq.input[0].removesuffix("_quantized")])
+            b_scale = (x_scale * w.scale).astype(np.float32)
+            inits[b_dq.input[0]].CopyFrom(
+                numpy_helper.from_array(np.round(bias / b_scale).astype(np.int32), b_dq.input[0])
+            )
+            inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(b_scale, b_dq.input[1]))
+
+
+def _weight_only_dq(graph: onnx.GraphProto, w: _Weight) -> None:
+    """Replace the float initializer by packed integers + per-channel scales + DequantizeLinear.
+
+    The consumers keep reading the tensor of the same name; it is now the DQ node's output.
+    """
+    kept = [i for i in graph.initializer if i.name != w.init]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    q_name, s_name = f"{w.init}_int{w.bits}", f"{w.init}_int{w.bits}_scale"
+    graph.initializer.extend(
+        [_int_tensor(q_name, w.q_onnx(), w.bits), numpy_helper.from_array(w.scale, s_name)]
+    )
+    graph.node.insert(
+        0,
+        helper.make_node(
+            "DequantizeLinear", [q_name, s_name], [w.init], axis=w.axis, name=f"{w.init}_DequantizeLinear"
+        ),
+    )
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU execution provider."""
+
+    name = "onnxruntime"
+    stored_bits = (4, 8, 32)
+    native_bits = (8, 32)  # INT4 weights are dequantized to float at run time: smaller, not faster
+    sparsity_kinds = ("unstructured",)  # stored dense: zeros save neither bytes nor time
+    reduce_range = not cpu_has_vnni()
+
+    def __init__(self, device: str = "cpu", batch_size: int = 1, threads: int = 1, **options):
+        if device != "cpu":
+            raise BackendError(f"onnxruntime backend: device {device!r} is not supported here (only 'cpu')")
+        unknown = set(options) - {"isolate", "pin_core", "timing"}
+        if unknown:
+            raise BackendError(
+                f"onnxruntime backend: unknown option(s) {sorted(unknown)}; known: isolate, pin_core, timing"
+            )
+        super().__init__(device, batch_size, threads, **options)
+        self._worker: subprocess.Popen | None = None
+
+    # -- lowering -------------------------------------------------------------------------------
+    def lower(self, model, example_inputs, precisions, out_dir, calibration=None) -> Artifact:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        quantized = {k: b for k, b in precisions.items() if b < 32}
+        if quantized and calibration is None:
+            raise BackendError("onnxruntime backend: quantized layers need calibration inputs")
+        with tempfile.TemporaryDirectory(prefix="ac-ort-") as tmp:
+            fp32 = Path(tmp) / "float.onnx"
+            try:
+                export_onnx(model, example_inputs, fp32)
+            except Exception as exc:
+                raise BackendError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+            target = out_dir / "model.onnx"
+            if quantized:
+                self._quantize(model, fp32, target, quantized, calibration, Path(tmp))
+            else:
+                shutil.copyfile(fp32, target)
+            kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
+        params = dict(model.named_parameters())
+        packed = 0
+        for name, p in params.items():
+            layer = name.rsplit(".", 1)[0]
+            bits = quantized.get(layer, 32) if name.endswith(".weight") else 32
+            packed += p.numel() * bits // 8
+        return Artifact(
+            path=target,
+            backend=self.name,
+            device=self.device,
+            size_bytes=target.stat().st_size,
+            packed_size_bytes=int(packed),
+            precisions=dict(precisions),
+            meta={"kernels": kernels, "reduce_range": self.reduce_range},
+        )
+
+    def _quantize(
+        self, model, fp32: Path, target: Path, quantized: dict[str, int], calibration: np.ndarray, tmp: Path
+    ) -> None:
+        """8-bit layers: QDQ via quantize_static (fused by ORT); 4-bit layers: INT4 weight-only DQ."""
+        float_model = onnx.load(str(fp32))
+        if any(b == 4 for b in quantized.values()):
+            float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
+            onnx.save(float_model, str(fp32))
+        modules = dict(model.named_modules())
+        located: list[_Weight] = []
+        for layer, bits in quantized.items():
+            weight = modules[layer].weight.detach()
+            q, scale = quantize_weight(weight, qmax_for(bits, self.reduce_range))
+            located.append(
+                _locate(
+                    float_model.graph,
+                    layer,
+                    weight.numpy(),
+                    bits,
+                    q.numpy(),
+                    scale.numpy().astype(np.float32),
+                    {w.init for w in located},
+                )
+            )
+        eight = [w for w in located if w.bits == 8]
+        qmodel = float_model
+        if eight:
+            nodes = [n for w in eight for n in w.nodes]
+            qmodel = self._quantize_static(fp32, tmp / "qdq.onnx", nodes, calibration)
+            _write_trained_integers(qmodel, float_model, eight)
+        for w in located:
+            if w.bits == 4:
+                _weight_only_dq(qmodel.graph, w)
+        onnx.save(qmodel, str(target))
+
+    def _quantize_static(self, fp32: Path, out: Path, nodes: list[str], calibration: np.ndarray):
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ORT's quantizer warns through the root logger
+        try:
+            quantize_static(
+                str(fp32),
+                str(out),
+                _Calibration(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+        except Exception as exc:
+            raise BackendError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            root.setLevel(level)
+        return onnx.load(str(out))
+
+    # -- running --------------------------------------------------------------------------------
+    def session(self, path: Path, optimized_path: Path | None = None):
+        return make_session(path, self.threads, optimized_path)
+
+    def _kernels(self, path: Path, optimized: Path) -> dict[str, int]:
+        """Op types in the graph ORT actually runs (after its fusions), with counts."""
+        self.session(path, optimized)
+        return dict(Counter(n.op_type for n in onnx.load(str(optimized)).graph.node))
+
+    def evaluate(
+        self,
+        artifact: Artifact,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        score: Callable[[np.ndarray, np.ndarray], float],
+    ) -> float:
+        sess = self.session(artifact.path)
+        outs = [sess.run(None, {INPUT: inputs[i : i + 256]})[0] for i in range(0, len(inputs), 256)]
+        logits = np.concatenate(outs)
+        if not np.all(np.isfinite(logits)):
+            raise BackendError("the artifact produced non-finite outputs")
+        return score(logits, labels)
+
+    def _feed(self, example_inputs) -> np.ndarray:
+        x = example_inputs[0].numpy()
+        reps = -(-self.batch_size // len(x))
+        return np.ascontiguousarray(np.concatenate([x] * reps)[: self.batch_size])
+
+    def _time(self, paths: list[Path], example_inputs) -> list[LatencyStats]:
+        """Time artifacts side by side under the device lock, in the worker process by default."""
+        x = self._feed(example_inputs)
+        limits = self.options.get("timing", {})
+        with device_lock(self.device):
+            if not self.options.get("isolate", True):
+                sessions = [self.session(p) for p in paths]
+                fns = [lambda s=s: s.run(None, {INPUT: x}) for s in sessions]
+                return time_callables(fns, device=self.device, batch_size=self.batch_size, **limits)
+            with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
+                np.save(Path(tmp) / "x.npy", x)
+                reply = self._ask_worker(
+                    {
+                        "paths": [str(p) for p in paths],
+                        "input": str(Path(tmp) / "x.npy"),
+                        "threads": self.threads,
+                        "device": self.device,
+                        "pin_core": self.options.get("pin_core"),
+                        "limits": limits,
+                    }
+                )
+        return [LatencyStats(**d) for d in reply["stats"]]
+
+    def _ask_worker(self, request: dict) -> dict:
+        proc = self._worker
+        if proc is None or proc.poll() is not None:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = self._worker = subprocess.Popen(
+                [sys.executable, "-m", "autocompress.backends.ort_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError) as exc:
+            self.close()
+            raise BackendError(f"timing worker died: {exc}") from exc
+        if not line:
+            self.close()
+            raise BackendError("timing worker exited without a reply")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise BackendError(f"timing failed: {reply['error']}")
+        return reply
+
+    def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
+        return self._time([artifact.path], example_inputs)[0]
+
+    def measure_pair(self, artifact: Artifact, reference: Artifact, example_inputs):
+        a, b = self._time([artifact.path, reference.path], example_inputs)
+        return a, b
+
+    def close(self) -> None:
+        proc, self._worker = self._worker, None
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __del__(self):  # the worker must not outlive its backend
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def versions(self) -> dict[str, str]:
+        return {**super().versions(), "onnxruntime": _ort().__version__, "onnx": onnx.__version__}

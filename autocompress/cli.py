@@ -1,0 +1,160 @@
+"""The command line: ``autocompress run | report | pick``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import AutoCompressError, ConfigError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}", source="command line", field="--set")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _open_run(run_dir: Path, storage: str | None, study_name: str | None):
+    import optuna
+
+    if not run_dir.is_dir():
+        raise ConfigError("run folder does not exist", source=str(run_dir))
+    url = storage or f"sqlite:///{run_dir / 'study.db'}"
+    if storage is None and not (run_dir / "study.db").exists():
+        raise ConfigError(
+            "no study.db in the run folder (pass --storage for a shared storage)", source=str(run_dir)
+        )
+    names = optuna.get_all_study_names(url)
+    if study_name is None:
+        if len(names) != 1:
+            raise ConfigError(f"storage holds studies {names}; choose one with --study", source=url)
+        study_name = names[0]
+    elif study_name not in names:
+        raise ConfigError(f"no study {study_name!r} in the storage (has: {', '.join(names)})", source=url)
+    return optuna.load_study(study_name=study_name, storage=url)
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .search import run_study
+
+    overrides = _overrides(args.set or [])
+    if args.output:
+        overrides["output"] = args.output
+    cfg = load_config(args.study, overrides)
+    summary = run_study(cfg, n_trials=args.n_trials, stop_after=args.stop_after)
+    if summary.stopped == "failures":
+        print(
+            f"error: the study stopped after too many failed trials ({summary.completed}/{summary.requested} "
+            "completed); see fail_reason in trials.csv",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    import pandas as pd
+
+    from .export import export_front
+    from .report import failures_by_reason, front_table, write_report
+
+    run_dir = Path(args.run)
+    study = _open_run(run_dir, args.storage, args.study)
+    export_front(study, run_dir)
+    paths = write_report(study, run_dir)
+    base = study.user_attrs.get("baseline", {})
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(
+            f"baseline: acc {base.get('accuracy', float('nan')):.4f} | {base.get('latency_ms', float('nan')):.4f} ms"
+            f" | {base.get('size_bytes', 0)} bytes"
+        )
+        print("Pareto front (feasible trials):")
+        print(front_table(study).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        fails = failures_by_reason(study)
+        if len(fails):
+            print("failed trials by reason:")
+            print(fails.to_string())
+    print(f"wrote {paths['trials']}, {paths['plot']}, {run_dir / 'pareto'}/")
+    return 0
+
+
+def cmd_pick(args) -> int:
+    from .export import front_records
+    from .pareto import pick
+
+    run_dir = Path(args.run)
+    study = _open_run(run_dir, args.storage, args.study)
+    budgets = {
+        "max_latency_ms": args.max_latency_ms,
+        "max_size_bytes": args.max_size_bytes,
+        "max_accuracy_drop": args.max_accuracy_drop,
+    }
+    chosen = pick(front_records(study), **budgets)
+    if chosen is None:
+        given = ", ".join(f"{k}={v}" for k, v in budgets.items() if v is not None) or "none"
+        print(f"no Pareto model of {run_dir} fits the budgets ({given})", file=sys.stderr)
+        return 1
+    folder = run_dir / chosen["folder"]
+    if not folder.is_dir():  # front.json predates this trial: rebuild the export
+        from .export import export_front
+
+        export_front(study, run_dir)
+    print(folder)
+    print(json.dumps({k: v for k, v in chosen.items() if k != "source"}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autocompress", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) a study: search, measure, export, report")
+    r.add_argument("study", help="study file (YAML)")
+    r.add_argument("--n-trials", type=int, help="completed trials to reach (overrides trials.n)")
+    r.add_argument("--output", help="run folder (overrides output)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set seed=3")
+    r.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_run)
+
+    for name, helptext in (
+        ("report", "re-render tables, plots and the Pareto export from the storage"),
+        ("pick", "the best Pareto model under budgets"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("run", help="run folder (e.g. runs/quickstart)")
+        s.add_argument("--storage", help="storage URL when the run did not use its own SQLite file")
+        s.add_argument("--study", help="study name when the storage holds several")
+        s.set_defaults(func=cmd_report if name == "report" else cmd_pick)
+        if name == "pick":
+            s.add_argument("--max-latency-ms", type=float)
+            s.add_argument("--max-size-bytes", type=float)
+            s.add_argument("--max-accuracy-drop", type=float)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except AutoCompressError as exc:  # not the input's fault: still one clear line
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

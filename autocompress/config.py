@@ -1,0 +1,172 @@
+"""Study file -> validated config objects (strict: unknown keys and wrong types are errors)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TaskConfig(_Strict):
+    name: str
+    options: dict[str, Any] = {}
+
+
+class SpaceConfig(_Strict):
+    file: str = "search_spaces/default.yaml"
+    overrides: dict[str, Any] = {}
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(3, ge=0, le=1000)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(64, ge=1)
+    threads: int = Field(2, ge=1, le=256)
+
+
+class BackendConfig(_Strict):
+    name: str = "onnxruntime"
+    device: str = "cpu"
+    batch_size: int = Field(1, ge=1, le=4096)
+    threads: int = Field(1, ge=1, le=256)
+    options: dict[str, Any] = {}
+
+
+class Budgets(_Strict):
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_size_bytes: int | None = Field(None, gt=0)
+
+
+class SamplerConfig(_Strict):
+    name: str = "tpe"
+    options: dict[str, Any] = {}
+
+
+class WarmStart(_Strict):
+    """A uniform plan tried before the sampler takes over (only searched dimensions are set)."""
+
+    bits: int | None = None
+    sparsity: float = Field(0.0, ge=0, lt=1)
+    rank_ratio: float = Field(1.0, gt=0, le=1)
+
+
+class TrialsConfig(_Strict):
+    n: int = Field(24, ge=1, le=100_000)
+    timeout_s: float | None = Field(None, gt=0)
+    warm_start: list[WarmStart] = [WarmStart(bits=8)]
+    max_failures: int = Field(20, ge=0)
+
+
+class StudyConfig(_Strict):
+    """Schema of a study file. Every field is documented in ``studies/quickstart.yaml``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: TaskConfig
+    space: SpaceConfig = SpaceConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    backend: BackendConfig = BackendConfig()
+    budgets: Budgets = Budgets()
+    sampler: SamplerConfig = SamplerConfig()
+    trials: TrialsConfig = TrialsConfig()
+    seed: int = 0
+    storage: str | None = None
+    output: str | None = None
+
+    # filled by load_config, not by the file
+    source: str = Field("<study>", exclude=True)
+
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.output_dir() / 'study.db'}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by following ``loc`` from ``model`` (None if not a model)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = field.annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> tuple[str, str]:
+    """(field path, rule) of the first error, with a did-you-mean for unknown keys."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        known = sorted(parent.model_fields) if parent else []
+        known = [k for k in known if k != "source"]
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return field, f"unknown key{hint}; allowed: {', '.join(known)}"
+    if err["type"] == "missing":
+        return field, "required field is missing"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    return field, f"{err['msg']}{shown}"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read and validate a study file. Raises ConfigError naming the file, the field and the rule."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("study file does not exist", source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read study file: {exc.strerror}", source=source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}not valid YAML: {problem}", source=source) from None
+    if not isinstance(data, dict):
+        raise ConfigError("a study file must be a YAML mapping (key: value lines)", source=source)
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        field, rule = format_validation_error(exc, StudyConfig)
+        raise ConfigError(rule, source=source, field=field) from None
+    cfg.source = source
+    return cfg
+
+
+def resolve_space_file(cfg: StudyConfig) -> Path:
+    """The space file, looked up relative to the working dir, then to the study file's folders."""
+    p = Path(cfg.space.file)
+    if p.is_absolute() or p.exists():
+        return p
+    study_dir = Path(cfg.source).resolve().parent
+    for base in (study_dir, study_dir.parent):
+        if (base / p).exists():
+            return base / p
+    raise ConfigError(
+        f"search space file {cfg.space.file!r} does not exist", source=cfg.source, field="space.file"
+    )

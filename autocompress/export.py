@@ -1,0 +1,57 @@
+"""Pareto models -> a deployable folder per model, with a manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import optuna
+
+from .objective import write_json
+
+
+def front_records(study: optuna.Study) -> list[dict]:
+    """The feasible Pareto front as plain records (trial number, folder, metrics)."""
+    records = []
+    for t in sorted(study.best_trials, key=lambda t: -t.values[0]):
+        ua = t.user_attrs
+        records.append(
+            {
+                "trial": t.number,
+                "folder": f"pareto/trial-{t.number:05d}",
+                "accuracy": t.values[0],
+                "latency_ms": t.values[1],
+                "size_bytes": int(t.values[2]),
+                "speedup": ua.get("speedup"),
+                "size_ratio": ua.get("size_ratio"),
+                "accuracy_drop": ua.get("accuracy_drop"),
+                "latency_p90_ms": ua.get("latency_p90_ms"),
+                "source": str(Path(ua["artifact"]).parent),
+            }
+        )
+    return records
+
+
+def export_front(study: optuna.Study, run_dir: Path) -> list[dict]:
+    """(Re)build ``run_dir/pareto/``: one folder per Pareto model + ``front.json``, swapped in whole."""
+    run_dir = Path(run_dir)
+    records = front_records(study)
+    tmp, final, old = run_dir / ".pareto.tmp", run_dir / "pareto", run_dir / ".pareto.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for r in records:
+        shutil.copytree(run_dir / r["source"], tmp / Path(r["folder"]).name)
+    write_json(tmp / "front.json", {"front": records, "baseline": study.user_attrs.get("baseline")})
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return records
+
+
+def load_front(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "pareto" / "front.json"
+    return json.loads(path.read_text())["front"]

@@ -1,0 +1,189 @@
+"""One trial end to end: plan -> compressed model -> artifact -> accuracy + latency + size."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .backends import Artifact, Backend
+from .config import StudyConfig
+from .errors import TrialFailed
+from .inventory import LayerInfo
+from .pipeline import compress
+from .plan import Plan
+from .space import SearchSpace
+from .tasks import Task
+from .techniques import fold_batchnorm
+
+
+@dataclass
+class RunContext:
+    """What every trial of a run shares (built once by the runner)."""
+
+    config: StudyConfig
+    run_dir: Path
+    task: Task
+    teacher: nn.Module
+    inventory: list[LayerInfo]
+    space: SearchSpace
+    backend: Backend
+    baseline: dict | None = None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def environment(backend: Backend) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "backend": backend.name,
+        "device": backend.device,
+        "device_name": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "capabilities": backend.capabilities(),
+        **{f"version.{k}": v for k, v in backend.versions().items()},
+    }
+
+
+def _finalize_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; an older folder of the same name is replaced."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def measure_baseline(ctx: RunContext) -> dict:
+    """The uncompressed teacher, BN folded, lowered by the same backend: accuracy, latency, size."""
+    out = ctx.run_dir / "baseline"
+    tmp = ctx.run_dir / ".baseline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, _ = fold_batchnorm(copy.deepcopy(ctx.teacher))
+    artifact = ctx.backend.lower(model, ctx.task.example_inputs(), {}, tmp)
+    x, y = ctx.task.test
+    acc = ctx.backend.evaluate(artifact, x.numpy(), y.numpy(), ctx.task.score)
+    lat = ctx.backend.measure(artifact, ctx.task.example_inputs())
+    metrics = {
+        "accuracy": acc,
+        "latency_ms": lat.median_ms,
+        "latency_p90_ms": lat.p90_ms,
+        "latency": lat.to_dict(),
+        "size_bytes": artifact.size_bytes,
+        "kernels": artifact.meta.get("kernels", {}),
+        "environment": environment(ctx.backend),
+    }
+    write_json(tmp / "metrics.json", metrics)
+    _finalize_dir(tmp, out)
+    return metrics
+
+
+def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
+    """Compress, lower, evaluate and time one plan; write its folder atomically; return metrics.
+
+    Raises:
+        TrialFailed / BackendError / TechniqueError: the trial cannot produce valid metrics.
+    """
+    t0 = time.perf_counter()
+    cfg, task, backend, base = ctx.config, ctx.task, ctx.backend, ctx.baseline
+    tmp = trial_dir.with_name(f".{trial_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        result = compress(
+            task,
+            ctx.teacher,
+            plan,
+            reduce_range=backend.reduce_range,
+            threads=cfg.finetune.threads,
+            batch_size=cfg.finetune.batch_size,
+        )
+        t1 = time.perf_counter()
+        artifact = backend.lower(
+            result.model, task.example_inputs(), result.precisions, tmp, calibration=task.calibration_inputs()
+        )
+        t2 = time.perf_counter()
+        x, y = task.test
+        acc = backend.evaluate(artifact, x.numpy(), y.numpy(), task.score)
+        t3 = time.perf_counter()
+        if base:  # timed side by side with the baseline artifact: the speedup is a measured ratio
+            base_artifact = Artifact(
+                ctx.run_dir / "baseline" / "model.onnx",
+                backend.name,
+                backend.device,
+                base["size_bytes"],
+                base["size_bytes"],
+            )
+            lat, base_lat = backend.measure_pair(artifact, base_artifact, task.example_inputs())
+        else:
+            lat, base_lat = backend.measure(artifact, task.example_inputs()), None
+        t4 = time.perf_counter()
+        if not all(map(lambda v: v == v and abs(v) != float("inf"), (acc, lat.median_ms))):
+            raise TrialFailed(f"non-finite metrics: accuracy={acc}, latency={lat.median_ms}")
+        save_file(
+            {k: v.contiguous() for k, v in result.model.state_dict().items()},
+            str(tmp / "weights.safetensors"),
+        )
+        (tmp / "plan.json").write_text(plan.to_json())
+        metrics = {
+            "accuracy": acc,
+            "latency_ms": lat.median_ms,
+            "latency_p90_ms": lat.p90_ms,
+            "latency": lat.to_dict(),
+            "size_bytes": artifact.size_bytes,
+            "packed_size_bytes_theoretical": artifact.packed_size_bytes,
+            "precisions": artifact.precisions,
+            "sparsity": result.sparsity,
+            "kernels": artifact.meta.get("kernels", {}),
+            "notes": result.notes,
+            "finetune_losses": result.losses,
+            "artifact": artifact.path.name,
+        }
+        if base:
+            metrics.update(
+                {
+                    "baseline_accuracy": base["accuracy"],
+                    "baseline_latency_ms": base_lat.median_ms,
+                    "baseline_latency": base_lat.to_dict(),
+                    "baseline_size_bytes": base["size_bytes"],
+                    "speedup": base_lat.median_ms / lat.median_ms,
+                    "size_ratio": base["size_bytes"] / artifact.size_bytes,
+                    "accuracy_drop": base["accuracy"] - acc,
+                }
+            )
+        metrics["seconds"] = {
+            "finetune": t1 - t0,
+            "lower": t2 - t1,
+            "evaluate": t3 - t2,
+            "measure": t4 - t3,
+            "total": time.perf_counter() - t0,
+        }
+        write_json(tmp / "metrics.json", metrics)
+        _finalize_dir(tmp, trial_dir)
+        metrics["artifact"] = str(trial_dir / artifact.path.name)
+        return metrics
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        gc.collect()
+        torch.set_num_threads(cfg.finetune.threads)

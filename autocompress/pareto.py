@@ -1,0 +1,60 @@
+"""Pareto front, feasibility and pick-under-budget (pure functions over metric records)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# objective name -> +1 maximize / -1 minimize
+OBJECTIVES: dict[str, int] = {"accuracy": +1, "latency_ms": -1, "size_bytes": -1}
+
+
+def _as_minimization(points: Sequence[dict], objectives: dict[str, int]) -> np.ndarray:
+    return np.array([[-sign * float(p[k]) for k, sign in objectives.items()] for p in points], dtype=float)
+
+
+def pareto_mask(points: Sequence[dict], objectives: dict[str, int] = OBJECTIVES) -> list[bool]:
+    """True for each point that no other point dominates (ties: equal points are all kept)."""
+    if not points:
+        return []
+    a = _as_minimization(points, objectives)
+    le = (a[:, None, :] <= a[None, :, :]).all(axis=2)
+    lt = (a[:, None, :] < a[None, :, :]).any(axis=2)
+    dominated = (le & lt).any(axis=0)  # dominated[j]: some i dominates j
+    return [not d for d in dominated]
+
+
+def within_budgets(
+    m: dict,
+    *,
+    max_latency_ms: float | None = None,
+    max_size_bytes: float | None = None,
+    max_accuracy_drop: float | None = None,
+) -> bool:
+    """Whether metrics ``m`` meet every given budget (None = no budget)."""
+    if max_latency_ms is not None and m["latency_ms"] > max_latency_ms:
+        return False
+    if max_size_bytes is not None and m["size_bytes"] > max_size_bytes:
+        return False
+    return not (max_accuracy_drop is not None and m["accuracy_drop"] > max_accuracy_drop + 1e-12)
+
+
+def constraint_values(m: dict, budgets: dict[str, float | None]) -> dict[str, float]:
+    """Optuna constraint values (<= 0 is feasible) for each budget that is set."""
+    out = {}
+    if budgets.get("max_accuracy_drop") is not None:
+        out["accuracy_drop"] = m["accuracy_drop"] - budgets["max_accuracy_drop"]
+    if budgets.get("max_latency_ms") is not None:
+        out["latency_ms"] = m["latency_ms"] - budgets["max_latency_ms"]
+    if budgets.get("max_size_bytes") is not None:
+        out["size_bytes"] = float(m["size_bytes"] - budgets["max_size_bytes"])
+    return out
+
+
+def pick(points: Sequence[dict], **budgets) -> dict | None:
+    """The most accurate point within budgets (then fastest, then smallest); None if none fits."""
+    ok = [p for p in points if within_budgets(p, **budgets)]
+    if not ok:
+        return None
+    return min(ok, key=lambda p: (-p["accuracy"], p["latency_ms"], p["size_bytes"]))

@@ -1,0 +1,176 @@
+"""Plan + Task (+ teacher) -> compressed torch model.
+
+Order: fold BN > low-rank factorize > prune (masks) > quantization-aware fine-tune with KD while
+the sparsity schedule advances > finalize (masks and fake quantization baked into the weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import ConfigError, TrialFailed
+from .inventory import compressible_layers
+from .plan import FLOAT_BITS, Plan
+from .tasks import Task
+from .techniques import (
+    add_fake_quant,
+    apply_masks,
+    factorize,
+    factorized_macs,
+    fold_batchnorm,
+    kd_loss,
+    rank_for,
+    set_sparsity,
+    sparsity_at,
+)
+from .techniques._modules import get_module, set_module
+
+
+@dataclass
+class Compressed:
+    """The result of :func:`compress`.
+
+    Attributes:
+        model: the finalized model (eval mode, plain weights: no parametrizations left).
+        precisions: effective module name -> bits (factorized layers appear as ``name.0``/``name.1``).
+        sparsity: effective module name -> final sparsity of its weight.
+        notes: layer name -> why a planned step was skipped (e.g. factorization that cannot pay off).
+        losses: mean training loss per epoch.
+    """
+
+    model: nn.Module
+    precisions: dict[str, int]
+    sparsity: dict[str, float]
+    notes: dict[str, str] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def train_teacher(task: Task, seed: int = 0, log: Callable[[str], None] | None = None) -> nn.Module:
+    """Train the task's model from scratch with cross-entropy (done once per run, then cached)."""
+    torch.manual_seed(seed)
+    model = task.model_fn()
+    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, task.teacher_epochs))
+    x, y = task.train
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(task.teacher_epochs):
+        model.train()
+        for idx in _batches(len(x), task.batch_size, gen):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"teacher training diverged: non-finite loss in epoch {epoch + 1} "
+                    "(check the task's data for NaN/inf)",
+                    field="task",
+                )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        if log:
+            log(f"teacher epoch {epoch + 1}/{task.teacher_epochs}: loss {loss.item():.4f}")
+    return model.eval()
+
+
+def _factorize_layers(model: nn.Module, plan: Plan, notes: dict[str, str]) -> dict[str, str]:
+    """Apply the plan's ranks; return effective module name -> planned (original) layer name."""
+    origin: dict[str, str] = {}
+    for name, layer in compressible_layers(model):
+        lp = plan.layer(name)
+        if lp.rank_ratio >= 1.0:
+            origin[name] = name
+            continue
+        full = min(layer.weight.shape[0], layer.weight[0].numel())
+        rank = rank_for(lp.rank_ratio, full)
+        before, after = factorized_macs(layer, rank)
+        if after >= before:
+            notes[name] = f"rank {rank}/{full} not applied: factorized MACs {after} >= original {before}"
+            origin[name] = name
+            continue
+        set_module(model, name, factorize(layer, rank))
+        origin[f"{name}.0"] = name
+        origin[f"{name}.1"] = name
+    return origin
+
+
+def compress(
+    task: Task,
+    teacher: nn.Module,
+    plan: Plan,
+    *,
+    reduce_range: bool = False,
+    threads: int | None = None,
+    batch_size: int = 64,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> Compressed:
+    """Build the compressed model that ``plan`` describes, starting from ``teacher``.
+
+    Raises:
+        TrialFailed: the fine-tuning loss became NaN or infinite.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(plan.seed)
+    teacher = teacher.eval()
+    student, _ = fold_batchnorm(copy.deepcopy(teacher))
+    notes: dict[str, str] = {}
+    origin = _factorize_layers(student, plan, notes)
+    modules = {name: get_module(student, name) for name in origin}
+    bits = {name: plan.layer(layer).bits for name, layer in origin.items()}
+    final_sparsity = {name: plan.layer(layer).sparsity for name, layer in origin.items()}
+    pruned = {n: m for n, m in modules.items() if final_sparsity[n] > 0}
+    apply_masks(pruned)
+    for name, m in modules.items():
+        if bits[name] < FLOAT_BITS:
+            add_fake_quant(m, bits[name], reduce_range=reduce_range and bits[name] == 8)
+
+    x, y = task.train
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    total = plan.epochs * steps_per_epoch
+    every = max(1, total // 50)
+    s = plan.schedule
+    losses: list[float] = []
+    if total:
+        opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=plan.lr)
+        gen = torch.Generator().manual_seed(plan.seed)
+        step = 0
+        for epoch in range(plan.epochs):
+            student.train()
+            running = 0.0
+            for idx in _batches(len(x), batch_size, gen):
+                if step % every == 0:
+                    for n, m in pruned.items():
+                        set_sparsity(m, sparsity_at(s.kind, final_sparsity[n], s.start, s.end, step / total))
+                with torch.no_grad():
+                    t_logits = teacher(x[idx])
+                loss = kd_loss(student(x[idx]), t_logits, y[idx], plan.kd_temperature, plan.kd_alpha)
+                if not torch.isfinite(loss):
+                    raise TrialFailed(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                running += loss.item()
+                step += 1
+            losses.append(running / steps_per_epoch)
+            if on_epoch:
+                on_epoch(epoch, losses[-1])
+    for n, m in pruned.items():
+        set_sparsity(m, final_sparsity[n])
+    for m in modules.values():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    student.eval()
+    return Compressed(student, bits, final_sparsity, notes, losses)

@@ -1,0 +1,115 @@
+"""Plan: the plain-data description of one compressed model (what a trial decided)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+FLOAT_BITS = 32
+SUPPORTED_BITS = (4, 8, FLOAT_BITS)
+SCHEDULES = ("one_shot", "linear", "cubic")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Per-layer decisions. ``bits=32`` is float, ``rank_ratio=1`` is not factorized."""
+
+    bits: int = FLOAT_BITS
+    sparsity: float = 0.0
+    rank_ratio: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits {self.bits} is not one of {list(SUPPORTED_BITS)}", field=f"{where}.bits")
+        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+            raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1)", field=f"{where}.sparsity")
+        if not (0.0 < self.rank_ratio <= 1.0):
+            raise ConfigError(f"rank_ratio {self.rank_ratio} is outside (0, 1]", field=f"{where}.rank_ratio")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Sparsity schedule: how the per-layer final sparsity is reached during fine-tuning.
+
+    ``start`` and ``end`` are fractions of the fine-tuning steps.
+    """
+
+    kind: str = "one_shot"
+    start: float = 0.0
+    end: float = 1.0
+
+    def validate(self, where: str = "schedule") -> None:
+        if self.kind not in SCHEDULES:
+            raise ConfigError(f"kind {self.kind!r} is not one of {list(SCHEDULES)}", field=f"{where}.kind")
+        if not (0.0 <= self.start <= self.end <= 1.0):
+            raise ConfigError(
+                f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}", field=where
+            )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything needed to rebuild a compressed model from the task's teacher.
+
+    Attributes:
+        layers: layer name -> :class:`LayerPlan` (layers absent keep the defaults).
+        schedule: the sparsity schedule.
+        kd_temperature: distillation temperature T (>= 1).
+        kd_alpha: weight of the KD term; ``1 - kd_alpha`` weighs the hard-label loss.
+        epochs: fine-tuning epochs (0 = post-training compression only).
+        lr: fine-tuning learning rate.
+        seed: seed of the fine-tuning run.
+    """
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    schedule: Schedule = Schedule()
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5
+    epochs: int = 3
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, lp in self.layers.items():
+            lp.validate(f"layers.{name}")
+        self.schedule.validate()
+        if not (self.kd_temperature >= 1.0):
+            raise ConfigError(f"kd_temperature {self.kd_temperature} must be >= 1", field="kd_temperature")
+        if not (0.0 <= self.kd_alpha <= 1.0):
+            raise ConfigError(f"kd_alpha {self.kd_alpha} is outside [0, 1]", field="kd_alpha")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
+
+    def layer(self, name: str) -> LayerPlan:
+        return self.layers.get(name, LayerPlan())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = {k: asdict(v) for k, v in sorted(self.layers.items())}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        d = dict(d)
+        layers = {k: LayerPlan(**v) for k, v in d.pop("layers", {}).items()}
+        schedule = Schedule(**d.pop("schedule", {}))
+        return cls(layers=layers, schedule=schedule, **d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def fingerprint(self) -> str:
+        """Hash of the whole plan (same plan = same compressed model, given the same teacher)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def structure(self) -> dict[str, tuple[int, float]]:
+        """Per-layer (bits, rank_ratio): what determines the artifact's graph and dtypes."""
+        return {k: (v.bits, v.rank_ratio) for k, v in sorted(self.layers.items())}

@@ -1,0 +1,347 @@
+"""The local study runner: validate, prepare the run folder, then ask/tell trials with Optuna."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from filelock import FileLock, Timeout
+from optuna.trial import TrialState
+from safetensors.torch import load_file, save_file
+
+from ..backends import BACKENDS, Backend
+from ..config import StudyConfig, resolve_space_file
+from ..errors import AutoCompressError, ConfigError
+from ..inventory import build_inventory
+from ..objective import RunContext, environment, measure_baseline, run_trial, write_json
+from ..pareto import OBJECTIVES, constraint_values
+from ..pipeline import train_teacher
+from ..plan import Plan
+from ..report import write_trials_table
+from ..space import SearchSpace
+from ..tasks import Task, load_task
+from .samplers import make_sampler
+
+DIRECTIONS = ["maximize" if s > 0 else "minimize" for s in OBJECTIVES.values()]
+
+
+@dataclass
+class RunSummary:
+    """What :func:`run_study` did: the study, completed vs requested trials, and why it stopped."""
+
+    study: optuna.Study
+    completed: int
+    requested: int
+    stopped: str  # "done", "timeout", "failures" or "stop_after"
+
+
+@dataclass
+class Prepared:
+    """Everything validated before the run folder is touched."""
+
+    config: StudyConfig
+    task: Task
+    space: SearchSpace
+    backend: Backend
+    sampler: optuna.samplers.BaseSampler
+
+
+def prepare(cfg: StudyConfig) -> Prepared:
+    """Validate every part of a study that can be checked without writing anything.
+
+    Raises:
+        ConfigError: naming the study file, the field and the rule.
+    """
+    src = cfg.source
+    try:
+        backend_cls = BACKENDS.get(cfg.backend.name)
+    except ConfigError as exc:
+        raise exc.at(src, "backend.name") from None
+    space_file = resolve_space_file(cfg)
+    space = SearchSpace.from_file(space_file, cfg.space.overrides, src)
+    bad = sorted(space.bit_widths() - set(backend_cls.stored_bits))
+    if bad:
+        raise ConfigError(
+            f"{bad[0]} is not allowed by backend {backend_cls.name!r} "
+            f"(native: {', '.join(map(str, backend_cls.native_bits))}; "
+            f"stored: {', '.join(map(str, backend_cls.stored_bits))})",
+            source=str(space_file),
+            field="bits",
+        )
+    try:
+        sampler = make_sampler(cfg.sampler.name, cfg.seed, cfg.sampler.options)
+    except ConfigError as exc:
+        raise exc.at(src, "sampler.name") from None
+    try:
+        backend = backend_cls(
+            device=cfg.backend.device,
+            batch_size=cfg.backend.batch_size,
+            threads=cfg.backend.threads,
+            **cfg.backend.options,
+        )
+    except TypeError as exc:
+        raise ConfigError(f"bad backend option: {exc}", source=src, field="backend.options") from None
+    except AutoCompressError as exc:
+        raise ConfigError(str(exc), source=src, field="backend.device") from None
+    _check_storage_url(cfg)
+    try:
+        task = load_task(cfg.task.name, cfg.task.options, where="task")
+    except ConfigError as exc:
+        raise exc.at(src) from None
+    return Prepared(cfg, task, space, backend, sampler)
+
+
+def _check_storage_url(cfg: StudyConfig) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    url = cfg.storage_url()
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"{url!r} is not a database URL (e.g. sqlite:///runs/x/study.db)",
+            source=cfg.source,
+            field="storage",
+        ) from None
+
+
+def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], None]) -> torch.nn.Module:
+    """Train the teacher once per run folder; later runs load it (safetensors, no pickle)."""
+    meta_path, weights = run_dir / "teacher.json", run_dir / "teacher.safetensors"
+    spec = {
+        "task": cfg.task.name,
+        "options": cfg.task.options,
+        "seed": cfg.seed,
+        "epochs": task.teacher_epochs,
+    }
+    if meta_path.exists() and weights.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("spec") != spec:
+            raise ConfigError(
+                f"run folder {run_dir} holds a teacher for {meta.get('spec')}, not {spec}; "
+                "use another output folder",
+                source=cfg.source,
+                field="output",
+            )
+        model = task.model_fn()
+        model.load_state_dict(load_file(str(weights)))
+        return model.eval()
+    log(f"training the teacher ({task.teacher_epochs} epochs, cached in {run_dir})")
+    model = train_teacher(task, seed=cfg.seed)
+    tmp = run_dir / ".teacher.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    write_json(meta_path, {"spec": spec})
+    return model
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One line per trial: n/N, the trial's metrics, the front, elapsed time and ETA."""
+
+    def __init__(self, n_target: int, done: int, log: Callable[[str], None]):
+        self.n_target, self.start_done, self.log = n_target, done, log
+        self.t0 = time.perf_counter()
+
+    def trial(self, study: optuna.Study, done: int, number: int, m: dict | None, reason: str = "") -> None:
+        elapsed = time.perf_counter() - self.t0
+        ran = done - self.start_done
+        eta = elapsed / ran * (self.n_target - done) if ran else math.nan
+        if m is None:
+            what = f"FAILED: {reason}"
+        else:
+            what = (
+                f"acc {m['accuracy']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
+                f"{m['size_bytes'] / 1024:.1f} kB ({m.get('size_ratio', 1):.1f}x smaller)"
+            )
+        front = study.best_trials
+        best = ""
+        if front:
+            fastest = min(front, key=lambda t: t.values[1])
+            best = (
+                f" | front {len(front)} | fastest feasible {fastest.user_attrs.get('speedup', 1):.2f}x "
+                f"@ acc {fastest.values[0]:.4f}"
+            )
+        eta_s = _fmt_s(eta) if eta == eta else "?"
+        self.log(
+            f"[{done}/{self.n_target}] trial {number}: {what}{best} | elapsed {_fmt_s(elapsed)}, ETA {eta_s}"
+        )
+
+
+def _recover_interrupted(study: optuna.Study, storage, log) -> None:
+    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it died")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        log(f"trial {t.number} was interrupted; marked failed and queued again")
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    n_trials: int | None = None,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> RunSummary:
+    """Run (or resume) a study until it has ``n_trials`` completed trials, then export and report.
+
+    Args:
+        cfg: the validated study config.
+        n_trials: overrides ``cfg.trials.n``.
+        log: where progress lines go.
+        stop_after: stop after this many new trials in this call (used to test resuming).
+    """
+    from ..export import export_front
+    from ..report import write_report
+
+    prep = prepare(cfg)
+    n_target = n_trials or cfg.trials.n
+    run_dir = cfg.output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / "run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(
+            f"another process is running this study in {run_dir}", source=cfg.source, field="output"
+        ) from None
+    try:
+        torch.set_num_threads(cfg.finetune.threads)
+        (run_dir / "study.yaml").write_text(Path(cfg.source).read_text()) if Path(
+            cfg.source
+        ).exists() else None
+        try:
+            teacher = _teacher(prep.task, cfg, run_dir, log)
+        except ConfigError as exc:
+            raise exc.at(cfg.source) from None
+        inventory = build_inventory(teacher, prep.task.example_inputs())
+        ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
+        base_file = run_dir / "baseline" / "metrics.json"
+        if base_file.exists():
+            ctx.baseline = json.loads(base_file.read_text())
+        else:
+            log("measuring the baseline (uncompressed teacher through the same backend)")
+            try:
+                ctx.baseline = measure_baseline(ctx)
+            except AutoCompressError as exc:
+                raise ConfigError(
+                    f"the baseline (uncompressed model) failed: {exc}", source=cfg.source, field="task"
+                ) from exc
+        b = ctx.baseline
+        log(f"baseline: acc {b['accuracy']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB")
+
+        storage = optuna.storages.get_storage(cfg.storage_url())
+        study = optuna.create_study(
+            study_name=cfg.name,
+            storage=storage,
+            directions=DIRECTIONS,
+            sampler=prep.sampler,
+            load_if_exists=True,
+        )
+        study.set_metric_names(list(OBJECTIVES))
+        if not study.get_trials(deepcopy=False):
+            study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
+            study.set_user_attr("inventory", [i.to_dict() for i in inventory])
+            study.set_user_attr("environment", environment(prep.backend))
+            for ws in cfg.trials.warm_start:
+                params = prep.space.params_for(
+                    inventory, bits=ws.bits, sparsity=ws.sparsity, rank_ratio=ws.rank_ratio
+                )
+                study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
+        _recover_interrupted(study, storage, log)
+        stopped = _loop(ctx, study, n_target, stop_after, log)
+        export_front(study, run_dir)
+        write_report(study, run_dir)
+        completed = _complete_count(study)
+        log(
+            f"{completed}/{n_target} trials completed; results in {run_dir}/ (trials.csv, pareto.png, pareto/)"
+        )
+        return RunSummary(study, completed, n_target, stopped)
+    finally:
+        prep.backend.close()
+        lock.release()
+
+
+def _complete_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int | None, log) -> str:
+    cfg = ctx.config
+    done = _complete_count(study)
+    if done >= n_target:
+        log(f"study already has {done} completed trials (asked for {n_target}): nothing to run")
+        return "done"
+    progress = Progress(n_target, done, log)
+    deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
+    failures = ran = 0
+    budgets = cfg.budgets.model_dump()
+    while done < n_target:
+        if time.monotonic() > deadline:
+            log(f"wall-time budget of {cfg.trials.timeout_s} s reached after {done} trials")
+            return "timeout"
+        if stop_after is not None and ran >= stop_after:
+            return "stop_after"
+        trial = study.ask()
+        trial_dir = ctx.run_dir / "trials" / f"{trial.number:05d}"
+        try:
+            plan: Plan = ctx.space.suggest(
+                trial, ctx.inventory, epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, seed=cfg.seed
+            )
+            trial.set_user_attr("plan", plan.to_dict())
+            metrics = run_trial(ctx, plan, trial_dir)
+        except Exception as exc:  # one trial's failure never stops the study
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            study.tell(trial, state=TrialState.FAIL)
+            failures += 1
+            ran += 1
+            progress.trial(study, done, trial.number, None, reason)
+            if failures > cfg.trials.max_failures:
+                log(f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})")
+                return "failures"
+            continue
+        for key in (
+            "accuracy",
+            "latency_ms",
+            "latency_p90_ms",
+            "size_bytes",
+            "speedup",
+            "size_ratio",
+            "accuracy_drop",
+            "packed_size_bytes_theoretical",
+            "kernels",
+            "notes",
+            "seconds",
+        ):
+            if key in metrics:
+                trial.set_user_attr(key, metrics[key])
+        trial.set_user_attr("latency", metrics["latency"])
+        trial.set_user_attr("artifact", os.path.relpath(metrics["artifact"], ctx.run_dir))
+        for key, value in constraint_values(metrics, budgets).items():
+            trial.set_constraint(key, value)
+        study.tell(trial, [metrics[k] for k in OBJECTIVES])
+        done += 1
+        ran += 1
+        progress.trial(study, done, trial.number, metrics)
+        try:
+            write_trials_table(study, ctx.run_dir)
+        except OSError as exc:  # a full disk must not end a long run; the final report retries
+            log(f"warning: could not update trials.csv: {exc}")
+    return "done"

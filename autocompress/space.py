@@ -1,0 +1,279 @@
+"""Search space: YAML file + per-study overrides + inventory -> Optuna suggestions -> Plan.
+
+No computation happens here: a space only turns trial suggestions into a :class:`Plan`.
+
+Parameter names are stable dotted paths (resumed studies depend on them):
+``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``, ``schedule.start``,
+``schedule.end``, ``kd.temperature``, ``kd.alpha``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import ConfigError
+from .inventory import LayerInfo
+from .plan import SCHEDULES, SUPPORTED_BITS, LayerPlan, Plan, Schedule
+
+
+class Param(BaseModel):
+    """One dimension: ``{fixed: v}``, ``{choices: [...]}`` or ``{low, high, step?, log?}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    fixed: float | int | str | None = None
+    choices: list[float | int | str] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Param:
+        forms = [
+            self.fixed is not None,
+            self.choices is not None,
+            self.low is not None or self.high is not None,
+        ]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of 'fixed', 'choices', or 'low'+'high'")
+        if self.choices is not None and not self.choices:
+            raise ValueError("'choices' must not be empty")
+        if forms[2]:
+            if self.low is None or self.high is None:
+                raise ValueError("a range needs both 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError(f"low {self.low} > high {self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError("a log range needs low > 0")
+            if self.log and self.step is not None:
+                raise ValueError("'step' cannot be combined with 'log'")
+        return self
+
+    def values(self) -> list:
+        """The values this dimension can take (a range gives its two ends)."""
+        if self.fixed is not None:
+            return [self.fixed]
+        if self.choices is not None:
+            return list(self.choices)
+        return [self.low, self.high]
+
+    def suggest(self, trial: optuna.Trial, name: str):
+        if self.fixed is not None:
+            return self.fixed
+        if self.choices is not None:
+            return trial.suggest_categorical(name, self.choices)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+
+class LayerSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    bits: Param | None = None
+    sparsity: Param | None = None
+    rank_ratio: Param | None = None
+
+
+class ScheduleSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Param = Param(fixed="one_shot")
+    start: Param = Param(fixed=0.0)
+    end: Param = Param(fixed=1.0)
+
+
+class KDSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    temperature: Param = Param(fixed=4.0)
+    alpha: Param = Param(fixed=0.5)
+
+
+class SpaceModel(BaseModel):
+    """The schema of a search space file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    bits: Param = Param(fixed=32)
+    sparsity: Param = Param(fixed=0.0)
+    rank_ratio: Param = Param(fixed=1.0)
+    schedule: ScheduleSpace = ScheduleSpace()
+    kd: KDSpace = KDSpace()
+    layers: dict[str, LayerSpace] = {}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; a Param given in ``over`` replaces the base Param whole."""
+    out = dict(base)
+    for k, v in over.items():
+        is_param = isinstance(v, dict) and {"fixed", "choices", "low", "high"} & set(v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not is_param:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class SearchSpace:
+    """A validated search space, ready to expand over an inventory."""
+
+    def __init__(self, model: SpaceModel, source: str = "<space>"):
+        self.model = model
+        self.source = source
+        self._check_values()
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<space>") -> SearchSpace:
+        from .config import format_validation_error
+
+        try:
+            return cls(SpaceModel.model_validate(data), source)
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, SpaceModel)[1],
+                source=source,
+                field=format_validation_error(exc, SpaceModel)[0],
+            ) from None
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, overrides: dict | None = None, overrides_source: str = ""
+    ) -> SearchSpace:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(
+                f"search space file {str(path)!r} does not exist", source=overrides_source, field="space.file"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", source=str(path)) from None
+        if not isinstance(data, dict):
+            raise ConfigError("a search space file must be a mapping", source=str(path))
+        source = str(path)
+        if overrides:
+            data = deep_merge(data, overrides)
+            source = f"{path} (+ overrides in {overrides_source})" if overrides_source else source
+        return cls.from_dict(data, source)
+
+    def _check_values(self) -> None:
+        m = self.model
+        checks = [("bits", m.bits), ("sparsity", m.sparsity), ("rank_ratio", m.rank_ratio)]
+        for pattern, ls in m.layers.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(
+                    f"invalid regex: {exc}", source=self.source, field=f"layers.{pattern}"
+                ) from None
+            checks += [
+                (f"layers.{pattern}.{k}", getattr(ls, k))
+                for k in ("bits", "sparsity", "rank_ratio")
+                if getattr(ls, k) is not None
+            ]
+        for field, param in checks:
+            kind = field.rsplit(".", 1)[-1]
+            for v in param.values():
+                if kind == "bits" and v not in SUPPORTED_BITS:
+                    raise ConfigError(
+                        f"{v} is not an allowed bit width {list(SUPPORTED_BITS)}",
+                        source=self.source,
+                        field=field,
+                    )
+                if kind == "sparsity" and not (isinstance(v, int | float) and 0 <= v < 1):
+                    raise ConfigError(f"{v} is outside [0, 1)", source=self.source, field=field)
+                if kind == "rank_ratio" and not (isinstance(v, int | float) and 0 < v <= 1):
+                    raise ConfigError(f"{v} is outside (0, 1]", source=self.source, field=field)
+        for v in m.schedule.kind.values():
+            if v not in SCHEDULES:
+                raise ConfigError(
+                    f"{v!r} is not one of {list(SCHEDULES)}", source=self.source, field="schedule.kind"
+                )
+        for field, p in (
+            ("schedule.start", m.schedule.start),
+            ("schedule.end", m.schedule.end),
+            ("kd.alpha", m.kd.alpha),
+        ):
+            if any(not (isinstance(v, int | float) and 0 <= v <= 1) for v in p.values()):
+                raise ConfigError("values must lie in [0, 1]", source=self.source, field=field)
+        if any(not (isinstance(v, int | float) and v >= 1) for v in m.kd.temperature.values()):
+            raise ConfigError("values must be >= 1", source=self.source, field="kd.temperature")
+
+    def bit_widths(self) -> set[int]:
+        """Every bit width this space can produce (for checking against a backend)."""
+        bits = set(self.model.bits.values())
+        for ls in self.model.layers.values():
+            if ls.bits is not None:
+                bits |= set(ls.bits.values())
+        return {int(b) for b in bits}
+
+    def _layer_params(self, name: str) -> dict[str, Param]:
+        params = {
+            "bits": self.model.bits,
+            "sparsity": self.model.sparsity,
+            "rank_ratio": self.model.rank_ratio,
+        }
+        for pattern, ls in self.model.layers.items():  # later patterns win
+            if re.fullmatch(pattern, name):
+                params.update({k: getattr(ls, k) for k in params if getattr(ls, k) is not None})
+        return params
+
+    def suggest(
+        self, trial: optuna.Trial, inventory: list[LayerInfo], *, epochs: int, lr: float, seed: int
+    ) -> Plan:
+        """Ask ``trial`` for every dimension and return the Plan."""
+        layers = {}
+        short = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}
+        for info in inventory:
+            params = self._layer_params(info.name)
+            values: dict[str, Any] = {
+                k: p.suggest(trial, f"{short[k]}.{info.name}") for k, p in params.items()
+            }
+            layers[info.name] = LayerPlan(
+                bits=int(values["bits"]),
+                sparsity=float(values["sparsity"]),
+                rank_ratio=float(values["rank_ratio"]),
+            )
+        s = self.model.schedule
+        start = float(s.start.suggest(trial, "schedule.start"))
+        end = max(start, float(s.end.suggest(trial, "schedule.end")))
+        schedule = Schedule(kind=str(s.kind.suggest(trial, "schedule.kind")), start=start, end=end)
+        return Plan(
+            layers=layers,
+            schedule=schedule,
+            kd_temperature=float(self.model.kd.temperature.suggest(trial, "kd.temperature")),
+            kd_alpha=float(self.model.kd.alpha.suggest(trial, "kd.alpha")),
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+        )
+
+    def params_for(
+        self,
+        inventory: list[LayerInfo],
+        bits: int | None = None,
+        sparsity: float = 0.0,
+        rank_ratio: float = 1.0,
+    ) -> dict[str, Any]:
+        """Optuna parameter values of a uniform plan, for ``study.enqueue_trial`` (warm starts).
+
+        Only dimensions that are searched (not fixed) and that admit the value are included.
+        """
+        out: dict[str, Any] = {}
+        short = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}
+        wanted = {"bits": bits, "sparsity": sparsity, "rank_ratio": rank_ratio}
+        for info in inventory:
+            for k, p in self._layer_params(info.name).items():
+                v = wanted[k]
+                if v is None or p.fixed is not None:
+                    continue
+                ok = v in p.choices if p.choices is not None else p.low <= v <= p.high
+                if ok:
+                    out[f"{short[k]}.{info.name}"] = v
+        return out

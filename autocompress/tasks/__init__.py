@@ -1,0 +1,45 @@
+"""Tasks: built-ins by name, user tasks as ``package.module:factory``."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import METRICS, Task, accuracy, validate_task
+from .digits import digits
+
+TASKS: Registry = Registry("task")
+TASKS.add("digits", digits)
+
+__all__ = ["TASKS", "METRICS", "Task", "accuracy", "load_task", "resolve_factory"]
+
+
+def resolve_factory(spec: str, where: str = "task.name"):
+    """Return the factory callable for a built-in name or ``package.module:factory``."""
+    if ":" not in spec:
+        try:
+            return TASKS.get(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (or give 'package.module:factory')", field=where) from None
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import task module {module_name!r}: {exc}", field=where) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"module {module_name!r} has no callable {attr!r}", field=where)
+    return factory
+
+
+def load_task(spec: str, options: dict | None = None, where: str = "task") -> Task:
+    """Build and validate a task; any failure of the user's factory becomes a ConfigError."""
+    factory = resolve_factory(spec, f"{where}.name")
+    try:
+        task = factory(**(options or {}))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"task factory {spec!r} raised {type(exc).__name__}: {exc}", field=where) from exc
+    return validate_task(task, where)

@@ -1,0 +1,30 @@
+"""Compression techniques: one module per family. They never import search or backends."""
+
+from __future__ import annotations
+
+from .distill import kd_loss
+from .fold import fold_batchnorm
+from .lowrank import factorize, factorize_conv, factorize_linear, factorized_macs, rank_for
+from .prune import apply_masks, magnitude_mask, set_sparsity, sparsity_of
+from .quantize import FakeQuant, add_fake_quant, fake_quant, qmax_for, quantize_weight
+from .schedules import sparsity_at
+
+__all__ = [
+    "FakeQuant",
+    "add_fake_quant",
+    "apply_masks",
+    "factorize",
+    "factorize_conv",
+    "factorize_linear",
+    "factorized_macs",
+    "fake_quant",
+    "fold_batchnorm",
+    "kd_loss",
+    "magnitude_mask",
+    "qmax_for",
+    "quantize_weight",
+    "rank_for",
+    "set_sparsity",
+    "sparsity_at",
+    "sparsity_of",
+]

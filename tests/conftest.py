@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_tasks.py for module:factory tasks
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_task():
+    from autocompress.tasks import load_task
+
+    return load_task("digits", {"width": 16, "teacher_epochs": 4})
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(digits_task):
+    from autocompress.pipeline import train_teacher
+
+    return train_teacher(digits_task, seed=0)
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    return env

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autocompress.errors import ConfigError
+from autocompress.inventory import LayerInfo
+from autocompress.pareto import constraint_values, pareto_mask, pick, within_budgets
+from autocompress.plan import LayerPlan, Plan, Schedule
+from autocompress.space import SearchSpace
+
+INV = [
+    LayerInfo("features.0", "Conv2d", 1, 8, (3, 3), 1, 72, 4608, 8),
+    LayerInfo("classifier", "Linear", 32, 10, (1,), 1, 330, 320, 10),
+]
+ROOT_SPACE = "search_spaces/default.yaml"
+
+
+# -- plan ---------------------------------------------------------------------------------------
+layer_plans = st.builds(
+    LayerPlan, bits=st.sampled_from([4, 8, 32]), sparsity=st.floats(0, 0.99), rank_ratio=st.floats(0.01, 1.0)
+)
+plans = st.builds(
+    Plan,
+    layers=st.dictionaries(st.from_regex(r"[a-z]+(\.[0-9]+)?", fullmatch=True), layer_plans, max_size=5),
+    schedule=st.builds(
+        lambda k, a, b: Schedule(k, min(a, b), max(a, b)),
+        st.sampled_from(["one_shot", "linear", "cubic"]),
+        st.floats(0, 1),
+        st.floats(0, 1),
+    ),
+    kd_temperature=st.floats(1, 20),
+    kd_alpha=st.floats(0, 1),
+    epochs=st.integers(0, 5),
+)
+
+
+@given(plans)
+@settings(max_examples=60, deadline=None)
+def test_plan_json_round_trip(plan):
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    assert again.fingerprint() == plan.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layers": {"a": LayerPlan(bits=3)}}, r"layers.a.bits: bits 3 is not one of \[4, 8, 32\]"),
+        ({"layers": {"a": LayerPlan(sparsity=1.0)}}, r"layers.a.sparsity: sparsity 1.0 is outside \[0, 1\)"),
+        (
+            {"layers": {"a": LayerPlan(rank_ratio=0.0)}},
+            r"layers.a.rank_ratio: rank_ratio 0.0 is outside \(0, 1\]",
+        ),
+        ({"kd_temperature": 0.5}, "kd_temperature 0.5 must be >= 1"),
+        ({"schedule": Schedule("linear", 0.8, 0.2)}, "start <= end"),
+    ],
+)
+def test_plan_rejects_impossible_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Plan(**kwargs)
+
+
+# -- space --------------------------------------------------------------------------------------
+def test_default_space_parameter_names_are_stable():
+    space = SearchSpace.from_file(ROOT_SPACE)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    plan = space.suggest(trial, INV, epochs=2, lr=1e-3, seed=0)
+    assert set(trial.params) == {
+        "bits.features.0",
+        "sparsity.features.0",
+        "rank.features.0",
+        "bits.classifier",
+        "sparsity.classifier",
+        "rank.classifier",
+        "schedule.kind",
+        "schedule.start",
+        "schedule.end",
+        "kd.temperature",
+        "kd.alpha",
+    }
+    assert plan.layer("classifier").bits == trial.params["bits.classifier"]
+    assert 1.0 <= plan.kd_temperature <= 20.0 and plan.schedule.start <= plan.schedule.end
+
+
+def test_fixed_trial_gives_the_same_plan_and_overrides_apply():
+    space = SearchSpace.from_file(
+        ROOT_SPACE, {"layers": {"class.*": {"rank_ratio": {"fixed": 1.0}}}, "kd": {"alpha": {"fixed": 0.25}}}
+    )
+    params = {
+        "bits.features.0": 8,
+        "sparsity.features.0": 0.5,
+        "rank.features.0": 0.5,
+        "bits.classifier": 4,
+        "sparsity.classifier": 0.0,
+        "schedule.kind": "cubic",
+        "schedule.start": 0.1,
+        "schedule.end": 0.9,
+        "kd.temperature": 3.0,
+    }
+    plan = space.suggest(optuna.trial.FixedTrial(params), INV, epochs=1, lr=1e-3, seed=0)
+    assert plan.layer("features.0") == LayerPlan(8, 0.5, 0.5)
+    assert plan.layer("classifier") == LayerPlan(4, 0.0, 1.0)  # rank fixed by the override
+    assert plan.kd_alpha == 0.25 and plan.schedule == Schedule("cubic", 0.1, 0.9)
+
+
+def test_warm_start_params_only_set_searched_dimensions():
+    space = SearchSpace.from_file(ROOT_SPACE, {"layers": {"classifier": {"bits": {"fixed": 32}}}})
+    params = space.params_for(INV, bits=8, rank_ratio=0.5)
+    assert params == {
+        "bits.features.0": 8,
+        "sparsity.features.0": 0.0,
+        "rank.features.0": 0.5,
+        "sparsity.classifier": 0.0,
+        "rank.classifier": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"bits": {"choices": [3, 8]}}, r"bits: 3 is not an allowed bit width"),
+        ({"sparsity": {"low": 0.0, "high": 1.0}}, r"sparsity: 1.0 is outside \[0, 1\)"),
+        ({"rank_ratio": {"low": 0.0, "high": 1.0}}, r"rank_ratio: 0.0 is outside \(0, 1\]"),
+        ({"bitz": {"choices": [8]}}, r"bitz: unknown key \(did you mean 'bits'\?\)"),
+        ({"bits": {"choices": [8], "low": 1}}, r"bits: .*exactly one of"),
+        ({"layers": {"(": {"bits": {"fixed": 8}}}}, r"layers.\(: invalid regex"),
+        ({"schedule": {"kind": {"choices": ["sudden"]}}}, r"schedule.kind: 'sudden' is not one of"),
+        ({"kd": {"temperature": {"low": 0.5, "high": 4}}}, r"kd.temperature: values must be >= 1"),
+    ],
+)
+def test_space_errors_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        SearchSpace.from_dict(data, "space.yaml")
+
+
+# -- pareto -------------------------------------------------------------------------------------
+points_st = st.lists(
+    st.fixed_dictionaries(
+        {
+            "accuracy": st.integers(0, 10).map(lambda v: v / 10),
+            "latency_ms": st.integers(1, 10).map(float),
+            "size_bytes": st.integers(1, 10),
+        }
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _dominates(a, b):
+    ge = (
+        a["accuracy"] >= b["accuracy"]
+        and a["latency_ms"] <= b["latency_ms"]
+        and a["size_bytes"] <= b["size_bytes"]
+    )
+    gt = (
+        a["accuracy"] > b["accuracy"]
+        or a["latency_ms"] < b["latency_ms"]
+        or a["size_bytes"] < b["size_bytes"]
+    )
+    return ge and gt
+
+
+@given(points_st)
+@settings(max_examples=100, deadline=None)
+def test_pareto_mask_properties(points):
+    mask = pareto_mask(points)
+    front = [p for p, m in zip(points, mask, strict=True) if m]
+    assert front
+    for p in front:
+        assert not any(_dominates(q, p) for q in points)
+    for p, m in zip(points, mask, strict=True):
+        if not m:
+            assert any(_dominates(q, p) for q in front)
+
+
+@given(points_st, st.floats(1, 10), st.integers(1, 10))
+@settings(max_examples=100, deadline=None)
+def test_pick_respects_budgets(points, max_lat, max_size):
+    pts = [dict(p, accuracy_drop=1 - p["accuracy"]) for p in points]
+    chosen = pick(pts, max_latency_ms=max_lat, max_size_bytes=max_size)
+    fitting = [p for p in pts if p["latency_ms"] <= max_lat and p["size_bytes"] <= max_size]
+    if not fitting:
+        assert chosen is None
+    else:
+        assert within_budgets(chosen, max_latency_ms=max_lat, max_size_bytes=max_size)
+        assert chosen["accuracy"] == max(p["accuracy"] for p in fitting)
+
+
+def test_constraint_values_only_for_set_budgets():
+    m = {"accuracy_drop": 0.02, "latency_ms": 1.5, "size_bytes": 1000}
+    assert constraint_values(
+        m, {"max_accuracy_drop": 0.01, "max_latency_ms": None, "max_size_bytes": 2000}
+    ) == {"accuracy_drop": pytest.approx(0.01), "size_bytes": -1000.0}
