@@ -29,5 +29,6 @@ def digits_teacher(digits_task):
 
 def cli_env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    # this checkout's package first (not another one installed in editable mode), then tests/ for tiny_tasks
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env

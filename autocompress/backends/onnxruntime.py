@@ -396,7 +396,12 @@ class OnnxRuntimeBackend(Backend):
     def _ask_worker(self, request: dict) -> dict:
         proc = self._worker
         if proc is None or proc.poll() is not None:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            package_root = str(Path(__file__).resolve().parents[2])  # the worker runs this same code
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+            }
             proc = self._worker = subprocess.Popen(
                 [sys.executable, "-m", "autocompress.backends.ort_worker"],
                 stdin=subprocess.PIPE,
