@@ -41,11 +41,15 @@ class RunContext:
     baseline: dict | None = None
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic JSON write (temp file + rename)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file atomically (temp file + rename): readers see the old or the new file, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=float))
 
 
 def environment(backend: Backend) -> dict:
@@ -145,7 +149,7 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             {k: v.contiguous() for k, v in result.model.state_dict().items()},
             str(tmp / "weights.safetensors"),
         )
-        (tmp / "plan.json").write_text(plan.to_json())
+        write_text_atomic(tmp / "plan.json", plan.to_json())
         metrics = {
             "accuracy": acc,
             "latency_ms": lat.median_ms,

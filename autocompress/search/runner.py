@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from ..backends import BACKENDS, Backend
 from ..config import StudyConfig, resolve_space_file
 from ..errors import AutoCompressError, ConfigError
 from ..inventory import build_inventory
-from ..objective import RunContext, environment, measure_baseline, run_trial, write_json
+from ..objective import RunContext, environment, measure_baseline, run_trial, write_json, write_text_atomic
 from ..pareto import OBJECTIVES, constraint_values
 from ..pipeline import train_teacher
 from ..plan import Plan
@@ -191,6 +192,126 @@ def _recover_interrupted(study: optuna.Study, storage, log) -> None:
         log(f"trial {t.number} was interrupted; marked failed and queued again")
 
 
+@contextlib.contextmanager
+def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive: bool = True):
+    """Validate, then prepare the run folder (teacher, baseline, study, warm starts) and yield the
+    :class:`RunContext` and the Optuna study. Nothing is written if validation fails.
+
+    ``exclusive`` holds the run-folder lock (one local runner per folder); workers that share a
+    storage on purpose pass ``False``.
+    """
+    prep = prepare(cfg)
+    run_dir = cfg.output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / "run.lock"))
+    if exclusive:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(
+                f"another process is running this study in {run_dir}", source=cfg.source, field="output"
+            ) from None
+    try:
+        torch.set_num_threads(cfg.finetune.threads)
+        if Path(cfg.source).exists():
+            write_text_atomic(run_dir / "study.yaml", Path(cfg.source).read_text())
+        try:
+            teacher = _teacher(prep.task, cfg, run_dir, log)
+        except ConfigError as exc:
+            raise exc.at(cfg.source) from None
+        inventory = build_inventory(teacher, prep.task.example_inputs())
+        ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
+        ctx.baseline = _baseline(ctx, log)
+        study = _study(ctx, prep.sampler, log)
+        yield ctx, study
+    finally:
+        prep.backend.close()
+        if exclusive:
+            lock.release()
+
+
+def _baseline(ctx: RunContext, log: Callable[[str], None]) -> dict:
+    base_file = ctx.run_dir / "baseline" / "metrics.json"
+    if base_file.exists():
+        b = json.loads(base_file.read_text())
+    else:
+        log("measuring the baseline (uncompressed teacher through the same backend)")
+        try:
+            b = measure_baseline(ctx)
+        except AutoCompressError as exc:
+            raise ConfigError(
+                f"the baseline (uncompressed model) failed: {exc}", source=ctx.config.source, field="task"
+            ) from exc
+    log(f"baseline: acc {b['accuracy']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB")
+    return b
+
+
+def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study:
+    """Create or load the study; on creation store the run's facts and enqueue the warm starts."""
+    cfg, b = ctx.config, ctx.baseline
+    storage = optuna.storages.get_storage(cfg.storage_url())
+    study = optuna.create_study(
+        study_name=cfg.name, storage=storage, directions=DIRECTIONS, sampler=sampler, load_if_exists=True
+    )
+    if not study.get_trials(deepcopy=False):
+        study.set_metric_names(list(OBJECTIVES))
+        study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
+        study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
+        study.set_user_attr("environment", environment(ctx.backend))
+        for ws in cfg.trials.warm_start:
+            params = ctx.space.params_for(
+                ctx.inventory, bits=ws.bits, sparsity=ws.sparsity, rank_ratio=ws.rank_ratio
+            )
+            study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
+    _recover_interrupted(study, storage, log)
+    return study
+
+
+def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
+    """The trial's plan (every parameter suggested), also stored in the trial's user attrs."""
+    cfg = ctx.config
+    plan = ctx.space.suggest(
+        trial, ctx.inventory, epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, seed=cfg.seed
+    )
+    trial.set_user_attr("plan", plan.to_dict())
+    return plan
+
+
+def record_success(ctx: RunContext, trial: optuna.Trial, metrics: dict) -> list[float]:
+    """Store a trial's metrics and budget constraints in the trial; return its objective values."""
+    for key in RECORDED:
+        if key in metrics:
+            trial.set_user_attr(key, metrics[key])
+    trial.set_user_attr("artifact", os.path.relpath(metrics["artifact"], ctx.run_dir))
+    for key, value in constraint_values(metrics, ctx.config.budgets.model_dump()).items():
+        trial.set_constraint(key, value)
+    return [metrics[k] for k in OBJECTIVES]
+
+
+def record_failure(trial: optuna.Trial, exc: BaseException) -> str:
+    """Store why a trial failed (one line + the traceback's tail); return the one-line reason."""
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+    return reason
+
+
+RECORDED = (
+    "accuracy",
+    "latency_ms",
+    "latency_p90_ms",
+    "latency",
+    "size_bytes",
+    "speedup",
+    "size_ratio",
+    "accuracy_drop",
+    "packed_size_bytes_theoretical",
+    "kernels",
+    "notes",
+    "seconds",
+)
+
+
 def run_study(
     cfg: StudyConfig,
     *,
@@ -209,72 +330,16 @@ def run_study(
     from ..export import export_front
     from ..report import write_report
 
-    prep = prepare(cfg)
     n_target = n_trials or cfg.trials.n
-    run_dir = cfg.output_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / "run.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(
-            f"another process is running this study in {run_dir}", source=cfg.source, field="output"
-        ) from None
-    try:
-        torch.set_num_threads(cfg.finetune.threads)
-        (run_dir / "study.yaml").write_text(Path(cfg.source).read_text()) if Path(
-            cfg.source
-        ).exists() else None
-        try:
-            teacher = _teacher(prep.task, cfg, run_dir, log)
-        except ConfigError as exc:
-            raise exc.at(cfg.source) from None
-        inventory = build_inventory(teacher, prep.task.example_inputs())
-        ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
-        base_file = run_dir / "baseline" / "metrics.json"
-        if base_file.exists():
-            ctx.baseline = json.loads(base_file.read_text())
-        else:
-            log("measuring the baseline (uncompressed teacher through the same backend)")
-            try:
-                ctx.baseline = measure_baseline(ctx)
-            except AutoCompressError as exc:
-                raise ConfigError(
-                    f"the baseline (uncompressed model) failed: {exc}", source=cfg.source, field="task"
-                ) from exc
-        b = ctx.baseline
-        log(f"baseline: acc {b['accuracy']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB")
-
-        storage = optuna.storages.get_storage(cfg.storage_url())
-        study = optuna.create_study(
-            study_name=cfg.name,
-            storage=storage,
-            directions=DIRECTIONS,
-            sampler=prep.sampler,
-            load_if_exists=True,
-        )
-        study.set_metric_names(list(OBJECTIVES))
-        if not study.get_trials(deepcopy=False):
-            study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
-            study.set_user_attr("inventory", [i.to_dict() for i in inventory])
-            study.set_user_attr("environment", environment(prep.backend))
-            for ws in cfg.trials.warm_start:
-                params = prep.space.params_for(
-                    inventory, bits=ws.bits, sparsity=ws.sparsity, rank_ratio=ws.rank_ratio
-                )
-                study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
-        _recover_interrupted(study, storage, log)
+    with open_run(cfg, log) as (ctx, study):
         stopped = _loop(ctx, study, n_target, stop_after, log)
-        export_front(study, run_dir)
-        write_report(study, run_dir)
+        export_front(study, ctx.run_dir)
+        write_report(study, ctx.run_dir)
         completed = _complete_count(study)
         log(
-            f"{completed}/{n_target} trials completed; results in {run_dir}/ (trials.csv, pareto.png, pareto/)"
+            f"{completed}/{n_target} trials completed; results in {ctx.run_dir}/ (trials.csv, pareto.png, pareto/)"
         )
         return RunSummary(study, completed, n_target, stopped)
-    finally:
-        prep.backend.close()
-        lock.release()
 
 
 def _complete_count(study: optuna.Study) -> int:
@@ -290,7 +355,6 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
     progress = Progress(n_target, done, log)
     deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
     failures = ran = 0
-    budgets = cfg.budgets.model_dump()
     while done < n_target:
         if time.monotonic() > deadline:
             log(f"wall-time budget of {cfg.trials.timeout_s} s reached after {done} trials")
@@ -298,47 +362,21 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         if stop_after is not None and ran >= stop_after:
             return "stop_after"
         trial = study.ask()
-        trial_dir = ctx.run_dir / "trials" / f"{trial.number:05d}"
+        ran += 1
         try:
-            plan: Plan = ctx.space.suggest(
-                trial, ctx.inventory, epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, seed=cfg.seed
-            )
-            trial.set_user_attr("plan", plan.to_dict())
-            metrics = run_trial(ctx, plan, trial_dir)
+            plan = suggest_plan(ctx, trial)
+            metrics = run_trial(ctx, plan, ctx.run_dir / "trials" / f"{trial.number:05d}")
         except Exception as exc:  # one trial's failure never stops the study
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            reason = record_failure(trial, exc)
             study.tell(trial, state=TrialState.FAIL)
             failures += 1
-            ran += 1
             progress.trial(study, done, trial.number, None, reason)
             if failures > cfg.trials.max_failures:
                 log(f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})")
                 return "failures"
             continue
-        for key in (
-            "accuracy",
-            "latency_ms",
-            "latency_p90_ms",
-            "size_bytes",
-            "speedup",
-            "size_ratio",
-            "accuracy_drop",
-            "packed_size_bytes_theoretical",
-            "kernels",
-            "notes",
-            "seconds",
-        ):
-            if key in metrics:
-                trial.set_user_attr(key, metrics[key])
-        trial.set_user_attr("latency", metrics["latency"])
-        trial.set_user_attr("artifact", os.path.relpath(metrics["artifact"], ctx.run_dir))
-        for key, value in constraint_values(metrics, budgets).items():
-            trial.set_constraint(key, value)
-        study.tell(trial, [metrics[k] for k in OBJECTIVES])
+        study.tell(trial, record_success(ctx, trial, metrics))
         done += 1
-        ran += 1
         progress.trial(study, done, trial.number, metrics)
         try:
             write_trials_table(study, ctx.run_dir)
