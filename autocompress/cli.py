@@ -1,4 +1,4 @@
-"""The command line: ``autocompress run | report | pick``."""
+"""The command line: ``autocompress run | report | pick | rebuild``."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def cmd_report(args) -> int:
     import pandas as pd
 
     from .export import export_front
-    from .report import failures_by_reason, front_table, write_report
+    from .report import failures_table, front_table, write_report
 
     run_dir = Path(args.run)
     study = _open_run(run_dir, args.storage, args.study)
@@ -79,10 +79,10 @@ def cmd_report(args) -> int:
         )
         print("Pareto front (feasible trials):")
         print(front_table(study).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        fails = failures_by_reason(study)
+        fails = failures_table(study)
         if len(fails):
             print("failed trials by reason:")
-            print(fails.to_string())
+            print(fails.to_string(index=False, max_colwidth=90))
     print(f"wrote {paths['trials']}, {paths['plot']}, {run_dir / 'pareto'}/")
     return 0
 
@@ -113,6 +113,18 @@ def cmd_pick(args) -> int:
     return 0
 
 
+def cmd_rebuild(args) -> int:
+    from .rebuild import format_report, rebuild_trial
+
+    report = rebuild_trial(args.run, args.trial, storage=args.storage, study_name=args.study, out=args.output)
+    for line in format_report(report):
+        print(line)
+    if not report["accuracy_identical"]:
+        print("error: the rebuilt artifact's accuracy differs from the stored one", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autocompress", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-latency-ms", type=float)
             s.add_argument("--max-size-bytes", type=float)
             s.add_argument("--max-accuracy-drop", type=float)
+    b = sub.add_parser("rebuild", help="re-create a trial's artifact from its stored plan and compare")
+    b.add_argument("run", help="run folder (e.g. runs/quickstart)")
+    b.add_argument("trial", type=int, help="trial number")
+    b.add_argument("--output", help="folder to write (default: RUN/rebuilt/trial-NNNNN)")
+    b.add_argument("--storage", help="storage URL when the run did not use its own SQLite file")
+    b.add_argument("--study", help="study name when the storage holds several")
+    b.set_defaults(func=cmd_rebuild)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,6 +65,8 @@ class TrialsConfig(_Strict):
     timeout_s: float | None = Field(None, gt=0)
     warm_start: list[WarmStart] = [WarmStart(bits=8)]
     max_failures: int = Field(20, ge=0)
+    trial_timeout_s: float | None = Field(None, gt=0)  # one trial's wall-time limit (failed past it)
+    keep: Literal["all", "pareto"] = "all"  # "pareto": delete artifacts of dominated trials
 
 
 class StudyConfig(_Strict):

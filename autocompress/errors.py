@@ -14,11 +14,23 @@ __all__ = [
     "BackendError",
     "MissingDependencyError",
     "TrialFailed",
+    "TrialTimeout",
+    "NonFiniteLoss",
+    "ExportError",
+    "RuntimeLoadError",
+    "TimingError",
+    "failure_category",
 ]
 
 
 class AutoCompressError(Exception):
-    """Root of every error autocompress raises on purpose."""
+    """Root of every error autocompress raises on purpose.
+
+    ``category`` names the kind of failure in reports (``autocompress report`` groups failed trials
+    by it); subclasses refine it.
+    """
+
+    category = "error"
 
 
 class ConfigError(AutoCompressError, ValueError):
@@ -26,6 +38,8 @@ class ConfigError(AutoCompressError, ValueError):
 
     The message states where (file and field) and the rule that was broken, on one line.
     """
+
+    category = "bad input"
 
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
         self.source = source
@@ -42,14 +56,61 @@ class ConfigError(AutoCompressError, ValueError):
 class TechniqueError(AutoCompressError, ValueError):
     """A compression technique was asked for something it cannot do (e.g. rank 0)."""
 
+    category = "technique error"
+
 
 class BackendError(AutoCompressError, RuntimeError):
     """A backend could not lower, load, evaluate or time an artifact."""
+
+    category = "backend error"
 
 
 class MissingDependencyError(AutoCompressError, ImportError):
     """An optional dependency (ray, torch_npu, CANN) is not installed."""
 
+    category = "missing dependency"
+
 
 class TrialFailed(AutoCompressError, RuntimeError):
     """A trial could not produce valid metrics (NaN loss, export failure...); the study goes on."""
+
+    category = "invalid metrics"
+
+
+class TrialTimeout(TrialFailed):
+    """A trial ran past ``trials.trial_timeout_s``."""
+
+    category = "timeout"
+
+
+class NonFiniteLoss(TrialFailed):
+    """The fine-tuning loss became NaN or infinite."""
+
+    category = "non-finite loss"
+
+
+class ExportError(BackendError):
+    """Lowering the compressed model to an artifact failed (e.g. ``torch.onnx.export``)."""
+
+    category = "export failed"
+
+
+class RuntimeLoadError(BackendError):
+    """The runtime (e.g. ONNX Runtime) could not load the artifact."""
+
+    category = "runtime load failed"
+
+
+class TimingError(BackendError):
+    """The latency measurement failed (e.g. the timing worker died)."""
+
+    category = "timing failed"
+
+
+def failure_category(exc: BaseException) -> str:
+    """A short, stable name for why a trial failed (for grouping failures in reports)."""
+    if isinstance(exc, AutoCompressError):
+        return exc.category
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"exception ({type(exc).__name__})"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 
+from .faults import crash_point
 from .objective import write_json
 
 
@@ -44,6 +45,7 @@ def export_front(study: optuna.Study, run_dir: Path) -> list[dict]:
     for r in records:
         shutil.copytree(run_dir / r["source"], tmp / Path(r["folder"]).name)
     write_json(tmp / "front.json", {"front": records, "baseline": study.user_attrs.get("baseline")})
+    crash_point("pareto_export")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)

@@ -19,6 +19,7 @@ from torch import nn
 from .backends import Artifact, Backend
 from .config import StudyConfig
 from .errors import TrialFailed
+from .faults import arm_export_hooks, check_deadline, crash_point, fault, trial_scope
 from .inventory import LayerInfo
 from .pipeline import compress
 from .plan import Plan
@@ -106,15 +107,27 @@ def measure_baseline(ctx: RunContext) -> dict:
 def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
     """Compress, lower, evaluate and time one plan; write its folder atomically; return metrics.
 
+    The trial runs under ``trials.trial_timeout_s`` (see :mod:`autocompress.faults`); its number is
+    the folder name (``trials/00012``).
+
     Raises:
         TrialFailed / BackendError / TechniqueError: the trial cannot produce valid metrics.
+        TrialTimeout: it ran past ``trials.trial_timeout_s``.
     """
+    number = int(trial_dir.name) if trial_dir.name.isdigit() else None
+    with trial_scope(number, ctx.config.trials.trial_timeout_s):
+        return _run_trial(ctx, plan, trial_dir)
+
+
+def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
     t0 = time.perf_counter()
     cfg, task, backend, base = ctx.config, ctx.task, ctx.backend, ctx.baseline
     tmp = trial_dir.with_name(f".{trial_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if fault("raise"):
+            raise RuntimeError("injected fault: the trial raised")
         result = compress(
             task,
             ctx.teacher,
@@ -124,13 +137,19 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             batch_size=cfg.finetune.batch_size,
         )
         t1 = time.perf_counter()
+        arm_export_hooks(result.model)
         artifact = backend.lower(
             result.model, task.example_inputs(), result.precisions, tmp, calibration=task.calibration_inputs()
         )
+        check_deadline("lowering")
+        if fault("ort_load"):  # a corrupted artifact file: the runtime must refuse to load it
+            artifact.path.write_bytes(b"\x00 not an ONNX model \xff" * 8)
         t2 = time.perf_counter()
         x, y = task.test
         acc = backend.evaluate(artifact, x.numpy(), y.numpy(), task.score)
+        check_deadline("evaluation")
         t3 = time.perf_counter()
+        crash_point("measure", after_s=0.1)  # dies while the artifact is being timed
         if base:  # timed side by side with the baseline artifact: the speedup is a measured ratio
             base_artifact = Artifact(
                 ctx.run_dir / "baseline" / "model.onnx",
@@ -143,12 +162,14 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
         else:
             lat, base_lat = backend.measure(artifact, task.example_inputs()), None
         t4 = time.perf_counter()
+        check_deadline("latency measurement")
         if not all(map(lambda v: v == v and abs(v) != float("inf"), (acc, lat.median_ms))):
             raise TrialFailed(f"non-finite metrics: accuracy={acc}, latency={lat.median_ms}")
         save_file(
             {k: v.contiguous() for k, v in result.model.state_dict().items()},
             str(tmp / "weights.safetensors"),
         )
+        crash_point("artifact_write")
         write_text_atomic(tmp / "plan.json", plan.to_json())
         metrics = {
             "accuracy": acc,
@@ -185,6 +206,7 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
         }
         write_json(tmp / "metrics.json", metrics)
         _finalize_dir(tmp, trial_dir)
+        crash_point("renamed")
         metrics["artifact"] = str(trial_dir / artifact.path.name)
         return metrics
     finally:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import ConfigError, TrialFailed
+from .errors import ConfigError, NonFiniteLoss
+from .faults import on_step
 from .inventory import compressible_layers
 from .plan import FLOAT_BITS, Plan
 from .tasks import Task
@@ -119,7 +120,8 @@ def compress(
     """Build the compressed model that ``plan`` describes, starting from ``teacher``.
 
     Raises:
-        TrialFailed: the fine-tuning loss became NaN or infinite.
+        NonFiniteLoss: the fine-tuning loss became NaN or infinite.
+        TrialTimeout: the trial's wall-time limit passed during fine-tuning.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -157,8 +159,9 @@ def compress(
                 with torch.no_grad():
                     t_logits = teacher(x[idx])
                 loss = kd_loss(student(x[idx]), t_logits, y[idx], plan.kd_temperature, plan.kd_alpha)
+                loss = on_step(step, loss)  # deadline check (trials.trial_timeout_s) + test fault hooks
                 if not torch.isfinite(loss):
-                    raise TrialFailed(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
+                    raise NonFiniteLoss(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

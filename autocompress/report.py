@@ -33,6 +33,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "pareto": t.number in front,
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "fail_reason": ua.get("fail_reason", ""),
+            "fail_category": ua.get("fail_category", ""),
             "warm_start": ua.get("warm_start", ""),
         }
         row.update({f"param.{k}": v for k, v in sorted(t.params.items())})
@@ -125,12 +126,36 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
     return df[df.pareto][cols].sort_values("accuracy", ascending=False) if len(df) else df
 
 
-def failures_by_reason(study: optuna.Study) -> pd.Series:
+def _failed_with_category(study: optuna.Study) -> pd.DataFrame:
     df = trials_frame(study)
     if not len(df):
-        return pd.Series(dtype=int)
-    failed = df[df.state == "FAIL"]
-    return failed.fail_reason.str.split(":").str[0].value_counts()
+        return pd.DataFrame(columns=["trial", "category", "fail_reason"])
+    failed = df[df.state == "FAIL"].copy()
+    older = failed.fail_reason.str.split(":").str[0]  # trials recorded before categories existed
+    failed["category"] = failed.fail_category.where(failed.fail_category != "", older)
+    return failed
+
+
+def failures_by_reason(study: optuna.Study) -> pd.Series:
+    """Number of failed trials per failure category (``timeout``, ``non-finite loss``, ...)."""
+    return _failed_with_category(study).category.value_counts()
+
+
+def failures_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per failure category: count, trial numbers and the first trial's one-line reason."""
+    failed = _failed_with_category(study)
+    rows = [
+        {
+            "category": cat,
+            "count": len(group),
+            "trials": ", ".join(str(n) for n in group.trial),
+            "example": group.fail_reason.iloc[0],
+        }
+        for cat, group in failed.groupby("category", sort=False)
+    ]
+    return pd.DataFrame(rows, columns=["category", "count", "trials", "example"]).sort_values(
+        "count", ascending=False, kind="stable"
+    )
 
 
 def write_report(study: optuna.Study, run_dir: Path) -> dict[str, Path]:

@@ -34,7 +34,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import BackendError, MissingDependencyError
+from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError, TimingError
 from ..techniques.quantize import qmax_for, quantize_weight
 from .base import Artifact, Backend, LatencyStats, device_lock, time_callables
 
@@ -73,7 +73,7 @@ def make_session(path: str | Path, threads: int, optimized_path: Path | None = N
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise BackendError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
+        raise RuntimeLoadError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
 
 
 def export_onnx(
@@ -260,7 +260,7 @@ class OnnxRuntimeBackend(Backend):
             try:
                 export_onnx(model, example_inputs, fp32)
             except Exception as exc:
-                raise BackendError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+                raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
             target = out_dir / "model.onnx"
             if quantized:
                 self._quantize(model, fp32, target, quantized, calibration, Path(tmp))
@@ -337,7 +337,7 @@ class OnnxRuntimeBackend(Backend):
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
             )
         except Exception as exc:
-            raise BackendError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
+            raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
         finally:
             root.setLevel(level)
         return onnx.load(str(out))
@@ -415,13 +415,13 @@ class OnnxRuntimeBackend(Backend):
             line = proc.stdout.readline()
         except (BrokenPipeError, OSError) as exc:
             self.close()
-            raise BackendError(f"timing worker died: {exc}") from exc
+            raise TimingError(f"timing worker died: {exc}") from exc
         if not line:
             self.close()
-            raise BackendError("timing worker exited without a reply")
+            raise TimingError("timing worker exited without a reply")
         reply = json.loads(line)
         if "error" in reply:
-            raise BackendError(f"timing failed: {reply['error']}")
+            raise TimingError(f"timing failed: {reply['error']}")
         return reply
 
     def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from filelock import FileLock, Timeout
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from ..backends import BACKENDS, Backend
 from ..config import StudyConfig, resolve_space_file
-from ..errors import AutoCompressError, ConfigError
+from ..errors import AutoCompressError, ConfigError, failure_category
+from ..faults import crash_point
 from ..inventory import build_inventory
 from ..objective import RunContext, environment, measure_baseline, run_trial, write_json, write_text_atomic
 from ..pareto import OBJECTIVES, constraint_values
@@ -29,6 +31,8 @@ from ..plan import Plan
 from ..report import write_trials_table
 from ..space import SearchSpace
 from ..tasks import Task, load_task
+from .housekeeping import clean_run_dir, prune_dominated
+from .preflight import check_budgets, check_output, check_storage
 from .samplers import make_sampler
 
 DIRECTIONS = ["maximize" if s > 0 else "minimize" for s in OBJECTIVES.values()]
@@ -92,27 +96,18 @@ def prepare(cfg: StudyConfig) -> Prepared:
         raise ConfigError(f"bad backend option: {exc}", source=src, field="backend.options") from None
     except AutoCompressError as exc:
         raise ConfigError(str(exc), source=src, field="backend.device") from None
-    _check_storage_url(cfg)
     try:
-        task = load_task(cfg.task.name, cfg.task.options, where="task")
-    except ConfigError as exc:
-        raise exc.at(src) from None
+        check_output(cfg)
+        check_storage(cfg)
+        try:
+            task = load_task(cfg.task.name, cfg.task.options, where="task")
+        except ConfigError as exc:
+            raise exc.at(src) from None
+        check_budgets(cfg, task, space, backend)
+    except BaseException:
+        backend.close()
+        raise
     return Prepared(cfg, task, space, backend, sampler)
-
-
-def _check_storage_url(cfg: StudyConfig) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    url = cfg.storage_url()
-    try:
-        make_url(url)
-    except ArgumentError:
-        raise ConfigError(
-            f"{url!r} is not a database URL (e.g. sqlite:///runs/x/study.db)",
-            source=cfg.source,
-            field="storage",
-        ) from None
 
 
 def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], None]) -> torch.nn.Module:
@@ -186,6 +181,7 @@ def _recover_interrupted(study: optuna.Study, storage, log) -> None:
     """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it died")
+        storage.set_trial_user_attr(t._trial_id, "fail_category", "interrupted")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
@@ -202,7 +198,13 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
     """
     prep = prepare(cfg)
     run_dir = cfg.output_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        prep.backend.close()
+        raise ConfigError(
+            f"cannot create run folder {str(run_dir)!r}: {exc.strerror}", source=cfg.source, field="output"
+        ) from None
     lock = FileLock(str(run_dir / "run.lock"))
     if exclusive:
         try:
@@ -223,6 +225,10 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
         ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
         ctx.baseline = _baseline(ctx, log)
         study = _study(ctx, prep.sampler, log)
+        if exclusive:  # no other runner writes here: what is half written is debris of a killed run
+            clean_run_dir(run_dir, study, log)
+            if cfg.trials.keep == "pareto":
+                prune_dominated(study, run_dir, log)
         yield ctx, study
     finally:
         prep.backend.close()
@@ -253,8 +259,14 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, directions=DIRECTIONS, sampler=sampler, load_if_exists=True
     )
-    if not study.get_trials(deepcopy=False):
+    existing = study.get_trials(deepcopy=False)
+    if existing:  # a resumed run: a sampler seeded as before would propose the same plans again
+        study.sampler = make_sampler(
+            cfg.sampler.name, resume_seed(cfg.seed, len(existing)), cfg.sampler.options
+        )
+    else:
         study.set_metric_names(list(OBJECTIVES))
+        study.set_user_attr("config", cfg.model_dump(mode="json"))
         study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
@@ -274,7 +286,22 @@ def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
         trial, ctx.inventory, epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, seed=cfg.seed
     )
     trial.set_user_attr("plan", plan.to_dict())
+    # what a rebuild needs besides the plan: seed, threads, library versions, device
+    trial.set_user_attr("seed", cfg.seed)
+    trial.set_user_attr("finetune_threads", cfg.finetune.threads)
+    trial.set_user_attr("environment", environment(ctx.backend))
     return plan
+
+
+def resume_seed(seed: int, n_trials: int) -> int:
+    """The sampler seed for a run resumed with ``n_trials`` already in the storage.
+
+    Deterministic (the same resume gives the same plans) and different from the first run's seed
+    (Optuna's seeded samplers would otherwise repeat the plans of the first trials).
+    """
+    if n_trials == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, n_trials]).generate_state(1)[0])
 
 
 def record_success(ctx: RunContext, trial: optuna.Trial, metrics: dict) -> list[float]:
@@ -292,6 +319,7 @@ def record_failure(trial: optuna.Trial, exc: BaseException) -> str:
     """Store why a trial failed (one line + the traceback's tail); return the one-line reason."""
     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
     trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr("fail_category", failure_category(exc))
     trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
     return reason
 
@@ -376,6 +404,9 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
                 return "failures"
             continue
         study.tell(trial, record_success(ctx, trial, metrics))
+        crash_point("told")
+        if cfg.trials.keep == "pareto":
+            prune_dominated(study, ctx.run_dir, log)
         done += 1
         progress.trial(study, done, trial.number, metrics)
         try:

@@ -1,0 +1,83 @@
+"""Run-folder housekeeping: remove what a killed process left half written; keep only the front.
+
+Every folder a run writes is built under a dot-name (``trials/.00012.tmp``, ``.pareto.tmp``,
+``.baseline.tmp``) and renamed into place when whole, and a folder being deleted is first renamed to
+``trials/.00012.del``. So after a ``kill -9`` the only debris is dot-named, plus possibly the folder of
+a trial that was renamed into place but never recorded as complete. :func:`clean_run_dir` removes both
+at the start of the next run (under the run-folder lock, so never while another runner writes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from ..faults import crash_point
+
+TRIAL_FILES = ("model.onnx", "plan.json", "metrics.json", "weights.safetensors")
+
+
+def trial_folder(run_dir: Path, trial: optuna.trial.FrozenTrial) -> Path | None:
+    """The folder a completed trial's record points to (None when it has no artifact)."""
+    artifact = trial.user_attrs.get("artifact")
+    return (Path(run_dir) / artifact).parent if artifact else None
+
+
+def clean_run_dir(run_dir: Path, study: optuna.Study, log: Callable[[str], None] = print) -> list[str]:
+    """Delete temp/half-deleted folders and the folders of trials that never completed.
+
+    Also puts ``pareto/`` back if a crash happened between moving the old export aside and moving the
+    new one in. Returns the removed paths (relative to ``run_dir``).
+    """
+    run_dir = Path(run_dir)
+    removed: list[str] = []
+    pareto, old = run_dir / "pareto", run_dir / ".pareto.old"
+    if old.is_dir() and not pareto.exists():
+        os.replace(old, pareto)
+    debris = [p for p in run_dir.glob(".*") if p.name.endswith((".tmp", ".old")) or ".tmp." in p.name]
+    trials_dir = run_dir / "trials"
+    if trials_dir.is_dir():
+        complete = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        for p in trials_dir.iterdir():
+            if p.name.startswith("."):
+                debris.append(p)
+            elif p.name.isdigit() and int(p.name) not in complete:
+                debris.append(p)  # renamed into place, but the process died before the trial was told
+    for p in sorted(debris):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(str(p.relative_to(run_dir)))
+    if removed:
+        log(f"removed what an interrupted run left behind: {', '.join(removed)}")
+    return removed
+
+
+def prune_dominated(study: optuna.Study, run_dir: Path, log: Callable[[str], None] = print) -> list[int]:
+    """``trials.keep: pareto``: delete the artifact folders of completed trials not on the front.
+
+    Their records stay in the storage (plan, metrics); ``autocompress rebuild`` re-creates them.
+    A folder is renamed to ``trials/.NNNNN.del`` first, so it is never seen half deleted.
+    Returns the trial numbers whose folders were deleted.
+    """
+    run_dir = Path(run_dir)
+    front = {t.number for t in study.best_trials}
+    deleted = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        folder = trial_folder(run_dir, t)
+        if t.number in front or folder is None or not folder.is_dir():
+            continue
+        doomed = folder.with_name(f".{folder.name}.del")
+        os.replace(folder, doomed)
+        crash_point("prune")
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(t.number)
+    if deleted:
+        log(f"keep=pareto: deleted the artifacts of dominated trials {deleted} (records kept; see rebuild)")
+    return deleted

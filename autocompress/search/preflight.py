@@ -1,0 +1,182 @@
+"""Checks made before anything is written: the storage can be opened, the run folder can be made,
+and the budgets can be met by at least one plan.
+
+Budget rule (sound: a budget that some plan can meet is never rejected):
+
+* ``max_size_bytes``: every artifact stores the weight of every compressible layer, at no fewer bits
+  than the lowest bit width the space allows for that layer, and with no fewer elements than its
+  factorization at the lowest rank ratio the space allows (or the dense weight, if that is smaller).
+  Biases, scales, the graph and the other parameters only add bytes. A budget below that sum
+  (:func:`min_artifact_bytes`) cannot be met.
+* ``max_latency_ms``: every artifact does at least what a one-operator artifact does per call: the
+  runtime's call overhead and reading the input. That trivial artifact (``Flatten`` of the input) is
+  lowered and timed by the same backend at the same batch size; a budget below half its median
+  latency (:data:`LATENCY_MARGIN` absorbs timing noise from a busy machine) cannot be met.
+* ``max_accuracy_drop``: cannot be decided before fine-tuning; any value in [0, 1] is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..backends import Backend
+from ..config import StudyConfig
+from ..errors import AutoCompressError, ConfigError
+from ..inventory import LayerInfo, build_inventory
+from ..space import SearchSpace
+from ..tasks import Task
+from ..techniques.lowrank import rank_for
+
+LATENCY_MARGIN = 0.5
+
+
+def check_storage(cfg: StudyConfig) -> None:
+    """Raise ConfigError if the storage URL cannot be opened; create nothing.
+
+    SQLite: the file's folder must exist (or be the run folder, which the run creates) and be writable,
+    and an existing file must be an SQLite database. Other databases: a connection is opened (5 s
+    timeout) and closed.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    url = cfg.storage_url()
+
+    def fail(rule: str) -> ConfigError:
+        return ConfigError(rule, source=cfg.source, field="storage")
+
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise fail(f"{url!r} is not a database URL (e.g. sqlite:///runs/x/study.db)") from None
+    try:
+        u.get_dialect()
+    except NoSuchModuleError:
+        raise fail(
+            f"cannot open {url!r}: unknown database dialect {u.drivername!r} "
+            "(known to SQLAlchemy: sqlite, postgresql, mysql, mariadb, oracle, mssql)"
+        ) from None
+    if u.get_backend_name() == "sqlite":
+        _check_sqlite(u.database, cfg, fail)
+        return
+    args = {"connect_timeout": 5} if u.get_backend_name() in ("postgresql", "mysql", "mariadb") else {}
+    try:
+        engine = create_engine(url, connect_args=args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # the driver's own words: no server, wrong password, no driver...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise fail(f"cannot open {url!r}: {type(exc).__name__}: {first}") from None
+
+
+def _check_sqlite(database: str | None, cfg: StudyConfig, fail) -> None:
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        raise fail("an in-memory SQLite storage would lose the study when the process ends; give a file")
+    path = Path(database)
+    folder = path.parent.resolve()
+    run_dir = cfg.output_dir().resolve()
+    if not folder.exists():
+        if folder == run_dir or run_dir in folder.parents:
+            _check_creatable(run_dir, cfg)
+            return
+        raise fail(f"cannot open {database!r}: folder {str(path.parent)!r} does not exist")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise fail(f"cannot open {database!r}: folder {str(path.parent)!r} is not writable")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise fail(f"cannot open {database!r}: the file is not readable and writable")
+        try:
+            with sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True) as con:
+                con.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise fail(f"cannot open {database!r}: {exc}") from None
+
+
+def _check_creatable(folder: Path, cfg: StudyConfig) -> None:
+    """The nearest existing ancestor of ``folder`` must be a writable directory."""
+    p = folder
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot create run folder {str(folder)!r}: {str(p)!r} is not a writable folder",
+            source=cfg.source,
+            field="output",
+        )
+
+
+def check_output(cfg: StudyConfig) -> None:
+    """Raise ConfigError if the run folder can neither be used nor created."""
+    out = cfg.output_dir().resolve()
+    if out.exists():
+        if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"run folder {str(out)!r} is not a writable folder", source=cfg.source, field="output"
+            )
+        return
+    _check_creatable(out, cfg)
+
+
+def min_artifact_bytes(space: SearchSpace, inventory: list[LayerInfo]) -> int:
+    """A lower bound on the size of any artifact the space can produce (see the module docstring)."""
+    total = 0
+    for info in inventory:
+        params = space._layer_params(info.name)
+        bits = min(int(b) for b in params["bits"].values())
+        ratio = min(float(r) for r in params["rank_ratio"].values())
+        fan_in = info.in_features // info.groups * int(torch.tensor(info.kernel).prod())
+        dense = info.out_features * fan_in
+        elements = dense
+        if ratio < 1.0:
+            rank = rank_for(ratio, info.full_rank)
+            elements = min(dense, rank * (fan_in + info.out_features))
+        total += -(-elements * bits // 8)
+    return total
+
+
+def latency_floor_ms(task: Task, backend: Backend) -> float:
+    """Median latency of a one-operator artifact (Flatten of the input), lowered and timed by ``backend``."""
+    with tempfile.TemporaryDirectory(prefix="ac-floor-") as tmp:
+        artifact = backend.lower(nn.Flatten().eval(), task.example_inputs(), {}, Path(tmp))
+        return backend.measure(artifact, task.example_inputs()).median_ms
+
+
+def check_budgets(cfg: StudyConfig, task: Task, space: SearchSpace, backend: Backend) -> None:
+    """Raise ConfigError for a budget that no plan of the space can meet (see the module docstring)."""
+    b = cfg.budgets
+    if b.max_size_bytes is not None:
+        model = task.model_fn().eval()
+        floor = min_artifact_bytes(space, build_inventory(model, task.example_inputs()))
+        if b.max_size_bytes < floor:
+            raise ConfigError(
+                f"{b.max_size_bytes} bytes cannot be met: every artifact of this search space holds at "
+                f"least {floor} bytes (the compressible layers' weights at their lowest allowed bits "
+                "and rank)",
+                source=cfg.source,
+                field="budgets.max_size_bytes",
+            )
+    if b.max_latency_ms is not None:
+        try:
+            floor_ms = latency_floor_ms(task, backend)
+        except AutoCompressError as exc:
+            raise ConfigError(
+                f"cannot time a trivial artifact to check the budget: {exc}",
+                source=cfg.source,
+                field="budgets.max_latency_ms",
+            ) from None
+        if b.max_latency_ms < LATENCY_MARGIN * floor_ms:
+            raise ConfigError(
+                f"{b.max_latency_ms:g} ms cannot be met: a one-operator artifact already takes "
+                f"{floor_ms:.4f} ms per call on {backend.name}/{backend.device} at batch {backend.batch_size} "
+                f"(budgets below {LATENCY_MARGIN:g}x that are rejected)",
+                source=cfg.source,
+                field="budgets.max_latency_ms",
+            )
