@@ -21,7 +21,7 @@ recorded, tables and pruning not yet done), ``prune`` (a dominated artifact half
 ``pareto_export`` (``pareto/`` half rebuilt). Fault kinds (each goes through the real code path):
 ``raise`` (an exception), ``nan`` (the fine-tuning loss becomes NaN), ``export`` (the exporter fails on
 the model), ``ort_load`` (the artifact file is corrupted, so the runtime cannot load it), ``hang``
-(every fine-tuning step sleeps 0.2 s, so ``trial_timeout_s`` fires).
+(every fine-tuning step sleeps 0.5 s, so ``trial_timeout_s`` fires).
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def check_deadline(stage: str) -> None:
         raise TrialTimeout(f"exceeded trials.trial_timeout_s = {d[1]:g} s during {stage}")
 
 
-def _matches(env: str, name: str) -> bool:
+def _matches(env: str, name: str, number: int | None = None) -> bool:
     spec = os.environ.get(env, "")
     if not spec:
         return False
-    number = current_trial()
+    number = current_trial() if number is None else number
     for item in spec.split(","):
         point, _, at = item.strip().partition("@")
         if point == name and (not at or (number is not None and int(at) == number)):
@@ -102,9 +102,12 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def crash_point(name: str, after_s: float = 0.0) -> None:
-    """SIGKILL this process here (or ``after_s`` seconds later, from a timer thread) if asked to."""
-    if not _matches(CRASH_ENV, name):
+def crash_point(name: str, after_s: float = 0.0, trial: int | None = None) -> None:
+    """SIGKILL this process here (or ``after_s`` seconds later, from a timer thread) if asked to.
+
+    ``trial`` is the trial number where the hook runs outside :func:`trial_scope`.
+    """
+    if not _matches(CRASH_ENV, name, trial):
         return
     if after_s > 0:
         timer = threading.Timer(after_s, _kill_self)
@@ -125,7 +128,7 @@ def on_step(step: int, loss: torch.Tensor) -> torch.Tensor:
     if step == 1:
         crash_point("finetune")
     if fault("hang"):
-        time.sleep(0.2)
+        time.sleep(0.5)
     if step == 1 and fault("nan"):
         return loss * float("nan")
     return loss

@@ -404,7 +404,7 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
                 return "failures"
             continue
         study.tell(trial, record_success(ctx, trial, metrics))
-        crash_point("told")
+        crash_point("told", trial=trial.number)
         if cfg.trials.keep == "pareto":
             prune_dominated(study, ctx.run_dir, log)
         done += 1

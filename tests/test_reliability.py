@@ -1,0 +1,102 @@
+"""Crash safety and trial isolation with real processes: SIGKILL at chosen points (environment hook)
+and at a random moment from outside, then the same command again; faulty trials fail alone."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import pytest
+from optuna.trial import TrialState
+from reliability_helpers import check_consistent, check_referenced_folders, cli, load, popen, study_file
+
+pytestmark = pytest.mark.slow
+
+# (crash point, trial it hits). Each run resumes the previous one: the interrupted trial k is retried
+# as k + 1, then trial k + 2 is killed at the next point.
+CHAIN = [
+    ("finetune", 1),
+    ("export", 3),
+    ("measure", 5),
+    ("artifact_write", 7),
+    ("renamed", 9),
+]
+
+
+def test_kill_at_every_point_then_resume(tmp_path):
+    path, run = study_file(tmp_path, trials={"n": 7})
+    for point, number in CHAIN:
+        proc = cli("run", path, env={"AUTOCOMPRESS_CRASH_AT": f"{point}@{number}"})
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-2000:])
+        study = load(run)
+        trial = study.trials[number]
+        assert trial.state == TrialState.RUNNING, (point, trial.state)  # left RUNNING by the dead process
+        # ... and no completed trial points to a partial folder, even before any cleanup
+        check_referenced_folders(run, study)
+        if point == "renamed":  # whole folder in place, but its trial never completed
+            assert (run / "trials" / f"{number:05d}").is_dir()
+        if point in ("measure", "artifact_write"):
+            assert (run / "trials" / f".{number:05d}.tmp").is_dir()
+    # the last run: killed while rebuilding pareto/ after the search
+    proc = cli("run", path, env={"AUTOCOMPRESS_CRASH_AT": "pareto_export"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (run / ".pareto.tmp").is_dir()
+    final = cli("run", path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "removed what an interrupted run left behind: .pareto.tmp" in final.stdout
+    study = check_consistent(run, 7)
+    interrupted = [t.number for t in study.trials if t.user_attrs.get("fail_category") == "interrupted"]
+    assert interrupted == [n for _, n in CHAIN]
+    for n in interrupted:
+        assert study.trials[n].user_attrs["fail_reason"] == "interrupted: the process running it died"
+        retry = study.trials[n + 1]
+        assert retry.user_attrs["retry_of"] == n and retry.state == TrialState.COMPLETE
+        assert retry.user_attrs["plan"] == study.trials[n].user_attrs["plan"]
+    report = cli("report", run)
+    assert report.returncode == 0 and "interrupted" in report.stdout
+
+
+def test_sigkill_from_outside_at_a_random_moment(tmp_path):
+    seed = int(time.time())
+    delay = random.Random(seed).uniform(6.0, 14.0)
+    path, run = study_file(tmp_path, trials={"n": 5})
+    proc = popen("run", path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    print(f"killed after {delay:.1f} s (seed {seed}); its last lines: {out.strip().splitlines()[-2:]}")
+    if (run / "study.db").exists():
+        check_referenced_folders(run, load(run))
+    final = cli("run", path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    check_consistent(run, 5)
+
+
+def test_faulty_trials_fail_alone_with_a_reason(tmp_path):
+    path, run = study_file(tmp_path, trials={"n": 3, "trial_timeout_s": 5.0})
+    faults = "raise@1,nan@2,export@3,ort_load@4,hang@5"
+    proc = cli("run", path, env={"AUTOCOMPRESS_FAULT": faults})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load(run)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE"] + ["FAIL"] * 5 + ["COMPLETE"] * 2, states
+    got = {t.number: (t.user_attrs["fail_category"], t.user_attrs["fail_reason"]) for t in study.trials[1:6]}
+    assert got[1] == ("exception (RuntimeError)", "RuntimeError: injected fault: the trial raised")
+    assert got[2][0] == "non-finite loss" and got[2][1].startswith("NonFiniteLoss: non-finite fine-tuning loss")
+    assert got[3][0] == "export failed" and got[3][1].startswith("ExportError: torch.onnx.export failed")
+    assert got[4][0] == "runtime load failed" and "onnxruntime could not load" in got[4][1]
+    assert got[5] == (
+        "timeout",
+        f"TrialTimeout: exceeded trials.trial_timeout_s = 5 s during fine-tuning (step {got[5][1].split('step ')[1]}",
+    )
+    for t in study.trials[1:6]:
+        assert "\n" not in t.user_attrs["fail_reason"] and "Traceback" in t.user_attrs["traceback"]
+        assert not (run / "trials" / f"{t.number:05d}").exists()
+    check_consistent(run, 3)
+    report = cli("report", run)
+    assert report.returncode == 0, report.stderr
+    table = report.stdout.split("failed trials by reason:")[1]
+    for category in ("exception (RuntimeError)", "non-finite loss", "export failed", "runtime load failed", "timeout"):
+        assert category in table, table
+    assert "runtime load failed" in (run / "trials.csv").read_text()
