@@ -125,7 +125,5 @@ def check_consistent(run: Path, n: int, *, keep: str = "all") -> optuna.Study:
         folder = run / r["folder"]
         assert {p.name for p in folder.iterdir()} == TRIAL_FILES
         assert sha(folder / "model.onnx") == sha(run / r["source"] / "model.onnx")
-    assert {p.name for p in (run / "pareto").iterdir()} == {"front.json"} | {
-        f"trial-{k:05d}" for k in front
-    }
+    assert {p.name for p in (run / "pareto").iterdir()} == {"front.json"} | {f"trial-{k:05d}" for k in front}
     return study

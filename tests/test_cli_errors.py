@@ -95,6 +95,86 @@ CASES = [
     (_with(storage="not a url"), r"study.yaml: storage: 'not a url' is not a database URL"),
 ]
 
+# More kinds of bad input. These run the same entry point in this process (``cli.main``, which the
+# console script passes to ``sys.exit``): a fresh interpreter per case costs ~4 s of imports on this
+# machine, and the cases above already prove the process-level path.
+IN_PROCESS_CASES = [
+    # out-of-range values of every kind
+    (
+        _with(space__overrides={"rank_ratio": {"low": 0.0, "high": 1.0}}),
+        r"rank_ratio: 0.0 is outside \(0, 1\]",
+    ),
+    (
+        _with(space__overrides={"kd": {"alpha": {"low": 0.5, "high": 1.5}}}),
+        r"kd.alpha: values must lie in \[0, 1\]",
+    ),
+    (_with(finetune={"lr": 0.0}), r"study.yaml: finetune.lr: Input should be greater than 0"),
+    (_with(backend__threads=0), r"study.yaml: backend.threads: Input should be greater than or equal to 1"),
+    (
+        _with(trials__warm_start=[{"bits": 8, "sparsity": 1.0}]),
+        r"study.yaml: trials.warm_start.0.sparsity: Input should be less than 1",
+    ),
+    (
+        _with(trials__trial_timeout_s=-1),
+        r"study.yaml: trials.trial_timeout_s: Input should be greater than 0",
+    ),
+    (_with(trials__keep="everything"), r"study.yaml: trials.keep: Input should be 'all' or 'pareto'"),
+    # unknown keys below the top level, in the study file and in the space
+    (_with(finetune={"epoch": 1}), r"study.yaml: finetune.epoch: unknown key \(did you mean 'epochs'\?\)"),
+    (
+        _with(space__overrides={"sparsty": {"fixed": 0.1}}),
+        r"overrides in .*study.yaml\): sparsty: unknown key \(did you mean 'sparsity'\?\)",
+    ),
+    (
+        _with(sampler__name="bayes"),
+        r"study.yaml: sampler.name: unknown sampler 'bayes'; known: gp, nsga2, random, tpe",
+    ),
+    # storages that cannot be opened
+    (
+        _with(storage="sqlite:////nonexistent_dir_ac/study.db"),
+        r"study.yaml: storage: cannot open '/nonexistent_dir_ac/study.db': folder '/nonexistent_dir_ac' does not exist",
+    ),
+    (
+        _with(storage="nosuchdb://host/x"),
+        r"study.yaml: storage: cannot open 'nosuchdb://host/x': unknown database dialect 'nosuchdb'",
+    ),
+    (
+        _with(storage="postgresql://user@127.0.0.1:9/x"),
+        r"study.yaml: storage: cannot open 'postgresql://user@127.0.0.1:9/x': \w+",
+    ),
+    (_with(storage="sqlite://"), r"study.yaml: storage: an in-memory SQLite storage would lose the study"),
+    # budgets no plan can meet, said before anything runs
+    (
+        _with(budgets__max_size_bytes=64),
+        r"study.yaml: budgets.max_size_bytes: 64 bytes cannot be met: every artifact of this search space "
+        r"holds at least \d+ bytes",
+    ),
+    (
+        _with(budgets__max_latency_ms=1e-6),
+        r"study.yaml: budgets.max_latency_ms: 1e-06 ms cannot be met: a one-operator artifact already takes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "match"), IN_PROCESS_CASES, ids=range(len(IN_PROCESS_CASES)))
+def test_bad_study_file_in_process(tmp_path, monkeypatch, capsys, text, match):
+    from autocompress.cli import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text(text)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", str(study), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    import re
+
+    assert re.search(match, lines[0]), lines[0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
 
 @pytest.mark.parametrize(("text", "match"), CASES, ids=range(len(CASES)))
 def test_bad_study_file(tmp_path, text, match):
@@ -106,6 +186,32 @@ def test_bad_study_file(tmp_path, text, match):
 
     assert re.search(match, lines[0]), lines[0]
     assert not out.exists()
+
+
+def test_run_folder_that_cannot_be_created(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(_with())
+    proc = subprocess.run(
+        [sys.executable, "-m", "autocompress.cli", "run", str(study), "--output", "/proc/ac-no/run"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {study}: output: cannot create run folder '/proc/ac-no/run': No such file or directory"
+    ]
+
+
+def test_sqlite_file_that_is_not_a_database(tmp_path):
+    (tmp_path / "notes.db").write_text("not a database\n")
+    proc, out = _run(tmp_path, _with(storage=f"sqlite:///{tmp_path / 'notes.db'}"))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr.strip().endswith("file is not a database") and len(proc.stderr.strip().splitlines()) == 1
+    )
+    assert not out.exists() and (tmp_path / "notes.db").read_text() == "not a database\n"
 
 
 def test_missing_study_file(tmp_path):

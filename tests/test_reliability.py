@@ -59,15 +59,20 @@ def test_kill_at_every_point_then_resume(tmp_path):
 
 def test_sigkill_from_outside_at_a_random_moment(tmp_path):
     seed = int(time.time())
-    delay = random.Random(seed).uniform(6.0, 14.0)
+    delay = random.Random(seed).uniform(0.0, 4.0)
     path, run = study_file(tmp_path, trials={"n": 5})
-    proc = popen("run", path)
+    proc = popen("run", path, env={"PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:  # wait for the search to start, then kill at a random moment
+        seen.append(line.strip())
+        if line.startswith("[1/5]"):
+            break
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
-    print(f"killed after {delay:.1f} s (seed {seed}); its last lines: {out.strip().splitlines()[-2:]}")
-    if (run / "study.db").exists():
-        check_referenced_folders(run, load(run))
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    print(f"killed {delay:.2f} s after the first trial (seed {seed}); last line: {seen[-1]}")
+    check_referenced_folders(run, load(run))
     final = cli("run", path)
     assert final.returncode == 0, final.stderr[-3000:]
     check_consistent(run, 5)
@@ -83,7 +88,9 @@ def test_faulty_trials_fail_alone_with_a_reason(tmp_path):
     assert states == ["COMPLETE"] + ["FAIL"] * 5 + ["COMPLETE"] * 2, states
     got = {t.number: (t.user_attrs["fail_category"], t.user_attrs["fail_reason"]) for t in study.trials[1:6]}
     assert got[1] == ("exception (RuntimeError)", "RuntimeError: injected fault: the trial raised")
-    assert got[2][0] == "non-finite loss" and got[2][1].startswith("NonFiniteLoss: non-finite fine-tuning loss")
+    assert got[2][0] == "non-finite loss" and got[2][1].startswith(
+        "NonFiniteLoss: non-finite fine-tuning loss"
+    )
     assert got[3][0] == "export failed" and got[3][1].startswith("ExportError: torch.onnx.export failed")
     assert got[4][0] == "runtime load failed" and "onnxruntime could not load" in got[4][1]
     assert got[5] == (
@@ -97,6 +104,12 @@ def test_faulty_trials_fail_alone_with_a_reason(tmp_path):
     report = cli("report", run)
     assert report.returncode == 0, report.stderr
     table = report.stdout.split("failed trials by reason:")[1]
-    for category in ("exception (RuntimeError)", "non-finite loss", "export failed", "runtime load failed", "timeout"):
+    for category in (
+        "exception (RuntimeError)",
+        "non-finite loss",
+        "export failed",
+        "runtime load failed",
+        "timeout",
+    ):
         assert category in table, table
     assert "runtime load failed" in (run / "trials.csv").read_text()
