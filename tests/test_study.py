@@ -67,6 +67,8 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
     study = _load(run)
     trials = study.get_trials()
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    plans = [json.dumps(t.user_attrs["plan"], sort_keys=True) for t in trials]
+    assert len(set(plans)) == 4  # the resumed sampler is reseeded: it does not propose trial 1's plan again
     assert sorted(p.name for p in (run / "trials").iterdir()) == ["00000", "00001", "00002", "00003"]
     for name in ("study.db", "trials.csv", "pareto.png", "teacher.safetensors", "baseline/model.onnx"):
         assert (run / name).exists(), name
@@ -165,8 +167,9 @@ def test_user_task_and_failed_trials(tmp_path):
     study = _load(tmp_path / "b" / "run")
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert all(
-        "TrialFailed: non-finite fine-tuning loss" in t.user_attrs["fail_reason"] for t in study.trials
+        "NonFiniteLoss: non-finite fine-tuning loss" in t.user_attrs["fail_reason"] for t in study.trials
     )
+    assert [t.user_attrs["fail_category"] for t in study.trials] == ["non-finite loss"] * 2
     assert not (tmp_path / "b" / "run" / "trials").exists() or not any(
         (tmp_path / "b" / "run" / "trials").iterdir()
     )
