@@ -57,6 +57,7 @@ class WarmStart(_Strict):
 
     bits: int | None = None
     sparsity: float = Field(0.0, ge=0, lt=1)
+    sparsity_kind: str | None = None
     rank_ratio: float = Field(1.0, gt=0, le=1)
 
 

@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConfigError
 from .inventory import LayerInfo
-from .plan import SCHEDULES, SUPPORTED_BITS, LayerPlan, Plan, Schedule
+from .plan import IMPORTANCES, SCHEDULES, SPARSITY_KINDS, SUPPORTED_BITS, LayerPlan, Plan, Schedule
+
+PER_LAYER = ("bits", "sparsity", "sparsity_kind", "rank_ratio")
+# Optuna parameter name prefix of each per-layer dimension (stable: resumed studies depend on them)
+SHORT = {"bits": "bits", "sparsity": "sparsity", "sparsity_kind": "sparsity_kind", "rank_ratio": "rank"}
 
 
 class Param(BaseModel):
@@ -77,6 +81,7 @@ class LayerSpace(BaseModel):
 
     bits: Param | None = None
     sparsity: Param | None = None
+    sparsity_kind: Param | None = None
     rank_ratio: Param | None = None
 
 
@@ -86,6 +91,7 @@ class ScheduleSpace(BaseModel):
     kind: Param = Param(fixed="one_shot")
     start: Param = Param(fixed=0.0)
     end: Param = Param(fixed=1.0)
+    steps: Param = Param(fixed=0)
 
 
 class KDSpace(BaseModel):
@@ -102,7 +108,9 @@ class SpaceModel(BaseModel):
 
     bits: Param = Param(fixed=32)
     sparsity: Param = Param(fixed=0.0)
+    sparsity_kind: Param = Param(fixed="unstructured")
     rank_ratio: Param = Param(fixed=1.0)
+    importance: Param = Param(fixed="l1")
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
     layers: dict[str, LayerSpace] = {}
@@ -164,7 +172,7 @@ class SearchSpace:
 
     def _check_values(self) -> None:
         m = self.model
-        checks = [("bits", m.bits), ("sparsity", m.sparsity), ("rank_ratio", m.rank_ratio)]
+        checks = [(k, getattr(m, k)) for k in PER_LAYER]
         for pattern, ls in m.layers.items():
             try:
                 re.compile(pattern)
@@ -173,9 +181,7 @@ class SearchSpace:
                     f"invalid regex: {exc}", source=self.source, field=f"layers.{pattern}"
                 ) from None
             checks += [
-                (f"layers.{pattern}.{k}", getattr(ls, k))
-                for k in ("bits", "sparsity", "rank_ratio")
-                if getattr(ls, k) is not None
+                (f"layers.{pattern}.{k}", getattr(ls, k)) for k in PER_LAYER if getattr(ls, k) is not None
             ]
         for field, param in checks:
             kind = field.rsplit(".", 1)[-1]
@@ -190,6 +196,15 @@ class SearchSpace:
                     raise ConfigError(f"{v} is outside [0, 1)", source=self.source, field=field)
                 if kind == "rank_ratio" and not (isinstance(v, int | float) and 0 < v <= 1):
                     raise ConfigError(f"{v} is outside (0, 1]", source=self.source, field=field)
+                if kind == "sparsity_kind" and v not in SPARSITY_KINDS:
+                    raise ConfigError(
+                        f"{v!r} is not one of {list(SPARSITY_KINDS)}", source=self.source, field=field
+                    )
+        for v in m.importance.values():
+            if v not in IMPORTANCES:
+                raise ConfigError(
+                    f"{v!r} is not one of {list(IMPORTANCES)}", source=self.source, field="importance"
+                )
         for v in m.schedule.kind.values():
             if v not in SCHEDULES:
                 raise ConfigError(
@@ -214,11 +229,7 @@ class SearchSpace:
         return {int(b) for b in bits}
 
     def _layer_params(self, name: str) -> dict[str, Param]:
-        params = {
-            "bits": self.model.bits,
-            "sparsity": self.model.sparsity,
-            "rank_ratio": self.model.rank_ratio,
-        }
+        params = {k: getattr(self.model, k) for k in PER_LAYER}
         for pattern, ls in self.model.layers.items():  # later patterns win
             if re.fullmatch(pattern, name):
                 params.update({k: getattr(ls, k) for k in params if getattr(ls, k) is not None})
@@ -229,21 +240,26 @@ class SearchSpace:
     ) -> Plan:
         """Ask ``trial`` for every dimension and return the Plan."""
         layers = {}
-        short = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}
         for info in inventory:
             params = self._layer_params(info.name)
             values: dict[str, Any] = {
-                k: p.suggest(trial, f"{short[k]}.{info.name}") for k, p in params.items()
+                k: p.suggest(trial, f"{SHORT[k]}.{info.name}") for k, p in params.items()
             }
             layers[info.name] = LayerPlan(
                 bits=int(values["bits"]),
                 sparsity=float(values["sparsity"]),
                 rank_ratio=float(values["rank_ratio"]),
+                sparsity_kind=str(values["sparsity_kind"]),
             )
         s = self.model.schedule
         start = float(s.start.suggest(trial, "schedule.start"))
         end = max(start, float(s.end.suggest(trial, "schedule.end")))
-        schedule = Schedule(kind=str(s.kind.suggest(trial, "schedule.kind")), start=start, end=end)
+        schedule = Schedule(
+            kind=str(s.kind.suggest(trial, "schedule.kind")),
+            start=start,
+            end=end,
+            steps=int(s.steps.suggest(trial, "schedule.steps")),
+        )
         return Plan(
             layers=layers,
             schedule=schedule,
@@ -252,6 +268,7 @@ class SearchSpace:
             epochs=epochs,
             lr=lr,
             seed=seed,
+            importance=str(self.model.importance.suggest(trial, "prune.importance")),
         )
 
     def params_for(
@@ -260,14 +277,19 @@ class SearchSpace:
         bits: int | None = None,
         sparsity: float = 0.0,
         rank_ratio: float = 1.0,
+        sparsity_kind: str | None = None,
     ) -> dict[str, Any]:
         """Optuna parameter values of a uniform plan, for ``study.enqueue_trial`` (warm starts).
 
         Only dimensions that are searched (not fixed) and that admit the value are included.
         """
         out: dict[str, Any] = {}
-        short = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}
-        wanted = {"bits": bits, "sparsity": sparsity, "rank_ratio": rank_ratio}
+        wanted = {
+            "bits": bits,
+            "sparsity": sparsity,
+            "rank_ratio": rank_ratio,
+            "sparsity_kind": sparsity_kind,
+        }
         for info in inventory:
             for k, p in self._layer_params(info.name).items():
                 v = wanted[k]
@@ -275,5 +297,5 @@ class SearchSpace:
                     continue
                 ok = v in p.choices if p.choices is not None else p.low <= v <= p.high
                 if ok:
-                    out[f"{short[k]}.{info.name}"] = v
+                    out[f"{SHORT[k]}.{info.name}"] = v
         return out

@@ -73,9 +73,11 @@ def test_default_space_parameter_names_are_stable():
         "bits.features.0",
         "sparsity.features.0",
         "rank.features.0",
+        "sparsity_kind.features.0",
         "bits.classifier",
         "sparsity.classifier",
         "rank.classifier",
+        "sparsity_kind.classifier",
         "schedule.kind",
         "schedule.start",
         "schedule.end",
@@ -96,13 +98,15 @@ def test_fixed_trial_gives_the_same_plan_and_overrides_apply():
         "rank.features.0": 0.5,
         "bits.classifier": 4,
         "sparsity.classifier": 0.0,
+        "sparsity_kind.features.0": "structured",
+        "sparsity_kind.classifier": "unstructured",
         "schedule.kind": "cubic",
         "schedule.start": 0.1,
         "schedule.end": 0.9,
         "kd.temperature": 3.0,
     }
     plan = space.suggest(optuna.trial.FixedTrial(params), INV, epochs=1, lr=1e-3, seed=0)
-    assert plan.layer("features.0") == LayerPlan(8, 0.5, 0.5)
+    assert plan.layer("features.0") == LayerPlan(8, 0.5, 0.5, "structured")
     assert plan.layer("classifier") == LayerPlan(4, 0.0, 1.0)  # rank fixed by the override
     assert plan.kd_alpha == 0.25 and plan.schedule == Schedule("cubic", 0.1, 0.9)
 

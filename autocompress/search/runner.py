@@ -260,7 +260,11 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study
         study.set_user_attr("environment", environment(ctx.backend))
         for ws in cfg.trials.warm_start:
             params = ctx.space.params_for(
-                ctx.inventory, bits=ws.bits, sparsity=ws.sparsity, rank_ratio=ws.rank_ratio
+                ctx.inventory,
+                bits=ws.bits,
+                sparsity=ws.sparsity,
+                rank_ratio=ws.rank_ratio,
+                sparsity_kind=ws.sparsity_kind,
             )
             study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
     _recover_interrupted(study, storage, log)
