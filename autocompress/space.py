@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import yaml
@@ -114,6 +114,9 @@ class SpaceModel(BaseModel):
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
     layers: dict[str, LayerSpace] = {}
+    # "layer": one parameter per layer; "global": one per dimension for the whole model;
+    # {group name: regex}: layers matching a group (first match wins) share that group's parameters
+    groups: Literal["layer", "global"] | dict[str, str] = "layer"
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -200,6 +203,14 @@ class SearchSpace:
                     raise ConfigError(
                         f"{v!r} is not one of {list(SPARSITY_KINDS)}", source=self.source, field=field
                     )
+        if isinstance(m.groups, dict):
+            for group, pattern in m.groups.items():
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"invalid regex: {exc}", source=self.source, field=f"groups.{group}"
+                    ) from None
         for v in m.importance.values():
             if v not in IMPORTANCES:
                 raise ConfigError(
@@ -235,16 +246,36 @@ class SearchSpace:
                 params.update({k: getattr(ls, k) for k in params if getattr(ls, k) is not None})
         return params
 
+    def group_of(self, layer: str) -> str:
+        """The key that names a layer's parameters: the layer, its group, or ``all``."""
+        groups = self.model.groups
+        if groups == "global":
+            return "all"
+        if isinstance(groups, dict):
+            for group, pattern in groups.items():
+                if re.fullmatch(pattern, layer):
+                    return group
+        return layer
+
     def suggest(
         self, trial: optuna.Trial, inventory: list[LayerInfo], *, epochs: int, lr: float, seed: int
     ) -> Plan:
-        """Ask ``trial`` for every dimension and return the Plan."""
+        """Ask ``trial`` for every dimension and return the Plan (grouped layers share values)."""
         layers = {}
+        domains: dict[str, tuple[str, Param]] = {}
         for info in inventory:
             params = self._layer_params(info.name)
-            values: dict[str, Any] = {
-                k: p.suggest(trial, f"{SHORT[k]}.{info.name}") for k, p in params.items()
-            }
+            values: dict[str, Any] = {}
+            for k, p in params.items():
+                name = f"{SHORT[k]}.{self.group_of(info.name)}"
+                first = domains.setdefault(name, (info.name, p))
+                if first[1] != p:
+                    raise ConfigError(
+                        f"layers {first[0]!r} and {info.name!r} share {name!r} but have different domains",
+                        source=self.source,
+                        field="groups",
+                    )
+                values[k] = p.suggest(trial, name)
             layers[info.name] = LayerPlan(
                 bits=int(values["bits"]),
                 sparsity=float(values["sparsity"]),
@@ -297,5 +328,5 @@ class SearchSpace:
                     continue
                 ok = v in p.choices if p.choices is not None else p.low <= v <= p.high
                 if ok:
-                    out[f"{SHORT[k]}.{info.name}"] = v
+                    out[f"{SHORT[k]}.{self.group_of(info.name)}"] = v
         return out

@@ -200,3 +200,26 @@ def test_constraint_values_only_for_set_budgets():
     assert constraint_values(
         m, {"max_accuracy_drop": 0.01, "max_latency_ms": None, "max_size_bytes": 2000}
     ) == {"accuracy_drop": pytest.approx(0.01), "size_bytes": -1000.0}
+
+
+def test_layer_groups_share_parameters():
+    inv = [*INV, LayerInfo("features.3", "Conv2d", 8, 16, (3, 3), 1, 1152, 1, 8)]
+    grouped = SearchSpace.from_file(ROOT_SPACE, {"groups": {"convs": r"features\..*"}})
+    trial = optuna.create_study().ask()
+    plan = grouped.suggest(trial, inv, epochs=1, lr=1e-3, seed=0)
+    assert {k for k in trial.params if k.startswith("bits.")} == {"bits.convs", "bits.classifier"}
+    assert plan.layer("features.0") == plan.layer("features.3")
+    everything = SearchSpace.from_file(ROOT_SPACE, {"groups": "global"})
+    trial = optuna.create_study().ask()
+    plan = everything.suggest(trial, inv, epochs=1, lr=1e-3, seed=0)
+    assert {k for k in trial.params if k.startswith("rank.")} == {"rank.all"}
+    assert len({plan.layer(i.name).bits for i in inv}) == 1
+    assert everything.params_for(inv, bits=8)["bits.all"] == 8
+
+
+def test_layer_groups_with_conflicting_domains_are_rejected():
+    space = SearchSpace.from_file(
+        ROOT_SPACE, {"groups": "global", "layers": {"classifier": {"bits": {"choices": [8, 32]}}}}
+    )
+    with pytest.raises(ConfigError, match="layers 'features.0' and 'classifier' share 'bits.all'"):
+        space.suggest(optuna.create_study().ask(), INV, epochs=1, lr=1e-3, seed=0)
