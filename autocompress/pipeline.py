@@ -22,12 +22,10 @@ from .tasks import Task
 from .techniques import (
     add_fake_quant,
     apply_masks,
-    factorize,
-    factorized_macs,
     fold_batchnorm,
     kd_loss,
+    plan_factorization,
     prune_channels,
-    rank_for,
     set_nm,
     set_sparsity,
     sparsity_at,
@@ -92,19 +90,16 @@ def _factorize_layers(model: nn.Module, plan: Plan, notes: dict[str, str]) -> di
     origin: dict[str, str] = {}
     for name, layer in compressible_layers(model):
         lp = plan.layer(name)
-        if lp.rank_ratio >= 1.0:
+        new, why = plan_factorization(layer, lp.rank_mode, lp.rank_ratio)
+        if new is None:
+            if lp.rank_ratio < 1.0:
+                notes[name] = why
             origin[name] = name
             continue
-        full = min(layer.weight.shape[0], layer.weight[0].numel())
-        rank = rank_for(lp.rank_ratio, full)
-        before, after = factorized_macs(layer, rank)
-        if after >= before:
-            notes[name] = f"rank {rank}/{full} not applied: factorized MACs {after} >= original {before}"
-            origin[name] = name
-            continue
-        set_module(model, name, factorize(layer, rank))
-        origin[f"{name}.0"] = name
-        origin[f"{name}.1"] = name
+        set_module(model, name, new)
+        for i in range(len(new)):
+            origin[f"{name}.{i}"] = name
+        notes[name] = why
     return origin
 
 

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
+from .techniques.lowrank import RANK_MODES
 from .techniques.schedules import SCHEDULES
 
 FLOAT_BITS = 32
@@ -23,12 +24,15 @@ class LayerPlan:
     ``sparsity_kind``: ``unstructured`` (masks: the fraction ``sparsity`` of weights is zero),
     ``structured`` (the fraction ``sparsity`` of output channels is removed: the layer gets smaller)
     or ``2:4`` (two of every four consecutive input weights are zero; ``sparsity`` is ignored).
+    ``rank_mode``: how ``rank_ratio`` factorizes the layer (see ``techniques.lowrank``): ``ratio``,
+    ``energy``, ``spatial`` or ``tucker``.
     """
 
     bits: int = FLOAT_BITS
     sparsity: float = 0.0
     rank_ratio: float = 1.0
     sparsity_kind: str = "unstructured"
+    rank_mode: str = "ratio"
 
     def validate(self, where: str) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -37,6 +41,10 @@ class LayerPlan:
             raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1)", field=f"{where}.sparsity")
         if not (0.0 < self.rank_ratio <= 1.0):
             raise ConfigError(f"rank_ratio {self.rank_ratio} is outside (0, 1]", field=f"{where}.rank_ratio")
+        if self.rank_mode not in RANK_MODES:
+            raise ConfigError(
+                f"rank_mode {self.rank_mode!r} is not one of {list(RANK_MODES)}", field=f"{where}.rank_mode"
+            )
         if self.sparsity_kind not in SPARSITY_KINDS:
             raise ConfigError(
                 f"sparsity_kind {self.sparsity_kind!r} is not one of {list(SPARSITY_KINDS)}",

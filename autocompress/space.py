@@ -19,11 +19,26 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConfigError
 from .inventory import LayerInfo
-from .plan import IMPORTANCES, SCHEDULES, SPARSITY_KINDS, SUPPORTED_BITS, LayerPlan, Plan, Schedule
+from .plan import (
+    IMPORTANCES,
+    RANK_MODES,
+    SCHEDULES,
+    SPARSITY_KINDS,
+    SUPPORTED_BITS,
+    LayerPlan,
+    Plan,
+    Schedule,
+)
 
-PER_LAYER = ("bits", "sparsity", "sparsity_kind", "rank_ratio")
+PER_LAYER = ("bits", "sparsity", "sparsity_kind", "rank_ratio", "rank_mode")
 # Optuna parameter name prefix of each per-layer dimension (stable: resumed studies depend on them)
-SHORT = {"bits": "bits", "sparsity": "sparsity", "sparsity_kind": "sparsity_kind", "rank_ratio": "rank"}
+SHORT = {
+    "bits": "bits",
+    "sparsity": "sparsity",
+    "sparsity_kind": "sparsity_kind",
+    "rank_ratio": "rank",
+    "rank_mode": "rank_mode",
+}
 
 
 class Param(BaseModel):
@@ -83,6 +98,7 @@ class LayerSpace(BaseModel):
     sparsity: Param | None = None
     sparsity_kind: Param | None = None
     rank_ratio: Param | None = None
+    rank_mode: Param | None = None
 
 
 class ScheduleSpace(BaseModel):
@@ -110,6 +126,7 @@ class SpaceModel(BaseModel):
     sparsity: Param = Param(fixed=0.0)
     sparsity_kind: Param = Param(fixed="unstructured")
     rank_ratio: Param = Param(fixed=1.0)
+    rank_mode: Param = Param(fixed="ratio")
     importance: Param = Param(fixed="l1")
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
@@ -199,6 +216,10 @@ class SearchSpace:
                     raise ConfigError(f"{v} is outside [0, 1)", source=self.source, field=field)
                 if kind == "rank_ratio" and not (isinstance(v, int | float) and 0 < v <= 1):
                     raise ConfigError(f"{v} is outside (0, 1]", source=self.source, field=field)
+                if kind == "rank_mode" and v not in RANK_MODES:
+                    raise ConfigError(
+                        f"{v!r} is not one of {list(RANK_MODES)}", source=self.source, field=field
+                    )
                 if kind == "sparsity_kind" and v not in SPARSITY_KINDS:
                     raise ConfigError(
                         f"{v!r} is not one of {list(SPARSITY_KINDS)}", source=self.source, field=field
@@ -281,6 +302,7 @@ class SearchSpace:
                 sparsity=float(values["sparsity"]),
                 rank_ratio=float(values["rank_ratio"]),
                 sparsity_kind=str(values["sparsity_kind"]),
+                rank_mode=str(values["rank_mode"]),
             )
         s = self.model.schedule
         start = float(s.start.suggest(trial, "schedule.start"))

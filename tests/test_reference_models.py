@@ -17,6 +17,7 @@ from autocompress.pipeline import compress
 from autocompress.plan import LayerPlan, Plan, Schedule
 from autocompress.tasks import Task
 from autocompress.techniques import nm_mask, prune_channels, sparsity_at
+from autocompress.techniques._modules import get_module
 from autocompress.testing import REFERENCE_MODELS
 
 
@@ -40,6 +41,9 @@ def _plan(model: nn.Module, task: Task, technique: str) -> Plan:
             "structured": LayerPlan(sparsity=0.5, sparsity_kind="structured"),
             "2:4": LayerPlan(sparsity_kind="2:4"),
             "lowrank": LayerPlan(rank_ratio=0.5),
+            "energy": LayerPlan(rank_ratio=0.9, rank_mode="energy"),
+            "spatial": LayerPlan(rank_ratio=0.5, rank_mode="spatial"),
+            "tucker": LayerPlan(rank_ratio=0.5, rank_mode="tucker"),
             "mixed": LayerPlan(bits=(8, 4, 32)[len(layers) % 3], rank_ratio=0.75),
         }[technique]
         layers[i.name] = lp
@@ -48,7 +52,18 @@ def _plan(model: nn.Module, task: Task, technique: str) -> Plan:
 
 CONV_MODELS = ["plain_cnn", "resnet", "mobilenet"]
 ALL = [*CONV_MODELS, "transformer", "lstm"]
-TECHNIQUES = ["int8", "int4", "unstructured", "structured", "2:4", "lowrank", "mixed"]
+TECHNIQUES = [
+    "int8",
+    "int4",
+    "unstructured",
+    "structured",
+    "2:4",
+    "lowrank",
+    "energy",
+    "spatial",
+    "tucker",
+    "mixed",
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +96,18 @@ def test_technique_on_reference_model_exports_through_ort(model_name, technique,
             w = m.weight.detach()
             w = w.movedim(1, -1) if w.dim() > 2 else w
             assert bool(((w.reshape(-1, 4) == 0).sum(1) >= 2).all())
+    if technique in ("spatial", "tucker"):  # applies to k x k convs only; elsewhere skipped with a reason
+        k = 2 if technique == "spatial" else 3
+        for name, m in compressible_layers(teacher):
+            if (
+                isinstance(m, nn.Conv2d)
+                and m.groups == 1
+                and min(m.kernel_size) > 1
+                and "not" not in out.notes[name]
+            ):
+                assert len(get_module(model, name)) == k
+            elif isinstance(m, nn.Linear):
+                assert "needs a Conv2d" in out.notes.get(name, "needs a Conv2d")
     if technique == "structured":
         before = sum(p.numel() for p in teacher.parameters())
         if model_name == "lstm":  # its only Linear produces the output: nothing may be removed

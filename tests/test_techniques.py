@@ -202,3 +202,54 @@ def test_fold_batchnorm_preserves_outputs():
     assert names == ["features.0", "features.3", "features.6", "features.10"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(folded(x), ref, atol=1e-5)
+
+
+def test_spatial_svd_full_rank_reproduces_conv():
+    from autocompress.techniques import factorize_spatial
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 1))
+    x = torch.randn(2, 6, 11, 13)
+    full = min(6 * 3, 10 * 5)
+    fact = factorize_spatial(conv, full)
+    assert fact[0].kernel_size == (3, 1) and fact[1].kernel_size == (1, 5)
+    assert torch.allclose(fact(x), conv(x), atol=1e-4)
+
+
+def test_tucker_full_ranks_reproduce_conv_and_low_ranks_shrink_it():
+    from autocompress.techniques import factorize_tucker
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.allclose(factorize_tucker(conv, 8, 12)(x), conv(x), atol=1e-4)
+    small = factorize_tucker(conv, 4, 6)
+    assert [m.weight.shape for m in small] == [(4, 8, 1, 1), (6, 4, 3, 3), (12, 6, 1, 1)]
+    with pytest.raises(TechniqueError, match=r"Tucker ranks \(9, 6\) are outside"):
+        factorize_tucker(conv, 9, 6)
+
+
+def test_rank_by_kept_energy():
+    from autocompress.techniques import rank_for_energy
+
+    w = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))  # energies 9, 4, 1, 0.25 of 14.25
+    assert rank_for_energy(w, 9 / 14.25) == 1
+    assert rank_for_energy(w, 0.9) == 2  # 13/14.25 = 0.912
+    assert rank_for_energy(w, 0.98) == 3  # 14/14.25 = 0.982
+    assert rank_for_energy(w, 0.99) == 4
+    assert rank_for_energy(w, 1.0) == 4
+
+
+def test_factorization_is_skipped_with_the_reason():
+    from autocompress.techniques import plan_factorization
+
+    new, why = plan_factorization(nn.Conv2d(8, 8, 3, groups=8), "ratio", 0.5)
+    assert new is None and "depthwise/grouped conv (groups=8)" in why
+    new, why = plan_factorization(nn.Linear(4, 4), "ratio", 0.75)  # rank 3: 3*(4+4) >= 16
+    assert new is None and "factorized MACs 24 >= original 16" in why
+    new, why = plan_factorization(nn.Linear(16, 4), "tucker", 0.5)
+    assert new is None and "tucker needs a Conv2d" in why
+    new, why = plan_factorization(nn.Conv2d(32, 32, 3), "tucker", 0.25)
+    assert new is not None and why == "tucker ranks (8, 8) of (32, 32)"
+    with pytest.raises(TechniqueError, match="unknown rank mode 'cp'"):
+        plan_factorization(nn.Linear(4, 4), "cp", 0.5)
