@@ -336,19 +336,34 @@ class SearchSpace:
 
         Only dimensions that are searched (not fixed) and that admit the value are included.
         """
-        out: dict[str, Any] = {}
         wanted = {
             "bits": bits,
             "sparsity": sparsity,
             "rank_ratio": rank_ratio,
             "sparsity_kind": sparsity_kind,
         }
+        return self.params_from_layers(inventory, {info.name: wanted for info in inventory})
+
+    def params_from_layers(
+        self, inventory: list[LayerInfo], values: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Optuna parameter values for per-layer ``values`` ({layer: {dimension: value}}).
+
+        Values outside a searched range are clipped into it and snapped to its step; values not among
+        a dimension's choices, and fixed dimensions, are left out (the sampler decides them).
+        """
+        out: dict[str, Any] = {}
         for info in inventory:
             for k, p in self._layer_params(info.name).items():
-                v = wanted[k]
+                v = values.get(info.name, {}).get(k)
                 if v is None or p.fixed is not None:
                     continue
-                ok = v in p.choices if p.choices is not None else p.low <= v <= p.high
-                if ok:
-                    out[f"{SHORT[k]}.{self.group_of(info.name)}"] = v
+                if p.choices is not None:
+                    if v not in p.choices:
+                        continue
+                else:
+                    v = min(max(float(v), p.low), p.high)
+                    if p.step:
+                        v = p.low + round((v - p.low) / p.step) * p.step
+                out.setdefault(f"{SHORT[k]}.{self.group_of(info.name)}", v)
         return out
