@@ -12,7 +12,7 @@ from .techniques.lowrank import RANK_MODES
 from .techniques.schedules import SCHEDULES
 
 FLOAT_BITS = 32
-SUPPORTED_BITS = (4, 8, FLOAT_BITS)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8, 16, FLOAT_BITS)  # 16 = float16; 32 = float
 SPARSITY_KINDS = ("unstructured", "structured", "2:4")
 IMPORTANCES = ("l1", "l2", "taylor")
 

@@ -89,7 +89,7 @@ CASES = [
         _with(space__file="nowhere.yaml"),
         r"study.yaml: space.file: search space file 'nowhere.yaml' does not exist",
     ),
-    (_with(space__overrides={"bits": {"choices": [3, 8]}}), r"bits: 3 is not an allowed bit width"),
+    (_with(space__overrides={"bits": {"choices": [7, 8]}}), r"bits: 7 is not an allowed bit width"),
     (_with(space__overrides={"sparsity": {"low": 0.2, "high": 1.5}}), r"sparsity: 1.5 is outside \[0, 1\)"),
     (_with(name="has space"), r"study.yaml: name: String should match pattern"),
     (_with(storage="not a url"), r"study.yaml: storage: 'not a url' is not a database URL"),

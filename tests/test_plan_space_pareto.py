@@ -48,7 +48,7 @@ def test_plan_json_round_trip(plan):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"layers": {"a": LayerPlan(bits=3)}}, r"layers.a.bits: bits 3 is not one of \[4, 8, 32\]"),
+        ({"layers": {"a": LayerPlan(bits=7)}}, r"layers.a.bits: bits 7 is not one of \[2, 3, 4, 5, 6, 8, 16, 32\]"),
         ({"layers": {"a": LayerPlan(sparsity=1.0)}}, r"layers.a.sparsity: sparsity 1.0 is outside \[0, 1\)"),
         (
             {"layers": {"a": LayerPlan(rank_ratio=0.0)}},
@@ -126,7 +126,7 @@ def test_warm_start_params_only_set_searched_dimensions():
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({"bits": {"choices": [3, 8]}}, r"bits: 3 is not an allowed bit width"),
+        ({"bits": {"choices": [7, 8]}}, r"bits: 7 is not an allowed bit width"),
         ({"sparsity": {"low": 0.0, "high": 1.0}}, r"sparsity: 1.0 is outside \[0, 1\)"),
         ({"rank_ratio": {"low": 0.0, "high": 1.0}}, r"rank_ratio: 0.0 is outside \(0, 1\]"),
         ({"bitz": {"choices": [8]}}, r"bitz: unknown key \(did you mean 'bits'\?\)"),

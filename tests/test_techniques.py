@@ -60,6 +60,32 @@ def test_fake_quant_straight_through_gradient():
     assert torch.equal(w.grad, g)
 
 
+@pytest.mark.parametrize(("bits", "min_snr_db"), [(16, 60), (8, 35), (6, 25), (4, 13), (3, 7)])
+def test_fake_quant_output_snr_per_bit_width(bits, min_snr_db):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    x = torch.randn(256, 64)
+    ref = layer(x)
+    add_fake_quant(layer, bits)
+    with torch.no_grad():
+        err = layer(x) - ref
+        snr_db = float(10 * torch.log10(ref.pow(2).mean() / err.pow(2).mean()))
+    assert snr_db > min_snr_db
+    # one more bit buys about 6 dB
+    if bits in (3, 4, 6):
+        finer = nn.Linear(64, 32)
+        finer.load_state_dict(
+            {
+                k.replace("parametrizations.weight.original", "weight"): v
+                for k, v in layer.state_dict().items()
+            }
+        )
+        add_fake_quant(finer, bits + 1)
+        with torch.no_grad():
+            snr_finer = float(10 * torch.log10(ref.pow(2).mean() / (finer(x) - ref).pow(2).mean()))
+        assert 4 < snr_finer - snr_db < 8
+
+
 def test_int8_fake_quant_keeps_output_snr():
     torch.manual_seed(0)
     layer = nn.Linear(64, 32)
