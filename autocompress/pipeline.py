@@ -20,6 +20,7 @@ from .inventory import compressible_layers
 from .plan import FLOAT_BITS, Plan
 from .tasks import Task
 from .techniques import (
+    FeatureHints,
     add_fake_quant,
     apply_masks,
     fold_batchnorm,
@@ -198,8 +199,15 @@ def compress(
     every = max(1, total // 50)
     s = plan.schedule
     losses: list[float] = []
+    hints = FeatureHints(teacher, student, list(plan.hints)) if plan.hints and plan.hint_weight > 0 else None
+    if hints is not None and total:  # build the adapters on one batch so the optimizer sees them
+        with torch.no_grad():
+            teacher(x[:2])
+            student(x[:2])
+            hints.loss()
     if total:
-        opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=plan.lr)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(trainable + (list(hints.parameters()) if hints else []), lr=plan.lr)
         gen = torch.Generator().manual_seed(plan.seed)
         step = 0
         for epoch in range(plan.epochs):
@@ -211,6 +219,8 @@ def compress(
                 with torch.no_grad():
                     t_logits = teacher(x[idx])
                 loss = kd_loss(student(x[idx]), t_logits, y[idx], plan.kd_temperature, plan.kd_alpha)
+                if hints is not None:
+                    loss = loss + plan.hint_weight * hints.loss()
                 if not torch.isfinite(loss):
                     raise TrialFailed(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
                 opt.zero_grad()
@@ -221,6 +231,8 @@ def compress(
             losses.append(running / steps_per_epoch)
             if on_epoch:
                 on_epoch(epoch, losses[-1])
+    if hints is not None:
+        hints.close()
     update_masks(1.0)
     for m in modules.values():
         if parametrize.is_parametrized(m, "weight"):

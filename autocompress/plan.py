@@ -88,6 +88,7 @@ class Plan:
         lr: fine-tuning learning rate.
         seed: seed of the fine-tuning run.
         importance: channel importance for structured pruning (``l1``, ``l2``, ``taylor``).
+        hints: module names whose outputs are distilled (feature KD), with weight ``hint_weight``.
     """
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
@@ -98,6 +99,8 @@ class Plan:
     lr: float = 1e-3
     seed: int = 0
     importance: str = "l1"
+    hints: tuple[str, ...] = ()
+    hint_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name, lp in self.layers.items():
@@ -111,6 +114,8 @@ class Plan:
             raise ConfigError(
                 f"importance {self.importance!r} is not one of {list(IMPORTANCES)}", field="importance"
             )
+        if self.hint_weight < 0:
+            raise ConfigError(f"hint_weight {self.hint_weight} must be >= 0", field="hint_weight")
         if self.epochs < 0:
             raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
 
@@ -130,7 +135,7 @@ class Plan:
         d = dict(d)
         layers = {k: LayerPlan(**v) for k, v in d.pop("layers", {}).items()}
         schedule = Schedule(**d.pop("schedule", {}))
-        return cls(layers=layers, schedule=schedule, **d)
+        return cls(layers=layers, schedule=schedule, hints=tuple(d.pop("hints", ())), **d)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

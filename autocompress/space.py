@@ -115,6 +115,8 @@ class KDSpace(BaseModel):
 
     temperature: Param = Param(fixed=4.0)
     alpha: Param = Param(fixed=0.5)
+    hints: list[str] = []  # module names for feature KD (outputs matched through an adapter)
+    hint_weight: Param = Param(fixed=0.0)
 
 
 class SpaceModel(BaseModel):
@@ -322,6 +324,8 @@ class SearchSpace:
             lr=lr,
             seed=seed,
             importance=str(self.model.importance.suggest(trial, "prune.importance")),
+            hints=tuple(self.model.kd.hints),
+            hint_weight=float(self.model.kd.hint_weight.suggest(trial, "kd.hint_weight")),
         )
 
     def params_for(

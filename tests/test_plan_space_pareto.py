@@ -48,7 +48,10 @@ def test_plan_json_round_trip(plan):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"layers": {"a": LayerPlan(bits=7)}}, r"layers.a.bits: bits 7 is not one of \[2, 3, 4, 5, 6, 8, 16, 32\]"),
+        (
+            {"layers": {"a": LayerPlan(bits=7)}},
+            r"layers.a.bits: bits 7 is not one of \[2, 3, 4, 5, 6, 8, 16, 32\]",
+        ),
         ({"layers": {"a": LayerPlan(sparsity=1.0)}}, r"layers.a.sparsity: sparsity 1.0 is outside \[0, 1\)"),
         (
             {"layers": {"a": LayerPlan(rank_ratio=0.0)}},

@@ -279,3 +279,49 @@ def test_factorization_is_skipped_with_the_reason():
     assert new is not None and why == "tucker ranks (8, 8) of (32, 32)"
     with pytest.raises(TechniqueError, match="unknown rank mode 'cp'"):
         plan_factorization(nn.Linear(4, 4), "cp", 0.5)
+
+
+def test_feature_hints_adapt_pruned_widths_and_train():
+    from autocompress.techniques import FeatureHints, prune_channels
+    from autocompress.testing import PlainCNN
+
+    torch.manual_seed(0)
+    teacher = PlainCNN(16).eval()
+    student = PlainCNN(16)
+    student.load_state_dict(teacher.state_dict())
+    x = PlainCNN.example_inputs(8)
+    prune_channels(student, x, {"features.0": 0.5})  # 16 -> 8 channels: widths now differ
+    hints = FeatureHints(teacher, student, ["features.0"])
+    teacher(*x)
+    student(*x)
+    first = hints.loss()
+    adapter = hints.adapters["features__0"]
+    assert isinstance(adapter, nn.Conv2d) and (adapter.in_channels, adapter.out_channels) == (8, 16)
+    opt = torch.optim.Adam(list(student.parameters()) + list(hints.parameters()), lr=1e-2)
+    for _ in range(30):
+        teacher(*x)
+        student(*x)
+        loss = hints.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * float(first)
+    hints.close()
+    with pytest.raises(TechniqueError, match="hint layers not found in the model: nope"):
+        FeatureHints(teacher, student, ["nope"])
+
+
+def test_compress_with_feature_kd(digits_task, digits_teacher):
+    from autocompress.pipeline import compress
+    from autocompress.plan import LayerPlan, Plan
+
+    plan = Plan(
+        layers={"features.6": LayerPlan(sparsity=0.5, sparsity_kind="structured")},
+        hints=("features.6", "features.10"),
+        hint_weight=1.0,
+        epochs=1,
+    )
+    out = compress(digits_task, digits_teacher, plan)
+    assert out.model.features[6].out_channels == 8
+    assert len(out.losses) == 1 and out.losses[0] == out.losses[0]  # finite
+    assert not out.model.features[6]._forward_hooks  # hooks removed after fine-tuning

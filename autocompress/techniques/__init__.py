@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .distill import kd_loss
+from .distill import FeatureHints, kd_loss
 from .fold import fold_batchnorm
 from .lowrank import (
     RANK_MODES,
@@ -22,6 +22,7 @@ from .schedules import SCHEDULES, sparsity_at
 from .structured import output_layers, prune_channels
 
 __all__ = [
+    "FeatureHints",
     "RANK_MODES",
     "factorize_spatial",
     "factorize_tucker",
