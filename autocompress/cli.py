@@ -61,6 +61,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import pandas as pd
+
+    from .config import load_config
+    from .search import open_run
+    from .sensitivity import analyze, heatmap, ranking, table
+
+    cfg = load_config(
+        args.study, _overrides(args.set or []) | ({"output": args.output} if args.output else {})
+    )
+    with open_run(cfg) as (ctx, _study):
+        df = analyze(ctx, use_cache=not args.no_cache)
+    df.to_csv(ctx.run_dir / "sensitivity.csv", index=False)
+    png = heatmap(df, ctx.run_dir / "sensitivity.png")
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print("accuracy drop of the artifact, one layer at a time, no fine-tuning:")
+        print(table(df).to_string(float_format=lambda v: f"{v:.4f}"))
+        rank = ranking(df)
+        print(
+            f"most sensitive: {rank.index[0]} (mean drop {rank.iloc[0]:.4f}); "
+            f"least sensitive: {rank.index[-1]} (mean drop {rank.iloc[-1]:.4f})"
+        )
+    print(f"wrote {ctx.run_dir / 'sensitivity.csv'}, {png}")
+    return 0
+
+
 def cmd_report(args) -> int:
     import pandas as pd
 
@@ -136,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set seed=3")
     r.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser(
+        "inspect", help="per-layer sensitivity of accuracy to each bit width, sparsity and rank"
+    )
+    i.add_argument("study", help="study file (YAML)")
+    i.add_argument("--output", help="run folder (overrides output)")
+    i.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
+    i.add_argument("--no-cache", action="store_true", help="recompute even if sensitivity.json matches")
+    i.set_defaults(func=cmd_inspect)
 
     for name, helptext in (
         ("report", "re-render tables, plots and the Pareto export from the storage"),

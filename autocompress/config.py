@@ -57,6 +57,7 @@ class WarmStart(_Strict):
 
     bits: int | None = None
     sparsity: float = Field(0.0, ge=0, lt=1)
+    sparsity_kind: str | None = None
     rank_ratio: float = Field(1.0, gt=0, le=1)
 
 
@@ -64,6 +65,9 @@ class TrialsConfig(_Strict):
     n: int = Field(24, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0)
     warm_start: list[WarmStart] = [WarmStart(bits=8)]
+    # also enqueue the plan built from the sensitivity analysis (autocompress inspect): per layer the
+    # harshest bits / sparsity / rank whose accuracy drop alone stays within this value
+    sensitivity_start: float | None = Field(None, ge=0, le=1)
     max_failures: int = Field(20, ge=0)
     trial_timeout_s: float | None = Field(None, gt=0)  # one trial's wall-time limit (failed past it)
     keep: Literal["all", "pareto"] = "all"  # "pareto": delete artifacts of dominated trials

@@ -135,6 +135,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             reduce_range=backend.reduce_range,
             threads=cfg.finetune.threads,
             batch_size=cfg.finetune.batch_size,
+            round_to=getattr(backend, "preferred_channel_multiple", None),
         )
         t1 = time.perf_counter()
         arm_export_hooks(result.model)

@@ -21,13 +21,14 @@ from .inventory import compressible_layers
 from .plan import FLOAT_BITS, Plan
 from .tasks import Task
 from .techniques import (
+    FeatureHints,
     add_fake_quant,
     apply_masks,
-    factorize,
-    factorized_macs,
     fold_batchnorm,
     kd_loss,
-    rank_for,
+    plan_factorization,
+    prune_channels,
+    set_nm,
     set_sparsity,
     sparsity_at,
 )
@@ -91,20 +92,46 @@ def _factorize_layers(model: nn.Module, plan: Plan, notes: dict[str, str]) -> di
     origin: dict[str, str] = {}
     for name, layer in compressible_layers(model):
         lp = plan.layer(name)
-        if lp.rank_ratio >= 1.0:
+        new, why = plan_factorization(layer, lp.rank_mode, lp.rank_ratio)
+        if new is None:
+            if lp.rank_ratio < 1.0:
+                notes[name] = why
             origin[name] = name
             continue
-        full = min(layer.weight.shape[0], layer.weight[0].numel())
-        rank = rank_for(lp.rank_ratio, full)
-        before, after = factorized_macs(layer, rank)
-        if after >= before:
-            notes[name] = f"rank {rank}/{full} not applied: factorized MACs {after} >= original {before}"
-            origin[name] = name
-            continue
-        set_module(model, name, factorize(layer, rank))
-        origin[f"{name}.0"] = name
-        origin[f"{name}.1"] = name
+        set_module(model, name, new)
+        for i in range(len(new)):
+            origin[f"{name}.{i}"] = name
+        notes[name] = why
     return origin
+
+
+def _structured(
+    student: nn.Module, task: Task, plan: Plan, round_to: int | None, notes: dict[str, str]
+) -> None:
+    """Remove output channels of the layers whose plan says ``structured`` (one shot, before fine-tuning)."""
+    ratios = {
+        name: plan.layer(name).sparsity
+        for name, _ in compressible_layers(student)
+        if plan.layer(name).sparsity_kind == "structured" and plan.layer(name).sparsity > 0
+    }
+    if not ratios:
+        return
+    x, y = task.train
+    changes = prune_channels(
+        student,
+        task.example_inputs(2),
+        ratios,
+        importance=plan.importance,
+        round_to=round_to,
+        data=(x[:256], y[:256]),
+    )
+    for name in ratios:
+        if name in changes:
+            notes[name] = f"structured: output channels {changes[name][0]} -> {changes[name][1]}"
+        else:
+            notes[name] = "structured: not pruned (the layer produces the model output)"
+    for name, (before, after) in changes.items():  # coupled layers pruned with their group
+        notes.setdefault(name, f"structured (coupled): output channels {before} -> {after}")
 
 
 def compress(
@@ -115,9 +142,17 @@ def compress(
     reduce_range: bool = False,
     threads: int | None = None,
     batch_size: int = 64,
+    round_to: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> Compressed:
     """Build the compressed model that ``plan`` describes, starting from ``teacher``.
+
+    Order: fold BN > structured pruning (smaller layers) > low-rank factorization > masks
+    (unstructured, 2:4) and fake quantization > fine-tuning with KD while the sparsity schedule
+    advances > finalize.
+
+    Args:
+        round_to: channel multiple the backend prefers; structured pruning keeps counts a multiple of it.
 
     Raises:
         NonFiniteLoss: the fine-tuning loss became NaN or infinite.
@@ -129,15 +164,36 @@ def compress(
     teacher = teacher.eval()
     student, _ = fold_batchnorm(copy.deepcopy(teacher))
     notes: dict[str, str] = {}
+    _structured(student, task, plan, round_to, notes)
     origin = _factorize_layers(student, plan, notes)
     modules = {name: get_module(student, name) for name in origin}
     bits = {name: plan.layer(layer).bits for name, layer in origin.items()}
-    final_sparsity = {name: plan.layer(layer).sparsity for name, layer in origin.items()}
-    pruned = {n: m for n, m in modules.items() if final_sparsity[n] > 0}
+    kinds = {name: plan.layer(layer).sparsity_kind for name, layer in origin.items()}
+    final_sparsity = {
+        name: (plan.layer(layer).sparsity if kinds[name] == "unstructured" else 0.0)
+        for name, layer in origin.items()
+    }
+    nm = set()
+    for name, layer in origin.items():
+        if kinds[name] == "2:4":
+            c_in = modules[name].weight.shape[1]
+            if c_in % 4 == 0:
+                nm.add(name)
+            else:
+                notes[layer] = f"2:4 not applied to {name}: {c_in} input channels are not a multiple of 4"
+    pruned = {n: m for n, m in modules.items() if final_sparsity[n] > 0 or n in nm}
     apply_masks(pruned)
     for name, m in modules.items():
         if bits[name] < FLOAT_BITS:
             add_fake_quant(m, bits[name], reduce_range=reduce_range and bits[name] == 8)
+
+    def update_masks(progress: float) -> None:
+        for n, m in pruned.items():
+            if n in nm:
+                if progress >= s.start:
+                    set_nm(m)
+            else:
+                set_sparsity(m, sparsity_at(s.kind, final_sparsity[n], s.start, s.end, progress, s.steps))
 
     x, y = task.train
     steps_per_epoch = math.ceil(len(x) / batch_size)
@@ -145,8 +201,15 @@ def compress(
     every = max(1, total // 50)
     s = plan.schedule
     losses: list[float] = []
+    hints = FeatureHints(teacher, student, list(plan.hints)) if plan.hints and plan.hint_weight > 0 else None
+    if hints is not None and total:  # build the adapters on one batch so the optimizer sees them
+        with torch.no_grad():
+            teacher(x[:2])
+            student(x[:2])
+            hints.loss()
     if total:
-        opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=plan.lr)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(trainable + (list(hints.parameters()) if hints else []), lr=plan.lr)
         gen = torch.Generator().manual_seed(plan.seed)
         step = 0
         for epoch in range(plan.epochs):
@@ -154,11 +217,12 @@ def compress(
             running = 0.0
             for idx in _batches(len(x), batch_size, gen):
                 if step % every == 0:
-                    for n, m in pruned.items():
-                        set_sparsity(m, sparsity_at(s.kind, final_sparsity[n], s.start, s.end, step / total))
+                    update_masks(step / total)
                 with torch.no_grad():
                     t_logits = teacher(x[idx])
                 loss = kd_loss(student(x[idx]), t_logits, y[idx], plan.kd_temperature, plan.kd_alpha)
+                if hints is not None:
+                    loss = loss + plan.hint_weight * hints.loss()
                 loss = on_step(step, loss)  # deadline check (trials.trial_timeout_s) + test fault hooks
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
@@ -170,10 +234,12 @@ def compress(
             losses.append(running / steps_per_epoch)
             if on_epoch:
                 on_epoch(epoch, losses[-1])
-    for n, m in pruned.items():
-        set_sparsity(m, final_sparsity[n])
+    if hints is not None:
+        hints.close()
+    update_masks(1.0)
     for m in modules.values():
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     student.eval()
-    return Compressed(student, bits, final_sparsity, notes, losses)
+    sparsity = {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in modules.items()}
+    return Compressed(student, bits, sparsity, notes, losses)

@@ -8,19 +8,31 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
+from .techniques.lowrank import RANK_MODES
+from .techniques.schedules import SCHEDULES
 
 FLOAT_BITS = 32
-SUPPORTED_BITS = (4, 8, FLOAT_BITS)
-SCHEDULES = ("one_shot", "linear", "cubic")
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8, 16, FLOAT_BITS)  # 16 = float16; 32 = float
+SPARSITY_KINDS = ("unstructured", "structured", "2:4")
+IMPORTANCES = ("l1", "l2", "taylor")
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Per-layer decisions. ``bits=32`` is float, ``rank_ratio=1`` is not factorized."""
+    """Per-layer decisions. ``bits=32`` is float, ``rank_ratio=1`` is not factorized.
+
+    ``sparsity_kind``: ``unstructured`` (masks: the fraction ``sparsity`` of weights is zero),
+    ``structured`` (the fraction ``sparsity`` of output channels is removed: the layer gets smaller)
+    or ``2:4`` (two of every four consecutive input weights are zero; ``sparsity`` is ignored).
+    ``rank_mode``: how ``rank_ratio`` factorizes the layer (see ``techniques.lowrank``): ``ratio``,
+    ``energy``, ``spatial`` or ``tucker``.
+    """
 
     bits: int = FLOAT_BITS
     sparsity: float = 0.0
     rank_ratio: float = 1.0
+    sparsity_kind: str = "unstructured"
+    rank_mode: str = "ratio"
 
     def validate(self, where: str) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -29,6 +41,15 @@ class LayerPlan:
             raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1)", field=f"{where}.sparsity")
         if not (0.0 < self.rank_ratio <= 1.0):
             raise ConfigError(f"rank_ratio {self.rank_ratio} is outside (0, 1]", field=f"{where}.rank_ratio")
+        if self.rank_mode not in RANK_MODES:
+            raise ConfigError(
+                f"rank_mode {self.rank_mode!r} is not one of {list(RANK_MODES)}", field=f"{where}.rank_mode"
+            )
+        if self.sparsity_kind not in SPARSITY_KINDS:
+            raise ConfigError(
+                f"sparsity_kind {self.sparsity_kind!r} is not one of {list(SPARSITY_KINDS)}",
+                field=f"{where}.sparsity_kind",
+            )
 
 
 @dataclass(frozen=True)
@@ -41,10 +62,13 @@ class Schedule:
     kind: str = "one_shot"
     start: float = 0.0
     end: float = 1.0
+    steps: int = 0  # number of equal sparsity updates between start and end; 0 = every step
 
     def validate(self, where: str = "schedule") -> None:
         if self.kind not in SCHEDULES:
             raise ConfigError(f"kind {self.kind!r} is not one of {list(SCHEDULES)}", field=f"{where}.kind")
+        if self.steps < 0:
+            raise ConfigError(f"steps {self.steps} must be >= 0", field=f"{where}.steps")
         if not (0.0 <= self.start <= self.end <= 1.0):
             raise ConfigError(
                 f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}", field=where
@@ -63,6 +87,8 @@ class Plan:
         epochs: fine-tuning epochs (0 = post-training compression only).
         lr: fine-tuning learning rate.
         seed: seed of the fine-tuning run.
+        importance: channel importance for structured pruning (``l1``, ``l2``, ``taylor``).
+        hints: module names whose outputs are distilled (feature KD), with weight ``hint_weight``.
     """
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
@@ -72,6 +98,9 @@ class Plan:
     epochs: int = 3
     lr: float = 1e-3
     seed: int = 0
+    importance: str = "l1"
+    hints: tuple[str, ...] = ()
+    hint_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name, lp in self.layers.items():
@@ -81,6 +110,12 @@ class Plan:
             raise ConfigError(f"kd_temperature {self.kd_temperature} must be >= 1", field="kd_temperature")
         if not (0.0 <= self.kd_alpha <= 1.0):
             raise ConfigError(f"kd_alpha {self.kd_alpha} is outside [0, 1]", field="kd_alpha")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(
+                f"importance {self.importance!r} is not one of {list(IMPORTANCES)}", field="importance"
+            )
+        if self.hint_weight < 0:
+            raise ConfigError(f"hint_weight {self.hint_weight} must be >= 0", field="hint_weight")
         if self.epochs < 0:
             raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
 
@@ -100,7 +135,7 @@ class Plan:
         d = dict(d)
         layers = {k: LayerPlan(**v) for k, v in d.pop("layers", {}).items()}
         schedule = Schedule(**d.pop("schedule", {}))
-        return cls(layers=layers, schedule=schedule, **d)
+        return cls(layers=layers, schedule=schedule, hints=tuple(d.pop("hints", ())), **d)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -110,6 +145,9 @@ class Plan:
         """Hash of the whole plan (same plan = same compressed model, given the same teacher)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
-    def structure(self) -> dict[str, tuple[int, float]]:
-        """Per-layer (bits, rank_ratio): what determines the artifact's graph and dtypes."""
-        return {k: (v.bits, v.rank_ratio) for k, v in sorted(self.layers.items())}
+    def structure(self) -> dict[str, tuple]:
+        """Per-layer (bits, rank_ratio, structured ratio): what determines the artifact's graph and dtypes."""
+        return {
+            k: (v.bits, v.rank_ratio, v.sparsity if v.sparsity_kind == "structured" else 0.0)
+            for k, v in sorted(self.layers.items())
+        }

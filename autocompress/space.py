@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import yaml
@@ -19,7 +19,26 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConfigError
 from .inventory import LayerInfo
-from .plan import SCHEDULES, SUPPORTED_BITS, LayerPlan, Plan, Schedule
+from .plan import (
+    IMPORTANCES,
+    RANK_MODES,
+    SCHEDULES,
+    SPARSITY_KINDS,
+    SUPPORTED_BITS,
+    LayerPlan,
+    Plan,
+    Schedule,
+)
+
+PER_LAYER = ("bits", "sparsity", "sparsity_kind", "rank_ratio", "rank_mode")
+# Optuna parameter name prefix of each per-layer dimension (stable: resumed studies depend on them)
+SHORT = {
+    "bits": "bits",
+    "sparsity": "sparsity",
+    "sparsity_kind": "sparsity_kind",
+    "rank_ratio": "rank",
+    "rank_mode": "rank_mode",
+}
 
 
 class Param(BaseModel):
@@ -77,7 +96,9 @@ class LayerSpace(BaseModel):
 
     bits: Param | None = None
     sparsity: Param | None = None
+    sparsity_kind: Param | None = None
     rank_ratio: Param | None = None
+    rank_mode: Param | None = None
 
 
 class ScheduleSpace(BaseModel):
@@ -86,6 +107,7 @@ class ScheduleSpace(BaseModel):
     kind: Param = Param(fixed="one_shot")
     start: Param = Param(fixed=0.0)
     end: Param = Param(fixed=1.0)
+    steps: Param = Param(fixed=0)
 
 
 class KDSpace(BaseModel):
@@ -93,6 +115,8 @@ class KDSpace(BaseModel):
 
     temperature: Param = Param(fixed=4.0)
     alpha: Param = Param(fixed=0.5)
+    hints: list[str] = []  # module names for feature KD (outputs matched through an adapter)
+    hint_weight: Param = Param(fixed=0.0)
 
 
 class SpaceModel(BaseModel):
@@ -102,10 +126,16 @@ class SpaceModel(BaseModel):
 
     bits: Param = Param(fixed=32)
     sparsity: Param = Param(fixed=0.0)
+    sparsity_kind: Param = Param(fixed="unstructured")
     rank_ratio: Param = Param(fixed=1.0)
+    rank_mode: Param = Param(fixed="ratio")
+    importance: Param = Param(fixed="l1")
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
     layers: dict[str, LayerSpace] = {}
+    # "layer": one parameter per layer; "global": one per dimension for the whole model;
+    # {group name: regex}: layers matching a group (first match wins) share that group's parameters
+    groups: Literal["layer", "global"] | dict[str, str] = "layer"
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -164,7 +194,7 @@ class SearchSpace:
 
     def _check_values(self) -> None:
         m = self.model
-        checks = [("bits", m.bits), ("sparsity", m.sparsity), ("rank_ratio", m.rank_ratio)]
+        checks = [(k, getattr(m, k)) for k in PER_LAYER]
         for pattern, ls in m.layers.items():
             try:
                 re.compile(pattern)
@@ -173,9 +203,7 @@ class SearchSpace:
                     f"invalid regex: {exc}", source=self.source, field=f"layers.{pattern}"
                 ) from None
             checks += [
-                (f"layers.{pattern}.{k}", getattr(ls, k))
-                for k in ("bits", "sparsity", "rank_ratio")
-                if getattr(ls, k) is not None
+                (f"layers.{pattern}.{k}", getattr(ls, k)) for k in PER_LAYER if getattr(ls, k) is not None
             ]
         for field, param in checks:
             kind = field.rsplit(".", 1)[-1]
@@ -190,6 +218,27 @@ class SearchSpace:
                     raise ConfigError(f"{v} is outside [0, 1)", source=self.source, field=field)
                 if kind == "rank_ratio" and not (isinstance(v, int | float) and 0 < v <= 1):
                     raise ConfigError(f"{v} is outside (0, 1]", source=self.source, field=field)
+                if kind == "rank_mode" and v not in RANK_MODES:
+                    raise ConfigError(
+                        f"{v!r} is not one of {list(RANK_MODES)}", source=self.source, field=field
+                    )
+                if kind == "sparsity_kind" and v not in SPARSITY_KINDS:
+                    raise ConfigError(
+                        f"{v!r} is not one of {list(SPARSITY_KINDS)}", source=self.source, field=field
+                    )
+        if isinstance(m.groups, dict):
+            for group, pattern in m.groups.items():
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"invalid regex: {exc}", source=self.source, field=f"groups.{group}"
+                    ) from None
+        for v in m.importance.values():
+            if v not in IMPORTANCES:
+                raise ConfigError(
+                    f"{v!r} is not one of {list(IMPORTANCES)}", source=self.source, field="importance"
+                )
         for v in m.schedule.kind.values():
             if v not in SCHEDULES:
                 raise ConfigError(
@@ -214,36 +263,58 @@ class SearchSpace:
         return {int(b) for b in bits}
 
     def _layer_params(self, name: str) -> dict[str, Param]:
-        params = {
-            "bits": self.model.bits,
-            "sparsity": self.model.sparsity,
-            "rank_ratio": self.model.rank_ratio,
-        }
+        params = {k: getattr(self.model, k) for k in PER_LAYER}
         for pattern, ls in self.model.layers.items():  # later patterns win
             if re.fullmatch(pattern, name):
                 params.update({k: getattr(ls, k) for k in params if getattr(ls, k) is not None})
         return params
 
+    def group_of(self, layer: str) -> str:
+        """The key that names a layer's parameters: the layer, its group, or ``all``."""
+        groups = self.model.groups
+        if groups == "global":
+            return "all"
+        if isinstance(groups, dict):
+            for group, pattern in groups.items():
+                if re.fullmatch(pattern, layer):
+                    return group
+        return layer
+
     def suggest(
         self, trial: optuna.Trial, inventory: list[LayerInfo], *, epochs: int, lr: float, seed: int
     ) -> Plan:
-        """Ask ``trial`` for every dimension and return the Plan."""
+        """Ask ``trial`` for every dimension and return the Plan (grouped layers share values)."""
         layers = {}
-        short = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}
+        domains: dict[str, tuple[str, Param]] = {}
         for info in inventory:
             params = self._layer_params(info.name)
-            values: dict[str, Any] = {
-                k: p.suggest(trial, f"{short[k]}.{info.name}") for k, p in params.items()
-            }
+            values: dict[str, Any] = {}
+            for k, p in params.items():
+                name = f"{SHORT[k]}.{self.group_of(info.name)}"
+                first = domains.setdefault(name, (info.name, p))
+                if first[1] != p:
+                    raise ConfigError(
+                        f"layers {first[0]!r} and {info.name!r} share {name!r} but have different domains",
+                        source=self.source,
+                        field="groups",
+                    )
+                values[k] = p.suggest(trial, name)
             layers[info.name] = LayerPlan(
                 bits=int(values["bits"]),
                 sparsity=float(values["sparsity"]),
                 rank_ratio=float(values["rank_ratio"]),
+                sparsity_kind=str(values["sparsity_kind"]),
+                rank_mode=str(values["rank_mode"]),
             )
         s = self.model.schedule
         start = float(s.start.suggest(trial, "schedule.start"))
         end = max(start, float(s.end.suggest(trial, "schedule.end")))
-        schedule = Schedule(kind=str(s.kind.suggest(trial, "schedule.kind")), start=start, end=end)
+        schedule = Schedule(
+            kind=str(s.kind.suggest(trial, "schedule.kind")),
+            start=start,
+            end=end,
+            steps=int(s.steps.suggest(trial, "schedule.steps")),
+        )
         return Plan(
             layers=layers,
             schedule=schedule,
@@ -252,6 +323,9 @@ class SearchSpace:
             epochs=epochs,
             lr=lr,
             seed=seed,
+            importance=str(self.model.importance.suggest(trial, "prune.importance")),
+            hints=tuple(self.model.kd.hints),
+            hint_weight=float(self.model.kd.hint_weight.suggest(trial, "kd.hint_weight")),
         )
 
     def params_for(
@@ -260,20 +334,40 @@ class SearchSpace:
         bits: int | None = None,
         sparsity: float = 0.0,
         rank_ratio: float = 1.0,
+        sparsity_kind: str | None = None,
     ) -> dict[str, Any]:
         """Optuna parameter values of a uniform plan, for ``study.enqueue_trial`` (warm starts).
 
         Only dimensions that are searched (not fixed) and that admit the value are included.
         """
+        wanted = {
+            "bits": bits,
+            "sparsity": sparsity,
+            "rank_ratio": rank_ratio,
+            "sparsity_kind": sparsity_kind,
+        }
+        return self.params_from_layers(inventory, {info.name: wanted for info in inventory})
+
+    def params_from_layers(
+        self, inventory: list[LayerInfo], values: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Optuna parameter values for per-layer ``values`` ({layer: {dimension: value}}).
+
+        Values outside a searched range are clipped into it and snapped to its step; values not among
+        a dimension's choices, and fixed dimensions, are left out (the sampler decides them).
+        """
         out: dict[str, Any] = {}
-        short = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}
-        wanted = {"bits": bits, "sparsity": sparsity, "rank_ratio": rank_ratio}
         for info in inventory:
             for k, p in self._layer_params(info.name).items():
-                v = wanted[k]
+                v = values.get(info.name, {}).get(k)
                 if v is None or p.fixed is not None:
                     continue
-                ok = v in p.choices if p.choices is not None else p.low <= v <= p.high
-                if ok:
-                    out[f"{short[k]}.{info.name}"] = v
+                if p.choices is not None:
+                    if v not in p.choices:
+                        continue
+                else:
+                    v = min(max(float(v), p.low), p.high)
+                    if p.step:
+                        v = p.low + round((v - p.low) / p.step) * p.step
+                out.setdefault(f"{SHORT[k]}.{self.group_of(info.name)}", v)
         return out

@@ -89,7 +89,7 @@ CASES = [
         _with(space__file="nowhere.yaml"),
         r"study.yaml: space.file: search space file 'nowhere.yaml' does not exist",
     ),
-    (_with(space__overrides={"bits": {"choices": [3, 8]}}), r"bits: 3 is not an allowed bit width"),
+    (_with(space__overrides={"bits": {"choices": [7, 8]}}), r"bits: 7 is not an allowed bit width"),
     (_with(space__overrides={"sparsity": {"low": 0.2, "high": 1.5}}), r"sparsity: 1.5 is outside \[0, 1\)"),
     (_with(name="has space"), r"study.yaml: name: String should match pattern"),
     (_with(storage="not a url"), r"study.yaml: storage: 'not a url' is not a database URL"),
@@ -144,10 +144,17 @@ IN_PROCESS_CASES = [
     ),
     (_with(storage="sqlite://"), r"study.yaml: storage: an in-memory SQLite storage would lose the study"),
     # budgets no plan can meet, said before anything runs
-    (
-        _with(budgets__max_size_bytes=64),
-        r"study.yaml: budgets.max_size_bytes: 64 bytes cannot be met: every artifact of this search space "
-        r"holds at least \d+ bytes",
+    (  # a float-only, unpruned, full-rank space cannot fit 1000 bytes (the weights alone are 8848)
+        _with(
+            budgets__max_size_bytes=1000,
+            space__overrides={
+                "bits": {"fixed": 32},
+                "sparsity": {"fixed": 0.0},
+                "rank_ratio": {"fixed": 1.0},
+            },
+        ),
+        r"study.yaml: budgets.max_size_bytes: 1000 bytes cannot be met: every artifact of this search space "
+        r"holds at least 8848 bytes",
     ),
     (
         _with(budgets__max_latency_ms=1e-6),

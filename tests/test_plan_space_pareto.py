@@ -48,7 +48,10 @@ def test_plan_json_round_trip(plan):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"layers": {"a": LayerPlan(bits=3)}}, r"layers.a.bits: bits 3 is not one of \[4, 8, 32\]"),
+        (
+            {"layers": {"a": LayerPlan(bits=7)}},
+            r"layers.a.bits: bits 7 is not one of \[2, 3, 4, 5, 6, 8, 16, 32\]",
+        ),
         ({"layers": {"a": LayerPlan(sparsity=1.0)}}, r"layers.a.sparsity: sparsity 1.0 is outside \[0, 1\)"),
         (
             {"layers": {"a": LayerPlan(rank_ratio=0.0)}},
@@ -73,9 +76,11 @@ def test_default_space_parameter_names_are_stable():
         "bits.features.0",
         "sparsity.features.0",
         "rank.features.0",
+        "sparsity_kind.features.0",
         "bits.classifier",
         "sparsity.classifier",
         "rank.classifier",
+        "sparsity_kind.classifier",
         "schedule.kind",
         "schedule.start",
         "schedule.end",
@@ -96,13 +101,15 @@ def test_fixed_trial_gives_the_same_plan_and_overrides_apply():
         "rank.features.0": 0.5,
         "bits.classifier": 4,
         "sparsity.classifier": 0.0,
+        "sparsity_kind.features.0": "structured",
+        "sparsity_kind.classifier": "unstructured",
         "schedule.kind": "cubic",
         "schedule.start": 0.1,
         "schedule.end": 0.9,
         "kd.temperature": 3.0,
     }
     plan = space.suggest(optuna.trial.FixedTrial(params), INV, epochs=1, lr=1e-3, seed=0)
-    assert plan.layer("features.0") == LayerPlan(8, 0.5, 0.5)
+    assert plan.layer("features.0") == LayerPlan(8, 0.5, 0.5, "structured")
     assert plan.layer("classifier") == LayerPlan(4, 0.0, 1.0)  # rank fixed by the override
     assert plan.kd_alpha == 0.25 and plan.schedule == Schedule("cubic", 0.1, 0.9)
 
@@ -122,7 +129,7 @@ def test_warm_start_params_only_set_searched_dimensions():
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({"bits": {"choices": [3, 8]}}, r"bits: 3 is not an allowed bit width"),
+        ({"bits": {"choices": [7, 8]}}, r"bits: 7 is not an allowed bit width"),
         ({"sparsity": {"low": 0.0, "high": 1.0}}, r"sparsity: 1.0 is outside \[0, 1\)"),
         ({"rank_ratio": {"low": 0.0, "high": 1.0}}, r"rank_ratio: 0.0 is outside \(0, 1\]"),
         ({"bitz": {"choices": [8]}}, r"bitz: unknown key \(did you mean 'bits'\?\)"),
@@ -196,3 +203,26 @@ def test_constraint_values_only_for_set_budgets():
     assert constraint_values(
         m, {"max_accuracy_drop": 0.01, "max_latency_ms": None, "max_size_bytes": 2000}
     ) == {"accuracy_drop": pytest.approx(0.01), "size_bytes": -1000.0}
+
+
+def test_layer_groups_share_parameters():
+    inv = [*INV, LayerInfo("features.3", "Conv2d", 8, 16, (3, 3), 1, 1152, 1, 8)]
+    grouped = SearchSpace.from_file(ROOT_SPACE, {"groups": {"convs": r"features\..*"}})
+    trial = optuna.create_study().ask()
+    plan = grouped.suggest(trial, inv, epochs=1, lr=1e-3, seed=0)
+    assert {k for k in trial.params if k.startswith("bits.")} == {"bits.convs", "bits.classifier"}
+    assert plan.layer("features.0") == plan.layer("features.3")
+    everything = SearchSpace.from_file(ROOT_SPACE, {"groups": "global"})
+    trial = optuna.create_study().ask()
+    plan = everything.suggest(trial, inv, epochs=1, lr=1e-3, seed=0)
+    assert {k for k in trial.params if k.startswith("rank.")} == {"rank.all"}
+    assert len({plan.layer(i.name).bits for i in inv}) == 1
+    assert everything.params_for(inv, bits=8)["bits.all"] == 8
+
+
+def test_layer_groups_with_conflicting_domains_are_rejected():
+    space = SearchSpace.from_file(
+        ROOT_SPACE, {"groups": "global", "layers": {"classifier": {"bits": {"choices": [8, 32]}}}}
+    )
+    with pytest.raises(ConfigError, match="layers 'features.0' and 'classifier' share 'bits.all'"):
+        space.suggest(optuna.create_study().ask(), INV, epochs=1, lr=1e-3, seed=0)

@@ -75,7 +75,11 @@ def test_size_floor_is_a_lower_bound_of_real_artifacts(digits_task, digits_teach
         for bits, ratio in ((4, 0.1), (8, 0.5), (32, 1.0)):
             space = SearchSpace.from_file(
                 ROOT / "search_spaces/default.yaml",
-                {"bits": {"choices": [bits, 32]}, "rank_ratio": {"low": ratio, "high": 1.0}},
+                {
+                    "bits": {"choices": [bits, 32]},
+                    "rank_ratio": {"low": ratio, "high": 1.0},
+                    "sparsity": {"fixed": 0.0},
+                },
             )
             floor = min_artifact_bytes(space, inventory)
             plan = Plan(layers={i.name: LayerPlan(bits=bits, rank_ratio=ratio) for i in inventory}, epochs=0)

@@ -60,6 +60,32 @@ def test_fake_quant_straight_through_gradient():
     assert torch.equal(w.grad, g)
 
 
+@pytest.mark.parametrize(("bits", "min_snr_db"), [(16, 60), (8, 35), (6, 25), (4, 13), (3, 7)])
+def test_fake_quant_output_snr_per_bit_width(bits, min_snr_db):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    x = torch.randn(256, 64)
+    ref = layer(x)
+    add_fake_quant(layer, bits)
+    with torch.no_grad():
+        err = layer(x) - ref
+        snr_db = float(10 * torch.log10(ref.pow(2).mean() / err.pow(2).mean()))
+    assert snr_db > min_snr_db
+    # one more bit buys about 6 dB
+    if bits in (3, 4, 6):
+        finer = nn.Linear(64, 32)
+        finer.load_state_dict(
+            {
+                k.replace("parametrizations.weight.original", "weight"): v
+                for k, v in layer.state_dict().items()
+            }
+        )
+        add_fake_quant(finer, bits + 1)
+        with torch.no_grad():
+            snr_finer = float(10 * torch.log10(ref.pow(2).mean() / (finer(x) - ref).pow(2).mean()))
+        assert 4 < snr_finer - snr_db < 8
+
+
 def test_int8_fake_quant_keeps_output_snr():
     torch.manual_seed(0)
     layer = nn.Linear(64, 32)
@@ -202,3 +228,100 @@ def test_fold_batchnorm_preserves_outputs():
     assert names == ["features.0", "features.3", "features.6", "features.10"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(folded(x), ref, atol=1e-5)
+
+
+def test_spatial_svd_full_rank_reproduces_conv():
+    from autocompress.techniques import factorize_spatial
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 1))
+    x = torch.randn(2, 6, 11, 13)
+    full = min(6 * 3, 10 * 5)
+    fact = factorize_spatial(conv, full)
+    assert fact[0].kernel_size == (3, 1) and fact[1].kernel_size == (1, 5)
+    assert torch.allclose(fact(x), conv(x), atol=1e-4)
+
+
+def test_tucker_full_ranks_reproduce_conv_and_low_ranks_shrink_it():
+    from autocompress.techniques import factorize_tucker
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.allclose(factorize_tucker(conv, 8, 12)(x), conv(x), atol=1e-4)
+    small = factorize_tucker(conv, 4, 6)
+    assert [m.weight.shape for m in small] == [(4, 8, 1, 1), (6, 4, 3, 3), (12, 6, 1, 1)]
+    with pytest.raises(TechniqueError, match=r"Tucker ranks \(9, 6\) are outside"):
+        factorize_tucker(conv, 9, 6)
+
+
+def test_rank_by_kept_energy():
+    from autocompress.techniques import rank_for_energy
+
+    w = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))  # energies 9, 4, 1, 0.25 of 14.25
+    assert rank_for_energy(w, 9 / 14.25) == 1
+    assert rank_for_energy(w, 0.9) == 2  # 13/14.25 = 0.912
+    assert rank_for_energy(w, 0.98) == 3  # 14/14.25 = 0.982
+    assert rank_for_energy(w, 0.99) == 4
+    assert rank_for_energy(w, 1.0) == 4
+
+
+def test_factorization_is_skipped_with_the_reason():
+    from autocompress.techniques import plan_factorization
+
+    new, why = plan_factorization(nn.Conv2d(8, 8, 3, groups=8), "ratio", 0.5)
+    assert new is None and "depthwise/grouped conv (groups=8)" in why
+    new, why = plan_factorization(nn.Linear(4, 4), "ratio", 0.75)  # rank 3: 3*(4+4) >= 16
+    assert new is None and "factorized MACs 24 >= original 16" in why
+    new, why = plan_factorization(nn.Linear(16, 4), "tucker", 0.5)
+    assert new is None and "tucker needs a Conv2d" in why
+    new, why = plan_factorization(nn.Conv2d(32, 32, 3), "tucker", 0.25)
+    assert new is not None and why == "tucker ranks (8, 8) of (32, 32)"
+    with pytest.raises(TechniqueError, match="unknown rank mode 'cp'"):
+        plan_factorization(nn.Linear(4, 4), "cp", 0.5)
+
+
+def test_feature_hints_adapt_pruned_widths_and_train():
+    from autocompress.techniques import FeatureHints, prune_channels
+    from autocompress.testing import PlainCNN
+
+    torch.manual_seed(0)
+    teacher = PlainCNN(16).eval()
+    student = PlainCNN(16)
+    student.load_state_dict(teacher.state_dict())
+    x = PlainCNN.example_inputs(8)
+    prune_channels(student, x, {"features.0": 0.5})  # 16 -> 8 channels: widths now differ
+    hints = FeatureHints(teacher, student, ["features.0"])
+    teacher(*x)
+    student(*x)
+    first = hints.loss()
+    adapter = hints.adapters["features__0"]
+    assert isinstance(adapter, nn.Conv2d) and (adapter.in_channels, adapter.out_channels) == (8, 16)
+    opt = torch.optim.Adam(list(student.parameters()) + list(hints.parameters()), lr=1e-2)
+    for _ in range(30):
+        teacher(*x)
+        student(*x)
+        loss = hints.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * float(first)
+    hints.close()
+    with pytest.raises(TechniqueError, match="hint layers not found in the model: nope"):
+        FeatureHints(teacher, student, ["nope"])
+
+
+def test_compress_with_feature_kd(digits_task, digits_teacher):
+    from autocompress.pipeline import compress
+    from autocompress.plan import LayerPlan, Plan
+
+    plan = Plan(
+        layers={"features.6": LayerPlan(sparsity=0.5, sparsity_kind="structured")},
+        hints=("features.6", "features.10"),
+        hint_weight=1.0,
+        epochs=1,
+    )
+    out = compress(digits_task, digits_teacher, plan)
+    assert out.model.features[6].out_channels == 8
+    assert len(out.losses) == 1 and out.losses[0] == out.losses[0]  # finite
+    assert not out.model.features[6]._forward_hooks  # hooks removed after fine-tuning

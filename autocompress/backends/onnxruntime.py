@@ -1,14 +1,16 @@
-"""ONNX Runtime backend (CPU execution provider): QDQ int8 / INT4 artifacts with real int8 kernels.
+"""ONNX Runtime backend (CPU execution provider): QDQ int8 / INT4 / float16 artifacts, real int8 kernels.
 
 Lowering, in order:
 1. ``torch.onnx.export`` of the finalized model (BN already folded, weights already on their grid).
 2. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
-   by min-max on training samples) for the layers whose plan says 8 or 4 bits. It lays out the
+   by min-max on training samples) for the layers whose plan says 5 to 8 bits. It lays out the
    Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
 3. The weight integers and scales it computed are replaced by the ones the QAT fine-tune trained on
    (symmetric per channel, ``amax / qmax``), and each int32 bias is re-quantized with
    ``input_scale * weight_scale``. The artifact then holds exactly the integers the torch model
-   was fine-tuned with, at the plan's precision (INT4 tensors are packed two per byte, opset 21).
+   was fine-tuned with.
+4. 2- to 4-bit layers: packed INT4 weights (two per byte, opset 21) behind a weight-only
+   DequantizeLinear; 16-bit layers: float16 weights behind a Cast. ORT computes both in float.
 """
 
 from __future__ import annotations
@@ -118,8 +120,13 @@ class _Calibration:
         pass
 
 
+def container_bits(bits: int) -> int:
+    """Bits each weight occupies in the artifact: INT4 for 2-4, int8 for 5-8, float16, float32."""
+    return 4 if bits <= 4 else 8 if bits <= 8 else bits
+
+
 def _int_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
-    if bits == 4:  # raw bytes, two values per byte
+    if bits <= 4:  # INT4 container (2- and 3-bit grids fit in it): raw bytes, two values per byte
         return numpy_helper.from_array(q.astype(np.int8).astype(ml_dtypes.int4), name)
     return numpy_helper.from_array(q.astype(np.int8), name)
 
@@ -208,23 +215,35 @@ def _write_trained_integers(
             inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(b_scale, b_dq.input[1]))
 
 
+def _replace_initializer(
+    graph: onnx.GraphProto, name: str, new: list[TensorProto], node: onnx.NodeProto
+) -> None:
+    """Swap initializer ``name`` for ``new`` tensors and a ``node`` that outputs ``name`` from them."""
+    kept = [i for i in graph.initializer if i.name != name]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *new])
+    graph.node.insert(0, node)
+
+
+def _half_weight(graph: onnx.GraphProto, w: _Weight) -> None:
+    """Store the weight as float16 (half the bytes) and Cast it to float for ORT's CPU kernels."""
+    h_name = f"{w.init}_fp16"
+    half = numpy_helper.from_array(w.q_onnx().astype(np.float16), h_name)
+    cast = helper.make_node("Cast", [h_name], [w.init], to=TensorProto.FLOAT, name=f"{w.init}_Cast")
+    _replace_initializer(graph, w.init, [half], cast)
+
+
 def _weight_only_dq(graph: onnx.GraphProto, w: _Weight) -> None:
     """Replace the float initializer by packed integers + per-channel scales + DequantizeLinear.
 
     The consumers keep reading the tensor of the same name; it is now the DQ node's output.
     """
-    kept = [i for i in graph.initializer if i.name != w.init]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     q_name, s_name = f"{w.init}_int{w.bits}", f"{w.init}_int{w.bits}_scale"
-    graph.initializer.extend(
-        [_int_tensor(q_name, w.q_onnx(), w.bits), numpy_helper.from_array(w.scale, s_name)]
+    dq = helper.make_node(
+        "DequantizeLinear", [q_name, s_name], [w.init], axis=w.axis, name=f"{w.init}_DequantizeLinear"
     )
-    graph.node.insert(
-        0,
-        helper.make_node(
-            "DequantizeLinear", [q_name, s_name], [w.init], axis=w.axis, name=f"{w.init}_DequantizeLinear"
-        ),
+    _replace_initializer(
+        graph, w.init, [_int_tensor(q_name, w.q_onnx(), w.bits), numpy_helper.from_array(w.scale, s_name)], dq
     )
 
 
@@ -232,8 +251,10 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime on the CPU execution provider."""
 
     name = "onnxruntime"
-    stored_bits = (4, 8, 32)
-    native_bits = (8, 32)  # INT4 weights are dequantized to float at run time: smaller, not faster
+    stored_bits = (2, 3, 4, 5, 6, 8, 16, 32)
+    # 5- to 8-bit grids run on ORT's int8 kernels; 2-4 bits are stored packed in INT4 and 16 as
+    # float16, both converted to float at run time: smaller, not faster (the search measures it)
+    native_bits = (5, 6, 8, 32)
     sparsity_kinds = ("unstructured",)  # stored dense: zeros save neither bytes nor time
     reduce_range = not cpu_has_vnni()
 
@@ -267,55 +288,56 @@ class OnnxRuntimeBackend(Backend):
             else:
                 shutil.copyfile(fp32, target)
             kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
-        params = dict(model.named_parameters())
-        packed = 0
-        for name, p in params.items():
-            layer = name.rsplit(".", 1)[0]
-            bits = quantized.get(layer, 32) if name.endswith(".weight") else 32
-            packed += p.numel() * bits // 8
+        packed = stored = 0.0
+        for name, p in model.named_parameters():
+            bits = quantized.get(name.rsplit(".", 1)[0], 32) if name.endswith(".weight") else 32
+            packed += p.numel() * bits / 8
+            stored += p.numel() * container_bits(bits) / 8
         return Artifact(
             path=target,
             backend=self.name,
             device=self.device,
             size_bytes=target.stat().st_size,
-            packed_size_bytes=int(packed),
+            packed_size_bytes=round(packed),
             precisions=dict(precisions),
-            meta={"kernels": kernels, "reduce_range": self.reduce_range},
+            meta={
+                "kernels": kernels,
+                "reduce_range": self.reduce_range,
+                "weights_stored_bytes": round(stored),
+            },
         )
 
     def _quantize(
         self, model, fp32: Path, target: Path, quantized: dict[str, int], calibration: np.ndarray, tmp: Path
     ) -> None:
-        """8-bit layers: QDQ via quantize_static (fused by ORT); 4-bit layers: INT4 weight-only DQ."""
+        """5- to 8-bit layers: int8 QDQ via quantize_static (fused by ORT into int8 kernels);
+        2- to 4-bit layers: INT4 weight-only DequantizeLinear; 16: float16 weights + Cast."""
         float_model = onnx.load(str(fp32))
-        if any(b == 4 for b in quantized.values()):
+        if any(b <= 4 for b in quantized.values()):
             float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
             onnx.save(float_model, str(fp32))
         modules = dict(model.named_modules())
         located: list[_Weight] = []
         for layer, bits in quantized.items():
             weight = modules[layer].weight.detach()
-            q, scale = quantize_weight(weight, qmax_for(bits, self.reduce_range))
-            located.append(
-                _locate(
-                    float_model.graph,
-                    layer,
-                    weight.numpy(),
-                    bits,
-                    q.numpy(),
-                    scale.numpy().astype(np.float32),
-                    {w.init for w in located},
-                )
-            )
-        eight = [w for w in located if w.bits == 8]
+            if bits == 16:
+                q, scale = weight.half().numpy(), np.ones(weight.shape[0], np.float32)
+            else:
+                qi, sc = quantize_weight(weight, qmax_for(bits, self.reduce_range))
+                q, scale = qi.numpy(), sc.numpy().astype(np.float32)
+            taken = {w.init for w in located}
+            located.append(_locate(float_model.graph, layer, weight.numpy(), bits, q, scale, taken))
+        eight = [w for w in located if 5 <= w.bits <= 8]
         qmodel = float_model
         if eight:
             nodes = [n for w in eight for n in w.nodes]
             qmodel = self._quantize_static(fp32, tmp / "qdq.onnx", nodes, calibration)
             _write_trained_integers(qmodel, float_model, eight)
         for w in located:
-            if w.bits == 4:
+            if w.bits <= 4:
                 _weight_only_dq(qmodel.graph, w)
+            elif w.bits == 16:
+                _half_weight(qmodel.graph, w)
         onnx.save(qmodel, str(target))
 
     def _quantize_static(self, fp32: Path, out: Path, nodes: list[str], calibration: np.ndarray):

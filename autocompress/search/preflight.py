@@ -126,20 +126,32 @@ def check_output(cfg: StudyConfig) -> None:
 
 
 def min_artifact_bytes(space: SearchSpace, inventory: list[LayerInfo]) -> int:
-    """A lower bound on the size of any artifact the space can produce (see the module docstring)."""
-    total = 0
+    """A lower bound on the size of any artifact the space can produce (see the module docstring).
+
+    Per compressible layer: its weight elements after the most the space allows of structured pruning
+    (a fraction of output channels removed, and as much of the input channels, which the previous layer
+    may lose) and of factorization (SVD at the lowest rank ratio; with another rank mode, rank 1: at
+    least one element per input and per output channel), times the lowest allowed bit width.
+    """
+    total = 0.0
     for info in inventory:
         params = space._layer_params(info.name)
         bits = min(int(b) for b in params["bits"].values())
-        ratio = min(float(r) for r in params["rank_ratio"].values())
+        keep = 1.0
+        kinds = {str(k) for k in params["sparsity_kind"].values()} if "sparsity_kind" in params else set()
+        if "structured" in kinds:
+            keep = 1.0 - max(float(v) for v in params["sparsity"].values())
         fan_in = info.in_features // info.groups * int(torch.tensor(info.kernel).prod())
-        dense = info.out_features * fan_in
-        elements = dense
-        if ratio < 1.0:
+        elements = info.out_features * fan_in * keep * keep
+        ratio = min(float(r) for r in params["rank_ratio"].values())
+        modes = {str(m) for m in params["rank_mode"].values()} if "rank_mode" in params else {"ratio"}
+        if modes - {"ratio"}:
+            elements = min(elements, (info.in_features // info.groups + info.out_features) * keep)
+        elif ratio < 1.0:
             rank = rank_for(ratio, info.full_rank)
-            elements = min(dense, rank * (fan_in + info.out_features))
-        total += -(-elements * bits // 8)
-    return total
+            elements = min(elements, rank * (fan_in + info.out_features) * keep)
+        total += elements * bits / 8
+    return int(total)
 
 
 def latency_floor_ms(task: Task, backend: Backend) -> float:

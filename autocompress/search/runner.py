@@ -8,6 +8,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,16 +266,30 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study
             cfg.sampler.name, resume_seed(cfg.seed, len(existing)), cfg.sampler.options
         )
     else:
-        study.set_metric_names(list(OBJECTIVES))
+        with warnings.catch_warnings():  # experimental in Optuna, stable enough for labels
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
         study.set_user_attr("config", cfg.model_dump(mode="json"))
         study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
         for ws in cfg.trials.warm_start:
             params = ctx.space.params_for(
-                ctx.inventory, bits=ws.bits, sparsity=ws.sparsity, rank_ratio=ws.rank_ratio
+                ctx.inventory,
+                bits=ws.bits,
+                sparsity=ws.sparsity,
+                rank_ratio=ws.rank_ratio,
+                sparsity_kind=ws.sparsity_kind,
             )
             study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
+        if cfg.trials.sensitivity_start is not None:
+            from ..sensitivity import analyze, gentle_plan
+
+            gentle = gentle_plan(analyze(ctx, log=log), cfg.trials.sensitivity_start)
+            study.enqueue_trial(
+                ctx.space.params_from_layers(ctx.inventory, gentle),
+                user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
+            )
     _recover_interrupted(study, storage, log)
     return study
 

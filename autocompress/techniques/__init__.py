@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-from .distill import kd_loss
+from .distill import FeatureHints, kd_loss
 from .fold import fold_batchnorm
-from .lowrank import factorize, factorize_conv, factorize_linear, factorized_macs, rank_for
-from .prune import apply_masks, magnitude_mask, set_sparsity, sparsity_of
+from .lowrank import (
+    RANK_MODES,
+    factorize,
+    factorize_conv,
+    factorize_linear,
+    factorize_spatial,
+    factorize_tucker,
+    factorized_macs,
+    plan_factorization,
+    rank_for,
+    rank_for_energy,
+)
+from .prune import apply_masks, magnitude_mask, nm_mask, set_nm, set_sparsity, sparsity_of
 from .quantize import FakeQuant, add_fake_quant, fake_quant, qmax_for, quantize_weight
-from .schedules import sparsity_at
+from .schedules import SCHEDULES, sparsity_at
+from .structured import output_layers, prune_channels
 
 __all__ = [
+    "FeatureHints",
+    "RANK_MODES",
+    "factorize_spatial",
+    "factorize_tucker",
+    "plan_factorization",
+    "rank_for_energy",
+    "SCHEDULES",
+    "nm_mask",
+    "output_layers",
+    "prune_channels",
+    "set_nm",
     "FakeQuant",
     "add_fake_quant",
     "apply_masks",

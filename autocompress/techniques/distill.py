@@ -1,9 +1,10 @@
-"""Knowledge distillation: logit KD (Hinton et al., 2015)."""
+"""Knowledge distillation: logit KD (Hinton et al., 2015) and feature KD on hint layers (FitNets)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import TechniqueError
 
@@ -34,3 +35,68 @@ def kd_loss(
         log_target=True,
     )
     return alpha * (t * t) * soft + (1.0 - alpha) * hard
+
+
+class FeatureHints:
+    """Feature distillation on hint layers (FitNets-style): MSE between the student's and the
+    teacher's outputs of the same-named modules.
+
+    Where the widths differ (e.g. after structured pruning), a trainable adapter maps the student's
+    features to the teacher's width: a 1x1 conv for conv features, a Linear otherwise. Adapters are
+    built on the first batch and their parameters must join the optimizer (:meth:`parameters`).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, layers: list[str]):
+        names = dict(student.named_modules())
+        missing = [n for n in layers if n not in names or n not in dict(teacher.named_modules())]
+        if missing:
+            raise TechniqueError(f"hint layers not found in the model: {', '.join(missing)}")
+        self.layers = list(layers)
+        self.adapters = nn.ModuleDict()
+        self._t: dict[str, torch.Tensor] = {}
+        self._s: dict[str, torch.Tensor] = {}
+        self._hooks = [
+            *(teacher.get_submodule(n).register_forward_hook(self._keep(self._t, n)) for n in layers),
+            *(student.get_submodule(n).register_forward_hook(self._keep(self._s, n)) for n in layers),
+        ]
+
+    @staticmethod
+    def _keep(store: dict, name: str):
+        def hook(_module, _inputs, output):
+            store[name] = output
+
+        return hook
+
+    def _adapter(self, name: str, s: torch.Tensor, t: torch.Tensor) -> nn.Module:
+        key = name.replace(".", "__")
+        if key not in self.adapters:
+            if s.shape[1] == t.shape[1] and s.dim() == t.dim():
+                self.adapters[key] = nn.Identity()
+            elif s.dim() == 4:
+                self.adapters[key] = nn.Conv2d(s.shape[1], t.shape[1], 1)
+            elif s.dim() == 3 and s.shape[-1] != t.shape[-1]:  # tokens: [batch, time, features]
+                self.adapters[key] = nn.Linear(s.shape[-1], t.shape[-1])
+            else:
+                self.adapters[key] = nn.Linear(s.shape[1], t.shape[1])
+        return self.adapters[key]
+
+    def loss(self) -> torch.Tensor:
+        """Mean over hint layers of the MSE between adapted student and (detached) teacher features."""
+        terms = []
+        for name in self.layers:
+            s, t = self._s[name], self._t[name].detach()
+            s = self._adapter(name, s, t)(s)
+            if s.shape != t.shape:
+                raise TechniqueError(
+                    f"hint layer {name!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}"
+                )
+            terms.append(F.mse_loss(s, t))
+        return torch.stack(terms).mean()
+
+    def parameters(self):
+        return self.adapters.parameters()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,4 +1,14 @@
-"""SVD (low-rank) factorization of Linear, Conv1d and Conv2d layers."""
+"""Low-rank factorization of Linear, Conv1d and Conv2d layers.
+
+Modes (``LayerPlan.rank_mode``):
+- ``ratio``: channel SVD (k x k conv to ``rank`` channels, then 1x1), rank = ratio x full rank;
+- ``energy``: channel SVD keeping the smallest rank whose singular values hold ``ratio`` of the
+  weight's energy (sum of squared singular values);
+- ``spatial``: spatial SVD of a Conv2d, a ``k x 1`` conv to ``rank`` channels then a ``1 x k`` conv;
+- ``tucker``: Tucker-2 decomposition of a Conv2d (1x1 in, k x k core, 1x1 out; ranks = ratio x
+  channels), computed by tensorly's ``partial_tucker``.
+A factorization that would not reduce MACs, or of a depthwise/grouped conv, is skipped with the reason.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import TechniqueError
+from ..errors import MissingDependencyError, TechniqueError
 
 
 def rank_for(ratio: float, full_rank: int) -> int:
@@ -79,3 +89,109 @@ def factorized_macs(layer: nn.Module, rank: int) -> tuple[int, int]:
     if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups != 1:
         return out * fan_in, math.inf  # never pays: cannot be factorized
     return out * fan_in, rank * (fan_in + out)
+
+
+RANK_MODES = ("ratio", "energy", "spatial", "tucker")
+
+
+def rank_for_energy(weight: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose singular values keep at least ``energy`` of ``sum(s^2)`` (channel SVD)."""
+    if not (0.0 < energy <= 1.0):
+        raise TechniqueError(f"kept energy {energy} is outside (0, 1]")
+    s = torch.linalg.svdvals(weight.detach().reshape(weight.shape[0], -1).double())
+    cum = torch.cumsum(s**2, 0) / (s**2).sum()
+    return int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype)).item()) + 1
+
+
+def factorize_spatial(layer: nn.Conv2d, rank: int) -> nn.Sequential:
+    """Spatial SVD: ``(kh x kw)`` conv -> ``(kh x 1)`` conv to ``rank`` channels, then ``(1 x kw)``."""
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise TechniqueError("spatial SVD needs a Conv2d with groups=1")
+    out, c_in, kh, kw = layer.weight.shape
+    # W'[(c, i), (o, j)] = W[o, c, i, j]
+    w2d = layer.weight.detach().permute(1, 2, 0, 3).reshape(c_in * kh, out * kw)
+    a, b = _svd_factors(w2d.T, rank)  # w2d.T ~= b @ a: b [out*kw, r], a [r, in*kh]
+    (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
+    first = nn.Conv2d(c_in, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False)
+    second = nn.Conv2d(rank, out, (1, kw), (1, sw), (0, pw), (1, dw), bias=layer.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(a.reshape(rank, c_in, kh, 1))
+        second.weight.copy_(b.reshape(out, kw, rank).permute(0, 2, 1).reshape(out, rank, 1, kw))
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return nn.Sequential(first, second)
+
+
+def factorize_tucker(layer: nn.Conv2d, rank_in: int, rank_out: int) -> nn.Sequential:
+    """Tucker-2 (tensorly ``partial_tucker`` over the channel modes): 1x1, k x k core, 1x1."""
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise TechniqueError("Tucker decomposition needs a Conv2d with groups=1")
+    out, c_in = layer.weight.shape[:2]
+    if not (1 <= rank_in <= c_in and 1 <= rank_out <= out):
+        raise TechniqueError(f"Tucker ranks ({rank_in}, {rank_out}) are outside [1, {c_in}] x [1, {out}]")
+    try:
+        from tensorly.decomposition import partial_tucker
+    except ImportError as exc:
+        raise MissingDependencyError("Tucker decomposition needs tensorly: pip install tensorly") from exc
+    w = layer.weight.detach().double().numpy()
+    (core, (u_out, u_in)), _ = partial_tucker(
+        w, rank=[rank_out, rank_in], modes=[0, 1], init="svd", random_state=0
+    )
+    first = nn.Conv2d(c_in, rank_in, 1, bias=False)
+    middle = nn.Conv2d(
+        rank_in, rank_out, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
+    )
+    last = nn.Conv2d(rank_out, out, 1, bias=layer.bias is not None)
+    dtype = layer.weight.dtype
+    with torch.no_grad():
+        first.weight.copy_(torch.from_numpy(u_in.T.copy()).to(dtype)[:, :, None, None])
+        middle.weight.copy_(torch.from_numpy(core.copy()).to(dtype))
+        last.weight.copy_(torch.from_numpy(u_out.copy()).to(dtype)[:, :, None, None])
+        if layer.bias is not None:
+            last.bias.copy_(layer.bias)
+    return nn.Sequential(first, middle, last)
+
+
+def plan_factorization(layer: nn.Module, mode: str, ratio: float) -> tuple[nn.Sequential | None, str]:
+    """The factorized replacement of ``layer`` for ``mode`` at ``ratio``, or None and the reason why not.
+
+    A replacement is returned only when it has fewer MACs per output position than the layer.
+    """
+    if mode not in RANK_MODES:
+        raise TechniqueError(f"unknown rank mode {mode!r}; known: {', '.join(RANK_MODES)}")
+    if ratio >= 1.0:
+        return None, "full rank"
+    w = layer.weight
+    out, fan_in = w.shape[0], w[0].numel()
+    original = out * fan_in
+    if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups != 1:
+        return None, f"not factorized: depthwise/grouped conv (groups={layer.groups})"
+    if mode in ("spatial", "tucker") and not (isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1):
+        return None, f"not factorized: {mode} needs a Conv2d with a kernel larger than 1x1"
+    if mode == "tucker":
+        c_in, (kh, kw) = w.shape[1], layer.kernel_size
+        r_in, r_out = rank_for(ratio, c_in), rank_for(ratio, out)
+        macs = c_in * r_in + r_in * r_out * kh * kw + r_out * out
+        if macs >= original:
+            return (
+                None,
+                f"not factorized: Tucker ranks ({r_in}, {r_out}) give {macs} MACs >= original {original}",
+            )
+        return factorize_tucker(layer, r_in, r_out), f"tucker ranks ({r_in}, {r_out}) of ({c_in}, {out})"
+    if mode == "spatial":
+        c_in, (kh, kw) = w.shape[1], layer.kernel_size
+        full = min(c_in * kh, out * kw)
+        rank = rank_for(ratio, full)
+        macs = rank * c_in * kh + out * rank * kw
+        if macs >= original:
+            return (
+                None,
+                f"not factorized: spatial rank {rank}/{full} gives {macs} MACs >= original {original}",
+            )
+        return factorize_spatial(layer, rank), f"spatial rank {rank}/{full}"
+    full = min(out, fan_in)
+    rank = rank_for_energy(w, ratio) if mode == "energy" else rank_for(ratio, full)
+    macs = rank * (fan_in + out)
+    if macs >= original:
+        return None, f"rank {rank}/{full} not applied: factorized MACs {macs} >= original {original}"
+    return factorize(layer, rank), f"rank {rank}/{full}" + (f" (energy {ratio})" if mode == "energy" else "")

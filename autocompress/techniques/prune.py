@@ -68,3 +68,34 @@ def set_sparsity(module: nn.Module, sparsity: float) -> None:
 def sparsity_of(weight: torch.Tensor) -> float:
     """Fraction of exactly-zero entries."""
     return float((weight == 0).sum()) / weight.numel()
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M semi-structured mask: in every ``m`` consecutive input weights, the ``n`` smallest are zero.
+
+    Groups run along the input channels (the layout sparse tensor cores use): for a conv weight
+    ``[out, in, kh, kw]`` each group is ``m`` input channels at one kernel position.
+    """
+    if not (0 < n < m):
+        raise TechniqueError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
+    c_in = weight.shape[1]
+    if c_in % m:
+        raise TechniqueError(f"{n}:{m} sparsity needs input channels divisible by {m}, got {c_in}")
+    w = weight.detach().abs()
+    w = w.movedim(1, -1) if w.dim() > 2 else w  # [..., in]
+    groups = w.reshape(-1, m)
+    drop = torch.argsort(groups, dim=1, stable=True)[:, :n]
+    mask = torch.ones_like(groups).scatter_(1, drop, 0.0)
+    mask = mask.reshape(w.shape)
+    return (mask.movedim(-1, 1) if weight.dim() > 2 else mask).to(weight.dtype).contiguous()
+
+
+@torch.no_grad()
+def set_nm(module: nn.Module, n: int = 2, m: int = 4) -> None:
+    """Put the module's mask to the N:M pattern of its current (masked) weight."""
+    mask = _mask_of(module)
+    if mask is None:
+        raise TechniqueError("module has no mask: call apply_masks first")
+    effective = module.parametrizations.weight.original * mask.mask
+    mask.mask.copy_(nm_mask(effective, n, m))
+    mask.sparsity = n / m

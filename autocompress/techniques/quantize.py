@@ -55,6 +55,19 @@ class FakeQuant(nn.Module):
         return fake_quant(w, self.qmax)
 
 
+class FakeHalf(nn.Module):
+    """Parametrization rounding a weight to float16 (straight-through gradient)."""
+
+    bits = 16
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (w.half().to(w.dtype) - w).detach()
+
+
 def add_fake_quant(module: nn.Module, bits: int, reduce_range: bool = False) -> None:
-    """Fake-quantize ``module.weight`` at ``bits`` (after any mask already registered)."""
-    parametrize.register_parametrization(module, "weight", FakeQuant(bits, reduce_range))
+    """Fake-quantize ``module.weight`` at ``bits`` (after any mask already registered).
+
+    2 to 8 bits: symmetric per-channel integer grid; 16: float16 rounding.
+    """
+    fq = FakeHalf() if bits == 16 else FakeQuant(bits, reduce_range)
+    parametrize.register_parametrization(module, "weight", fq)

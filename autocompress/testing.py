@@ -1,0 +1,205 @@
+"""Tiny reference models for tests and examples, each with ``example_inputs()``.
+
+They cover the architectures a compression tool meets in practice: a plain CNN, residual blocks,
+depthwise-separable blocks, a Linear-heavy transformer encoder and an LSTM classifier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "REFERENCE_MODELS",
+    "LSTMClassifier",
+    "MobileNetStyle",
+    "PlainCNN",
+    "ResNetStyle",
+    "TinyTransformer",
+]
+
+
+class PlainCNN(nn.Module):
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 3, 16, 16),)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetStyle(nn.Module):
+    """A small ResNet: stem, two stages of residual blocks, global pool, classifier."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2), BasicBlock(2 * width, 2 * width))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 3, 32, 32),)
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.dw = nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.pw = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.pw(torch.relu(self.bn1(self.dw(x))))))
+
+
+class MobileNetStyle(nn.Module):
+    """Stem conv, depthwise-separable blocks, classifier."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(
+            DepthwiseSeparable(width, 2 * width, stride=2), DepthwiseSeparable(2 * width, 2 * width)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 3, 16, 16),)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written with plain Linear layers (so each one is compressible)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(z):
+            return z.reshape(b, t, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTransformer(nn.Module):
+    """A small transformer encoder over a 1-D signal cut into patches (Linear-heavy)."""
+
+    def __init__(
+        self,
+        length: int = 40,
+        patch: int = 4,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        classes: int = 10,
+    ):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, length // patch, dim))
+        self.layers = nn.Sequential(*[EncoderLayer(dim, heads, 2 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # x: [batch, length]
+        tokens = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos
+        return self.head(self.norm(self.layers(tokens)).mean(dim=1))
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 40),)
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, features: int = 8, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):  # x: [batch, time, features]
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 12, 8),)
+
+
+REFERENCE_MODELS: dict[str, type[nn.Module]] = {
+    "plain_cnn": PlainCNN,
+    "resnet": ResNetStyle,
+    "mobilenet": MobileNetStyle,
+    "transformer": TinyTransformer,
+    "lstm": LSTMClassifier,
+}

@@ -1,0 +1,221 @@
+"""The shared technique suite: every technique on every reference model where it applies, exported
+through the onnxruntime backend."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from autocompress.backends import OnnxRuntimeBackend
+from autocompress.errors import TechniqueError
+from autocompress.inventory import build_inventory, compressible_layers
+from autocompress.pipeline import compress
+from autocompress.plan import LayerPlan, Plan, Schedule
+from autocompress.tasks import Task
+from autocompress.techniques import nm_mask, prune_channels, sparsity_at
+from autocompress.techniques._modules import get_module
+from autocompress.testing import REFERENCE_MODELS
+
+
+def _task(name: str) -> Task:
+    cls = REFERENCE_MODELS[name]
+    torch.manual_seed(0)
+    x = cls.example_inputs(128)[0]
+    with torch.no_grad():
+        y = cls().eval()(x).argmax(1)  # labels a random net can learn back: tests need no data set
+    return Task(name=name, model_fn=cls, train=(x[:96], y[:96]), test=(x[96:], y[96:]), teacher_epochs=0)
+
+
+def _plan(model: nn.Module, task: Task, technique: str) -> Plan:
+    inv = build_inventory(model, task.example_inputs())
+    layers = {}
+    for i in inv:
+        lp = {
+            "int8": LayerPlan(bits=8),
+            "int4": LayerPlan(bits=4),
+            "unstructured": LayerPlan(sparsity=0.5),
+            "structured": LayerPlan(sparsity=0.5, sparsity_kind="structured"),
+            "2:4": LayerPlan(sparsity_kind="2:4"),
+            "lowrank": LayerPlan(rank_ratio=0.5),
+            "energy": LayerPlan(rank_ratio=0.9, rank_mode="energy"),
+            "spatial": LayerPlan(rank_ratio=0.5, rank_mode="spatial"),
+            "tucker": LayerPlan(rank_ratio=0.5, rank_mode="tucker"),
+            "mixed": LayerPlan(bits=(8, 4, 16, 6, 32)[len(layers) % 5], rank_ratio=0.75),
+        }[technique]
+        layers[i.name] = lp
+    return Plan(layers=layers, schedule=Schedule("cubic", 0.0, 0.5), epochs=1)
+
+
+CONV_MODELS = ["plain_cnn", "resnet", "mobilenet"]
+ALL = [*CONV_MODELS, "transformer", "lstm"]
+TECHNIQUES = [
+    "int8",
+    "int4",
+    "unstructured",
+    "structured",
+    "2:4",
+    "lowrank",
+    "energy",
+    "spatial",
+    "tucker",
+    "mixed",
+]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    be = OnnxRuntimeBackend()
+    yield be
+    be.close()
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("model_name", ALL)
+def test_technique_on_reference_model_exports_through_ort(model_name, technique, backend, tmp_path):
+    task = _task(model_name)
+    teacher = task.model_fn().eval()
+    plan = _plan(teacher, task, technique)
+    assert Plan.from_json(plan.to_json()) == plan
+    out = compress(task, teacher, plan, reduce_range=backend.reduce_range, round_to=4)
+    model = out.model
+    x = task.test[0][:8]
+    assert model(x).shape == teacher(x).shape  # output shape kept
+    if technique == "unstructured":
+        for name, m in compressible_layers(model):
+            assert out.sparsity[name] >= 0.5 - 1e-9
+            assert int((m.weight == 0).sum()) == round(0.5 * m.weight.numel())
+    if technique == "2:4":
+        for name, m in compressible_layers(model):
+            if name in out.notes:
+                assert "not a multiple of 4" in out.notes[name]
+                continue
+            w = m.weight.detach()
+            w = w.movedim(1, -1) if w.dim() > 2 else w
+            assert bool(((w.reshape(-1, 4) == 0).sum(1) >= 2).all())
+    if technique in ("spatial", "tucker"):  # applies to k x k convs only; elsewhere skipped with a reason
+        k = 2 if technique == "spatial" else 3
+        for name, m in compressible_layers(teacher):
+            if (
+                isinstance(m, nn.Conv2d)
+                and m.groups == 1
+                and min(m.kernel_size) > 1
+                and "not" not in out.notes[name]
+            ):
+                assert len(get_module(model, name)) == k
+            elif isinstance(m, nn.Linear):
+                assert "needs a Conv2d" in out.notes.get(name, "needs a Conv2d")
+    if technique == "structured":
+        before = sum(p.numel() for p in teacher.parameters())
+        if model_name == "lstm":  # its only Linear produces the output: nothing may be removed
+            assert "produces the model output" in out.notes["head"]
+        else:
+            assert sum(p.numel() for p in model.parameters()) < 0.6 * before
+    art = backend.lower(model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs(64))
+    sess = backend.session(art.path)
+    got = sess.run(None, {"input": x.numpy()})[0]
+    ref = model(x).detach().numpy()
+    if technique in ("int8", "mixed"):  # activations are quantized too: compare decisions, loosely
+        assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.5
+    else:
+        np.testing.assert_allclose(got, ref, atol=1e-3 if technique != "int4" else 1e-2, rtol=1e-3)
+
+
+def test_structured_pruning_keeps_residual_and_depthwise_consistent():
+    for name in ("resnet", "mobilenet"):
+        torch.manual_seed(0)
+        cls = REFERENCE_MODELS[name]
+        m = cls().eval()
+        x = cls.example_inputs()
+        changes = prune_channels(m, x, {n: 0.5 for n, _ in compressible_layers(m)}, round_to=8)
+        assert changes and m(*x).shape == (2, 10)
+        for n, (before, after) in changes.items():
+            assert after % 8 == 0 and after < before, (n, before, after)
+        for mod in m.modules():  # depthwise convs keep groups == channels
+            if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+                assert mod.groups == mod.in_channels == mod.out_channels
+
+
+def test_structured_pruning_errors():
+    m = REFERENCE_MODELS["plain_cnn"]().eval()
+    x = REFERENCE_MODELS["plain_cnn"].example_inputs()
+    with pytest.raises(TechniqueError, match="unknown importance 'l3'"):
+        prune_channels(m, x, {"features.0": 0.5}, importance="l3")
+    with pytest.raises(TechniqueError, match=r"ratio 1.0 of 'features.0' is outside \[0, 1\)"):
+        prune_channels(m, x, {"features.0": 1.0})
+    with pytest.raises(TechniqueError, match="taylor importance needs"):
+        prune_channels(m, x, {"features.0": 0.5}, importance="taylor")
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "taylor"])
+def test_structured_importances(importance):
+    torch.manual_seed(0)
+    m = REFERENCE_MODELS["plain_cnn"]().eval()
+    x = REFERENCE_MODELS["plain_cnn"].example_inputs(16)
+    y = torch.randint(0, 10, (16,))
+    changes = prune_channels(copy.deepcopy(m), x, {"features.0": 0.5}, importance=importance, data=(x[0], y))
+    assert changes["features.0"] == (16, 8)
+
+
+def test_nm_mask_pattern_is_exact():
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, 3, 3)
+    mask = nm_mask(w, 2, 4)
+    groups = mask.movedim(1, -1).reshape(-1, 4)
+    assert bool((groups.sum(1) == 2).all())
+    kept = (w.abs() * mask).movedim(1, -1).reshape(-1, 4)
+    dropped = (w.abs() * (1 - mask)).movedim(1, -1).reshape(-1, 4)
+    assert bool((kept.max(1).values >= dropped.max(1).values).all())
+    with pytest.raises(TechniqueError, match="input channels divisible by 4, got 3"):
+        nm_mask(torch.randn(4, 3), 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "progress", "steps", "expected"),
+    [
+        ("exponential", 0.5, 0, 0.8 * (1 - np.exp(-2.5)) / (1 - np.exp(-5))),
+        ("exponential", 1.0, 0, 0.8),
+        ("linear", 0.59, 4, 0.8 * 0.5),  # q = 0.59 -> staircase of 4 -> 0.5
+        ("linear", 0.61, 4, 0.8 * 0.5),
+        ("linear", 0.76, 4, 0.8 * 0.75),
+        ("cubic", 0.35, 2, 0.0),
+        ("cubic", 0.5, 2, 0.8 * (1 - 0.5**3)),
+    ],
+)
+def test_schedule_kinds_and_steps(kind, progress, steps, expected):
+    assert sparsity_at(kind, 0.8, 0.0, 1.0, progress, steps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mixed_precision_artifact_carries_each_layers_precision_and_expected_size(backend, tmp_path):
+    import onnx
+    from onnx import TensorProto
+
+    torch.manual_seed(0)
+    task = _task("resnet")
+    task.model_fn = lambda: REFERENCE_MODELS["resnet"](64)  # ~0.7M weights: graph overhead stays small
+    teacher = task.model_fn().eval()
+    names = [n for n, _ in compressible_layers(teacher)]
+    bits = {n: (2, 4, 6, 8, 16, 32)[i % 6] for i, n in enumerate(names)}
+    plan = Plan(layers={n: LayerPlan(bits=b) for n, b in bits.items()}, epochs=0)
+    out = compress(task, teacher, plan, reduce_range=backend.reduce_range)
+    art = backend.lower(
+        out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs(64)
+    )
+    inits = {i.name: i.data_type for i in onnx.load(str(art.path)).graph.initializer}
+    for n, b in bits.items():
+        expected = {
+            2: (f"{n}.weight_int2", TensorProto.INT4),  # a 2-bit grid in the INT4 container
+            4: (f"{n}.weight_int4", TensorProto.INT4),
+            6: (f"{n}.weight_quantized", TensorProto.INT8),  # a 6-bit grid on int8 kernels
+            8: (f"{n}.weight_quantized", TensorProto.INT8),
+            16: (f"{n}.weight_fp16", TensorProto.FLOAT16),
+            32: (f"{n}.weight", TensorProto.FLOAT),
+        }[b]
+        assert inits.get(expected[0]) == expected[1], (n, b)
+    # the plan's expected size: every weight in its precision's container (INT4 for 2-4 bits, int8 for
+    # 5-8, float16, float32) plus float biases; scales and graph add the rest (under 5%)
+    assert art.size_bytes == pytest.approx(art.meta["weights_stored_bytes"], rel=0.05)
+    assert art.packed_size_bytes < art.meta["weights_stored_bytes"]  # 2- and 6-bit grids in wider containers
