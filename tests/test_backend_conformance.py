@@ -35,7 +35,9 @@ def _targets(selected: list[str]) -> list[tuple[str, str]]:
         else:  # a device kind: every backend that declares it
             found = [(n, d) for n in BACKENDS for d in BACKENDS.get(n).devices if d.partition(":")[0] == name]
             if not found:
-                raise pytest.UsageError(f"--backend {item}: {BACKENDS.unknown_message(name)} (or a device kind)")
+                raise pytest.UsageError(
+                    f"--backend {item}: {BACKENDS.unknown_message(name)} (or a device kind)"
+                )
             out += found
     return out
 
@@ -128,7 +130,9 @@ def test_artifact_size_is_its_bytes_on_disk(lowered):
     assert art.packed_size_bytes > 0
 
 
-def test_latency_stats_are_sane_and_timed_under_the_device_lock(backend, lowered, data, tmp_path, monkeypatch):
+def test_latency_stats_are_sane_and_timed_under_the_device_lock(
+    backend, lowered, data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("AUTOCOMPRESS_LOCK_DIR", str(tmp_path))  # private locks: other runs cannot interfere
     _, art = lowered
     result = {}
