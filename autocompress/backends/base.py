@@ -56,6 +56,9 @@ class LatencyStats:
     rel_ci: float  # half width of the median's ~95% confidence interval, relative to the median
     batch_size: int
     device: str
+    # the lowest median of one block of consecutive calls: the latency with the least interference
+    # from other processes (reported beside the median, never instead of it)
+    best_block_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,7 +147,7 @@ def time_callables(
                 fn()
                 sync()
                 out.append(time.perf_counter() - t0)
-        stats = [_stats(s, device, batch_size) for s in samples]
+        stats = [_stats(s, device, batch_size, block) for s in samples]
         n = len(samples[0])
         if n >= min_repeats and all(st.rel_ci <= target_rel_ci for st in stats):
             return stats
@@ -152,8 +155,9 @@ def time_callables(
             return stats
 
 
-def _stats(samples: list[float], device: str, batch_size: int) -> LatencyStats:
+def _stats(samples: list[float], device: str, batch_size: int, block: int = 50) -> LatencyStats:
     a = np.asarray(samples) * 1e3
+    blocks = a[: len(a) // block * block].reshape(-1, block) if len(a) >= block else a[None, :]
     med = float(np.median(a))
     q1, q3 = np.percentile(a, [25, 75])
     rel_ci = float(1.57 * (q3 - q1) / np.sqrt(len(a)) / med) if med > 0 else 0.0
@@ -166,6 +170,7 @@ def _stats(samples: list[float], device: str, batch_size: int) -> LatencyStats:
         rel_ci=rel_ci,
         batch_size=batch_size,
         device=device,
+        best_block_ms=float(np.median(blocks, axis=1).min()),
     )
 
 
