@@ -131,12 +131,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ac-bench-") as tmp:
         tmp = Path(tmp)
         artifact = args.artifact or make_artifact(args.backend, tmp / "artifact")
-        print(f"1. the same artifact ({artifact.name}, {args.backend}/{args.device}) in {args.runs} processes:")
+        print(
+            f"1. the same artifact ({artifact.name}, {args.backend}/{args.device}) in {args.runs} processes:"
+        )
         spread = reproducibility(artifact, args.backend, args.device, args.runs, options)
         print(f"2. latency cache: two studies over the same {args.trials} plans, one shared cache file:")
         hits = cache_across_studies(tmp, args.trials)
     ok = spread <= 0.03 and hits == args.trials
-    print("OK" if ok else "FAILED: " + ("spread above 3%" if spread > 0.03 else "the second study re-measured"))
+    print(
+        "OK" if ok else "FAILED: " + ("spread above 3%" if spread > 0.03 else "the second study re-measured")
+    )
     return 0 if ok else 1
 
 

@@ -91,8 +91,11 @@ def lowered(backend, data, tmp_path_factory):
 
 
 def _tolerance(backend) -> float:
-    dtype = getattr(backend, "dtype", torch.float32)
-    return 1e-4 if backend.name != "ascend" and dtype == torch.float32 else 3e-2
+    """fp32 on the CPU: exact up to rounding; accelerators may use TF32/HF32 for fp32 convolutions
+    (cuDNN and torch_npu defaults); fp16 (the ascend backend, dtype options) much coarser."""
+    if backend.name == "ascend" or getattr(backend, "dtype", torch.float32) != torch.float32:
+        return 3e-2
+    return 1e-4 if backend.device == "cpu" else 3e-3
 
 
 def test_capabilities_are_declared(backend):
