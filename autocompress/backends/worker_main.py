@@ -8,24 +8,27 @@ from pathlib import Path
 
 from .worker import pin_to
 
+_BACKENDS: dict[str, object] = {}
+
 
 def handle(req: dict) -> dict:
     import numpy as np
 
     from . import BACKENDS
-    from .base import LatencyStats  # noqa: F401 - the reply's shape
 
     pin_to(req.get("pin_core"))
     options = {**req.get("options", {}), "isolate": False}
-    backend = BACKENDS.get(req["backend"])(
-        device=req["device"], batch_size=req["batch_size"], threads=req["threads"], **options
+    key = json.dumps(
+        [req["backend"], req["device"], req["batch_size"], req["threads"], options], sort_keys=True
     )
-    try:
-        x = np.load(req["input"])
-        artifacts = [backend.load_artifact(Path(p)) for p in req["paths"]]
-        stats = backend.time_local(artifacts, x, **req.get("limits", {}))
-    finally:
-        backend.close()
+    backend = _BACKENDS.get(key)
+    if backend is None:  # kept for the next requests: loaded (and compiled) programs are reused
+        backend = _BACKENDS[key] = BACKENDS.get(req["backend"])(
+            device=req["device"], batch_size=req["batch_size"], threads=req["threads"], **options
+        )
+    x = np.load(req["input"])
+    artifacts = [backend.load_artifact(Path(p)) for p in req["paths"]]
+    stats = backend.time_local(artifacts, x, **req.get("limits", {}))
     return {"stats": [s.to_dict() for s in stats]}
 
 
