@@ -124,10 +124,14 @@ def main() -> int:
         "--option",
         action="append",
         default=None,
-        help="backend option for the measuring processes (default: timing={target_rel_ci: 0.01, max_s: 6})",
+        help="backend option for the measuring processes (default: timing={target_rel_ci: 0.01, min_s: 3, max_s: 6, max_repeats: 100000})",
     )
     args = p.parse_args()
-    options = args.option if args.option is not None else ["timing={target_rel_ci: 0.01, max_s: 6}"]
+    options = (
+        args.option
+        if args.option is not None
+        else ["timing={target_rel_ci: 0.01, min_s: 3, max_s: 6, max_repeats: 100000}"]
+    )
     with tempfile.TemporaryDirectory(prefix="ac-bench-") as tmp:
         tmp = Path(tmp)
         artifact = args.artifact or make_artifact(args.backend, tmp / "artifact")

@@ -115,6 +115,7 @@ def time_callables(
     min_repeats: int = 100,
     max_repeats: int = 3000,
     max_s: float = 3.0,
+    min_s: float = 0.0,
     target_rel_ci: float = 0.02,
 ) -> list[LatencyStats]:
     """Warm up, then time ``fns`` in alternating blocks until every median's relative CI is small.
@@ -122,7 +123,9 @@ def time_callables(
     Alternating blocks means several artifacts (e.g. a candidate and the baseline) see the same
     machine state, so their ratio is measured side by side. The CI half width uses the notch rule
     ``1.57 * IQR / sqrt(n)``; timing stops when every CI is at most ``target_rel_ci`` (after at
-    least ``min_repeats`` calls each), or at ``max_repeats`` calls or ``max_s`` seconds.
+    least ``min_repeats`` calls each and ``min_s`` seconds), or at ``max_repeats`` calls or ``max_s``
+    seconds. A ``min_s`` of a second or more spreads the samples over time, so that one burst of load
+    from another process cannot make the whole measurement.
 
     On accelerators pass ``sync`` (the device's synchronize: a call is timed until its work is done)
     or ``timer`` (times one call on the device, e.g. with start/end events, and returns seconds).
@@ -136,7 +139,8 @@ def time_callables(
             i += 1
         sync()
     samples: list[list[float]] = [[] for _ in fns]
-    deadline = time.perf_counter() + max_s
+    start = time.perf_counter()
+    deadline = start + max_s
     while True:
         for fn, out in zip(fns, samples, strict=True):
             for _ in range(block):
@@ -149,7 +153,8 @@ def time_callables(
                 out.append(time.perf_counter() - t0)
         stats = [_stats(s, device, batch_size, block) for s in samples]
         n = len(samples[0])
-        if n >= min_repeats and all(st.rel_ci <= target_rel_ci for st in stats):
+        long_enough = time.perf_counter() - start >= min_s
+        if n >= min_repeats and long_enough and all(st.rel_ci <= target_rel_ci for st in stats):
             return stats
         if n >= max_repeats or time.perf_counter() > deadline:
             return stats
