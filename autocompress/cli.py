@@ -1,4 +1,4 @@
-"""The command line: ``autocompress run | report | pick``."""
+"""The command line: ``autocompress run | report | pick | measure``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import yaml
 from .errors import AutoCompressError, ConfigError
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str], flag: str = "--set") -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}", source="command line", field="--set")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {pair!r}", source="command line", field=flag)
         out[key] = yaml.safe_load(value)
     return out
 
@@ -139,6 +139,24 @@ def cmd_pick(args) -> int:
     return 0
 
 
+def cmd_measure(args) -> int:
+    from .measure import format_stats, measure_artifact
+
+    stats, env = measure_artifact(
+        args.artifact,
+        args.backend,
+        args.device,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        options=_overrides(args.option or [], "--option"),
+    )
+    if args.json:
+        print(json.dumps({"latency": stats.to_dict(), "environment": env}, indent=2))
+    else:
+        print(format_stats(args.artifact, stats, env))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autocompress", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-latency-ms", type=float)
             s.add_argument("--max-size-bytes", type=float)
             s.add_argument("--max-accuracy-drop", type=float)
+
+    m = sub.add_parser("measure", help="time an exported artifact on its own (median, p90, IQR, count)")
+    m.add_argument("artifact", help="the deployable file, e.g. runs/x/pareto/trial-00012/model.onnx")
+    m.add_argument("--backend", default="onnxruntime", help="backend that runs it (default: onnxruntime)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N (default: cpu)")
+    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option, e.g. pin_core=0")
+    m.add_argument("--json", action="store_true", help="print the stats and environment as JSON")
+    m.set_defaults(func=cmd_measure)
     return p
 
 

@@ -39,6 +39,8 @@ class BackendConfig(_Strict):
     batch_size: int = Field(1, ge=1, le=4096)
     threads: int = Field(1, ge=1, le=256)
     options: dict[str, Any] = {}
+    # latency cache: "run" (<output>/latency_cache.db), "user" (~/.cache/autocompress), "off", or a file
+    latency_cache: str = Field("run", min_length=1)
 
 
 class Budgets(_Strict):

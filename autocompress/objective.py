@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backends import Artifact, Backend
+from .backends import Artifact, Backend, LatencyCache, measure_cached
 from .config import StudyConfig
 from .errors import TrialFailed
 from .inventory import LayerInfo
@@ -39,6 +39,7 @@ class RunContext:
     space: SearchSpace
     backend: Backend
     baseline: dict | None = None
+    latency_cache: LatencyCache | None = None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -53,19 +54,16 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def environment(backend: Backend) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Where a trial ran: backend, device (name, count, driver), library versions, capabilities."""
+    dev = backend.device_info()
     return {
         "backend": backend.name,
         "device": backend.device,
-        "device_name": cpu,
+        "device_name": dev.get("name"),
+        "device_count": dev.get("count"),
+        "device_driver": dev.get("driver"),
         "cpu_count": os.cpu_count(),
+        "host": platform.node(),
         "python": platform.python_version(),
         "capabilities": backend.capabilities(),
         **{f"version.{k}": v for k, v in backend.versions().items()},
@@ -88,8 +86,10 @@ def measure_baseline(ctx: RunContext) -> dict:
     artifact = ctx.backend.lower(model, ctx.task.example_inputs(), {}, tmp)
     x, y = ctx.task.test
     acc = ctx.backend.evaluate(artifact, x.numpy(), y.numpy(), ctx.task.score)
-    lat = ctx.backend.measure(artifact, ctx.task.example_inputs())
+    lat, _, cached = measure_cached(ctx.backend, ctx.latency_cache, artifact, None, ctx.task.example_inputs())
     metrics = {
+        "artifact": artifact.path.name,
+        "latency_cached": cached,
         "accuracy": acc,
         "latency_ms": lat.median_ms,
         "latency_p90_ms": lat.p90_ms,
@@ -134,15 +134,18 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
         t3 = time.perf_counter()
         if base:  # timed side by side with the baseline artifact: the speedup is a measured ratio
             base_artifact = Artifact(
-                ctx.run_dir / "baseline" / "model.onnx",
+                ctx.run_dir / "baseline" / base.get("artifact", "model.onnx"),
                 backend.name,
                 backend.device,
                 base["size_bytes"],
                 base["size_bytes"],
             )
-            lat, base_lat = backend.measure_pair(artifact, base_artifact, task.example_inputs())
         else:
-            lat, base_lat = backend.measure(artifact, task.example_inputs()), None
+            base_artifact = None
+        # from the latency cache when this structure was timed before (with the baseline, side by side)
+        lat, base_lat, cached = measure_cached(
+            backend, ctx.latency_cache, artifact, base_artifact, task.example_inputs()
+        )
         t4 = time.perf_counter()
         if not all(map(lambda v: v == v and abs(v) != float("inf"), (acc, lat.median_ms))):
             raise TrialFailed(f"non-finite metrics: accuracy={acc}, latency={lat.median_ms}")
@@ -156,6 +159,7 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             "latency_ms": lat.median_ms,
             "latency_p90_ms": lat.p90_ms,
             "latency": lat.to_dict(),
+            "latency_cached": cached,
             "size_bytes": artifact.size_bytes,
             "packed_size_bytes_theoretical": artifact.packed_size_bytes,
             "precisions": artifact.precisions,
@@ -164,6 +168,7 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             "notes": result.notes,
             "finetune_losses": result.losses,
             "artifact": artifact.path.name,
+            "environment": environment(backend),
         }
         if base:
             metrics.update(

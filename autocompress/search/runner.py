@@ -19,7 +19,8 @@ from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
-from ..backends import BACKENDS, Backend
+from ..backends import BACKENDS, Backend, LatencyCache
+from ..backends.cache import cache_path
 from ..config import StudyConfig, resolve_space_file
 from ..errors import AutoCompressError, ConfigError
 from ..inventory import build_inventory
@@ -157,6 +158,7 @@ class Progress:
     def __init__(self, n_target: int, done: int, log: Callable[[str], None]):
         self.n_target, self.start_done, self.log = n_target, done, log
         self.t0 = time.perf_counter()
+        self.cache: LatencyCache | None = None  # set by the loop: its hit count is shown
 
     def trial(self, study: optuna.Study, done: int, number: int, m: dict | None, reason: str = "") -> None:
         elapsed = time.perf_counter() - self.t0
@@ -169,6 +171,9 @@ class Progress:
                 f"acc {m['accuracy']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
                 f"{m['size_bytes'] / 1024:.1f} kB ({m.get('size_ratio', 1):.1f}x smaller)"
             )
+            if m.get("latency_cached"):
+                hits = f", {self.cache.hits} hits" if self.cache is not None else ""
+                what += f" [latency from cache{hits}]"
         front = study.best_trials
         best = ""
         if front:
@@ -222,6 +227,8 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
             raise exc.at(cfg.source) from None
         inventory = build_inventory(teacher, prep.task.example_inputs())
         ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
+        where = cache_path(cfg.backend.latency_cache, run_dir)
+        ctx.latency_cache = LatencyCache(where) if where is not None else None
         ctx.baseline = _baseline(ctx, log)
         study = _study(ctx, prep.sampler, log)
         yield ctx, study
@@ -316,6 +323,8 @@ RECORDED = (
     "latency_ms",
     "latency_p90_ms",
     "latency",
+    "latency_cached",
+    "environment",
     "size_bytes",
     "speedup",
     "size_ratio",
@@ -368,6 +377,7 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         log(f"study already has {done} completed trials (asked for {n_target}): nothing to run")
         return "done"
     progress = Progress(n_target, done, log)
+    progress.cache = ctx.latency_cache
     deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
     failures = ran = 0
     while done < n_target:
