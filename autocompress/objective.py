@@ -122,7 +122,7 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             reduce_range=backend.reduce_range,
             threads=cfg.finetune.threads,
             batch_size=cfg.finetune.batch_size,
-            round_to=getattr(backend, "preferred_channel_multiple", None),
+            round_to=backend.preferred_channel_multiple,
         )
         t1 = time.perf_counter()
         artifact = backend.lower(

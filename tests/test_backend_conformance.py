@@ -21,6 +21,7 @@ from torch import nn
 
 from autocompress.backends import BACKENDS
 from autocompress.backends.base import lock_dir
+from autocompress.plan import SUPPORTED_BITS
 
 
 def _targets(selected: list[str]) -> list[tuple[str, str]]:
@@ -100,7 +101,7 @@ def _tolerance(backend) -> float:
 
 def test_capabilities_are_declared(backend):
     caps = backend.capabilities()
-    assert 32 in caps["stored_bits"] and set(caps["stored_bits"]) <= {4, 8, 32}
+    assert 32 in caps["stored_bits"] and set(caps["stored_bits"]) <= set(SUPPORTED_BITS)
     assert set(caps["native_bits"]) <= set(caps["stored_bits"])
     assert caps["sparsity_kinds"] and isinstance(caps["preferred_channel_multiple"], int)
     assert caps["preferred_channel_multiple"] >= 1
