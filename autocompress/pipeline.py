@@ -114,9 +114,12 @@ def compress(
     reduce_range: bool = False,
     threads: int | None = None,
     batch_size: int = 64,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int, float, nn.Module], None] | None = None,
 ) -> Compressed:
     """Build the compressed model that ``plan`` describes, starting from ``teacher``.
+
+    ``on_epoch(epoch, mean_loss, student)`` is called after each fine-tuning epoch with the model as it
+    trains (fake quantization and masks on); it may raise to stop the fine-tune (e.g. a pruned trial).
 
     Raises:
         TrialFailed: the fine-tuning loss became NaN or infinite.
@@ -166,7 +169,7 @@ def compress(
                 step += 1
             losses.append(running / steps_per_epoch)
             if on_epoch:
-                on_epoch(epoch, losses[-1])
+                on_epoch(epoch, losses[-1], student)
     for n, m in pruned.items():
         set_sparsity(m, final_sparsity[n])
     for m in modules.values():
