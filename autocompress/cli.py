@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="join a study through its shared storage (run one per process/host)")
     w.add_argument("study", help="study file (YAML) whose storage is shared (PostgreSQL URL or journal file)")
     w.add_argument("--storage", help="storage URL (overrides storage)")
-    w.add_argument("--n-trials", type=int, help="completed trials the study should reach (overrides trials.n)")
+    w.add_argument(
+        "--n-trials", type=int, help="completed trials the study should reach (overrides trials.n)"
+    )
     w.add_argument("--output", help="run folder (overrides output)")
     w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
     w.set_defaults(func=cmd_worker)

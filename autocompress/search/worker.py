@@ -18,9 +18,11 @@ What keeps N workers honest is Optuna's:
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 from filelock import FileLock
@@ -38,11 +40,21 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
     return out
 
 
-def _next_trial(study: optuna.Study, n_target: int) -> tuple[optuna.Trial | None, bool]:
+def _remove_partial_folders(study: optuna.Study, run_dir: Path) -> None:
+    """The half-written folders of trials whose worker died (their retries get new numbers)."""
+    trials_dir = run_dir / "trials"
+    if not trials_dir.is_dir():
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        shutil.rmtree(trials_dir / f".{t.number:05d}.tmp", ignore_errors=True)
+
+
+def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optuna.Trial | None, bool]:
     """(trial to run or None, whether the study is done). Call holding the ask lock."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fail_stale_trials is experimental; ask warns about heartbeats
         optuna.storages.fail_stale_trials(study)
+        _remove_partial_folders(study, run_dir)
         counts = _counts(study)
         if counts[TrialState.COMPLETE] >= n_target:
             return None, True
@@ -51,7 +63,9 @@ def _next_trial(study: optuna.Study, n_target: int) -> tuple[optuna.Trial | None
         return study.ask(), False
 
 
-def run_worker(cfg: StudyConfig, *, n_trials: int | None = None, log: Callable[[str], None] = print) -> RunSummary:
+def run_worker(
+    cfg: StudyConfig, *, n_trials: int | None = None, log: Callable[[str], None] = print
+) -> RunSummary:
     """Join the study of ``cfg`` through its (shared) storage and run trials until it has ``n_trials``.
 
     The first worker to start trains the teacher, measures the baseline and creates the study (under
@@ -76,7 +90,7 @@ def run_worker(cfg: StudyConfig, *, n_trials: int | None = None, log: Callable[[
                 log(f"wall-time budget of {cfg.trials.timeout_s} s reached")
                 break
             with gate:
-                trial, finished = _next_trial(study, n_target)
+                trial, finished = _next_trial(study, n_target, ctx.run_dir)
             if finished:
                 break
             if trial is None:
@@ -90,7 +104,9 @@ def run_worker(cfg: StudyConfig, *, n_trials: int | None = None, log: Callable[[
                 failures += 1
                 if failures > cfg.trials.max_failures:
                     stopped = "failures"
-                    log(f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})")
+                    log(
+                        f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})"
+                    )
                     break
         with FileLock(str(ctx.run_dir / "setup.lock")):
             export_front(study, ctx.run_dir)
