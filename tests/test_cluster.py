@@ -44,7 +44,7 @@ def _study_file(tmp_path: Path, name: str, n: int, **changes) -> tuple[Path, Pat
             "file": str(ROOT / "search_spaces/default.yaml"),
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
-        "finetune": {"epochs": 3, "threads": 1},
+        "finetune": {"epochs": 2, "threads": 1},
         "budgets": {"max_accuracy_drop": 0.2},
         "sampler": {"name": "random"},
         "trials": {"n": n, "warm_start": []},
@@ -181,6 +181,34 @@ def test_ray_cluster_survives_a_lost_node(tmp_path, ray_cluster):
     assert errors, "no trial was lost with the node"
     report = subprocess.run(_cmd("report", run), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
+
+    # a driver that dies mid-trial: the same command again continues the same study
+    driver = subprocess.Popen(
+        _cmd("run", study_file, "--ray", ray_cluster["address"], "--n-trials", n + 1),
+        env=ray_cluster["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lambda: len(_running_dirs(run)) >= 1, 150, "the 9th trial running", driver)
+    finally:
+        driver.kill()
+        driver.wait()
+    again = subprocess.run(
+        _cmd("run", study_file, "--ray", ray_cluster["address"], "--n-trials", n + 1),
+        env=ray_cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was interrupted; marked failed and queued again" in again.stdout
+    study = optuna.load_study(study_name="raytiny", storage=f"sqlite:///{run}/study.db")
+    complete = _check_run_folder(run, study, n + 1, files=["study.db"])
+    (lost,) = study.get_trials(states=(TrialState.FAIL,))
+    assert lost.user_attrs["fail_reason"].startswith("interrupted")
+    (retry,) = [t for t in complete if t.user_attrs.get("retry_of") == lost.number]
+    assert retry.params == lost.params
 
 
 # ---------------------------------------------------------------- shared-storage workers

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -189,13 +190,17 @@ class Progress:
         )
 
 
-def _recover_interrupted(study: optuna.Study, storage, log) -> None:
-    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again."""
+def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
+    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
+    (and remove what the dead process may have left of their folders)."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it died")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if run_dir is not None:
+            for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
+                shutil.rmtree(run_dir / "trials" / name, ignore_errors=True)
         log(f"trial {t.number} was interrupted; marked failed and queued again")
 
 
@@ -282,7 +287,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
             )
             study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
     if not shared:
-        _recover_interrupted(study, storage, log)
+        _recover_interrupted(study, storage, log, ctx.run_dir)
     return study
 
 
