@@ -244,6 +244,11 @@ def run_study_ray(
     from ..report import write_report
 
     n_target = n_trials or cfg.trials.n
+    if cfg.pruner.name != "none":
+        # per-epoch reports carry only the scheduler's metric; the searcher reads the objectives from the
+        # final report (multi-objective OptunaSearch ignores intermediate results), so Tune's check that
+        # every result holds the searcher's metrics does not apply (its documented switch)
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with open_run(cfg, log) as (ctx, study):
         run_dir = ctx.run_dir.resolve()
         # "local": a Ray instance started for this run only (no cluster)
