@@ -2,9 +2,9 @@
 
     python benchmarks/workers.py [--trials 6] [--width 16] [--epochs 3]
 
-Phase 1 runs one worker until the study has ``--trials`` completed trials; phase 2 runs two workers
-together on the same study (same journal storage, same run folder) until it has 3x that many, so each
-phase completes about the same amount of work per worker. Throughput is measured from the trials'
+Alternating phases on the same study (same journal storage, same run folder): one worker runs
+``--trials`` trials, then two workers together run 2x that many, repeated ``--rounds`` times so that the
+load of other processes on the machine falls on both alike. Throughput is measured from the trials'
 own start / completion times in the storage (process start-up and the one-off teacher and baseline are
 excluded). Each worker fine-tunes with 1 torch thread; timing holds the per-device lock, so the timed
 part of a trial is serialized across the workers, as it must be. Prints the ratio (target >= 1.6x).
@@ -42,14 +42,10 @@ def _throughput(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, float]:
     return len(trials) / span * 3600, span
 
 
-def _phase_split(study: optuna.Study, n1: int) -> tuple[list, list]:
-    done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_start)
-    return done[:n1], done[n1:]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=6, help="trials of the single-worker phase")
+    ap.add_argument("--trials", type=int, default=5, help="trials per worker in each phase")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the 1-worker and 2-worker phases")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
@@ -64,31 +60,44 @@ def main() -> int:
                 "space": {"file": str(ROOT / "search_spaces/default.yaml")},
                 "finetune": {"epochs": args.epochs, "threads": 1},
                 "sampler": {"name": "random"},
-                "trials": {"n": args.trials, "warm_start": []},
+                "trials": {"n": 1, "warm_start": []},
                 "storage": f"journal://{journal}",
                 "output": str(tmp / "run"),
             }
         )
     )
-    n1, n2 = args.trials, 3 * args.trials
-    print(f"phase 1: one worker, {n1} trials (run folder {tmp})", flush=True)
-    if _worker(study_file, n1, tmp / "w0.log").wait() != 0:
-        print((tmp / "w0.log").read_text()[-3000:])
-        return 1
-    print(f"phase 2: two workers together, {n2 - n1} more trials", flush=True)
-    procs = [_worker(study_file, n2, tmp / f"w{i}.log") for i in (1, 2)]
-    if any(p.wait() != 0 for p in procs):
-        print((tmp / "w1.log").read_text()[-3000:])
-        return 1
-    study = optuna.load_study(study_name="bench", storage=JournalStorage(JournalFileBackend(str(journal))))
-    one, two = _phase_split(study, n1)
-    tph1, span1 = _throughput(one)
-    tph2, span2 = _throughput(two)
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    one, two, span1, span2, target = [], [], 0.0, 0.0, 0
+    for r in range(args.rounds):  # alternate the phases so that outside load hits both alike
+        for n_workers in (1, 2):
+            target += n_workers * args.trials
+            print(f"round {r + 1}: {n_workers} worker(s) until {target} trials", flush=True)
+            procs = [_worker(study_file, target, tmp / f"w{r}-{n_workers}-{i}.log") for i in range(n_workers)]
+            if any(p.wait() != 0 for p in procs):
+                print((tmp / f"w{r}-{n_workers}-0.log").read_text()[-3000:])
+                return 1
+            study = optuna.load_study(study_name="bench", storage=storage)
+            done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.datetime_complete)
+            phase = done[target - n_workers * args.trials : target]
+            span = _throughput(phase)[1]
+            (one if n_workers == 1 else two).extend(phase)
+            span1, span2 = (span1 + span, span2) if n_workers == 1 else (span1, span2 + span)
+    tph1, tph2 = len(one) / span1 * 3600, len(two) / span2 * 3600
     secs = [t.user_attrs["seconds"] for t in one + two]
     share = sum(s["measure"] for s in secs) / sum(s["total"] for s in secs)
     print(f"1 worker : {len(one)} trials in {span1:.1f} s = {tph1:.0f} trials/h")
     print(f"2 workers: {len(two)} trials in {span2:.1f} s = {tph2:.0f} trials/h")
-    print(f"timed (device-locked) share of a trial: {share:.0%}")
+    for label, trials in (("1 worker ", one), ("2 workers", two)):
+        parts = {
+            k: sum(t.user_attrs["seconds"][k] for t in trials) / len(trials) for k in ("finetune", "measure")
+        }
+        print(
+            f"{label}: mean fine-tune {parts['finetune']:.2f} s, mean timing {parts['measure']:.2f} s per trial"
+        )
+    print(
+        f"timed (device-locked) share of a trial: {share:.0%}; load average after: {os.getloadavg()[0]:.2f}"
+    )
     ratio = tph2 / tph1
     print(f"ratio 2 workers / 1 worker: {ratio:.2f}x (target >= 1.6x)")
     return 0 if ratio >= 1.6 else 1
