@@ -56,7 +56,7 @@ def test_bad_pruner_option_is_a_config_error(tmp_path):
 @pytest.mark.slow
 def test_successive_halving_prunes_hopeless_trials_with_their_last_metrics(tmp_path):
     cfg = _cfg(tmp_path)
-    summary = run_study(cfg, stop_after=7, log=lambda s: None)
+    summary = run_study(cfg, stop_after=5, log=lambda s: None)
     study = summary.study
     pruned = study.get_trials(states=(TrialState.PRUNED,))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
