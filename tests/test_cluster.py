@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +147,7 @@ def ray_cluster(tmp_path):
         for node in (worker, head):
             _kill_node(node, signal.SIGKILL)
             node.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_cluster_survives_a_lost_node(tmp_path, ray_cluster):
