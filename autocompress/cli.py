@@ -25,6 +25,8 @@ def _overrides(pairs: list[str], flag: str = "--set") -> dict:
 def _open_run(run_dir: Path, storage: str | None, study_name: str | None):
     import optuna
 
+    from .search.storage import make_storage, study_names
+
     if not run_dir.is_dir():
         raise ConfigError("run folder does not exist", source=str(run_dir))
     url = storage or f"sqlite:///{run_dir / 'study.db'}"
@@ -32,14 +34,14 @@ def _open_run(run_dir: Path, storage: str | None, study_name: str | None):
         raise ConfigError(
             "no study.db in the run folder (pass --storage for a shared storage)", source=str(run_dir)
         )
-    names = optuna.get_all_study_names(url)
+    names = study_names(url)
     if study_name is None:
         if len(names) != 1:
             raise ConfigError(f"storage holds studies {names}; choose one with --study", source=url)
         study_name = names[0]
     elif study_name not in names:
         raise ConfigError(f"no study {study_name!r} in the storage (has: {', '.join(names)})", source=url)
-    return optuna.load_study(study_name=study_name, storage=url)
+    return optuna.load_study(study_name=study_name, storage=make_storage(url))
 
 
 def cmd_run(args) -> int:
@@ -50,7 +52,12 @@ def cmd_run(args) -> int:
     if args.output:
         overrides["output"] = args.output
     cfg = load_config(args.study, overrides)
-    summary = run_study(cfg, n_trials=args.n_trials, stop_after=args.stop_after)
+    if args.ray:
+        from .search.ray_runner import run_study_ray
+
+        summary = run_study_ray(cfg, args.ray, n_trials=args.n_trials)
+    else:
+        summary = run_study(cfg, n_trials=args.n_trials, stop_after=args.stop_after)
     if summary.stopped == "failures":
         print(
             f"error: the study stopped after too many failed trials ({summary.completed}/{summary.requested} "
@@ -85,6 +92,19 @@ def cmd_inspect(args) -> int:
         )
     print(f"wrote {ctx.run_dir / 'sensitivity.csv'}, {png}")
     return 0
+
+
+def cmd_worker(args) -> int:
+    from .config import load_config
+    from .search.worker import run_worker
+
+    overrides = _overrides(args.set or [])
+    if args.output:
+        overrides["output"] = args.output
+    if args.storage:
+        overrides["storage"] = args.storage
+    summary = run_worker(load_config(args.study, overrides), n_trials=args.n_trials)
+    return 1 if summary.stopped == "failures" else 0
 
 
 def cmd_report(args) -> int:
@@ -167,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="run folder (overrides output)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set seed=3")
     r.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    r.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster (ADDRESS or 'auto')")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser(
@@ -177,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
     i.add_argument("--no-cache", action="store_true", help="recompute even if sensitivity.json matches")
     i.set_defaults(func=cmd_inspect)
+
+    w = sub.add_parser("worker", help="join a study through its shared storage (run one per process/host)")
+    w.add_argument("study", help="study file (YAML) whose storage is shared (PostgreSQL URL or journal file)")
+    w.add_argument("--storage", help="storage URL (overrides storage)")
+    w.add_argument(
+        "--n-trials", type=int, help="completed trials the study should reach (overrides trials.n)"
+    )
+    w.add_argument("--output", help="run folder (overrides output)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
+    w.set_defaults(func=cmd_worker)
 
     for name, helptext in (
         ("report", "re-render tables, plots and the Pareto export from the storage"),

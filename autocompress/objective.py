@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,15 @@ def measure_baseline(ctx: RunContext) -> dict:
     return metrics
 
 
-def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
+def run_trial(
+    ctx: RunContext,
+    plan: Plan,
+    trial_dir: Path,
+    on_epoch: Callable[[int, float, nn.Module], None] | None = None,
+) -> dict:
     """Compress, lower, evaluate and time one plan; write its folder atomically; return metrics.
+
+    ``on_epoch`` is passed to :func:`~autocompress.pipeline.compress` (multi-fidelity pruning).
 
     Raises:
         TrialFailed / BackendError / TechniqueError: the trial cannot produce valid metrics.
@@ -123,6 +131,7 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             threads=cfg.finetune.threads,
             batch_size=cfg.finetune.batch_size,
             round_to=backend.preferred_channel_multiple,
+            on_epoch=on_epoch,
         )
         t1 = time.perf_counter()
         artifact = backend.lower(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import traceback
 import warnings
@@ -31,7 +33,9 @@ from ..plan import Plan
 from ..report import write_trials_table
 from ..space import SearchSpace
 from ..tasks import Task, load_task
+from .fidelity import Fidelity, make_pruner
 from .samplers import make_sampler
+from .storage import check_storage_url, make_storage
 
 DIRECTIONS = ["maximize" if s > 0 else "minimize" for s in OBJECTIVES.values()]
 
@@ -96,6 +100,10 @@ def prepare(cfg: StudyConfig) -> Prepared:
         raise ConfigError(str(exc), source=src, field="backend.device") from None
     _check_storage_url(cfg)
     try:
+        make_pruner(cfg.pruner)
+    except ConfigError as exc:
+        raise exc.at(src) from None
+    try:
         task = load_task(cfg.task.name, cfg.task.options, where="task")
     except ConfigError as exc:
         raise exc.at(src) from None
@@ -103,18 +111,10 @@ def prepare(cfg: StudyConfig) -> Prepared:
 
 
 def _check_storage_url(cfg: StudyConfig) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    url = cfg.storage_url()
     try:
-        make_url(url)
-    except ArgumentError:
-        raise ConfigError(
-            f"{url!r} is not a database URL (e.g. sqlite:///runs/x/study.db)",
-            source=cfg.source,
-            field="storage",
-        ) from None
+        check_storage_url(cfg.storage_url())
+    except ConfigError as exc:
+        raise exc.at(cfg.source, "storage") from None
 
 
 def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], None]) -> torch.nn.Module:
@@ -160,12 +160,20 @@ class Progress:
         self.t0 = time.perf_counter()
         self.cache: LatencyCache | None = None  # set by the loop: its hit count is shown
 
-    def trial(self, study: optuna.Study, done: int, number: int, m: dict | None, reason: str = "") -> None:
+    def trial(
+        self,
+        study: optuna.Study,
+        done: int,
+        number: int,
+        m: dict | None,
+        reason: str = "",
+        pruned: bool = False,
+    ) -> None:
         elapsed = time.perf_counter() - self.t0
         ran = done - self.start_done
         eta = elapsed / ran * (self.n_target - done) if ran else math.nan
         if m is None:
-            what = f"FAILED: {reason}"
+            what = f"PRUNED: {reason}" if pruned else f"FAILED: {reason}"
         else:
             what = (
                 f"acc {m['accuracy']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
@@ -188,13 +196,17 @@ class Progress:
         )
 
 
-def _recover_interrupted(study: optuna.Study, storage, log) -> None:
-    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again."""
+def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
+    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
+    (and remove what the dead process may have left of their folders)."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it died")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if run_dir is not None:
+            for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
+                shutil.rmtree(run_dir / "trials" / name, ignore_errors=True)
         log(f"trial {t.number} was interrupted; marked failed and queued again")
 
 
@@ -219,18 +231,21 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
             ) from None
     try:
         torch.set_num_threads(cfg.finetune.threads)
-        if Path(cfg.source).exists():
-            write_text_atomic(run_dir / "study.yaml", Path(cfg.source).read_text())
-        try:
-            teacher = _teacher(prep.task, cfg, run_dir, log)
-        except ConfigError as exc:
-            raise exc.at(cfg.source) from None
-        inventory = build_inventory(teacher, prep.task.example_inputs())
-        ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
-        where = cache_path(cfg.backend.latency_cache, run_dir)
-        ctx.latency_cache = LatencyCache(where) if where is not None else None
-        ctx.baseline = _baseline(ctx, log)
-        study = _study(ctx, prep.sampler, log)
+        # workers starting together: the first one trains the teacher, measures the baseline and creates
+        # the study; the others wait here, then load them
+        with FileLock(str(run_dir / "setup.lock")):
+            if Path(cfg.source).exists():
+                write_text_atomic(run_dir / "study.yaml", Path(cfg.source).read_text())
+            try:
+                teacher = _teacher(prep.task, cfg, run_dir, log)
+            except ConfigError as exc:
+                raise exc.at(cfg.source) from None
+            inventory = build_inventory(teacher, prep.task.example_inputs())
+            ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
+            where = cache_path(cfg.backend.latency_cache, run_dir)
+            ctx.latency_cache = LatencyCache(where) if where is not None else None
+            ctx.baseline = _baseline(ctx, log)
+            study = _study(ctx, prep.sampler, log, shared=not exclusive)
         yield ctx, study
     finally:
         prep.backend.close()
@@ -254,10 +269,18 @@ def _baseline(ctx: RunContext, log: Callable[[str], None]) -> dict:
     return b
 
 
-def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study:
-    """Create or load the study; on creation store the run's facts and enqueue the warm starts."""
+def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = False) -> optuna.Study:
+    """Create or load the study; on creation store the run's facts and enqueue the warm starts.
+
+    ``shared``: other workers run trials of this study right now, so RUNNING trials are not ours to
+    recover; Optuna's heartbeat finds the dead ones instead (see :mod:`.storage`).
+    """
     cfg, b = ctx.config, ctx.baseline
-    storage = optuna.storages.get_storage(cfg.storage_url())
+    w = cfg.workers
+    beat = (
+        {"heartbeat_interval_s": w.heartbeat_interval_s, "grace_period_s": w.grace_period_s} if shared else {}
+    )
+    storage = make_storage(cfg.storage_url(), max_retry=w.max_retry, **beat)
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, directions=DIRECTIONS, sampler=sampler, load_if_exists=True
     )
@@ -285,7 +308,8 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study
                 ctx.space.params_from_layers(ctx.inventory, gentle),
                 user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
             )
-    _recover_interrupted(study, storage, log)
+    if not shared:
+        _recover_interrupted(study, storage, log, ctx.run_dir)
     return study
 
 
@@ -366,6 +390,44 @@ def run_study(
         return RunSummary(study, completed, n_target, stopped)
 
 
+def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:
+    """The study's multi-fidelity pruning (None when ``pruner.name`` is ``none``)."""
+    if ctx.config.pruner.name == "none":
+        return None
+    return Fidelity(ctx.config, study._storage, ctx.task)
+
+
+def execute_trial(
+    ctx: RunContext, study: optuna.Study, trial: optuna.Trial, fidelity: Fidelity | None = None
+) -> tuple[TrialState, dict | None, str]:
+    """Run one asked trial end to end and tell the study: (state, metrics or None, reason).
+
+    A failing trial is recorded with its reason; a pruned one (``fidelity``) keeps its last held-out
+    accuracy; neither stops the caller.
+    """
+    run_ctx = dataclasses.replace(ctx, task=fidelity.task) if fidelity else ctx
+    try:
+        plan = suggest_plan(ctx, trial)
+        hook = fidelity.on_epoch(trial) if fidelity else None
+        metrics = run_trial(run_ctx, plan, ctx.run_dir / "trials" / f"{trial.number:05d}", on_epoch=hook)
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("prune_reason", str(exc))
+        study.tell(trial, state=TrialState.PRUNED)
+        if fidelity:
+            fidelity.finish(trial, TrialState.PRUNED)
+        return TrialState.PRUNED, None, str(exc)
+    except Exception as exc:  # one trial's failure never stops the study
+        reason = record_failure(trial, exc)
+        study.tell(trial, state=TrialState.FAIL)
+        if fidelity:
+            fidelity.finish(trial, TrialState.FAIL)
+        return TrialState.FAIL, None, reason
+    study.tell(trial, record_success(ctx, trial, metrics))
+    if fidelity:
+        fidelity.finish(trial, TrialState.COMPLETE)
+    return TrialState.COMPLETE, metrics, ""
+
+
 def _complete_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -380,6 +442,7 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
     progress.cache = ctx.latency_cache
     deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
     failures = ran = 0
+    fidelity = make_fidelity(ctx, study)
     while done < n_target:
         if time.monotonic() > deadline:
             log(f"wall-time budget of {cfg.trials.timeout_s} s reached after {done} trials")
@@ -388,19 +451,17 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
             return "stop_after"
         trial = study.ask()
         ran += 1
-        try:
-            plan = suggest_plan(ctx, trial)
-            metrics = run_trial(ctx, plan, ctx.run_dir / "trials" / f"{trial.number:05d}")
-        except Exception as exc:  # one trial's failure never stops the study
-            reason = record_failure(trial, exc)
-            study.tell(trial, state=TrialState.FAIL)
+        state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
+        if state == TrialState.FAIL:
             failures += 1
             progress.trial(study, done, trial.number, None, reason)
             if failures > cfg.trials.max_failures:
                 log(f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})")
                 return "failures"
             continue
-        study.tell(trial, record_success(ctx, trial, metrics))
+        if state == TrialState.PRUNED:
+            progress.trial(study, done, trial.number, None, reason, pruned=True)
+            continue
         done += 1
         progress.trial(study, done, trial.number, metrics)
         try:
