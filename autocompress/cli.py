@@ -1,4 +1,4 @@
-"""The command line: ``autocompress run | report | pick | rebuild``."""
+"""The command line: ``autocompress run | report | pick | measure | rebuild``."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ import yaml
 from .errors import AutoCompressError, ConfigError
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str], flag: str = "--set") -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}", source="command line", field="--set")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {pair!r}", source="command line", field=flag)
         out[key] = yaml.safe_load(value)
     return out
 
 
 def _open_run(run_dir: Path, storage: str | None, study_name: str | None):
     import optuna
+
+    from .search.storage import make_storage, study_names
 
     if not run_dir.is_dir():
         raise ConfigError("run folder does not exist", source=str(run_dir))
@@ -32,14 +34,14 @@ def _open_run(run_dir: Path, storage: str | None, study_name: str | None):
         raise ConfigError(
             "no study.db in the run folder (pass --storage for a shared storage)", source=str(run_dir)
         )
-    names = optuna.get_all_study_names(url)
+    names = study_names(url)
     if study_name is None:
         if len(names) != 1:
             raise ConfigError(f"storage holds studies {names}; choose one with --study", source=url)
         study_name = names[0]
     elif study_name not in names:
         raise ConfigError(f"no study {study_name!r} in the storage (has: {', '.join(names)})", source=url)
-    return optuna.load_study(study_name=study_name, storage=url)
+    return optuna.load_study(study_name=study_name, storage=make_storage(url))
 
 
 def cmd_run(args) -> int:
@@ -50,7 +52,12 @@ def cmd_run(args) -> int:
     if args.output:
         overrides["output"] = args.output
     cfg = load_config(args.study, overrides)
-    summary = run_study(cfg, n_trials=args.n_trials, stop_after=args.stop_after)
+    if args.ray:
+        from .search.ray_runner import run_study_ray
+
+        summary = run_study_ray(cfg, args.ray, n_trials=args.n_trials)
+    else:
+        summary = run_study(cfg, n_trials=args.n_trials, stop_after=args.stop_after)
     if summary.stopped == "failures":
         print(
             f"error: the study stopped after too many failed trials ({summary.completed}/{summary.requested} "
@@ -85,6 +92,19 @@ def cmd_inspect(args) -> int:
         )
     print(f"wrote {ctx.run_dir / 'sensitivity.csv'}, {png}")
     return 0
+
+
+def cmd_worker(args) -> int:
+    from .config import load_config
+    from .search.worker import run_worker
+
+    overrides = _overrides(args.set or [])
+    if args.output:
+        overrides["output"] = args.output
+    if args.storage:
+        overrides["storage"] = args.storage
+    summary = run_worker(load_config(args.study, overrides), n_trials=args.n_trials)
+    return 1 if summary.stopped == "failures" else 0
 
 
 def cmd_report(args) -> int:
@@ -151,6 +171,24 @@ def cmd_rebuild(args) -> int:
     return 0
 
 
+def cmd_measure(args) -> int:
+    from .measure import format_stats, measure_artifact
+
+    stats, env = measure_artifact(
+        args.artifact,
+        args.backend,
+        args.device,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        options=_overrides(args.option or [], "--option"),
+    )
+    if args.json:
+        print(json.dumps({"latency": stats.to_dict(), "environment": env}, indent=2))
+    else:
+        print(format_stats(args.artifact, stats, env))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autocompress", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="run folder (overrides output)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set seed=3")
     r.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    r.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster (ADDRESS or 'auto')")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser(
@@ -171,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
     i.add_argument("--no-cache", action="store_true", help="recompute even if sensitivity.json matches")
     i.set_defaults(func=cmd_inspect)
+
+    w = sub.add_parser("worker", help="join a study through its shared storage (run one per process/host)")
+    w.add_argument("study", help="study file (YAML) whose storage is shared (PostgreSQL URL or journal file)")
+    w.add_argument("--storage", help="storage URL (overrides storage)")
+    w.add_argument(
+        "--n-trials", type=int, help="completed trials the study should reach (overrides trials.n)"
+    )
+    w.add_argument("--output", help="run folder (overrides output)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field")
+    w.set_defaults(func=cmd_worker)
 
     for name, helptext in (
         ("report", "re-render tables, plots and the Pareto export from the storage"),
@@ -185,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-latency-ms", type=float)
             s.add_argument("--max-size-bytes", type=float)
             s.add_argument("--max-accuracy-drop", type=float)
+
+    m = sub.add_parser("measure", help="time an exported artifact on its own (median, p90, IQR, count)")
+    m.add_argument("artifact", help="the deployable file, e.g. runs/x/pareto/trial-00012/model.onnx")
+    m.add_argument("--backend", default="onnxruntime", help="backend that runs it (default: onnxruntime)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda:N or npu:N (default: cpu)")
+    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--option", action="append", metavar="KEY=VALUE", help="backend option, e.g. pin_core=0")
+    m.add_argument("--json", action="store_true", help="print the stats and environment as JSON")
+    m.set_defaults(func=cmd_measure)
+
     b = sub.add_parser("rebuild", help="re-create a trial's artifact from its stored plan and compare")
     b.add_argument("run", help="run folder (e.g. runs/quickstart)")
     b.add_argument("trial", type=int, help="trial number")

@@ -39,6 +39,8 @@ class BackendConfig(_Strict):
     batch_size: int = Field(1, ge=1, le=4096)
     threads: int = Field(1, ge=1, le=256)
     options: dict[str, Any] = {}
+    # latency cache: "run" (<output>/latency_cache.db), "user" (~/.cache/autocompress), "off", or a file
+    latency_cache: str = Field("run", min_length=1)
 
 
 class Budgets(_Strict):
@@ -73,6 +75,32 @@ class TrialsConfig(_Strict):
     keep: Literal["all", "pareto"] = "all"  # "pareto": delete artifacts of dominated trials
 
 
+class RayConfig(_Strict):
+    """Resources of one Ray Tune trial (``autocompress run STUDY --ray ADDRESS``)."""
+
+    cpus_per_trial: float = Field(1, ge=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    resources: dict[str, float] = {}  # custom node resources, e.g. {NPU: 1}
+    max_concurrent: int | None = Field(None, ge=1)
+    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker or node died (Tune FailureConfig)
+
+
+class PrunerConfig(_Strict):
+    """Multi-fidelity: stop hopeless trials during fine-tuning on held-out accuracy per epoch."""
+
+    name: str = Field("none", pattern=r"^(none|successive_halving|hyperband)$")
+    options: dict[str, Any] = {}  # Optuna's pruner options (min_resource, reduction_factor, ...)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # of the training split, not used to fine-tune
+
+
+class WorkersConfig(_Strict):
+    """Shared-storage workers (``autocompress worker``): Optuna heartbeats and retries."""
+
+    heartbeat_interval_s: int = Field(5, ge=1)
+    grace_period_s: int | None = Field(None, ge=1)  # default: 3 x heartbeat_interval_s
+    max_retry: int = Field(3, ge=0)
+
+
 class StudyConfig(_Strict):
     """Schema of a study file. Every field is documented in ``studies/quickstart.yaml``."""
 
@@ -84,6 +112,9 @@ class StudyConfig(_Strict):
     budgets: Budgets = Budgets()
     sampler: SamplerConfig = SamplerConfig()
     trials: TrialsConfig = TrialsConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    ray: RayConfig = RayConfig()
+    workers: WorkersConfig = WorkersConfig()
     seed: int = 0
     storage: str | None = None
     output: str | None = None

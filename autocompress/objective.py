@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backends import Artifact, Backend
+from .backends import Artifact, Backend, LatencyCache, measure_cached
 from .config import StudyConfig
 from .errors import TrialFailed
 from .faults import arm_export_hooks, check_deadline, crash_point, fault, trial_scope
@@ -40,6 +41,7 @@ class RunContext:
     space: SearchSpace
     backend: Backend
     baseline: dict | None = None
+    latency_cache: LatencyCache | None = None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -54,19 +56,16 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def environment(backend: Backend) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Where a trial ran: backend, device (name, count, driver), library versions, capabilities."""
+    dev = backend.device_info()
     return {
         "backend": backend.name,
         "device": backend.device,
-        "device_name": cpu,
+        "device_name": dev.get("name"),
+        "device_count": dev.get("count"),
+        "device_driver": dev.get("driver"),
         "cpu_count": os.cpu_count(),
+        "host": platform.node(),
         "python": platform.python_version(),
         "capabilities": backend.capabilities(),
         **{f"version.{k}": v for k, v in backend.versions().items()},
@@ -89,8 +88,10 @@ def measure_baseline(ctx: RunContext) -> dict:
     artifact = ctx.backend.lower(model, ctx.task.example_inputs(), {}, tmp)
     x, y = ctx.task.test
     acc = ctx.backend.evaluate(artifact, x.numpy(), y.numpy(), ctx.task.score)
-    lat = ctx.backend.measure(artifact, ctx.task.example_inputs())
+    lat, _, cached = measure_cached(ctx.backend, ctx.latency_cache, artifact, None, ctx.task.example_inputs())
     metrics = {
+        "artifact": artifact.path.name,
+        "latency_cached": cached,
         "accuracy": acc,
         "latency_ms": lat.median_ms,
         "latency_p90_ms": lat.p90_ms,
@@ -104,11 +105,16 @@ def measure_baseline(ctx: RunContext) -> dict:
     return metrics
 
 
-def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
+def run_trial(
+    ctx: RunContext,
+    plan: Plan,
+    trial_dir: Path,
+    on_epoch: Callable[[int, float, nn.Module], None] | None = None,
+) -> dict:
     """Compress, lower, evaluate and time one plan; write its folder atomically; return metrics.
 
     The trial runs under ``trials.trial_timeout_s`` (see :mod:`autocompress.faults`); its number is
-    the folder name (``trials/00012``).
+    the folder name (``trials/00012``). ``on_epoch`` is passed to :func:`~autocompress.pipeline.compress` (multi-fidelity pruning).
 
     Raises:
         TrialFailed / BackendError / TechniqueError: the trial cannot produce valid metrics.
@@ -116,10 +122,10 @@ def run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
     """
     number = int(trial_dir.name) if trial_dir.name.isdigit() else None
     with trial_scope(number, ctx.config.trials.trial_timeout_s):
-        return _run_trial(ctx, plan, trial_dir)
+        return _run_trial(ctx, plan, trial_dir, on_epoch)
 
 
-def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
+def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:
     t0 = time.perf_counter()
     cfg, task, backend, base = ctx.config, ctx.task, ctx.backend, ctx.baseline
     tmp = trial_dir.with_name(f".{trial_dir.name}.tmp")
@@ -135,7 +141,8 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             reduce_range=backend.reduce_range,
             threads=cfg.finetune.threads,
             batch_size=cfg.finetune.batch_size,
-            round_to=getattr(backend, "preferred_channel_multiple", None),
+            round_to=backend.preferred_channel_multiple,
+            on_epoch=on_epoch,
         )
         t1 = time.perf_counter()
         arm_export_hooks(result.model)
@@ -153,15 +160,18 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
         crash_point("measure", after_s=0.1)  # dies while the artifact is being timed
         if base:  # timed side by side with the baseline artifact: the speedup is a measured ratio
             base_artifact = Artifact(
-                ctx.run_dir / "baseline" / "model.onnx",
+                ctx.run_dir / "baseline" / base.get("artifact", "model.onnx"),
                 backend.name,
                 backend.device,
                 base["size_bytes"],
                 base["size_bytes"],
             )
-            lat, base_lat = backend.measure_pair(artifact, base_artifact, task.example_inputs())
         else:
-            lat, base_lat = backend.measure(artifact, task.example_inputs()), None
+            base_artifact = None
+        # from the latency cache when this structure was timed before (with the baseline, side by side)
+        lat, base_lat, cached = measure_cached(
+            backend, ctx.latency_cache, artifact, base_artifact, task.example_inputs()
+        )
         t4 = time.perf_counter()
         check_deadline("latency measurement")
         if not all(map(lambda v: v == v and abs(v) != float("inf"), (acc, lat.median_ms))):
@@ -177,6 +187,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             "latency_ms": lat.median_ms,
             "latency_p90_ms": lat.p90_ms,
             "latency": lat.to_dict(),
+            "latency_cached": cached,
             "size_bytes": artifact.size_bytes,
             "packed_size_bytes_theoretical": artifact.packed_size_bytes,
             "precisions": artifact.precisions,
@@ -185,6 +196,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path) -> dict:
             "notes": result.notes,
             "finetune_losses": result.losses,
             "artifact": artifact.path.name,
+            "environment": environment(backend),
         }
         if base:
             metrics.update(

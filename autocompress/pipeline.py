@@ -143,13 +143,16 @@ def compress(
     threads: int | None = None,
     batch_size: int = 64,
     round_to: int | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int, float, nn.Module], None] | None = None,
 ) -> Compressed:
     """Build the compressed model that ``plan`` describes, starting from ``teacher``.
 
     Order: fold BN > structured pruning (smaller layers) > low-rank factorization > masks
     (unstructured, 2:4) and fake quantization > fine-tuning with KD while the sparsity schedule
     advances > finalize.
+
+    ``on_epoch(epoch, mean_loss, student)`` is called after each fine-tuning epoch with the model as it
+    trains (fake quantization and masks on); it may raise to stop the fine-tune (e.g. a pruned trial).
 
     Args:
         round_to: channel multiple the backend prefers; structured pruning keeps counts a multiple of it.
@@ -233,7 +236,7 @@ def compress(
                 step += 1
             losses.append(running / steps_per_epoch)
             if on_epoch:
-                on_epoch(epoch, losses[-1])
+                on_epoch(epoch, losses[-1], student)
     if hints is not None:
         hints.close()
     update_masks(1.0)

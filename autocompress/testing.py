@@ -67,7 +67,7 @@ class BasicBlock(nn.Module):
 class ResNetStyle(nn.Module):
     """A small ResNet: stem, two stages of residual blocks, global pool, classifier."""
 
-    def __init__(self, width: int = 32, classes: int = 10):
+    def __init__(self, width: int = 16, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()

@@ -32,3 +32,14 @@ def cli_env() -> dict:
     # this checkout's package first (not another one installed in editable mode), then tests/ for tiny_tasks
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="NAME[:DEVICE]",
+        help="backend (and device) the conformance suite runs against, e.g. torch:cuda:0, ascend, npu; "
+        "repeatable; default: every registered backend on each device kind it declares",
+    )

@@ -77,7 +77,7 @@ CASES = [
     ),
     (
         _with(backend__name="tensorrt"),
-        r"study.yaml: backend.name: unknown backend 'tensorrt'; known: onnxruntime",
+        r"study.yaml: backend.name: unknown backend 'tensorrt'; known: ascend, onnxruntime, torch",
     ),
     (_with(backend__device="cuda:0"), r"study.yaml: backend.device: .*device 'cuda:0' is not supported"),
     (

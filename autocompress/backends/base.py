@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import platform
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -15,6 +18,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 from filelock import FileLock
+
+from ..errors import BackendError
 
 
 @dataclass
@@ -51,6 +56,9 @@ class LatencyStats:
     rel_ci: float  # half width of the median's ~95% confidence interval, relative to the median
     batch_size: int
     device: str
+    # the lowest median of one block of consecutive calls: the latency with the least interference
+    # from other processes (reported beside the median, never instead of it)
+    best_block_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,18 +90,32 @@ def time_callable(
     return time_callables([fn], device=device, batch_size=batch_size, sync=sync, **limits)[0]
 
 
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cuda:1"`` -> ``("cuda", 1)``; ``"cpu"`` -> ``("cpu", 0)``.
+
+    Raises:
+        BackendError: not ``kind`` or ``kind:N``.
+    """
+    kind, sep, idx = device.partition(":")
+    if not kind or (sep and not idx.isdigit()):
+        raise BackendError(f"device {device!r} is not of the form 'cpu', 'cuda:N' or 'npu:N'")
+    return kind, int(idx) if sep else 0
+
+
 def time_callables(
     fns: list[Callable[[], object]],
     *,
     device: str,
     batch_size: int,
     sync: Callable[[], None] | None = None,
+    timer: Callable[[Callable[[], object]], float] | None = None,
     warmup_min: int = 10,
     warmup_s: float = 0.2,
     block: int = 50,
     min_repeats: int = 100,
     max_repeats: int = 3000,
     max_s: float = 3.0,
+    min_s: float = 0.0,
     target_rel_ci: float = 0.02,
 ) -> list[LatencyStats]:
     """Warm up, then time ``fns`` in alternating blocks until every median's relative CI is small.
@@ -101,7 +123,12 @@ def time_callables(
     Alternating blocks means several artifacts (e.g. a candidate and the baseline) see the same
     machine state, so their ratio is measured side by side. The CI half width uses the notch rule
     ``1.57 * IQR / sqrt(n)``; timing stops when every CI is at most ``target_rel_ci`` (after at
-    least ``min_repeats`` calls each), or at ``max_repeats`` calls or ``max_s`` seconds.
+    least ``min_repeats`` calls each and ``min_s`` seconds), or at ``max_repeats`` calls or ``max_s``
+    seconds. A ``min_s`` of a second or more spreads the samples over time, so that one burst of load
+    from another process cannot make the whole measurement.
+
+    On accelerators pass ``sync`` (the device's synchronize: a call is timed until its work is done)
+    or ``timer`` (times one call on the device, e.g. with start/end events, and returns seconds).
     """
     sync = sync or (lambda: None)
     for fn in fns:
@@ -112,24 +139,30 @@ def time_callables(
             i += 1
         sync()
     samples: list[list[float]] = [[] for _ in fns]
-    deadline = time.perf_counter() + max_s
+    start = time.perf_counter()
+    deadline = start + max_s
     while True:
         for fn, out in zip(fns, samples, strict=True):
             for _ in range(block):
+                if timer is not None:
+                    out.append(timer(fn))
+                    continue
                 t0 = time.perf_counter()
                 fn()
                 sync()
                 out.append(time.perf_counter() - t0)
-        stats = [_stats(s, device, batch_size) for s in samples]
+        stats = [_stats(s, device, batch_size, block) for s in samples]
         n = len(samples[0])
-        if n >= min_repeats and all(st.rel_ci <= target_rel_ci for st in stats):
+        long_enough = time.perf_counter() - start >= min_s
+        if n >= min_repeats and long_enough and all(st.rel_ci <= target_rel_ci for st in stats):
             return stats
         if n >= max_repeats or time.perf_counter() > deadline:
             return stats
 
 
-def _stats(samples: list[float], device: str, batch_size: int) -> LatencyStats:
+def _stats(samples: list[float], device: str, batch_size: int, block: int = 50) -> LatencyStats:
     a = np.asarray(samples) * 1e3
+    blocks = a[: len(a) // block * block].reshape(-1, block) if len(a) >= block else a[None, :]
     med = float(np.median(a))
     q1, q3 = np.percentile(a, [25, 75])
     rel_ci = float(1.57 * (q3 - q1) / np.sqrt(len(a)) / med) if med > 0 else 0.0
@@ -142,6 +175,7 @@ def _stats(samples: list[float], device: str, batch_size: int) -> LatencyStats:
         rel_ci=rel_ci,
         batch_size=batch_size,
         device=device,
+        best_block_ms=float(np.median(blocks, axis=1).min()),
     )
 
 
@@ -156,6 +190,9 @@ class Backend(ABC):
     native_bits: ClassVar[tuple[int, ...]]  # precisions with real kernels (faster, not only smaller)
     sparsity_kinds: ClassVar[tuple[str, ...]] = ("unstructured",)  # stored; none run sparse kernels
     reduce_range: ClassVar[bool] = False  # 8-bit weights use a 7-bit grid (see quantize.qmax_for)
+    preferred_channel_multiple: ClassVar[int] = 1  # channel counts that fill the device's vector units
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)  # device kinds it targets (the conformance suite's default)
+    artifact_suffix: ClassVar[str] = ""  # the deployable file's extension, e.g. ".onnx"
 
     def __init__(self, device: str = "cpu", batch_size: int = 1, threads: int = 1, **options):
         self.device = device
@@ -208,7 +245,71 @@ class Backend(ABC):
             "native_bits": list(cls.native_bits),
             "sparsity_kinds": list(cls.sparsity_kinds),
             "reduce_range": cls.reduce_range,
+            "preferred_channel_multiple": cls.preferred_channel_multiple,
         }
+
+    @classmethod
+    def unavailable_reason(cls, device: str) -> str | None:
+        """Why ``device`` cannot be used on this machine (missing library, driver, hardware), or None."""
+        return None if device == "cpu" else f"backend {cls.name!r} does not support device {device!r}"
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
+
+    def device_info(self) -> dict:
+        """The device timed on: name, count and driver (None where unknown)."""
+        return cpu_info()
+
+    def timing_identity(self) -> dict:
+        """Everything besides the artifact's structure that changes its latency (the cache key's rest)."""
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "device_name": self.device_info().get("name"),
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "options": {k: v for k, v in sorted(self.options.items()) if k not in ("timing",)},
+            "versions": self.versions(),
+        }
+
+    def fingerprint(self, artifact: Artifact) -> str | None:
+        """Hash of the artifact's structure (graph, dtypes, shapes; not the weights' values).
+
+        Two artifacts with the same fingerprint run the same kernels on the same shapes, so they take
+        the same time: the latency cache is keyed by it. None: this backend cannot tell (no caching).
+        """
+        return None
+
+    def load_artifact(self, path: Path) -> Artifact:
+        """An :class:`Artifact` for a file this backend wrote earlier (for ``autocompress measure``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise BackendError(f"artifact {path} does not exist")
+        size = path.stat().st_size
+        return Artifact(path, self.name, self.device, size, size)
+
+    def example_inputs_for(self, artifact: Artifact) -> tuple[torch.Tensor, ...]:
+        """Inputs of the artifact's shape (batch 1, zeros), read from the artifact itself."""
+        raise BackendError(f"backend {self.name!r} cannot read input shapes from {artifact.path.name}")
+
+
+def cpu_info() -> dict:
+    """Name of the CPU, logical cores this process may use, no driver."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        count = os.cpu_count()
+    return {"name": name, "count": count, "driver": None}
+
+
+def stable_hash(obj: object) -> str:
+    """SHA-256 (first 20 hex digits) of a JSON-able object, key order independent."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -1,4 +1,8 @@
-"""ONNX Runtime backend (CPU execution provider): QDQ int8 / INT4 / float16 artifacts, real int8 kernels.
+"""ONNX Runtime backend: QDQ int8 / INT4 / float16 artifacts with real int8 kernels on the CPU provider.
+
+Device ``cpu`` (the default) runs the CPU execution provider; ``cuda:N`` runs the CUDA execution
+provider on GPU N where this onnxruntime has it (the ``onnxruntime-gpu`` package), falling back to
+the CPU provider for nodes CUDA does not implement, as ORT does.
 
 Lowering, in order:
 1. ``torch.onnx.export`` of the finalized model (BN already folded, weights already on their grid).
@@ -38,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError, TimingError
 from ..techniques.quantize import qmax_for, quantize_weight
-from .base import Artifact, Backend, LatencyStats, device_lock, time_callables
+from .base import Artifact, Backend, LatencyStats, cpu_info, device_lock, parse_device, time_callables
 
 INPUT, OUTPUT = "input", "logits"
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
@@ -62,8 +66,16 @@ def _ort():
     return onnxruntime
 
 
-def make_session(path: str | Path, threads: int, optimized_path: Path | None = None):
-    """An ORT CPU session with full graph optimizations and ``threads`` intra-op threads."""
+def providers_for(device: str) -> list:
+    """The execution providers (with options) for ``cpu`` or ``cuda:N``."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    _, idx = parse_device(device)
+    return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+
+
+def make_session(path: str | Path, threads: int, optimized_path: Path | None = None, device: str = "cpu"):
+    """An ORT session with full graph optimizations and ``threads`` intra-op threads."""
     ort = _ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -73,7 +85,7 @@ def make_session(path: str | Path, threads: int, optimized_path: Path | None = N
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=providers_for(device))
     except Exception as exc:
         raise RuntimeLoadError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
 
@@ -248,7 +260,7 @@ def _weight_only_dq(graph: onnx.GraphProto, w: _Weight) -> None:
 
 
 class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime on the CPU execution provider."""
+    """ONNX Runtime on the CPU execution provider (``cpu``) or the CUDA one (``cuda:N``)."""
 
     name = "onnxruntime"
     stored_bits = (2, 3, 4, 5, 6, 8, 16, 32)
@@ -257,10 +269,33 @@ class OnnxRuntimeBackend(Backend):
     native_bits = (5, 6, 8, 32)
     sparsity_kinds = ("unstructured",)  # stored dense: zeros save neither bytes nor time
     reduce_range = not cpu_has_vnni()
+    preferred_channel_multiple = 8  # MLAS packs AVX2 GEMM/conv panels of 8 floats (int8: 8+ columns)
+    devices = ("cpu", "cuda:0")
+    artifact_suffix = ".onnx"
+
+    @classmethod
+    def unavailable_reason(cls, device: str) -> str | None:
+        if device == "cpu":
+            return None
+        try:
+            kind, _ = parse_device(device)
+        except BackendError as exc:
+            return str(exc)
+        if kind != "cuda":
+            return f"device {device!r} is not supported (cpu, or cuda:N with the CUDA execution provider)"
+        ort = _ort()
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            return (
+                f"this onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
+                f"{', '.join(available)}); install onnxruntime-gpu (and a CUDA driver) for cuda:N"
+            )
+        return None
 
     def __init__(self, device: str = "cpu", batch_size: int = 1, threads: int = 1, **options):
-        if device != "cpu":
-            raise BackendError(f"onnxruntime backend: device {device!r} is not supported here (only 'cpu')")
+        reason = self.unavailable_reason(device)
+        if reason:
+            raise BackendError(f"onnxruntime backend: device {device!r} is not supported here: {reason}")
         unknown = set(options) - {"isolate", "pin_core", "timing"}
         if unknown:
             raise BackendError(
@@ -366,7 +401,7 @@ class OnnxRuntimeBackend(Backend):
 
     # -- running --------------------------------------------------------------------------------
     def session(self, path: Path, optimized_path: Path | None = None):
-        return make_session(path, self.threads, optimized_path)
+        return make_session(path, self.threads, optimized_path, self.device)
 
     def _kernels(self, path: Path, optimized: Path) -> dict[str, int]:
         """Op types in the graph ORT actually runs (after its fusions), with counts."""
@@ -469,3 +504,57 @@ class OnnxRuntimeBackend(Backend):
 
     def versions(self) -> dict[str, str]:
         return {**super().versions(), "onnxruntime": _ort().__version__, "onnx": onnx.__version__}
+
+    def device_info(self) -> dict:
+        return cpu_info() if self.device == "cpu" else _nvidia_smi_info(parse_device(self.device)[1])
+
+    def fingerprint(self, artifact: Artifact) -> str | None:
+        from .cache import onnx_fingerprint
+
+        return onnx_fingerprint(artifact.path)
+
+    def load_artifact(self, path: Path) -> Artifact:
+        art = super().load_artifact(path)
+        if Path(path).suffix != ".onnx":
+            raise BackendError(f"onnxruntime backend: {path} is not an .onnx file")
+        return art
+
+    def example_inputs_for(self, artifact: Artifact) -> tuple[torch.Tensor, ...]:
+        model = onnx.load(str(artifact.path), load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        out = []
+        for v in model.graph.input:
+            if v.name in inits:
+                continue
+            dims = [
+                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                for d in v.type.tensor_type.shape.dim
+            ]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+            out.append(torch.from_numpy(np.zeros(dims, dtype=dtype)))
+        return tuple(out)
+
+
+@functools.cache
+def _nvidia_smi_info(idx: int) -> dict:
+    """GPU ``idx``'s name, the GPU count and the driver version, from nvidia-smi (None where absent)."""
+    info = {"name": None, "count": None, "driver": None}
+    if shutil.which("nvidia-smi") is None:
+        return info
+    try:
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return info
+    rows = [[c.strip() for c in line.split(",")] for line in out if line.strip()]
+    if idx < len(rows):
+        info.update(name=rows[idx][0], count=len(rows), driver=rows[idx][1])
+    return info

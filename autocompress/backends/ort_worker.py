@@ -25,7 +25,7 @@ def handle(req: dict) -> dict:
     if req.get("pin_core") is not None:
         os.sched_setaffinity(0, {int(req["pin_core"])})
     x = np.load(req["input"])
-    sessions = [make_session(p, req["threads"]) for p in req["paths"]]
+    sessions = [make_session(p, req["threads"], device=req["device"]) for p in req["paths"]]
     fns = [lambda s=s: s.run(None, {INPUT: x}) for s in sessions]
     stats = time_callables(fns, device=req["device"], batch_size=len(x), **req.get("limits", {}))
     return {"stats": [s.to_dict() for s in stats]}

@@ -1,9 +1,11 @@
-"""Search drivers: the local Optuna runner (the Ray runner builds on the same objective)."""
+"""Search drivers: the local Optuna runner, shared-storage workers and (``ray_runner``, needs the ``ray``
+extra) Ray Tune, all on the same objective and runner seams."""
 
 from __future__ import annotations
 
 from .runner import RunSummary, open_run, prepare, record_failure, record_success, run_study, suggest_plan
 from .samplers import SAMPLERS, make_sampler
+from .worker import run_worker
 
 __all__ = [
     "RunSummary",
@@ -15,4 +17,5 @@ __all__ = [
     "make_sampler",
     "prepare",
     "run_study",
+    "run_worker",
 ]

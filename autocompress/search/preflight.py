@@ -48,6 +48,8 @@ def check_storage(cfg: StudyConfig) -> None:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     url = cfg.storage_url()
+    if url.startswith("journal://"):  # Optuna's journal file (checked by search.storage)
+        return
 
     def fail(rule: str) -> ConfigError:
         return ConfigError(rule, source=cfg.source, field="storage")

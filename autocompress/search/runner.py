@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import traceback
 import warnings
@@ -20,7 +22,8 @@ from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
-from ..backends import BACKENDS, Backend
+from ..backends import BACKENDS, Backend, LatencyCache
+from ..backends.cache import cache_path
 from ..config import StudyConfig, resolve_space_file
 from ..errors import AutoCompressError, ConfigError, failure_category
 from ..faults import crash_point
@@ -32,9 +35,11 @@ from ..plan import Plan
 from ..report import write_trials_table
 from ..space import SearchSpace
 from ..tasks import Task, load_task
+from .fidelity import Fidelity, make_pruner
 from .housekeeping import clean_run_dir, prune_dominated
 from .preflight import check_budgets, check_output, check_storage
 from .samplers import make_sampler
+from .storage import check_storage_url, make_storage
 
 DIRECTIONS = ["maximize" if s > 0 else "minimize" for s in OBJECTIVES.values()]
 
@@ -98,6 +103,11 @@ def prepare(cfg: StudyConfig) -> Prepared:
     except AutoCompressError as exc:
         raise ConfigError(str(exc), source=src, field="backend.device") from None
     try:
+        make_pruner(cfg.pruner)
+    except ConfigError as exc:
+        raise exc.at(src) from None
+    try:
+        _check_storage_url(cfg)
         check_output(cfg)
         check_storage(cfg)
         try:
@@ -109,6 +119,13 @@ def prepare(cfg: StudyConfig) -> Prepared:
         backend.close()
         raise
     return Prepared(cfg, task, space, backend, sampler)
+
+
+def _check_storage_url(cfg: StudyConfig) -> None:
+    try:
+        check_storage_url(cfg.storage_url())
+    except ConfigError as exc:
+        raise exc.at(cfg.source, "storage") from None
 
 
 def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], None]) -> torch.nn.Module:
@@ -152,18 +169,30 @@ class Progress:
     def __init__(self, n_target: int, done: int, log: Callable[[str], None]):
         self.n_target, self.start_done, self.log = n_target, done, log
         self.t0 = time.perf_counter()
+        self.cache: LatencyCache | None = None  # set by the loop: its hit count is shown
 
-    def trial(self, study: optuna.Study, done: int, number: int, m: dict | None, reason: str = "") -> None:
+    def trial(
+        self,
+        study: optuna.Study,
+        done: int,
+        number: int,
+        m: dict | None,
+        reason: str = "",
+        pruned: bool = False,
+    ) -> None:
         elapsed = time.perf_counter() - self.t0
         ran = done - self.start_done
         eta = elapsed / ran * (self.n_target - done) if ran else math.nan
         if m is None:
-            what = f"FAILED: {reason}"
+            what = f"PRUNED: {reason}" if pruned else f"FAILED: {reason}"
         else:
             what = (
                 f"acc {m['accuracy']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
                 f"{m['size_bytes'] / 1024:.1f} kB ({m.get('size_ratio', 1):.1f}x smaller)"
             )
+            if m.get("latency_cached"):
+                hits = f", {self.cache.hits} hits" if self.cache is not None else ""
+                what += f" [latency from cache{hits}]"
         front = study.best_trials
         best = ""
         if front:
@@ -178,14 +207,18 @@ class Progress:
         )
 
 
-def _recover_interrupted(study: optuna.Study, storage, log) -> None:
-    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again."""
+def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
+    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
+    (and remove what the dead process may have left of their folders)."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it died")
         storage.set_trial_user_attr(t._trial_id, "fail_category", "interrupted")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if run_dir is not None:
+            for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
+                shutil.rmtree(run_dir / "trials" / name, ignore_errors=True)
         log(f"trial {t.number} was interrupted; marked failed and queued again")
 
 
@@ -216,16 +249,21 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
             ) from None
     try:
         torch.set_num_threads(cfg.finetune.threads)
-        if Path(cfg.source).exists():
-            write_text_atomic(run_dir / "study.yaml", Path(cfg.source).read_text())
-        try:
-            teacher = _teacher(prep.task, cfg, run_dir, log)
-        except ConfigError as exc:
-            raise exc.at(cfg.source) from None
-        inventory = build_inventory(teacher, prep.task.example_inputs())
-        ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
-        ctx.baseline = _baseline(ctx, log)
-        study = _study(ctx, prep.sampler, log)
+        # workers starting together: the first one trains the teacher, measures the baseline and creates
+        # the study; the others wait here, then load them
+        with FileLock(str(run_dir / "setup.lock")):
+            if Path(cfg.source).exists():
+                write_text_atomic(run_dir / "study.yaml", Path(cfg.source).read_text())
+            try:
+                teacher = _teacher(prep.task, cfg, run_dir, log)
+            except ConfigError as exc:
+                raise exc.at(cfg.source) from None
+            inventory = build_inventory(teacher, prep.task.example_inputs())
+            ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
+            where = cache_path(cfg.backend.latency_cache, run_dir)
+            ctx.latency_cache = LatencyCache(where) if where is not None else None
+            ctx.baseline = _baseline(ctx, log)
+            study = _study(ctx, prep.sampler, log, shared=not exclusive)
         if exclusive:  # no other runner writes here: what is half written is debris of a killed run
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
@@ -253,10 +291,18 @@ def _baseline(ctx: RunContext, log: Callable[[str], None]) -> dict:
     return b
 
 
-def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study:
-    """Create or load the study; on creation store the run's facts and enqueue the warm starts."""
+def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = False) -> optuna.Study:
+    """Create or load the study; on creation store the run's facts and enqueue the warm starts.
+
+    ``shared``: other workers run trials of this study right now, so RUNNING trials are not ours to
+    recover; Optuna's heartbeat finds the dead ones instead (see :mod:`.storage`).
+    """
     cfg, b = ctx.config, ctx.baseline
-    storage = optuna.storages.get_storage(cfg.storage_url())
+    w = cfg.workers
+    beat = (
+        {"heartbeat_interval_s": w.heartbeat_interval_s, "grace_period_s": w.grace_period_s} if shared else {}
+    )
+    storage = make_storage(cfg.storage_url(), max_retry=w.max_retry, **beat)
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, directions=DIRECTIONS, sampler=sampler, load_if_exists=True
     )
@@ -290,7 +336,8 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None]) -> optuna.Study
                 ctx.space.params_from_layers(ctx.inventory, gentle),
                 user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
             )
-    _recover_interrupted(study, storage, log)
+    if not shared:
+        _recover_interrupted(study, storage, log, ctx.run_dir)
     return study
 
 
@@ -344,6 +391,8 @@ RECORDED = (
     "latency_ms",
     "latency_p90_ms",
     "latency",
+    "latency_cached",
+    "environment",
     "size_bytes",
     "speedup",
     "size_ratio",
@@ -385,6 +434,45 @@ def run_study(
         return RunSummary(study, completed, n_target, stopped)
 
 
+def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:
+    """The study's multi-fidelity pruning (None when ``pruner.name`` is ``none``)."""
+    if ctx.config.pruner.name == "none":
+        return None
+    return Fidelity(ctx.config, study._storage, ctx.task)
+
+
+def execute_trial(
+    ctx: RunContext, study: optuna.Study, trial: optuna.Trial, fidelity: Fidelity | None = None
+) -> tuple[TrialState, dict | None, str]:
+    """Run one asked trial end to end and tell the study: (state, metrics or None, reason).
+
+    A failing trial is recorded with its reason; a pruned one (``fidelity``) keeps its last held-out
+    accuracy; neither stops the caller.
+    """
+    run_ctx = dataclasses.replace(ctx, task=fidelity.task) if fidelity else ctx
+    try:
+        plan = suggest_plan(ctx, trial)
+        hook = fidelity.on_epoch(trial) if fidelity else None
+        metrics = run_trial(run_ctx, plan, ctx.run_dir / "trials" / f"{trial.number:05d}", on_epoch=hook)
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("prune_reason", str(exc))
+        study.tell(trial, state=TrialState.PRUNED)
+        if fidelity:
+            fidelity.finish(trial, TrialState.PRUNED)
+        return TrialState.PRUNED, None, str(exc)
+    except Exception as exc:  # one trial's failure never stops the study
+        reason = record_failure(trial, exc)
+        study.tell(trial, state=TrialState.FAIL)
+        if fidelity:
+            fidelity.finish(trial, TrialState.FAIL)
+        return TrialState.FAIL, None, reason
+    study.tell(trial, record_success(ctx, trial, metrics))
+    crash_point("told", trial=trial.number)
+    if fidelity:
+        fidelity.finish(trial, TrialState.COMPLETE)
+    return TrialState.COMPLETE, metrics, ""
+
+
 def _complete_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -396,8 +484,10 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         log(f"study already has {done} completed trials (asked for {n_target}): nothing to run")
         return "done"
     progress = Progress(n_target, done, log)
+    progress.cache = ctx.latency_cache
     deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
     failures = ran = 0
+    fidelity = make_fidelity(ctx, study)
     while done < n_target:
         if time.monotonic() > deadline:
             log(f"wall-time budget of {cfg.trials.timeout_s} s reached after {done} trials")
@@ -406,20 +496,17 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
             return "stop_after"
         trial = study.ask()
         ran += 1
-        try:
-            plan = suggest_plan(ctx, trial)
-            metrics = run_trial(ctx, plan, ctx.run_dir / "trials" / f"{trial.number:05d}")
-        except Exception as exc:  # one trial's failure never stops the study
-            reason = record_failure(trial, exc)
-            study.tell(trial, state=TrialState.FAIL)
+        state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
+        if state == TrialState.FAIL:
             failures += 1
             progress.trial(study, done, trial.number, None, reason)
             if failures > cfg.trials.max_failures:
                 log(f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})")
                 return "failures"
             continue
-        study.tell(trial, record_success(ctx, trial, metrics))
-        crash_point("told", trial=trial.number)
+        if state == TrialState.PRUNED:
+            progress.trial(study, done, trial.number, None, reason, pruned=True)
+            continue
         if cfg.trials.keep == "pareto":
             prune_dominated(study, ctx.run_dir, log)
         done += 1

@@ -1,0 +1,78 @@
+"""A generic timing worker: a clean process, optionally pinned to chosen cores, that times artifacts.
+
+Any backend with a ``time_local(artifacts, x)`` method can time in it (the torch backend does; the
+onnxruntime backend keeps its own, older ``ort_worker``). The parent holds the device lock; the
+worker only loads the artifacts and runs :func:`~autocompress.backends.base.time_callables`.
+The entry point is :mod:`autocompress.backends.worker_main`. Protocol: one JSON request per stdin line, one JSON reply per stdout line::
+
+    {"backend": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "options": {...},
+     "paths": [...], "input": "x.npy", "pin_core": [0], "limits": {...}}
+    -> {"stats": [LatencyStats as dict, ...]}  or  {"error": "..."}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import BackendError
+
+
+def pin_to(cores: int | list[int] | None) -> None:
+    """Restrict this process to ``cores`` (an int or a list of ints); None leaves it alone."""
+    if cores is None:
+        return
+    wanted = {int(cores)} if isinstance(cores, int) else {int(c) for c in cores}
+    os.sched_setaffinity(0, wanted)
+
+
+class WorkerClient:
+    """Starts the worker on first use and keeps it for the next requests; ``close()`` ends it."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._proc: subprocess.Popen | None = None
+
+    def ask(self, request: dict) -> dict:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            package_root = str(Path(__file__).resolve().parents[2])  # the worker runs this same code
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(self.threads),
+                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+            }
+            proc = self._proc = subprocess.Popen(
+                [sys.executable, "-m", "autocompress.backends.worker_main"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError) as exc:
+            self.close()
+            raise BackendError(f"timing worker died: {exc}") from exc
+        if not line:
+            self.close()
+            raise BackendError("timing worker exited without a reply")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise BackendError(f"timing failed: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

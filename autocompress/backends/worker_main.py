@@ -1,0 +1,48 @@
+"""Entry point of the generic timing worker (see :mod:`autocompress.backends.worker`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .worker import pin_to
+
+_BACKENDS: dict[str, object] = {}
+
+
+def handle(req: dict) -> dict:
+    import numpy as np
+
+    from . import BACKENDS
+
+    pin_to(req.get("pin_core"))
+    options = {**req.get("options", {}), "isolate": False}
+    key = json.dumps(
+        [req["backend"], req["device"], req["batch_size"], req["threads"], options], sort_keys=True
+    )
+    backend = _BACKENDS.get(key)
+    if backend is None:  # kept for the next requests: loaded (and compiled) programs are reused
+        backend = _BACKENDS[key] = BACKENDS.get(req["backend"])(
+            device=req["device"], batch_size=req["batch_size"], threads=req["threads"], **options
+        )
+    x = np.load(req["input"])
+    artifacts = [backend.load_artifact(Path(p)) for p in req["paths"]]
+    stats = backend.time_local(artifacts, x, **req.get("limits", {}))
+    return {"stats": [s.to_dict() for s in stats]}
+
+
+def main() -> None:
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing but replies may reach the parent's pipe
+    for line in sys.stdin:
+        try:
+            reply = handle(json.loads(line))
+        except Exception as exc:  # reported to the parent, which raises BackendError
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Multi-fidelity: stop hopeless trials during fine-tuning with Optuna's pruners (locally and in workers).
+
+Optuna pruners are single-objective and ``Trial.report`` is refused on a multi-objective study, so each
+trial of the main (accuracy x latency x size) study gets a twin trial in a single-objective study of the
+same storage (``<name>.fidelity``, direction maximize, the configured pruner). After every fine-tuning
+epoch the torch model's accuracy on a held-out part of the *training* split (never the test split) is
+reported to the twin, and the twin's ``should_prune()`` — Optuna's SuccessiveHalving / Hyperband rule over
+every trial's reported accuracies — decides. The same values are stored as the main trial's intermediate
+values and user attrs (``val_accuracy``, ``epochs_done``), so a pruned trial keeps its last metrics.
+Under Ray, Tune's ASHA / HyperBand schedulers apply the same rule to the same reported accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from torch import nn
+
+from ..config import PrunerConfig, StudyConfig
+from ..errors import ConfigError
+from ..tasks import Task
+from .storage import FIDELITY_SUFFIX
+
+PRUNERS = {
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+}
+
+
+def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner | None:
+    """Optuna's pruner named by the study file (None for ``none``)."""
+    if cfg.name == "none":
+        return None
+    try:
+        return PRUNERS[cfg.name](**cfg.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad option for pruner {cfg.name!r}: {exc}", field="pruner.options") from None
+
+
+def split_holdout(task: Task, fraction: float, seed: int) -> tuple[Task, tuple[torch.Tensor, torch.Tensor]]:
+    """(task fine-tuned on the rest of the training split, held-out (inputs, labels) of that split)."""
+    x, y = task.train
+    n_val = max(1, int(round(len(x) * fraction)))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:n_val], perm[n_val:]
+    return dataclasses.replace(task, train=(x[rest], y[rest])), (x[val], y[val])
+
+
+@torch.no_grad()
+def holdout_accuracy(model: nn.Module, task: Task, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The task's metric of the torch model (in eval mode) on held-out data; the model is left in train."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = torch.cat([model(xb) for xb in data[0].split(256)])
+    finally:
+        model.train(was_training)
+    return float(task.score(logits.numpy(), data[1].numpy()))
+
+
+class Fidelity:
+    """The held-out split and the twin single-objective study that runs the configured Optuna pruner."""
+
+    def __init__(self, cfg: StudyConfig, storage: optuna.storages.BaseStorage, task: Task):
+        pruner = make_pruner(cfg.pruner)
+        self.task, self.holdout = split_holdout(task, cfg.pruner.holdout_fraction, cfg.seed)
+        self.twin = optuna.create_study(
+            study_name=cfg.name + FIDELITY_SUFFIX,
+            storage=storage,
+            direction="maximize",
+            pruner=pruner,
+            sampler=optuna.samplers.RandomSampler(seed=cfg.seed),  # never samples: no parameters
+            load_if_exists=True,
+        )
+        self._storage = storage
+        self._twins: dict[int, optuna.Trial] = {}
+
+    def on_epoch(self, trial: optuna.Trial) -> Callable[[int, float, nn.Module], None]:
+        """The ``on_epoch`` hook of ``trial``: report held-out accuracy, raise TrialPruned if hopeless."""
+        twin = self.twin.ask()
+        self._twins[trial.number] = twin
+        trial.set_user_attr("fidelity_trial", twin.number)
+
+        def hook(epoch: int, loss: float, model: nn.Module) -> None:
+            acc = holdout_accuracy(model, self.task, self.holdout)
+            trial.set_user_attr("val_accuracy", acc)
+            trial.set_user_attr("epochs_done", epoch + 1)
+            self._storage.set_trial_intermediate_value(trial._trial_id, epoch, acc)
+            twin.report(acc, epoch)
+            if twin.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: held-out accuracy {acc:.4f}")
+
+        return hook
+
+    def finish(self, trial: optuna.Trial, state: TrialState) -> None:
+        """Close the twin of ``trial`` with the same outcome (its last accuracy if it completed)."""
+        twin = self._twins.pop(trial.number, None)
+        if twin is None:
+            return
+        values = self._storage.get_trial(twin._trial_id).intermediate_values
+        if state == TrialState.COMPLETE and values:
+            self.twin.tell(twin, values[max(values)])
+        elif state == TrialState.COMPLETE:
+            self.twin.tell(twin, state=TrialState.PRUNED)
+        else:
+            self.twin.tell(twin, state=state)

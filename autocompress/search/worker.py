@@ -1,0 +1,116 @@
+"""``autocompress worker``: one of N processes (on N hosts) that share one study through its storage.
+
+There is no coordinator: every worker asks the shared Optuna study for its next trial, runs the same
+objective as a local run (:func:`~autocompress.search.runner.execute_trial`) and tells the result.
+What keeps N workers honest is Optuna's:
+
+* the sampler sees every worker's finished trials, because they are in the shared storage;
+* each running trial records a heartbeat (Optuna's heartbeat thread); before asking, a worker calls
+  :func:`optuna.storages.fail_stale_trials`, which fails the trials of dead workers (no heartbeat within
+  the grace period) and, through :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`, queues a copy
+  of each (same parameters) that the next ``ask`` picks up;
+* a worker asks only while ``completed + running < trials.n``; this check and the ask hold the run
+  folder's ``ask.lock`` (a file lock, shared by the hosts that mount the run folder), so the study stops
+  at exactly ``trials.n`` completed trials. A worker whose host cannot see that lock can overshoot by at
+  most one trial per such worker.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from filelock import FileLock
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import TrialState
+
+from ..config import StudyConfig
+from .runner import Progress, RunSummary, execute_trial, make_fidelity, open_run
+
+
+def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    out = dict.fromkeys(TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        out[t.state] += 1
+    return out
+
+
+def _remove_partial_folders(study: optuna.Study, run_dir: Path) -> None:
+    """The half-written folders of trials whose worker died (their retries get new numbers)."""
+    trials_dir = run_dir / "trials"
+    if not trials_dir.is_dir():
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        shutil.rmtree(trials_dir / f".{t.number:05d}.tmp", ignore_errors=True)
+
+
+def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optuna.Trial | None, bool]:
+    """(trial to run or None, whether the study is done). Call holding the ask lock."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fail_stale_trials is experimental; ask warns about heartbeats
+        optuna.storages.fail_stale_trials(study)
+        _remove_partial_folders(study, run_dir)
+        counts = _counts(study)
+        if counts[TrialState.COMPLETE] >= n_target:
+            return None, True
+        if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= n_target:
+            return None, False  # enough trials under way: wait for them (one may die and come back)
+        return study.ask(), False
+
+
+def run_worker(
+    cfg: StudyConfig, *, n_trials: int | None = None, log: Callable[[str], None] = print
+) -> RunSummary:
+    """Join the study of ``cfg`` through its (shared) storage and run trials until it has ``n_trials``.
+
+    The first worker to start trains the teacher, measures the baseline and creates the study (under
+    the run folder's setup lock); the others load them. Every worker then runs trials until the study
+    has ``n_trials`` completed trials, then writes the report.
+    """
+    from ..export import export_front
+    from ..report import write_report
+
+    n_target = n_trials or cfg.trials.n
+    with open_run(cfg, log, exclusive=False) as (ctx, study):
+        fidelity = make_fidelity(ctx, study)
+        gate = FileLock(str(ctx.run_dir / "ask.lock"))
+        done = _counts(study)[TrialState.COMPLETE]
+        progress = Progress(n_target, done, log)
+        deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
+        poll_s = min(2.0, cfg.workers.heartbeat_interval_s / 2)
+        failures, stopped = 0, "done"
+        while True:
+            if time.monotonic() > deadline:
+                stopped = "timeout"
+                log(f"wall-time budget of {cfg.trials.timeout_s} s reached")
+                break
+            with gate:
+                trial, finished = _next_trial(study, n_target, ctx.run_dir)
+            if finished:
+                break
+            if trial is None:
+                time.sleep(poll_s)
+                continue
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
+            done = _counts(study)[TrialState.COMPLETE]
+            progress.trial(study, done, trial.number, metrics, reason, pruned=state == TrialState.PRUNED)
+            if state == TrialState.FAIL:
+                failures += 1
+                if failures > cfg.trials.max_failures:
+                    stopped = "failures"
+                    log(
+                        f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})"
+                    )
+                    break
+        with FileLock(str(ctx.run_dir / "setup.lock")):
+            export_front(study, ctx.run_dir)
+            write_report(study, ctx.run_dir)
+        completed = _counts(study)[TrialState.COMPLETE]
+        log(f"{completed}/{n_target} trials completed; results in {ctx.run_dir}/")
+        return RunSummary(study, completed, n_target, stopped)
