@@ -351,7 +351,9 @@ def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
     # what a rebuild needs besides the plan: seed, threads, library versions, device
     trial.set_user_attr("seed", cfg.seed)
     trial.set_user_attr("finetune_threads", cfg.finetune.threads)
-    trial.set_user_attr("environment", environment(ctx.backend))
+    backend = getattr(ctx, "backend", None)  # the Ray searcher passes a namespace without one
+    if backend is not None:
+        trial.set_user_attr("environment", environment(backend))
     return plan
 
 
