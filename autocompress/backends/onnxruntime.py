@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -40,9 +37,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError, TimingError
+from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError
 from ..techniques.quantize import qmax_for, quantize_weight
 from .base import Artifact, Backend, LatencyStats, cpu_info, device_lock, parse_device, time_callables
+from .worker import WorkerClient
 
 INPUT, OUTPUT = "input", "logits"
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
@@ -302,7 +300,7 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime backend: unknown option(s) {sorted(unknown)}; known: isolate, pin_core, timing"
             )
         super().__init__(device, batch_size, threads, **options)
-        self._worker: subprocess.Popen | None = None
+        self._worker: WorkerClient | None = None
 
     # -- lowering -------------------------------------------------------------------------------
     def lower(self, model, example_inputs, precisions, out_dir, calibration=None) -> Artifact:
@@ -427,59 +425,42 @@ class OnnxRuntimeBackend(Backend):
         reps = -(-self.batch_size // len(x))
         return np.ascontiguousarray(np.concatenate([x] * reps)[: self.batch_size])
 
+    def time_local(self, artifacts: list[Artifact], x: np.ndarray, **limits) -> list[LatencyStats]:
+        """Time artifacts side by side in this process (the timing worker calls this)."""
+        sessions = [self.session(a.path) for a in artifacts]
+        fns = [lambda s=s: s.run(None, {INPUT: x}) for s in sessions]
+        return time_callables(fns, device=self.device, batch_size=len(x), **limits)
+
     def _time(self, paths: list[Path], example_inputs) -> list[LatencyStats]:
-        """Time artifacts side by side under the device lock, in the worker process by default."""
+        """Time artifacts side by side under the device lock, in the timing worker by default.
+
+        The worker is a clean process (see :mod:`.worker`): torch's OpenMP threads in the search
+        process keep spinning after training and would be timed along with the artifact.
+        """
         x = self._feed(example_inputs)
         limits = self.options.get("timing", {})
+        artifacts = [self.load_artifact(Path(p)) for p in paths]
         with device_lock(self.device):
             if not self.options.get("isolate", True):
-                sessions = [self.session(p) for p in paths]
-                fns = [lambda s=s: s.run(None, {INPUT: x}) for s in sessions]
-                return time_callables(fns, device=self.device, batch_size=self.batch_size, **limits)
+                return self.time_local(artifacts, x, **limits)
+            if self._worker is None:
+                self._worker = WorkerClient(self.threads)
             with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
                 np.save(Path(tmp) / "x.npy", x)
-                reply = self._ask_worker(
+                reply = self._worker.ask(
                     {
+                        "backend": self.name,
+                        "device": self.device,
+                        "batch_size": self.batch_size,
+                        "threads": self.threads,
+                        "options": {},
                         "paths": [str(p) for p in paths],
                         "input": str(Path(tmp) / "x.npy"),
-                        "threads": self.threads,
-                        "device": self.device,
                         "pin_core": self.options.get("pin_core"),
                         "limits": limits,
                     }
                 )
         return [LatencyStats(**d) for d in reply["stats"]]
-
-    def _ask_worker(self, request: dict) -> dict:
-        proc = self._worker
-        if proc is None or proc.poll() is not None:
-            package_root = str(Path(__file__).resolve().parents[2])  # the worker runs this same code
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-            }
-            proc = self._worker = subprocess.Popen(
-                [sys.executable, "-m", "autocompress.backends.ort_worker"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        try:
-            proc.stdin.write(json.dumps(request) + "\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-        except (BrokenPipeError, OSError) as exc:
-            self.close()
-            raise TimingError(f"timing worker died: {exc}") from exc
-        if not line:
-            self.close()
-            raise TimingError("timing worker exited without a reply")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise TimingError(f"timing failed: {reply['error']}")
-        return reply
 
     def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
         return self._time([artifact.path], example_inputs)[0]
@@ -489,14 +470,9 @@ class OnnxRuntimeBackend(Backend):
         return a, b
 
     def close(self) -> None:
-        proc, self._worker = self._worker, None
-        if proc is not None and proc.poll() is None:
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
 
     def __del__(self):  # the worker must not outlive its backend
         with contextlib.suppress(Exception):

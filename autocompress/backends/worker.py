@@ -1,7 +1,6 @@
 """A generic timing worker: a clean process, optionally pinned to chosen cores, that times artifacts.
 
-Any backend with a ``time_local(artifacts, x)`` method can time in it (the torch backend does; the
-onnxruntime backend keeps its own, older ``ort_worker``). The parent holds the device lock; the
+Any backend with a ``time_local(artifacts, x)`` method can time in it (onnxruntime and torch do). The parent holds the device lock; the
 worker only loads the artifacts and runs :func:`~autocompress.backends.base.time_callables`.
 The entry point is :mod:`autocompress.backends.worker_main`. Protocol: one JSON request per stdin line, one JSON reply per stdout line::
 
@@ -18,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import BackendError
+from ..errors import TimingError
 
 
 def pin_to(cores: int | list[int] | None) -> None:
@@ -58,13 +57,13 @@ class WorkerClient:
             line = proc.stdout.readline()
         except (BrokenPipeError, OSError) as exc:
             self.close()
-            raise BackendError(f"timing worker died: {exc}") from exc
+            raise TimingError(f"timing worker died: {exc}") from exc
         if not line:
             self.close()
-            raise BackendError("timing worker exited without a reply")
+            raise TimingError("timing worker exited without a reply")
         reply = json.loads(line)
         if "error" in reply:
-            raise BackendError(f"timing failed: {reply['error']}")
+            raise TimingError(f"timing failed: {reply['error']}")
         return reply
 
     def close(self) -> None:

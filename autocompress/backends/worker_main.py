@@ -40,8 +40,11 @@ def main() -> None:
             reply = handle(json.loads(line))
         except Exception as exc:  # reported to the parent, which raises BackendError
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+        except BrokenPipeError:  # the parent died (e.g. killed mid-measurement): nobody to answer
+            return
 
 
 if __name__ == "__main__":
