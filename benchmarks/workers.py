@@ -1,6 +1,6 @@
 """Trials per hour of 2 concurrent ``autocompress worker`` processes vs 1, on the same study, in one run.
 
-    python benchmarks/workers.py [--trials 6] [--width 16] [--epochs 3]
+    python benchmarks/workers.py [--trials 4] [--width 64] [--epochs 4]   (the quickstart model and fine-tune)
 
 Alternating phases on the same study (same journal storage, same run folder): one worker runs
 ``--trials`` trials, then two workers together run 2x that many, repeated ``--rounds`` times so that the
@@ -44,10 +44,10 @@ def _throughput(trials: list[optuna.trial.FrozenTrial]) -> tuple[float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=5, help="trials per worker in each phase")
+    ap.add_argument("--trials", type=int, default=4, help="trials per worker in each phase")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the 1-worker and 2-worker phases")
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--width", type=int, default=64, help="digits CNN width (64 = the quickstart model)")
+    ap.add_argument("--epochs", type=int, default=4, help="fine-tune epochs per trial (4 = the quickstart)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ac-bench-workers-"))
     journal = tmp / "journal.log"
