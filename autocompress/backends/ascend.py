@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError, MissingDependencyError
-from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables
+from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, score_outputs, time_callables
 from .onnxruntime import INPUT, export_onnx
 
 OPTIONS = ("soc_version", "precision_mode", "atc_args", "timing")
@@ -295,10 +295,7 @@ class AscendBackend(Backend):
     ) -> float:
         sess = self.session(artifact.path)
         outs = [np.asarray(sess.infer([x], mode="static")[0])[:n] for x, n in self._static_batches(inputs)]
-        logits = np.concatenate(outs).astype(np.float32)
-        if not np.all(np.isfinite(logits)):
-            raise BackendError("the artifact produced non-finite outputs")
-        return score(logits, labels)
+        return score_outputs(np.concatenate(outs).astype(np.float32), labels, score)
 
     def _time(self, artifacts: list[Artifact], example_inputs) -> list[LatencyStats]:
         x = next(self._static_batches(example_inputs[0].numpy()))[0]

@@ -179,6 +179,15 @@ def _stats(samples: list[float], device: str, batch_size: int, block: int = 50) 
     )
 
 
+def score_outputs(
+    logits: np.ndarray, labels: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float]
+) -> float:
+    """The metric of an artifact's outputs; non-finite outputs are a backend failure, not a score."""
+    if not np.all(np.isfinite(logits)):
+        raise BackendError("the artifact produced non-finite outputs")
+    return score(logits, labels)
+
+
 class Backend(ABC):
     """Lowers a compressed torch model to a deployable artifact, evaluates it and times it.
 

@@ -39,7 +39,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError
 from ..techniques.quantize import qmax_for, quantize_weight
-from .base import Artifact, Backend, LatencyStats, cpu_info, device_lock, parse_device, time_callables
+from .base import (
+    Artifact,
+    Backend,
+    LatencyStats,
+    cpu_info,
+    device_lock,
+    parse_device,
+    score_outputs,
+    time_callables,
+)
 from .worker import WorkerClient
 
 INPUT, OUTPUT = "input", "logits"
@@ -415,10 +424,7 @@ class OnnxRuntimeBackend(Backend):
     ) -> float:
         sess = self.session(artifact.path)
         outs = [sess.run(None, {INPUT: inputs[i : i + 256]})[0] for i in range(0, len(inputs), 256)]
-        logits = np.concatenate(outs)
-        if not np.all(np.isfinite(logits)):
-            raise BackendError("the artifact produced non-finite outputs")
-        return score(logits, labels)
+        return score_outputs(np.concatenate(outs), labels, score)
 
     def _feed(self, example_inputs) -> np.ndarray:
         x = example_inputs[0].numpy()

@@ -46,6 +46,7 @@ from .base import (
     cpu_info,
     device_lock,
     parse_device,
+    score_outputs,
     stable_hash,
     time_callables,
 )
@@ -262,10 +263,7 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             for i in range(0, len(inputs), 256):
                 outs.append(mod(self._input(inputs[i : i + 256])).float().cpu().numpy())
-        logits = np.concatenate(outs)
-        if not np.all(np.isfinite(logits)):
-            raise BackendError("the artifact produced non-finite outputs")
-        return score(logits, labels)
+        return score_outputs(np.concatenate(outs), labels, score)
 
     def _device_module(self):
         return getattr(torch, self.kind)
