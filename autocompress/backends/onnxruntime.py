@@ -451,22 +451,7 @@ class OnnxRuntimeBackend(Backend):
                 return self.time_local(artifacts, x, **limits)
             if self._worker is None:
                 self._worker = WorkerClient(self.threads)
-            with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
-                np.save(Path(tmp) / "x.npy", x)
-                reply = self._worker.ask(
-                    {
-                        "backend": self.name,
-                        "device": self.device,
-                        "batch_size": self.batch_size,
-                        "threads": self.threads,
-                        "options": {},
-                        "paths": [str(p) for p in paths],
-                        "input": str(Path(tmp) / "x.npy"),
-                        "pin_core": self.options.get("pin_core"),
-                        "limits": limits,
-                    }
-                )
-        return [LatencyStats(**d) for d in reply["stats"]]
+            return self._worker.time(self, paths, x, limits, {})
 
     def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
         return self._time([artifact.path], example_inputs)[0]

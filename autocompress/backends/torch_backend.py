@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -314,23 +313,8 @@ class TorchBackend(Backend):
                     return self.time_local(artifacts, x, **limits)
             if self._worker is None:
                 self._worker = WorkerClient(self.threads)
-            with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
-                np.save(Path(tmp) / "x.npy", x)
-                options = {k: v for k, v in self.options.items() if k in ("compile", "dtype")}
-                reply = self._worker.ask(
-                    {
-                        "backend": self.name,
-                        "device": self.device,
-                        "batch_size": self.batch_size,
-                        "threads": self.threads,
-                        "options": options,
-                        "paths": [str(a.path) for a in artifacts],
-                        "input": str(Path(tmp) / "x.npy"),
-                        "pin_core": self.options.get("pin_core"),
-                        "limits": limits,
-                    }
-                )
-        return [LatencyStats(**d) for d in reply["stats"]]
+            options = {k: v for k, v in self.options.items() if k in ("compile", "dtype")}
+            return self._worker.time(self, [a.path for a in artifacts], x, limits, options)
 
     def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
         return self._time([artifact], example_inputs)[0]

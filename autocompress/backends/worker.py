@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import TimingError
@@ -65,6 +66,32 @@ class WorkerClient:
         if "error" in reply:
             raise TimingError(f"timing failed: {reply['error']}")
         return reply
+
+    def time(self, backend, paths: list, x, limits: dict, options: dict) -> list:
+        """Time ``paths`` side by side in the worker with ``backend``'s settings; LatencyStats each.
+
+        ``options`` are the backend options the worker needs to rebuild an equivalent backend.
+        """
+        import numpy as np
+
+        from .base import LatencyStats
+
+        with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
+            np.save(Path(tmp) / "x.npy", x)
+            reply = self.ask(
+                {
+                    "backend": backend.name,
+                    "device": backend.device,
+                    "batch_size": backend.batch_size,
+                    "threads": backend.threads,
+                    "options": options,
+                    "paths": [str(p) for p in paths],
+                    "input": str(Path(tmp) / "x.npy"),
+                    "pin_core": backend.options.get("pin_core"),
+                    "limits": limits,
+                }
+            )
+        return [LatencyStats(**d) for d in reply["stats"]]
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
