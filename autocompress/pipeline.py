@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class Compressed:
         sparsity: effective module name -> final sparsity of its weight.
         notes: layer name -> why a planned step was skipped (e.g. factorization that cannot pay off).
         losses: mean training loss per epoch.
+        train_s: seconds spent in the fine-tuning loop itself (the rest of compress() is technique set-up).
     """
 
     model: nn.Module
@@ -52,6 +54,7 @@ class Compressed:
     sparsity: dict[str, float]
     notes: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    train_s: float = 0.0
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -210,6 +213,7 @@ def compress(
             teacher(x[:2])
             student(x[:2])
             hints.loss()
+    t_train = time.perf_counter()
     if total:
         trainable = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.Adam(trainable + (list(hints.parameters()) if hints else []), lr=plan.lr)
@@ -237,6 +241,7 @@ def compress(
             losses.append(running / steps_per_epoch)
             if on_epoch:
                 on_epoch(epoch, losses[-1], student)
+    train_s = time.perf_counter() - t_train
     if hints is not None:
         hints.close()
     update_masks(1.0)
@@ -245,4 +250,4 @@ def compress(
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     student.eval()
     sparsity = {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in modules.items()}
-    return Compressed(student, bits, sparsity, notes, losses)
+    return Compressed(student, bits, sparsity, notes, losses, train_s)

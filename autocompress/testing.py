@@ -67,10 +67,10 @@ class BasicBlock(nn.Module):
 class ResNetStyle(nn.Module):
     """A small ResNet: stem, two stages of residual blocks, global pool, classifier."""
 
-    def __init__(self, width: int = 16, classes: int = 10):
+    def __init__(self, width: int = 16, classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
         self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
         self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2), BasicBlock(2 * width, 2 * width))

@@ -7,10 +7,14 @@ import importlib
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import METRICS, Task, accuracy, validate_task
-from .digits import digits
+from .digits import digits, digits_resnet
+from .mnist1d import mnist1d_cnn, mnist1d_transformer
 
 TASKS: Registry = Registry("task")
 TASKS.add("digits", digits)
+TASKS.add("digits_resnet", digits_resnet)
+TASKS.add("mnist1d_cnn", mnist1d_cnn)
+TASKS.add("mnist1d_transformer", mnist1d_transformer)
 
 __all__ = ["TASKS", "METRICS", "Task", "accuracy", "load_task", "resolve_factory"]
 

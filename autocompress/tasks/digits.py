@@ -31,8 +31,7 @@ class DigitsCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def digits(width: int = 64, teacher_epochs: int = 20, seed: int = 0) -> Task:
-    """The quickstart task: 1797 digit images, 80/20 stratified split (fixed seed)."""
+def _split(seed: int):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -42,11 +41,33 @@ def digits(width: int = 64, teacher_epochs: int = 20, seed: int = 0) -> Task:
     idx_train, idx_test = train_test_split(
         torch.arange(len(y)).numpy(), test_size=0.2, random_state=seed, stratify=y.numpy()
     )
+    return (x[idx_train], y[idx_train]), (x[idx_test], y[idx_test])
+
+
+def digits(width: int = 64, teacher_epochs: int = 20, seed: int = 0) -> Task:
+    """The quickstart task: 1797 digit images, 80/20 stratified split (fixed seed)."""
+    train, test = _split(seed)
     return Task(
         name="digits",
         model_fn=lambda: DigitsCNN(width),
-        train=(x[idx_train], y[idx_train]),
-        test=(x[idx_test], y[idx_test]),
+        train=train,
+        test=test,
         teacher_epochs=teacher_epochs,
         description=f"sklearn digits 8x8, CNN width {width}",
+    )
+
+
+def digits_resnet(width: int = 32, teacher_epochs: int = 20, seed: int = 0) -> Task:
+    """Digits with a ResNet-style CNN (residual blocks with BatchNorm, a strided 1x1 shortcut):
+    structured pruning must keep every residual addition consistent."""
+    from ..testing import ResNetStyle
+
+    train, test = _split(seed)
+    return Task(
+        name="digits_resnet",
+        model_fn=lambda: ResNetStyle(width, in_channels=1),
+        train=train,
+        test=test,
+        teacher_epochs=teacher_epochs,
+        description=f"sklearn digits 8x8, ResNet-style CNN width {width} (4 residual blocks)",
     )

@@ -1,0 +1,57 @@
+"""The built-in tasks: data generated offline, models that run on it, validation that passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autocompress.config import load_config
+from autocompress.errors import ConfigError
+from autocompress.tasks import TASKS, load_task
+
+
+def test_mnist1d_is_generated_offline_and_deterministic():
+    a = load_task("mnist1d_cnn", {"width": 16})
+    x, y = a.train
+    assert tuple(x.shape) == (4000, 40) and tuple(a.test[0].shape) == (1000, 40)
+    assert set(y.tolist()) == set(range(10))
+    assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1.0) < 0.1  # standardized by make_dataset
+    b = load_task("mnist1d_transformer", {"dim": 16, "depth": 1, "heads": 2})
+    assert torch.equal(a.train[0], b.train[0]) and torch.equal(a.test[1], b.test[1])  # same seed, same data
+    other = load_task("mnist1d_cnn", {"width": 16, "seed": 7})
+    assert not torch.equal(a.train[0], other.train[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "layers"),
+    [
+        ("mnist1d_cnn", {"width": 16}, {"Conv1d": 4, "Linear": 1}),
+        ("mnist1d_transformer", {"dim": 16, "depth": 1, "heads": 2}, {"Linear": 8}),
+        ("digits_resnet", {"width": 8}, {"Conv2d": 10, "Linear": 1}),
+    ],
+)
+def test_builtin_task_models_run_on_their_data(name, options, layers):
+    task = load_task(name, options)
+    model = task.model_fn().eval()
+    with torch.no_grad():
+        out = model(task.test[0][:5])
+    assert tuple(out.shape) == (5, 10)
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    assert {k: counts.get(k, 0) for k in layers} == layers
+
+
+def test_every_shipped_study_validates_and_names_a_builtin_task():
+    from pathlib import Path
+
+    studies = sorted(Path(__file__).resolve().parents[1].glob("studies/*.yaml"))
+    assert {p.stem for p in studies} >= {"quickstart", "mnist1d_cnn", "mnist1d_transformer", "digits_resnet"}
+    for path in studies:
+        cfg = load_config(path)
+        assert cfg.task.name in TASKS.names(), path
+
+
+def test_bad_task_option_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"task factory 'mnist1d_cnn' raised TypeError: .*unexpected keyword"):
+        load_task("mnist1d_cnn", {"widht": 16})
