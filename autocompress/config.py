@@ -70,6 +70,9 @@ class TrialsConfig(_Strict):
     # also enqueue the plan built from the sensitivity analysis (autocompress inspect): per layer the
     # harshest bits / sparsity / rank whose accuracy drop alone stays within this value
     sensitivity_start: float | None = Field(None, ge=0, le=1)
+    # narrow each layer's domains when the study is created: drop the choices whose accuracy drop alone
+    # (sensitivity analysis) exceeds this value, and harsher ones; a resumed study keeps its domains
+    sensitivity_narrow: float | None = Field(None, ge=0, le=1)
     max_failures: int = Field(20, ge=0)
     trial_timeout_s: float | None = Field(None, gt=0)  # one trial's wall-time limit (failed past it)
     keep: Literal["all", "pareto"] = "all"  # "pareto": delete artifacts of dominated trials

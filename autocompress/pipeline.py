@@ -22,16 +22,18 @@ from .inventory import compressible_layers
 from .plan import FLOAT_BITS, Plan
 from .tasks import Task
 from .techniques import (
+    ChannelSchedule,
     FeatureHints,
     add_fake_quant,
     apply_masks,
     fold_batchnorm,
     kd_loss,
     plan_factorization,
-    prune_channels,
+    prune_to_widths,
     set_nm,
     set_sparsity,
     sparsity_at,
+    target_width,
 )
 from .techniques._modules import get_module, set_module
 
@@ -46,6 +48,7 @@ class Compressed:
         sparsity: effective module name -> final sparsity of its weight.
         notes: layer name -> why a planned step was skipped (e.g. factorization that cannot pay off).
         losses: mean training loss per epoch.
+        channel_steps: iterative structured pruning: (progress, layer -> output channels) after each step.
         train_s: seconds spent in the fine-tuning loop itself (the rest of compress() is technique set-up).
     """
 
@@ -54,6 +57,7 @@ class Compressed:
     sparsity: dict[str, float]
     notes: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    channel_steps: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     train_s: float = 0.0
 
 
@@ -120,10 +124,12 @@ def _structured(
     if not ratios:
         return
     x, y = task.train
-    changes = prune_channels(
+    modules = dict(student.named_modules())
+    widths = {n: target_width(modules[n].weight.shape[0], r, round_to) for n, r in ratios.items()}
+    changes = prune_to_widths(
         student,
         task.example_inputs(2),
-        ratios,
+        widths,
         importance=plan.importance,
         round_to=round_to,
         data=(x[:256], y[:256]),
@@ -135,6 +141,67 @@ def _structured(
             notes[name] = "structured: not pruned (the layer produces the model output)"
     for name, (before, after) in changes.items():  # coupled layers pruned with their group
         notes.setdefault(name, f"structured (coupled): output channels {before} -> {after}")
+
+
+def _channel_schedule(
+    student: nn.Module, task: Task, plan: Plan, round_to: int | None, origin: dict[str, str]
+) -> ChannelSchedule | None:
+    """The iterative structured pruning of the layers whose plan says ``structured`` (None if none).
+
+    A factorized layer's output channels are those of its last factor.
+    """
+    last = {layer: name for name, layer in origin.items()}  # origin lists a layer's factors in order
+    final = {
+        last[layer]: plan.layer(layer).sparsity
+        for layer in dict.fromkeys(origin.values())
+        if plan.layer(layer).sparsity_kind == "structured" and plan.layer(layer).sparsity > 0
+    }
+    if not final:
+        return None
+    s, (x, y) = plan.schedule, task.train
+    return ChannelSchedule(
+        student,
+        task.example_inputs(2),
+        final,
+        s.kind,
+        s.start,
+        s.end,
+        s.steps,
+        importance=plan.importance,
+        round_to=round_to,
+        data=(x[:256], y[:256]),
+    )
+
+
+def _channel_notes(
+    channels: ChannelSchedule, plan: Plan, origin: dict[str, str], notes: dict[str, str]
+) -> None:
+    s, n = plan.schedule, len(channels.history)
+    how = f"{s.kind} schedule, {n} step{'s' if n != 1 else ''}"
+    for name in channels.final:
+        layer = origin.get(name, name)
+        if name in channels.changes:
+            before, after = channels.changes[name]
+            notes[layer] = f"structured ({how}): output channels {before} -> {after}"
+        else:
+            notes[layer] = f"structured ({how}): not pruned (torch-pruning left the layer as is)"
+    for name in channels.skipped:
+        notes[origin.get(name, name)] = "structured: not pruned (the layer produces the model output)"
+    for name, (before, after) in channels.changes.items():  # coupled layers pruned with their group
+        notes.setdefault(
+            origin.get(name, name), f"structured (coupled, {how}): output channels {before} -> {after}"
+        )
+
+
+def _drop_broken_nm(modules, nm: set, origin: dict[str, str], notes: dict[str, str]) -> None:
+    """After input channels were removed, 2:4 masks need input channels that are still a multiple of 4."""
+    for name in sorted(nm):
+        c_in = modules[name].weight.shape[1]
+        if c_in % 4:
+            nm.discard(name)
+            with torch.no_grad():
+                next(p for p in modules[name].parametrizations.weight if hasattr(p, "mask")).mask.fill_(1.0)
+            notes[origin[name]] = f"2:4 dropped from {name}: structured pruning left {c_in} input channels"
 
 
 def compress(
@@ -170,8 +237,11 @@ def compress(
     teacher = teacher.eval()
     student, _ = fold_batchnorm(copy.deepcopy(teacher))
     notes: dict[str, str] = {}
-    _structured(student, task, plan, round_to, notes)
+    iterative = plan.schedule.kind != "one_shot" and plan.epochs > 0  # structured follows the schedule
+    if not iterative:
+        _structured(student, task, plan, round_to, notes)
     origin = _factorize_layers(student, plan, notes)
+    channels = _channel_schedule(student, task, plan, round_to, origin) if iterative else None
     modules = {name: get_module(student, name) for name in origin}
     bits = {name: plan.layer(layer).bits for name, layer in origin.items()}
     kinds = {name: plan.layer(layer).sparsity_kind for name, layer in origin.items()}
@@ -213,10 +283,27 @@ def compress(
             teacher(x[:2])
             student(x[:2])
             hints.loss()
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        return torch.optim.Adam(trainable + (list(hints.parameters()) if hints else []), lr=plan.lr)
+
+    def prune_channels_at(progress: float) -> bool:
+        """Iterative structured pruning; True when layers got smaller (parameters are new objects)."""
+        if channels is None or not channels.step(progress):
+            return False
+        _drop_broken_nm(modules, nm, origin, notes)
+        if hints is not None:  # widths changed: adapters are rebuilt on one batch
+            hints.adapters.clear()
+            with torch.no_grad():
+                teacher(x[:2])
+                student(x[:2])
+                hints.loss()
+        return True
+
     t_train = time.perf_counter()
     if total:
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(trainable + (list(hints.parameters()) if hints else []), lr=plan.lr)
+        opt = make_optimizer()
         gen = torch.Generator().manual_seed(plan.seed)
         step = 0
         for epoch in range(plan.epochs):
@@ -224,6 +311,9 @@ def compress(
             running = 0.0
             for idx in _batches(len(x), batch_size, gen):
                 if step % every == 0:
+                    if prune_channels_at(step / total):
+                        opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
+                        student.train()
                     update_masks(step / total)
                 with torch.no_grad():
                     t_logits = teacher(x[idx])
@@ -244,10 +334,15 @@ def compress(
     train_s = time.perf_counter() - t_train
     if hints is not None:
         hints.close()
+        hints = None
+    prune_channels_at(1.0)
     update_masks(1.0)
+    if channels is not None:
+        _channel_notes(channels, plan, origin, notes)
     for m in modules.values():
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     student.eval()
     sparsity = {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in modules.items()}
-    return Compressed(student, bits, sparsity, notes, losses, train_s)
+    steps = channels.history if channels is not None else []
+    return Compressed(student, bits, sparsity, notes, losses, steps, train_s)

@@ -25,7 +25,7 @@ class LayerPlan:
     ``structured`` (the fraction ``sparsity`` of output channels is removed: the layer gets smaller)
     or ``2:4`` (two of every four consecutive input weights are zero; ``sparsity`` is ignored).
     ``rank_mode``: how ``rank_ratio`` factorizes the layer (see ``techniques.lowrank``): ``ratio``,
-    ``energy``, ``spatial`` or ``tucker``.
+    ``energy``, ``spatial``, ``tucker`` or ``cp``.
     """
 
     bits: int = FLOAT_BITS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -138,3 +139,96 @@ def gentle_plan(df: pd.DataFrame, max_drop: float) -> dict[str, dict[str, float]
     ):
         out.setdefault(layer, {})[dim] = harsh[dim](g.value)
     return out
+
+
+# the direction in which each measured dimension gets harsher (a smaller bit width, more sparsity, a
+# smaller rank ratio)
+_HARSHER = {
+    "bits": lambda v, m: v <= m,
+    "sparsity": lambda v, m: v >= m,
+    "rank_ratio": lambda v, m: v <= m,
+}
+_MILDEST = {"bits": max, "sparsity": min, "rank_ratio": max}
+
+
+def narrow_domains(space, inventory, df: pd.DataFrame, max_drop: float) -> dict[str, dict]:
+    """Per-layer domains without the choices that cost more than ``max_drop`` accuracy on their own.
+
+    A choice is removed when a measured setting of that layer and dimension dropped the artifact's
+    accuracy by more than ``max_drop`` and the choice is at least as harsh (e.g. 4-bit failing removes
+    4, 3 and 2 bits; sparsity 0.8 failing removes 0.8 and 0.9). Layers sharing a parameter (groups) lose
+    a choice when any of them does. A domain is never emptied: its mildest choice stays. Searched ranges
+    shrink at their harsh end to the harshest measured value still within ``max_drop`` (or collapse to
+    the mild end). Fixed dimensions and dimensions the analysis does not measure are left alone.
+
+    Returns:
+        Optuna parameter name -> the narrowed :class:`~autocompress.space.Param` as a dict, only for
+        the parameters that changed (what :meth:`SearchSpace.narrow` and the study's user attrs take).
+    """
+    ok = df[df.applied]
+    failing: dict[tuple[str, str], list[float]] = {}
+    passing: dict[tuple[str, str], list[float]] = {}
+    for row in ok.itertuples():
+        bucket = failing if row.accuracy_drop > max_drop else passing
+        bucket.setdefault((row.layer, row.dimension), []).append(float(row.value))
+    domains, members = _searched(space, inventory)
+    out: dict[str, dict] = {}
+    for name, (dim, p) in domains.items():
+        harsh = _HARSHER[dim]
+        fails = [m for layer in members[name] for m in failing.get((layer, dim), [])]
+        if not fails:
+            continue
+        if p.choices is not None:
+            kept = [v for v in p.choices if not any(harsh(v, m) for m in fails)]
+            if not kept:
+                kept = [_MILDEST[dim](p.choices)]
+            if kept != list(p.choices):
+                out[name] = {"choices": kept}
+            continue
+        passes = [m for layer in members[name] for m in passing.get((layer, dim), [])]
+        allowed = [m for m in passes if not any(harsh(m, f) for f in fails) and p.low <= m <= p.high]
+        mild_end = p.low if dim == "sparsity" else p.high
+        bound = (max(allowed) if dim == "sparsity" else min(allowed)) if allowed else mild_end
+        if p.step:  # stay on the range's grid, on the mild side
+            n = (bound - p.low) / p.step
+            n = math.floor(n + 1e-9) if dim == "sparsity" else math.ceil(n - 1e-9)
+            bound = p.low + n * p.step
+        low, high = (p.low, bound) if dim == "sparsity" else (bound, p.high)
+        if (low, high) != (p.low, p.high):
+            out[name] = {"low": low, "high": high, "step": p.step, "log": p.log and low > 0}
+    return out
+
+
+def _searched(space, inventory) -> tuple[dict[str, tuple[str, object]], dict[str, list[str]]]:
+    """Optuna parameter name -> (dimension, Param) of the searched measured dimensions, and its layers."""
+    from .space import SHORT
+
+    domains: dict[str, tuple[str, object]] = {}
+    members: dict[str, list[str]] = {}
+    for info in inventory:
+        for dim, p in space._layer_params(info.name).items():
+            if dim not in _HARSHER or p.fixed is not None:
+                continue
+            name = f"{SHORT[dim]}.{space.group_of(info.name)}"
+            domains.setdefault(name, (dim, p))
+            members.setdefault(name, []).append(info.name)
+    return domains, members
+
+
+def narrowing_summary(space, inventory, narrowed: dict[str, dict], max_drop: float) -> str:
+    """One line: which domains the sensitivity narrowing changed (call before applying it)."""
+    if not narrowed:
+        return f"sensitivity narrowing (max drop {max_drop:g}): every searched choice stays"
+    from .space import Param
+
+    domains, _ = _searched(space, inventory)
+    parts = [f"{name} {_show(domains[name][1])} -> {_show(Param(**new))}" for name, new in narrowed.items()]
+    return f"sensitivity narrowing (max drop {max_drop:g}): {len(narrowed)} domains narrowed: " + "; ".join(
+        parts
+    )
+
+
+def _show(p) -> str:
+    if p.choices is not None:
+        return "{" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.choices) + "}"
+    return f"[{p.low:g}, {p.high:g}]"

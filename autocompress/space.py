@@ -157,6 +157,12 @@ class SearchSpace:
         self.model = model
         self.source = source
         self._check_values()
+        # Optuna parameter name -> a narrower domain (sensitivity narrowing, fixed when the study is made)
+        self.narrowed: dict[str, Param] = {}
+
+    def narrow(self, domains: dict[str, dict]) -> None:
+        """Replace the domains of the named Optuna parameters (e.g. ``bits.conv1``) by narrower ones."""
+        self.narrowed = {name: Param.model_validate(d) for name, d in domains.items()}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<space>") -> SearchSpace:
@@ -267,6 +273,9 @@ class SearchSpace:
         for pattern, ls in self.model.layers.items():  # later patterns win
             if re.fullmatch(pattern, name):
                 params.update({k: getattr(ls, k) for k in params if getattr(ls, k) is not None})
+        if self.narrowed:
+            group = self.group_of(name)
+            params = {k: self.narrowed.get(f"{SHORT[k]}.{group}", p) for k, p in params.items()}
         return params
 
     def group_of(self, layer: str) -> str:

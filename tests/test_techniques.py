@@ -277,8 +277,8 @@ def test_factorization_is_skipped_with_the_reason():
     assert new is None and "tucker needs a Conv2d" in why
     new, why = plan_factorization(nn.Conv2d(32, 32, 3), "tucker", 0.25)
     assert new is not None and why == "tucker ranks (8, 8) of (32, 32)"
-    with pytest.raises(TechniqueError, match="unknown rank mode 'cp'"):
-        plan_factorization(nn.Linear(4, 4), "cp", 0.5)
+    with pytest.raises(TechniqueError, match="unknown rank mode 'tensor_train'"):
+        plan_factorization(nn.Linear(4, 4), "tensor_train", 0.5)
 
 
 def test_feature_hints_adapt_pruned_widths_and_train():

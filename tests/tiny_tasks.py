@@ -41,3 +41,30 @@ def nan_data() -> Task:
     t.train = (x, t.train[1])
     t.teacher_epochs = 0  # the (untrained) teacher never sees the NaN; fine-tuning does
     return t
+
+
+def sensitive_mlp() -> Task:
+    """The mlp task with a first layer that low-bit quantization ruins and a robust classifier.
+
+    The inputs get a leading feature that is always zero; the first layer's weights on it are huge.
+    They never change the output (nor get a gradient), but they set each channel's quantization scale,
+    so at 4 bits every other weight of that layer rounds to zero while at 8 bits the grid is still fine.
+    """
+    t = mlp(32)
+
+    def model_fn():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(65, 32), nn.ReLU(), nn.Linear(32, 10))
+        with torch.no_grad():
+            model[0].weight[:, 0] = 40 * model[0].weight[:, 1:].abs().amax(1)
+        return model
+
+    pad = lambda xy: (torch.cat([torch.zeros(len(xy[0]), 1), xy[0]], 1), xy[1])  # noqa: E731
+    return Task(
+        name="sensitive_mlp",
+        model_fn=model_fn,
+        train=pad(t.train),
+        test=pad(t.test),
+        teacher_epochs=10,
+        lr=3e-3,
+    )

@@ -307,6 +307,8 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         study_name=cfg.name, storage=storage, directions=DIRECTIONS, sampler=sampler, load_if_exists=True
     )
     existing = study.get_trials(deepcopy=False)
+    if "narrowed_domains" in study.user_attrs:  # Optuna needs the domains a study was created with
+        ctx.space.narrow(study.user_attrs["narrowed_domains"])
     if existing:  # a resumed run: a sampler seeded as before would propose the same plans again
         study.sampler = make_sampler(
             cfg.sampler.name, resume_seed(cfg.seed, len(existing)), cfg.sampler.options
@@ -319,6 +321,13 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
+        sensitivity = None
+        if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
+            from ..sensitivity import analyze
+
+            sensitivity = analyze(ctx, log=log)
+        if cfg.trials.sensitivity_narrow is not None and "narrowed_domains" not in study.user_attrs:
+            _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
         for ws in cfg.trials.warm_start:
             params = ctx.space.params_for(
                 ctx.inventory,
@@ -329,9 +338,9 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
             )
             study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
         if cfg.trials.sensitivity_start is not None:
-            from ..sensitivity import analyze, gentle_plan
+            from ..sensitivity import gentle_plan
 
-            gentle = gentle_plan(analyze(ctx, log=log), cfg.trials.sensitivity_start)
+            gentle = gentle_plan(sensitivity, cfg.trials.sensitivity_start)
             study.enqueue_trial(
                 ctx.space.params_from_layers(ctx.inventory, gentle),
                 user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
@@ -339,6 +348,18 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
     if not shared:
         _recover_interrupted(study, storage, log, ctx.run_dir)
     return study
+
+
+def _narrow(ctx: RunContext, study: optuna.Study, sensitivity, max_drop: float, log) -> None:
+    """Narrow the space's per-layer domains by the sensitivity table; the study keeps them (resumes
+    and workers read them back from its user attrs)."""
+    from ..sensitivity import narrow_domains, narrowing_summary
+
+    narrowed = narrow_domains(ctx.space, ctx.inventory, sensitivity, max_drop)
+    log(narrowing_summary(ctx.space, ctx.inventory, narrowed, max_drop))
+    ctx.space.narrow(narrowed)
+    study.set_user_attr("narrowed_domains", narrowed)
+    study.set_user_attr("sensitivity_narrow", max_drop)
 
 
 def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:

@@ -6,8 +6,10 @@ from .distill import FeatureHints, kd_loss
 from .fold import fold_batchnorm
 from .lowrank import (
     RANK_MODES,
+    cp_macs,
     factorize,
     factorize_conv,
+    factorize_cp,
     factorize_linear,
     factorize_spatial,
     factorize_tucker,
@@ -19,19 +21,32 @@ from .lowrank import (
 from .prune import apply_masks, magnitude_mask, nm_mask, set_nm, set_sparsity, sparsity_of
 from .quantize import FakeQuant, add_fake_quant, fake_quant, qmax_for, quantize_weight
 from .schedules import SCHEDULES, sparsity_at
-from .structured import output_layers, prune_channels
+from .structured import (
+    ChannelSchedule,
+    bare_weights,
+    output_layers,
+    prune_channels,
+    prune_to_widths,
+    target_width,
+)
 
 __all__ = [
     "FeatureHints",
     "RANK_MODES",
     "factorize_spatial",
     "factorize_tucker",
+    "factorize_cp",
+    "cp_macs",
     "plan_factorization",
     "rank_for_energy",
     "SCHEDULES",
     "nm_mask",
     "output_layers",
     "prune_channels",
+    "prune_to_widths",
+    "target_width",
+    "bare_weights",
+    "ChannelSchedule",
     "set_nm",
     "FakeQuant",
     "add_fake_quant",

@@ -6,13 +6,17 @@ Modes (``LayerPlan.rank_mode``):
   weight's energy (sum of squared singular values);
 - ``spatial``: spatial SVD of a Conv2d, a ``k x 1`` conv to ``rank`` channels then a ``1 x k`` conv;
 - ``tucker``: Tucker-2 decomposition of a Conv2d (1x1 in, k x k core, 1x1 out; ranks = ratio x
-  channels), computed by tensorly's ``partial_tucker``.
+  channels), computed by tensorly's ``partial_tucker``;
+- ``cp``: CP (canonical polyadic) decomposition of a Conv2d kernel (Lebedev et al., 2015): 1x1 conv to
+  ``rank`` channels, depthwise ``k x 1``, depthwise ``1 x k``, 1x1 conv to the outputs; rank = ratio x
+  the layer's full rank ``min(out, in * kh * kw)``, computed by tensorly's ``parafac`` (CP-ALS).
 A factorization that would not reduce MACs, or of a depthwise/grouped conv, is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -91,7 +95,7 @@ def factorized_macs(layer: nn.Module, rank: int) -> tuple[int, int]:
     return out * fan_in, rank * (fan_in + out)
 
 
-RANK_MODES = ("ratio", "energy", "spatial", "tucker")
+RANK_MODES = ("ratio", "energy", "spatial", "tucker", "cp")
 
 
 def rank_for_energy(weight: torch.Tensor, energy: float) -> int:
@@ -152,6 +156,56 @@ def factorize_tucker(layer: nn.Conv2d, rank_in: int, rank_out: int) -> nn.Sequen
     return nn.Sequential(first, middle, last)
 
 
+def factorize_cp(layer: nn.Conv2d, rank: int, n_iter_max: int = 200) -> nn.Sequential:
+    """CP decomposition of a Conv2d kernel (tensorly ``parafac``, SVD init, deterministic).
+
+    ``W[o, c, i, j] ~= sum_r A_out[o, r] A_in[c, r] A_h[i, r] A_w[j, r]`` becomes four convs:
+    1x1 (in -> rank), depthwise ``kh x 1`` and ``1 x kw`` (stride, padding and dilation split by axis),
+    1x1 (rank -> out, with the bias).
+    """
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise TechniqueError("CP decomposition needs a Conv2d with groups=1")
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise TechniqueError("CP decomposition needs numeric zero padding")
+    if rank < 1:
+        raise TechniqueError(f"CP rank {rank} must be >= 1")
+    try:
+        from tensorly.decomposition import parafac
+    except ImportError as exc:
+        raise MissingDependencyError("CP decomposition needs tensorly: pip install tensorly") from exc
+    out, c_in, kh, kw = layer.weight.shape
+    w = layer.weight.detach().double().numpy()
+    with warnings.catch_warnings():  # ranks above a mode's size: tensorly fills the SVD init at random
+        warnings.filterwarnings("ignore", message="Trying to compute SVD", category=UserWarning)
+        weights, (a_out, a_in, a_h, a_w) = parafac(
+            w, rank=rank, n_iter_max=n_iter_max, init="svd", tol=1e-10, random_state=0
+        )
+    (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
+    first = nn.Conv2d(c_in, rank, 1, bias=False)
+    vertical = nn.Conv2d(rank, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), groups=rank, bias=False)
+    horizontal = nn.Conv2d(rank, rank, (1, kw), (1, sw), (0, pw), (1, dw), groups=rank, bias=False)
+    last = nn.Conv2d(rank, out, 1, bias=layer.bias is not None)
+    dtype = layer.weight.dtype
+
+    def t(a):
+        return torch.from_numpy(a.copy()).to(dtype)
+
+    with torch.no_grad():
+        first.weight.copy_(t(a_in.T)[:, :, None, None])
+        vertical.weight.copy_(t(a_h.T)[:, None, :, None])
+        horizontal.weight.copy_(t(a_w.T)[:, None, None, :])
+        last.weight.copy_((t(a_out) * t(weights)[None, :])[:, :, None, None])
+        if layer.bias is not None:
+            last.bias.copy_(layer.bias)
+    return nn.Sequential(first, vertical, horizontal, last)
+
+
+def cp_macs(layer: nn.Conv2d, rank: int) -> int:
+    """MACs per output position of the CP-factorized layer: ``rank * (in + kh + kw + out)``."""
+    out, c_in, kh, kw = layer.weight.shape
+    return rank * (c_in + kh + kw + out)
+
+
 def plan_factorization(layer: nn.Module, mode: str, ratio: float) -> tuple[nn.Sequential | None, str]:
     """The factorized replacement of ``layer`` for ``mode`` at ``ratio``, or None and the reason why not.
 
@@ -166,7 +220,9 @@ def plan_factorization(layer: nn.Module, mode: str, ratio: float) -> tuple[nn.Se
     original = out * fan_in
     if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups != 1:
         return None, f"not factorized: depthwise/grouped conv (groups={layer.groups})"
-    if mode in ("spatial", "tucker") and not (isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1):
+    if mode in ("spatial", "tucker", "cp") and not (
+        isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1
+    ):
         return None, f"not factorized: {mode} needs a Conv2d with a kernel larger than 1x1"
     if mode == "tucker":
         c_in, (kh, kw) = w.shape[1], layer.kernel_size
@@ -178,6 +234,13 @@ def plan_factorization(layer: nn.Module, mode: str, ratio: float) -> tuple[nn.Se
                 f"not factorized: Tucker ranks ({r_in}, {r_out}) give {macs} MACs >= original {original}",
             )
         return factorize_tucker(layer, r_in, r_out), f"tucker ranks ({r_in}, {r_out}) of ({c_in}, {out})"
+    if mode == "cp":
+        full = min(out, fan_in)
+        rank = rank_for(ratio, full)
+        macs = cp_macs(layer, rank)
+        if macs >= original:
+            return None, f"not factorized: CP rank {rank}/{full} gives {macs} MACs >= original {original}"
+        return factorize_cp(layer, rank), f"cp rank {rank}/{full}"
     if mode == "spatial":
         c_in, (kh, kw) = w.shape[1], layer.kernel_size
         full = min(c_in * kh, out * kw)

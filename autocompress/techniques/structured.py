@@ -8,11 +8,15 @@ output are never pruned (the output shape is the task's contract).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import MissingDependencyError, TechniqueError
 from ..inventory import compressible_layers
+from .prune import Mask
 
 IMPORTANCES = ("l1", "l2", "taylor")
 
@@ -109,3 +113,170 @@ def prune_channels(
 
 def _width(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def target_width(width: int, ratio: float, round_to: int | None = None) -> int:
+    """Output channels kept when ``ratio`` of ``width`` is removed, by torch-pruning's rule.
+
+    ``int(width * (1 - ratio))``, then rounded down to a multiple of ``round_to`` but never below one
+    multiple (or one channel); a ratio of 0 keeps the layer as it is (no rounding).
+    """
+    if not (0.0 <= ratio < 1.0):
+        raise TechniqueError(f"channel pruning ratio {ratio} is outside [0, 1)")
+    if ratio == 0.0:
+        return width
+    keep = int(width * (1.0 - ratio))
+    if round_to:
+        keep -= keep % round_to
+    return min(width, max(keep, round_to or 1))
+
+
+def prune_to_widths(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    widths: dict[str, int],
+    *,
+    importance: str = "l1",
+    round_to: int | None = None,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, tuple[int, int]]:
+    """Prune each named layer down to ``widths[name]`` output channels (one step of iterative pruning).
+
+    Layers already at or below their width are left alone. The ratio handed to torch-pruning is the one
+    that lands on the exact width from the current one (a fresh dependency graph each call, so earlier
+    physical changes are seen). Returns layer name -> (before, after) like :func:`prune_channels`.
+    """
+    modules = dict(model.named_modules())
+    ratios = {}
+    for name, keep in widths.items():
+        if name not in modules:
+            raise TechniqueError(f"no layer named {name!r} to prune")
+        current = _width(modules[name])
+        if keep < 1:
+            raise TechniqueError(f"{name!r}: cannot keep {keep} output channels (at least 1)")
+        if keep < current:
+            # torch-pruning keeps int(current * (1 - ratio)) channels: aim half a channel above to be exact
+            ratios[name] = (current - keep - 0.5) / current
+    if not ratios:
+        return {}
+    return prune_channels(model, example_inputs, ratios, importance=importance, round_to=round_to, data=data)
+
+
+@contextlib.contextmanager
+def bare_weights(model: nn.Module):
+    """Take the weight parametrizations (masks, fake quantization) off every module for the block,
+    then put them back: torch-pruning can only resize plain parameters.
+
+    Masks are baked in (pruned weights stored as zeros) and rebuilt afterwards from the zeros of the
+    possibly smaller weight; other parametrizations are registered again as the same objects (they must
+    not hold per-channel state). Parameters are new objects afterwards: rebuild the optimizer.
+    """
+    records = []
+    for m in model.modules():
+        if not parametrize.is_parametrized(m, "weight"):
+            continue
+        plist = list(m.parametrizations.weight)
+        with torch.no_grad():
+            for p in plist:
+                if isinstance(p, Mask):
+                    m.parametrizations.weight.original.mul_(p.mask)
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        records.append((m, plist))
+    try:
+        yield
+    finally:
+        for m, plist in records:
+            for p in plist:
+                if isinstance(p, Mask):
+                    fresh = Mask(m.weight)
+                    with torch.no_grad():
+                        fresh.mask.copy_((m.weight != 0).to(fresh.mask.dtype))
+                    fresh.sparsity = p.sparsity
+                    p = fresh
+                parametrize.register_parametrization(m, "weight", p)
+
+
+class ChannelSchedule:
+    """Iterative structured pruning: each layer's width follows a sparsity schedule during fine-tuning.
+
+    ``final`` maps layer names to the fraction of output channels removed at the end; at ``progress``
+    the fraction is ``schedules.sparsity_at(kind, final, start, end, progress, steps)`` and the width is
+    :func:`target_width` of the layer's initial width, so the last step lands on exactly the width a
+    one-shot prune gives. :meth:`step` removes channels physically (torch-pruning, a fresh dependency
+    graph each time) whenever a layer is wider than its target; the caller rebuilds its optimizer when
+    it returns changes. Layers producing the model output are left out (see :func:`output_layers`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        final: dict[str, float],
+        kind: str,
+        start: float = 0.0,
+        end: float = 1.0,
+        steps: int = 0,
+        *,
+        importance: str = "l1",
+        round_to: int | None = None,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        from .schedules import sparsity_at
+
+        sparsity_at(kind, 0.0, start, end, 0.0, steps)  # validates kind, start, end
+        modules = dict(model.named_modules())
+        for name, r in final.items():
+            if name not in modules:
+                raise TechniqueError(f"no layer named {name!r} to prune")
+            if not (0.0 <= r < 1.0):
+                raise TechniqueError(f"channel pruning ratio {r} of {name!r} is outside [0, 1)")
+        self.model, self.example_inputs = model, example_inputs
+        self.kind, self.start, self.end, self.steps = kind, start, end, steps
+        self.importance, self.round_to, self.data = importance, round_to, data
+        self.skipped = {n for n in output_layers(model, example_inputs) if final.get(n, 0) > 0}
+        self.final = {n: r for n, r in final.items() if r > 0 and n not in self.skipped}
+        self.initial = {n: _width(modules[n]) for n in self.final}
+        self.history: list[tuple[float, dict[str, int]]] = []  # (progress, widths) after each change
+        self.changes: dict[str, tuple[int, int]] = {}  # layer -> (first width, current width)
+        self._stuck: set[str] = set()
+
+    def widths_at(self, progress: float) -> dict[str, int]:
+        """Target output channels of every scheduled layer at ``progress`` in [0, 1]."""
+        from .schedules import sparsity_at
+
+        return {
+            n: target_width(
+                self.initial[n],
+                sparsity_at(self.kind, r, self.start, self.end, progress, self.steps),
+                self.round_to,
+            )
+            for n, r in self.final.items()
+        }
+
+    def current(self) -> dict[str, int]:
+        modules = dict(self.model.named_modules())
+        return {n: _width(modules[n]) for n in self.final}
+
+    def step(self, progress: float) -> dict[str, tuple[int, int]]:
+        """Prune to the widths of ``progress``; return layer -> (before, after) of what changed."""
+        now = self.current()
+        wanted = {n: w for n, w in self.widths_at(progress).items() if w < now[n] and n not in self._stuck}
+        if not wanted:
+            return {}
+        was_training = self.model.training
+        with bare_weights(self.model):
+            changed = prune_to_widths(
+                self.model,
+                self.example_inputs,
+                wanted,
+                importance=self.importance,
+                round_to=self.round_to,
+                data=self.data,
+            )
+        self.model.train(was_training)
+        self._stuck |= {n for n in wanted if n not in changed}  # torch-pruning would not touch it
+        for n, (before, after) in changed.items():
+            self.changes[n] = (self.changes.get(n, (before, after))[0], after)
+        if changed:
+            self.history.append((progress, self.current()))
+        return changed
