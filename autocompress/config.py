@@ -61,6 +61,10 @@ class WarmStart(_Strict):
     sparsity: float = Field(0.0, ge=0, lt=1)
     sparsity_kind: str | None = None
     rank_ratio: float = Field(1.0, gt=0, le=1)
+    # plan-wide settings of the warm start (left to the sampler when absent)
+    schedule: Literal["one_shot", "linear", "cubic", "exponential"] | None = None  # sparsity schedule kind
+    kd_temperature: float | None = Field(None, ge=1)
+    kd_alpha: float | None = Field(None, ge=0, le=1)
 
 
 class TrialsConfig(_Strict):

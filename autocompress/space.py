@@ -357,6 +357,27 @@ class SearchSpace:
         }
         return self.params_from_layers(inventory, {info.name: wanted for info in inventory})
 
+    def plan_params(self, **values: Any) -> dict[str, Any]:
+        """Optuna values of plan-wide dimensions (``schedule_kind``, ``kd_temperature``, ``kd_alpha``)
+        for a warm start; absent, fixed or inadmissible values are left to the sampler."""
+        m = self.model
+        dims = {
+            "schedule_kind": ("schedule.kind", m.schedule.kind),
+            "kd_temperature": ("kd.temperature", m.kd.temperature),
+            "kd_alpha": ("kd.alpha", m.kd.alpha),
+        }
+        out: dict[str, Any] = {}
+        for key, v in values.items():
+            name, p = dims[key]
+            if v is None or p.fixed is not None:
+                continue
+            if p.choices is not None:
+                if v in p.choices:
+                    out[name] = v
+            elif p.low <= float(v) <= p.high:
+                out[name] = float(v)
+        return out
+
     def params_from_layers(
         self, inventory: list[LayerInfo], values: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +34,9 @@ def best_within(study_file: Path, max_rel_drop: float, candidates: int, log) -> 
     from autocompress.search.runner import prepare
 
     cfg = load_config(study_file)
-    t0 = time.perf_counter()
     summary = run_study(cfg, log=log)
-    wall = time.perf_counter() - t0
+    done = [t for t in summary.study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     run_dir = Path(cfg.output)
     study = summary.study
     base_acc = study.user_attrs["baseline"]["accuracy"]

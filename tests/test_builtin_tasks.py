@@ -53,5 +53,7 @@ def test_every_shipped_study_validates_and_names_a_builtin_task():
 
 
 def test_bad_task_option_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"task factory 'mnist1d_cnn' raised TypeError: .*unexpected keyword"):
+    with pytest.raises(
+        ConfigError, match=r"task factory 'mnist1d_cnn' raised TypeError: .*unexpected keyword"
+    ):
         load_task("mnist1d_cnn", {"widht": 16})

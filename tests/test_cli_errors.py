@@ -115,6 +115,10 @@ IN_PROCESS_CASES = [
         r"study.yaml: trials.warm_start.0.sparsity: Input should be less than 1",
     ),
     (
+        _with(trials__warm_start=[{"bits": 8, "schedule": "gradual"}]),
+        r"study.yaml: trials.warm_start.0.schedule: Input should be 'one_shot', 'linear', 'cubic' or 'exponential'",
+    ),
+    (
         _with(trials__trial_timeout_s=-1),
         r"study.yaml: trials.trial_timeout_s: Input should be greater than 0",
     ),

@@ -126,6 +126,16 @@ def test_warm_start_params_only_set_searched_dimensions():
     }
 
 
+def test_warm_start_plan_wide_settings_only_when_searched_and_admissible():
+    space = SearchSpace.from_file(ROOT_SPACE, {"kd": {"alpha": {"fixed": 0.5}}})
+    assert space.plan_params(schedule_kind="one_shot", kd_temperature=4.0, kd_alpha=0.9) == {
+        "schedule.kind": "one_shot",
+        "kd.temperature": 4.0,
+    }  # alpha is fixed by the override: the warm start cannot set it
+    # outside [1, 20]: left to the sampler
+    assert space.plan_params(kd_temperature=50.0, schedule_kind=None) == {}
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [

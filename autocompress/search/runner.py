@@ -336,6 +336,11 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
                 rank_ratio=ws.rank_ratio,
                 sparsity_kind=ws.sparsity_kind,
             )
+            params.update(
+                ctx.space.plan_params(
+                    schedule_kind=ws.schedule, kd_temperature=ws.kd_temperature, kd_alpha=ws.kd_alpha
+                )
+            )
             study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
         if cfg.trials.sensitivity_start is not None:
             from ..sensitivity import gentle_plan
