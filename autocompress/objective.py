@@ -199,6 +199,11 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             "environment": environment(backend),
         }
         if base:
+            # The objective is the measured ratio to the baseline (timed side by side, so immune to the
+            # machine's drift between trials) in milliseconds of the run's reference baseline latency.
+            metrics["latency_measured_ms"] = lat.median_ms
+            metrics["latency_ms"] = base["latency_ms"] * lat.median_ms / base_lat.median_ms
+            metrics["latency_p90_ms"] = base["latency_ms"] * lat.p90_ms / base_lat.median_ms
             metrics.update(
                 {
                     "baseline_accuracy": base["accuracy"],
