@@ -59,6 +59,9 @@ class LatencyStats:
     # the lowest median of one block of consecutive calls: the latency with the least interference
     # from other processes (reported beside the median, never instead of it)
     best_block_ms: float | None = None
+    # share of timing rounds set aside as disturbed (see time_callables), and the median of every call
+    disturbed: float = 0.0
+    median_all_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,37 +115,52 @@ def time_callables(
     warmup_min: int = 10,
     warmup_s: float = 0.2,
     block: int = 50,
+    block_s: float = 0.02,
     min_repeats: int = 100,
     max_repeats: int = 3000,
     max_s: float = 3.0,
-    min_s: float = 0.0,
+    min_s: float = 0.5,
     target_rel_ci: float = 0.02,
+    disturbed_above: float = 0.15,
 ) -> list[LatencyStats]:
     """Warm up, then time ``fns`` in alternating blocks until every median's relative CI is small.
 
     Alternating blocks means several artifacts (e.g. a candidate and the baseline) see the same
-    machine state, so their ratio is measured side by side. The CI half width uses the notch rule
-    ``1.57 * IQR / sqrt(n)``; timing stops when every CI is at most ``target_rel_ci`` (after at
-    least ``min_repeats`` calls each and ``min_s`` seconds), or at ``max_repeats`` calls or ``max_s``
-    seconds. A ``min_s`` of a second or more spreads the samples over time, so that one burst of load
-    from another process cannot make the whole measurement.
+    machine state, so their ratio is measured side by side. A block is ``block`` consecutive calls, or
+    fewer for slow calls (about ``block_s`` seconds, at least 5); one block of every callable is a round.
+
+    Rounds in which some callable's block median is more than ``disturbed_above`` (15%) above that
+    callable's best block median are set aside as disturbed: on a shared machine another process
+    (or another VM on the host) takes the core for hundreds of milliseconds at a time, and those
+    stretches measure the neighbour, not the artifact. The reported median, p90, IQR, count and CI are
+    those of the undisturbed rounds (``disturbed`` says which share was set aside; ``median_all_ms`` is
+    the median of every call). Timing stops when every CI is at most ``target_rel_ci`` (after at least
+    ``min_repeats`` undisturbed calls each and ``min_s`` seconds, which spreads the samples over time),
+    or at ``max_repeats`` calls or ``max_s`` seconds. The CI half width uses the notch rule
+    ``1.57 * IQR / sqrt(n)``.
 
     On accelerators pass ``sync`` (the device's synchronize: a call is timed until its work is done)
     or ``timer`` (times one call on the device, e.g. with start/end events, and returns seconds).
     """
     sync = sync or (lambda: None)
+    per_call = []
     for fn in fns:
         t_end = time.perf_counter() + warmup_s / len(fns)
         i = 0
+        t0 = time.perf_counter()
         while i < warmup_min or time.perf_counter() < t_end:
             fn()
             i += 1
         sync()
-    samples: list[list[float]] = [[] for _ in fns]
+        per_call.append((time.perf_counter() - t0) / i)
+    block = max(5, min(block, int(block_s / max(max(per_call), 1e-9))))
+    rounds: list[list[list[float]]] = []  # rounds[r][f] = one block of callable f
     start = time.perf_counter()
     deadline = start + max_s
     while True:
-        for fn, out in zip(fns, samples, strict=True):
+        this_round = []
+        for fn in fns:
+            out: list[float] = []
             for _ in range(block):
                 if timer is not None:
                     out.append(timer(fn))
@@ -151,18 +169,38 @@ def time_callables(
                 fn()
                 sync()
                 out.append(time.perf_counter() - t0)
-        stats = [_stats(s, device, batch_size, block) for s in samples]
-        n = len(samples[0])
+            this_round.append(out)
+        rounds.append(this_round)
+        stats = _round_stats(rounds, len(fns), device, batch_size, disturbed_above)
+        n_total = len(rounds) * block
         long_enough = time.perf_counter() - start >= min_s
-        if n >= min_repeats and long_enough and all(st.rel_ci <= target_rel_ci for st in stats):
+        if long_enough and all(st.n >= min_repeats and st.rel_ci <= target_rel_ci for st in stats):
             return stats
-        if n >= max_repeats or time.perf_counter() > deadline:
+        if n_total >= max_repeats or time.perf_counter() > deadline:
             return stats
 
 
-def _stats(samples: list[float], device: str, batch_size: int, block: int = 50) -> LatencyStats:
+def _round_stats(
+    rounds: list[list[list[float]]], k: int, device: str, batch_size: int, disturbed_above: float
+) -> list[LatencyStats]:
+    """Statistics of the undisturbed rounds (see :func:`time_callables`)."""
+    med = np.asarray([[np.median(r[f]) for f in range(k)] for r in rounds])  # [round, callable]
+    best = med.min(axis=0)
+    clean = np.all(med <= best * (1.0 + disturbed_above), axis=1)
+    disturbed = float(1.0 - clean.mean())
+    out = []
+    for f in range(k):
+        kept = [x for r, ok in zip(rounds, clean, strict=True) if ok for x in r[f]]
+        everything = [x for r in rounds for x in r[f]]
+        st = _stats(kept, device, batch_size, best_ms=float(best[f]) * 1e3)
+        st.disturbed = disturbed
+        st.median_all_ms = float(np.median(everything)) * 1e3
+        out.append(st)
+    return out
+
+
+def _stats(samples: list[float], device: str, batch_size: int, best_ms: float | None = None) -> LatencyStats:
     a = np.asarray(samples) * 1e3
-    blocks = a[: len(a) // block * block].reshape(-1, block) if len(a) >= block else a[None, :]
     med = float(np.median(a))
     q1, q3 = np.percentile(a, [25, 75])
     rel_ci = float(1.57 * (q3 - q1) / np.sqrt(len(a)) / med) if med > 0 else 0.0
@@ -175,7 +213,7 @@ def _stats(samples: list[float], device: str, batch_size: int, block: int = 50) 
         rel_ci=rel_ci,
         batch_size=batch_size,
         device=device,
-        best_block_ms=float(np.median(blocks, axis=1).min()),
+        best_block_ms=best_ms if best_ms is not None else med,
     )
 
 
