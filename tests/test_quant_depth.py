@@ -238,12 +238,14 @@ def test_percentile_calibration_clips_activation_ranges(tmp_path, backend, digit
 
 
 # -- dynamic quantization ----------------------------------------------------------------------------
-def test_dynamic_linear_layers_on_the_transformer(tmp_path, backend):
+@pytest.mark.parametrize(("scheme", "granularity"), [("symmetric", "channel"), ("asymmetric", "tensor")])
+def test_dynamic_linear_layers_on_the_transformer(scheme, granularity, tmp_path, backend):
     task = _task("transformer")
     teacher = task.model_fn().eval()
     names = [i.name for i in build_inventory(teacher, task.example_inputs())]
     dynamic = ["layers.0.mlp.0", "layers.1.attn.q", "head"]  # MatMul and Gemm (2-D input) layers
-    layers = {n: LayerPlan(bits=8, quant_mode="dynamic") for n in dynamic}
+    grid = {"quant_scheme": scheme, "quant_granularity": granularity}
+    layers = {n: LayerPlan(bits=8, quant_mode="dynamic", **grid) for n in dynamic}
     layers["layers.0.attn.v"] = LayerPlan(bits=8)  # static QDQ
     layers["layers.1.mlp.2"] = LayerPlan(bits=16)
     plan = Plan(layers=layers, epochs=0)
@@ -257,9 +259,16 @@ def test_dynamic_linear_layers_on_the_transformer(tmp_path, backend):
     for n in g.node:  # the QAT integers are what MatMulInteger multiplies by
         if n.op_type == "MatMulInteger":
             assert inits[n.input[1]].data_type == TensorProto.INT8
-    head = out.model.head
-    stored = next(i for k, i in inits.items() if k.startswith("head.weight") and k.endswith("_quantized"))
-    np.testing.assert_array_equal(numpy_helper.to_array(stored).T, getattr(head, QUANT_ATTR).q)
+    rec = getattr(out.model.head, QUANT_ATTR)
+    mm = next(n for n in g.node if n.op_type == "MatMulInteger" and n.input[1].startswith("head.weight"))
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[mm.input[1]]).T, rec.q)
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[mm.input[3]]), rec.zero_point)
+    base = mm.input[1].removesuffix("_quantized")
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[f"{base}_scale"]), rec.scale)
+    assert rec.scale.shape == ((10,) if granularity == "channel" else ())
+    if scheme == "asymmetric":
+        zeros = [numpy_helper.to_array(inits[n.input[3]]) for n in g.node if n.op_type == "MatMulInteger"]
+        assert any(z.any() for z in zeros)
     # the other layers keep their own precision: one static QDQ layer (int8 weight behind a
     # DequantizeLinear, run as QLinearMatMul), one float16 layer, the rest float MatMuls
     int8_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]

@@ -6,15 +6,24 @@ the CPU provider for nodes CUDA does not implement, as ORT does.
 
 Lowering, in order:
 1. ``torch.onnx.export`` of the finalized model (BN already folded, weights already on their grid).
-2. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
-   by min-max on training samples) for the layers whose plan says 5 to 8 bits. It lays out the
-   Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
-3. The weight integers and scales it computed are replaced by the ones the QAT fine-tune trained on
-   (symmetric per channel, ``amax / qmax``), and each int32 bias is re-quantized with
+2. Layers whose plan says ``quant_mode: dynamic`` (int8 Linear, LSTM): ONNX Runtime's
+   ``quantize_dynamic`` restricted to their nodes (DynamicQuantizeLinear + MatMulInteger,
+   DynamicQuantizeLSTM); the Gemms it rewrites as MatMul + Add without quantizing them are restored.
+3. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
+   by min-max or by percentile on training samples) for the static layers whose plan says 5 to 8 bits.
+   It lays out the Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
+4. The weight integers, scales and zero points it computed are replaced by the ones the QAT
+   fine-tune trained on (``module.ac_weight_quant``: symmetric or asymmetric, per channel or per
+   tensor, min-max or learned (LSQ) scales), and each int32 bias is re-quantized with
    ``input_scale * weight_scale``. The artifact then holds exactly the integers the torch model
    was fine-tuned with.
-4. 2- to 4-bit layers: packed INT4 weights (two per byte, opset 21) behind a weight-only
-   DequantizeLinear; 16-bit layers: float16 weights behind a Cast. ORT computes both in float.
+5. 2- to 4-bit layers: packed INT4 weights (two per byte, opset 21), INT4 zero points when
+   asymmetric, behind a weight-only DequantizeLinear; 16-bit layers: float16 weights behind a Cast.
+   ORT computes both in float.
+
+Asymmetric int8 weights (non-zero zero points) fuse into QLinearConv / QGemm like symmetric ones; on
+CPUs without VNNI both use a 7-bit grid (``reduce_range``), on which ORT's fused kernels give the same
+outputs as the unfused QDQ graph (a full 8-bit grid saturates there).
 """
 
 from __future__ import annotations
@@ -438,7 +447,8 @@ class OnnxRuntimeBackend(Backend):
             kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
         packed = stored = 0.0
         for name, p in model.named_parameters():
-            bits = quantized.get(name.rsplit(".", 1)[0], 32) if name.endswith(".weight") else 32
+            owner, _, kind = name.rpartition(".")
+            bits = quantized.get(owner, 32) if kind.startswith("weight") else 32  # LSTM: weight_ih_l0
             packed += p.numel() * bits / 8
             stored += p.numel() * container_bits(bits) / 8
         return Artifact(
