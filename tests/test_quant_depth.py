@@ -284,20 +284,41 @@ def test_dynamic_linear_layers_on_the_transformer(scheme, granularity, tmp_path,
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9
 
 
-def test_dynamic_lstm(tmp_path, backend):
+@pytest.mark.parametrize("head_bits", [32, 8])
+def test_dynamic_lstm(head_bits, tmp_path, backend):
+    """The LSTM runs as DynamicQuantizeLSTM; the head keeps its own precision (float, or static int8 QDQ
+    calibrated on the graph that already holds the dynamic LSTM)."""
     task = _task("lstm")
     teacher = task.model_fn().eval()
-    plan = Plan(layers={"lstm": LayerPlan(bits=8, quant_mode="dynamic")}, epochs=0)
-    out = compress(task, teacher, plan, reduce_range=backend.reduce_range)
+    layers = {"lstm": LayerPlan(bits=8, quant_mode="dynamic"), "head": LayerPlan(bits=head_bits)}
+    out = compress(task, teacher, Plan(layers=layers, epochs=0), reduce_range=backend.reduce_range)
     assert out.precisions["lstm"] == 8
     art = backend.lower(out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs())
     ops = [n.op_type for n in _graph(art).node]
     assert ops.count("DynamicQuantizeLSTM") == 1 and "LSTM" not in ops
-    assert "Gemm" in ops and "MatMulInteger" not in ops  # the head stays float
+    assert "Gemm" in ops and "MatMulInteger" not in ops  # the head is not dynamic
+    assert ("QGemm" in art.meta["kernels"]) == (head_bits == 8)
+    # packed size: LSTM weight matrices (and an 8-bit head's) at 1 byte each, everything else float32
+    int8 = [n for n, _ in teacher.named_parameters() if n.startswith("lstm.weight")]
+    int8 += ["head.weight"] if head_bits == 8 else []
+    params = dict(teacher.named_parameters())
+    float_bytes = 4 * sum(p.numel() for p in params.values())
+    assert art.packed_size_bytes == float_bytes - 3 * sum(params[n].numel() for n in int8)
     x = task.test[0]
-    got, ref = _run(backend, art, x), teacher(x).detach().numpy()
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    got, ref = _run(backend, art, x), out.model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= (0.05 if head_bits == 32 else 0.15) * np.abs(ref).max()
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9
+
+
+@pytest.mark.parametrize(("scheme", "granularity"), GRIDS)
+def test_eight_bit_grids_keep_output_snr_above_40_db(scheme, granularity):
+    torch.manual_seed(0)
+    layer, x = nn.Linear(64, 32), torch.randn(256, 64)
+    ref = layer(x).detach()
+    add_fake_quant(layer, 8, scheme=scheme, granularity=granularity)
+    with torch.no_grad():
+        err = layer(x) - ref
+    assert float(10 * torch.log10(ref.pow(2).mean() / err.pow(2).mean())) > 40  # measured: 48.0-48.4 dB
 
 
 def test_dynamic_errors(tmp_path, backend, digits_task, digits_teacher):
