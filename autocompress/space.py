@@ -5,8 +5,8 @@ No computation happens here: a space only turns trial suggestions into a :class:
 Parameter names are stable dotted paths (resumed studies depend on them):
 ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``, ``schedule.start``,
 ``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids ``qscheme.<layer>``,
-``qgranularity.<layer>``, ``qmode.<layer>`` (asked only where ``bits`` is 8: dynamic needs int8), and
-plan-level ``quant.calibration``, ``quant.lsq``.
+``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>`` (only where ``bits``
+is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``, ``quant.lsq``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ SHORT = {
     "quant_granularity": "qgranularity",
     "quant_mode": "qmode",
 }
+QUANT_DEFAULTS = {"quant_scheme": "symmetric", "quant_granularity": "channel", "quant_mode": "static"}
 QUANT_CHOICES = {
     "quant_scheme": SCHEMES,
     "quant_granularity": GRANULARITIES,
@@ -352,8 +353,12 @@ class SearchSpace:
                         source=self.source,
                         field="groups",
                     )
-                if k == "quant_mode" and int(values["bits"]) != 8:
-                    values[k] = "static"  # dynamic needs int8 weights: not asked
+                if (
+                    k in QUANT_CHOICES
+                    and int(values["bits"]) >= 16
+                    or (k == "quant_mode" and int(values["bits"]) != 8)
+                ):  # float/fp16 layers have no integer grid; dynamic needs int8: not asked
+                    values[k] = QUANT_DEFAULTS[k]
                     continue
                 values[k] = p.suggest(trial, name)
             layers[info.name] = LayerPlan(

@@ -417,18 +417,25 @@ def test_quant_depth_space_suggests_the_new_choices(digits_teacher, digits_task)
     inv = build_inventory(digits_teacher, digits_task.example_inputs())
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
-    for _ in range(12):
+    for _ in range(40):
         trial = study.ask()
         plan = space.suggest(trial, inv, epochs=0, lr=1e-3, seed=0)
         assert Plan.from_json(plan.to_json()) == plan
         for lp in plan.layers.values():
             seen.add((lp.quant_scheme, lp.quant_granularity))
+            seen.add(lp.quant_mode)
         seen.add(plan.calibration)
-        assert {f"qscheme.{inv[0].name}", f"qgranularity.{inv[0].name}", "quant.calibration"} <= set(
-            trial.params
-        )
+        assert "quant.calibration" in trial.params and "quant.lsq" in trial.params
+        for info in inv:  # grid choices are asked only where there is an integer grid
+            bits = plan.layers[info.name].bits
+            assert (f"qscheme.{info.name}" in trial.params) == (bits <= 8)
+            assert (f"qgranularity.{info.name}" in trial.params) == (bits <= 8)
+            searched_mode = info.name == "classifier" and bits == 8  # the yaml's Linear regex
+            assert (f"qmode.{info.name}" in trial.params) == searched_mode
+            if bits >= 16:
+                assert plan.layers[info.name].quant_scheme == "symmetric"
         study.tell(trial, 0.0)
-    assert {"percentile", "minmax", ("asymmetric", "tensor"), ("symmetric", "channel")} <= seen
+    assert {"percentile", "minmax", "dynamic", ("asymmetric", "tensor"), ("symmetric", "channel")} <= seen
 
 
 def test_space_rejects_bad_quant_values():
