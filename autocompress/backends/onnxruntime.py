@@ -312,13 +312,12 @@ def _write_dynamic_integers(qmodel: onnx.ModelProto, weights: list[_Weight]) -> 
         node = next((n for n in g.node if n.op_type == "MatMulInteger" and n.input[1] in targets), None)
         if node is None:
             raise BackendError(f"quantize_dynamic did not quantize layer {w.layer!r} (no MatMulInteger)")
-        base = node.input[1].removesuffix("_quantized")
+        scale = f"{node.input[1].removesuffix('_quantized')}_scale"
+        if scale not in inits or len(node.input) < 4:
+            raise BackendError(f"quantize_dynamic left no weight scale/zero point for layer {w.layer!r}")
         _set(inits, node.input[1], w.q.T.astype(np.int8))  # MatMul weights are [in, out]
         _set(inits, node.input[3], w.zero_point(np.int8))
-        scale_users = [n for n in g.node if f"{base}_scale" in n.input]
-        _set(inits, f"{base}_scale", w.scale)
-        if not scale_users:
-            raise BackendError(f"quantize_dynamic left no weight scale for layer {w.layer!r}")
+        _set(inits, scale, w.scale)
 
 
 def _restore_gemms(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, keep: set[str]) -> None:
