@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import ConfigError, NonFiniteLoss
+from .errors import ConfigError, NonFiniteLoss, TechniqueError
 from .faults import on_step
 from .inventory import compressible_layers
 from .plan import FLOAT_BITS, Plan
@@ -30,12 +30,14 @@ from .techniques import (
     kd_loss,
     plan_factorization,
     prune_to_widths,
+    record_weight_quant,
     set_nm,
     set_sparsity,
     sparsity_at,
     target_width,
 )
 from .techniques._modules import get_module, set_module
+from .techniques.quantize import CALIBRATION_ATTR, MODE_ATTR, RECURRENT
 
 
 @dataclass
@@ -260,8 +262,23 @@ def compress(
     pruned = {n: m for n, m in modules.items() if final_sparsity[n] > 0 or n in nm}
     apply_masks(pruned)
     for name, m in modules.items():
+        lp = plan.layer(origin[name])
+        if lp.quant_mode == "dynamic" and not isinstance(m, nn.Linear):
+            raise TechniqueError(
+                f"layers.{origin[name]}.quant_mode: dynamic quantization applies to Linear, LSTM and GRU "
+                f"layers, not {type(m).__name__} ({name!r}); use quant_mode 'static'"
+            )
         if bits[name] < FLOAT_BITS:
-            add_fake_quant(m, bits[name], reduce_range=reduce_range and bits[name] == 8)
+            add_fake_quant(
+                m,
+                bits[name],
+                reduce_range=reduce_range and bits[name] == 8,
+                scheme=lp.quant_scheme,
+                granularity=lp.quant_granularity,
+                lsq=plan.lsq,
+            )
+            setattr(m, MODE_ATTR, lp.quant_mode)
+    recurrent = _recurrent_dynamic(student, plan)
 
     def update_masks(progress: float) -> None:
         for n, m in pruned.items():
@@ -340,9 +357,30 @@ def compress(
     if channels is not None:
         _channel_notes(channels, plan, origin, notes)
     for m in modules.values():
+        record_weight_quant(m)  # the integers/scales the artifact must hold (LSQ: the learned ones)
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     student.eval()
     sparsity = {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in modules.items()}
     steps = channels.history if channels is not None else []
-    return Compressed(student, bits, sparsity, notes, losses, steps, train_s)
+    setattr(student, CALIBRATION_ATTR, plan.calibration)
+    return Compressed(student, {**bits, **recurrent}, sparsity, notes, losses, steps, train_s)
+
+
+def _recurrent_dynamic(model: nn.Module, plan: Plan) -> dict[str, int]:
+    """LSTM/GRU layers the plan quantizes (dynamic int8 only): name -> 8, marked for the backend.
+
+    Their weights are not fake-quantized during fine-tuning: the backend quantizes them (post-training).
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, RECURRENT) or name not in plan.layers or plan.layers[name].bits == FLOAT_BITS:
+            continue
+        if plan.layers[name].quant_mode != "dynamic":
+            raise TechniqueError(
+                f"layers.{name}: {type(m).__name__} layers are quantized dynamically only "
+                f"(quant_mode 'dynamic', bits 8) or kept float (bits 32)"
+            )
+        setattr(m, MODE_ATTR, "dynamic")
+        out[name] = 8
+    return out

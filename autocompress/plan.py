@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
 from .techniques.lowrank import RANK_MODES
+from .techniques.quantize import CALIBRATIONS, GRANULARITIES, QUANT_MODES, SCHEMES
 from .techniques.schedules import SCHEDULES
 
 FLOAT_BITS = 32
@@ -26,6 +27,9 @@ class LayerPlan:
     or ``2:4`` (two of every four consecutive input weights are zero; ``sparsity`` is ignored).
     ``rank_mode``: how ``rank_ratio`` factorizes the layer (see ``techniques.lowrank``): ``ratio``,
     ``energy``, ``spatial``, ``tucker`` or ``cp``.
+    ``quant_granularity`` (``channel``/``tensor``) and ``quant_scheme`` (``symmetric``/``asymmetric``)
+    shape the weight grid of 2- to 8-bit layers; ``quant_mode`` ``dynamic`` (8 bits only) quantizes the
+    activations at run time instead of calibrating them (Linear, LSTM and GRU layers).
     """
 
     bits: int = FLOAT_BITS
@@ -33,8 +37,25 @@ class LayerPlan:
     rank_ratio: float = 1.0
     sparsity_kind: str = "unstructured"
     rank_mode: str = "ratio"
+    quant_granularity: str = "channel"
+    quant_scheme: str = "symmetric"
+    quant_mode: str = "static"
 
     def validate(self, where: str) -> None:
+        for name, allowed in (
+            ("quant_granularity", GRANULARITIES),
+            ("quant_scheme", SCHEMES),
+            ("quant_mode", QUANT_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not one of {list(allowed)}", field=f"{where}.{name}"
+                )
+        if self.quant_mode == "dynamic" and self.bits != 8:
+            raise ConfigError(
+                f"quant_mode 'dynamic' needs bits 8 (int8 weights), got bits {self.bits}",
+                field=f"{where}.quant_mode",
+            )
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits {self.bits} is not one of {list(SUPPORTED_BITS)}", field=f"{where}.bits")
         if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
@@ -89,6 +110,8 @@ class Plan:
         seed: seed of the fine-tuning run.
         importance: channel importance for structured pruning (``l1``, ``l2``, ``taylor``).
         hints: module names whose outputs are distilled (feature KD), with weight ``hint_weight``.
+        calibration: activation ranges of 8-bit static layers: ``minmax`` or ``percentile`` (99.99th).
+        lsq: learn the weight quantization step sizes during fine-tuning (LSQ) instead of min-max.
     """
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
@@ -101,6 +124,8 @@ class Plan:
     importance: str = "l1"
     hints: tuple[str, ...] = ()
     hint_weight: float = 0.0
+    calibration: str = "minmax"
+    lsq: bool = False
 
     def __post_init__(self) -> None:
         for name, lp in self.layers.items():
@@ -118,6 +143,12 @@ class Plan:
             raise ConfigError(f"hint_weight {self.hint_weight} must be >= 0", field="hint_weight")
         if self.epochs < 0:
             raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(
+                f"calibration {self.calibration!r} is not one of {list(CALIBRATIONS)}", field="calibration"
+            )
+        if not isinstance(self.lsq, bool):
+            raise ConfigError(f"lsq {self.lsq!r} must be true or false", field="lsq")
 
     def layer(self, name: str) -> LayerPlan:
         return self.layers.get(name, LayerPlan())

@@ -4,7 +4,9 @@ No computation happens here: a space only turns trial suggestions into a :class:
 
 Parameter names are stable dotted paths (resumed studies depend on them):
 ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``, ``schedule.start``,
-``schedule.end``, ``kd.temperature``, ``kd.alpha``.
+``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids ``qscheme.<layer>``,
+``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>`` (only where ``bits``
+is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``, ``quant.lsq``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from .errors import ConfigError
 from .inventory import LayerInfo
 from .plan import (
+    CALIBRATIONS,
+    GRANULARITIES,
     IMPORTANCES,
+    QUANT_MODES,
     RANK_MODES,
     SCHEDULES,
+    SCHEMES,
     SPARSITY_KINDS,
     SUPPORTED_BITS,
     LayerPlan,
@@ -30,7 +36,16 @@ from .plan import (
     Schedule,
 )
 
-PER_LAYER = ("bits", "sparsity", "sparsity_kind", "rank_ratio", "rank_mode")
+PER_LAYER = (
+    "bits",
+    "sparsity",
+    "sparsity_kind",
+    "rank_ratio",
+    "rank_mode",
+    "quant_scheme",
+    "quant_granularity",
+    "quant_mode",
+)
 # Optuna parameter name prefix of each per-layer dimension (stable: resumed studies depend on them)
 SHORT = {
     "bits": "bits",
@@ -38,6 +53,15 @@ SHORT = {
     "sparsity_kind": "sparsity_kind",
     "rank_ratio": "rank",
     "rank_mode": "rank_mode",
+    "quant_scheme": "qscheme",
+    "quant_granularity": "qgranularity",
+    "quant_mode": "qmode",
+}
+QUANT_DEFAULTS = {"quant_scheme": "symmetric", "quant_granularity": "channel", "quant_mode": "static"}
+QUANT_CHOICES = {
+    "quant_scheme": SCHEMES,
+    "quant_granularity": GRANULARITIES,
+    "quant_mode": QUANT_MODES,
 }
 
 
@@ -46,8 +70,8 @@ class Param(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    fixed: float | int | str | None = None
-    choices: list[float | int | str] | None = None
+    fixed: bool | float | int | str | None = None
+    choices: list[bool | float | int | str] | None = None
     low: float | None = None
     high: float | None = None
     step: float | None = None
@@ -99,6 +123,9 @@ class LayerSpace(BaseModel):
     sparsity_kind: Param | None = None
     rank_ratio: Param | None = None
     rank_mode: Param | None = None
+    quant_scheme: Param | None = None
+    quant_granularity: Param | None = None
+    quant_mode: Param | None = None
 
 
 class ScheduleSpace(BaseModel):
@@ -119,6 +146,15 @@ class KDSpace(BaseModel):
     hint_weight: Param = Param(fixed=0.0)
 
 
+class QuantSpace(BaseModel):
+    """Plan-level quantization choices: activation calibration of 8-bit static layers, LSQ step sizes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    calibration: Param = Param(fixed="minmax")
+    lsq: Param = Param(fixed=False)
+
+
 class SpaceModel(BaseModel):
     """The schema of a search space file."""
 
@@ -129,6 +165,10 @@ class SpaceModel(BaseModel):
     sparsity_kind: Param = Param(fixed="unstructured")
     rank_ratio: Param = Param(fixed=1.0)
     rank_mode: Param = Param(fixed="ratio")
+    quant_scheme: Param = Param(fixed="symmetric")
+    quant_granularity: Param = Param(fixed="channel")
+    quant_mode: Param = Param(fixed="static")
+    quant: QuantSpace = QuantSpace()
     importance: Param = Param(fixed="l1")
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
@@ -232,6 +272,10 @@ class SearchSpace:
                     raise ConfigError(
                         f"{v!r} is not one of {list(SPARSITY_KINDS)}", source=self.source, field=field
                     )
+                if kind in QUANT_CHOICES and v not in QUANT_CHOICES[kind]:
+                    raise ConfigError(
+                        f"{v!r} is not one of {list(QUANT_CHOICES[kind])}", source=self.source, field=field
+                    )
         if isinstance(m.groups, dict):
             for group, pattern in m.groups.items():
                 try:
@@ -240,6 +284,17 @@ class SearchSpace:
                     raise ConfigError(
                         f"invalid regex: {exc}", source=self.source, field=f"groups.{group}"
                     ) from None
+        if set(m.quant_mode.values()) == {"dynamic"} and 8 not in m.bits.values():
+            raise ConfigError(
+                "quant_mode 'dynamic' needs bits 8 (int8 weights)", source=self.source, field="quant_mode"
+            )
+        for v in m.quant.calibration.values():
+            if v not in CALIBRATIONS:
+                raise ConfigError(
+                    f"{v!r} is not one of {list(CALIBRATIONS)}", source=self.source, field="quant.calibration"
+                )
+        if any(not isinstance(v, bool) for v in m.quant.lsq.values()):
+            raise ConfigError("values must be true or false", source=self.source, field="quant.lsq")
         for v in m.importance.values():
             if v not in IMPORTANCES:
                 raise ConfigError(
@@ -307,6 +362,13 @@ class SearchSpace:
                         source=self.source,
                         field="groups",
                     )
+                if (
+                    k in QUANT_CHOICES
+                    and int(values["bits"]) >= 16
+                    or (k == "quant_mode" and int(values["bits"]) != 8)
+                ):  # float/fp16 layers have no integer grid; dynamic needs int8: not asked
+                    values[k] = QUANT_DEFAULTS[k]
+                    continue
                 values[k] = p.suggest(trial, name)
             layers[info.name] = LayerPlan(
                 bits=int(values["bits"]),
@@ -314,6 +376,9 @@ class SearchSpace:
                 rank_ratio=float(values["rank_ratio"]),
                 sparsity_kind=str(values["sparsity_kind"]),
                 rank_mode=str(values["rank_mode"]),
+                quant_scheme=str(values["quant_scheme"]),
+                quant_granularity=str(values["quant_granularity"]),
+                quant_mode=str(values["quant_mode"]),
             )
         s = self.model.schedule
         start = float(s.start.suggest(trial, "schedule.start"))
@@ -335,6 +400,8 @@ class SearchSpace:
             importance=str(self.model.importance.suggest(trial, "prune.importance")),
             hints=tuple(self.model.kd.hints),
             hint_weight=float(self.model.kd.hint_weight.suggest(trial, "kd.hint_weight")),
+            calibration=str(self.model.quant.calibration.suggest(trial, "quant.calibration")),
+            lsq=bool(self.model.quant.lsq.suggest(trial, "quant.lsq")),
         )
 
     def params_for(

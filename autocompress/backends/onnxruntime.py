@@ -6,21 +6,31 @@ the CPU provider for nodes CUDA does not implement, as ORT does.
 
 Lowering, in order:
 1. ``torch.onnx.export`` of the finalized model (BN already folded, weights already on their grid).
-2. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
-   by min-max on training samples) for the layers whose plan says 5 to 8 bits. It lays out the
-   Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
-3. The weight integers and scales it computed are replaced by the ones the QAT fine-tune trained on
-   (symmetric per channel, ``amax / qmax``), and each int32 bias is re-quantized with
+2. Layers whose plan says ``quant_mode: dynamic`` (int8 Linear, LSTM): ONNX Runtime's
+   ``quantize_dynamic`` restricted to their nodes (DynamicQuantizeLinear + MatMulInteger,
+   DynamicQuantizeLSTM); the Gemms it rewrites as MatMul + Add without quantizing them are restored.
+3. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
+   by min-max or by percentile on training samples) for the static layers whose plan says 5 to 8 bits.
+   It lays out the Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
+4. The weight integers, scales and zero points it computed are replaced by the ones the QAT
+   fine-tune trained on (``module.ac_weight_quant``: symmetric or asymmetric, per channel or per
+   tensor, min-max or learned (LSQ) scales), and each int32 bias is re-quantized with
    ``input_scale * weight_scale``. The artifact then holds exactly the integers the torch model
    was fine-tuned with.
-4. 2- to 4-bit layers: packed INT4 weights (two per byte, opset 21) behind a weight-only
-   DequantizeLinear; 16-bit layers: float16 weights behind a Cast. ORT computes both in float.
+5. 2- to 4-bit layers: packed INT4 weights (two per byte, opset 21), INT4 zero points when
+   asymmetric, behind a weight-only DequantizeLinear; 16-bit layers: float16 weights behind a Cast.
+   ORT computes both in float.
+
+Asymmetric int8 weights (non-zero zero points) fuse into QLinearConv / QGemm like symmetric ones; on
+CPUs without VNNI both use a 7-bit grid (``reduce_range``), on which ORT's fused kernels give the same
+outputs as the unfused QDQ graph (a full 8-bit grid saturates there).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import shutil
 import subprocess
@@ -38,7 +48,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError
-from ..techniques.quantize import qmax_for, quantize_weight
+from ..techniques.quantize import (
+    CALIBRATION_ATTR,
+    MODE_ATTR,
+    QUANT_ATTR,
+    RECURRENT,
+    WeightQuant,
+    qmax_for,
+    quantize_weight,
+)
 from .base import (
     Artifact,
     Backend,
@@ -53,6 +71,39 @@ from .worker import WorkerClient
 
 INPUT, OUTPUT = "input", "logits"
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
+PERCENTILE = 99.99  # percentile calibration keeps the central 99.99% of each activation's values
+CALIBRATION_METHODS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence ORT's quantizer (it warns through the root logger and prints calibration stats)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _lstm_nodes(graph: onnx.GraphProto, module: torch.nn.LSTM) -> list[str]:
+    """Names of the ONNX LSTM nodes exported from ``module`` (one per stacked layer), found by value:
+    ONNX stores the gates as (i, o, f, c) where torch has (i, f, g, o)."""
+    inits = {i.name: i for i in graph.initializer}
+    refs = []
+    for k in range(module.num_layers):
+        i, f, g, o = getattr(module, f"weight_ih_l{k}").detach().numpy().reshape(4, module.hidden_size, -1)
+        refs.append(np.concatenate([i, o, f, g]))
+    found = []
+    for node in graph.node:
+        if node.op_type != "LSTM" or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])[0]
+        if any(w.shape == r.shape and np.allclose(w, r) for r in refs):
+            found.append(node.name)
+    return found
 
 
 @functools.cache
@@ -155,7 +206,8 @@ class _Weight:
     """Where a torch layer's weight lives in the exported graph, and the integers it must hold.
 
     ``axis`` is the output-channel axis of the ONNX initializer: 0 when it keeps the torch layout
-    (Conv, Gemm with transB=1), 1 when the exporter stored it transposed (MatMul).
+    (Conv, Gemm with transB=1), 1 when the exporter stored it transposed (MatMul). ``scale`` and
+    ``zero`` have one entry per output channel, or are 0-d for a per-tensor grid.
     """
 
     layer: str
@@ -163,11 +215,17 @@ class _Weight:
     axis: int
     nodes: list[str]
     bits: int
-    q: np.ndarray  # torch layout, [-qmax, qmax]
-    scale: np.ndarray  # per output channel
+    q: np.ndarray  # torch layout, on the layer's integer grid
+    scale: np.ndarray
+    zero: np.ndarray | None = None  # None: symmetric (zero point 0)
+    mode: str = "static"
 
     def q_onnx(self) -> np.ndarray:
         return self.q.T if self.axis == 1 else self.q
+
+    def zero_point(self, dtype) -> np.ndarray:
+        z = np.zeros(self.scale.shape, np.int32) if self.zero is None else self.zero
+        return z.astype(dtype)
 
 
 def _locate(
@@ -178,6 +236,8 @@ def _locate(
     q: np.ndarray,
     scale: np.ndarray,
     taken: set[str],
+    zero: np.ndarray | None = None,
+    mode: str = "static",
 ) -> _Weight:
     """Find the initializer holding ``weight`` (by name, else by value: the exporter may rename and
     transpose it, e.g. a bias-free Linear becomes MatMul with a folded transpose)."""
@@ -198,16 +258,20 @@ def _locate(
             axis = 1
         else:
             continue
-        return _Weight(layer, cand, axis, [n.name for n in users], bits, q, scale)
+        return _Weight(layer, cand, axis, [n.name for n in users], bits, q, scale, zero, mode)
     raise BackendError(
         f"cannot find the ONNX initializer of {name!r} (layer {layer!r}) in the exported graph"
     )
 
 
+def _set(inits: dict[str, TensorProto], name: str, array: np.ndarray) -> None:
+    inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+
 def _write_trained_integers(
     qmodel: onnx.ModelProto, float_model: onnx.ModelProto, weights: list[_Weight]
 ) -> None:
-    """Replace ORT's weight integers/scales by the QAT ones; re-quantize the int32 biases."""
+    """Replace ORT's weight integers/scales/zero points by the QAT ones; re-quantize the int32 biases."""
     g = qmodel.graph
     inits = {i.name: i for i in g.initializer}
     float_inits = {i.name: i for i in float_model.graph.initializer}
@@ -218,8 +282,13 @@ def _write_trained_integers(
             w_dq = _producer(g, node.input[1])
             if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] != f"{w.init}_quantized":
                 continue
-            inits[w_dq.input[0]].CopyFrom(_int_tensor(w_dq.input[0], w.q_onnx(), w.bits))
-            inits[w_dq.input[1]].CopyFrom(numpy_helper.from_array(w.scale, w_dq.input[1]))
+            _set(inits, w_dq.input[0], w.q_onnx().astype(np.int8))
+            _set(inits, w_dq.input[1], w.scale)
+            _set(inits, w_dq.input[2], w.zero_point(np.int8))
+            if w.scale.ndim == 0:  # per tensor: no axis
+                kept = [a for a in w_dq.attribute if a.name != "axis"]
+                del w_dq.attribute[:]
+                w_dq.attribute.extend(kept)
             if len(node.input) < 3 or not node.input[2]:
                 continue
             b_dq, x_dq = _producer(g, node.input[2]), _producer(g, node.input[0])
@@ -227,11 +296,53 @@ def _write_trained_integers(
                 continue
             x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]))
             bias = numpy_helper.to_array(float_inits[b_dq.input[0].removesuffix("_quantized")])
-            b_scale = (x_scale * w.scale).astype(np.float32)
-            inits[b_dq.input[0]].CopyFrom(
-                numpy_helper.from_array(np.round(bias / b_scale).astype(np.int32), b_dq.input[0])
-            )
-            inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(b_scale, b_dq.input[1]))
+            b_scale = np.broadcast_to(x_scale * w.scale, bias.shape).astype(np.float32)
+            _set(inits, b_dq.input[0], np.round(bias / b_scale).astype(np.int32))
+            _set(inits, b_dq.input[1], b_scale)
+            if len(b_dq.input) > 2 and b_dq.input[2]:
+                _set(inits, b_dq.input[2], np.zeros(bias.shape, np.int32))
+
+
+def _write_dynamic_integers(qmodel: onnx.ModelProto, weights: list[_Weight]) -> None:
+    """Replace quantize_dynamic's weight integers/scales/zero points (MatMulInteger) by the QAT ones."""
+    g = qmodel.graph
+    inits = {i.name: i for i in g.initializer}
+    for w in weights:
+        targets = {f"{w.init}_quantized", f"{w.init}_Transposed_quantized"}
+        node = next((n for n in g.node if n.op_type == "MatMulInteger" and n.input[1] in targets), None)
+        if node is None:
+            raise BackendError(f"quantize_dynamic did not quantize layer {w.layer!r} (no MatMulInteger)")
+        scale = f"{node.input[1].removesuffix('_quantized')}_scale"
+        if scale not in inits or len(node.input) < 4:
+            raise BackendError(f"quantize_dynamic left no weight scale/zero point for layer {w.layer!r}")
+        _set(inits, node.input[1], w.q.T.astype(np.int8))  # MatMul weights are [in, out]
+        _set(inits, node.input[3], w.zero_point(np.int8))
+        _set(inits, scale, w.scale)
+
+
+def _restore_gemms(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, keep: set[str]) -> None:
+    """quantize_dynamic rewrites every Gemm as MatMul + Add; put back the Gemms it did not quantize
+    (``keep``: the quantized ones), so static and float layers keep their own lowering."""
+    g = qmodel.graph
+    gemms = {n.name: n for n in float_model.graph.node if n.op_type == "Gemm" and n.name not in keep}
+    nodes, used = [], set()
+    for n in g.node:
+        orig = next((gemms[k] for k in gemms if n.name in (f"{k}_MatMul", f"{k}_Add")), None)
+        if orig is None:
+            nodes.append(n)
+        elif n.name == f"{orig.name}_MatMul" and n.op_type == "MatMul":
+            nodes.append(orig)
+            used.update(orig.input)
+        # the _Add half is folded back into the Gemm
+    del g.node[:]
+    g.node.extend(nodes)
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    have = {i.name for i in g.initializer}
+    g.initializer.extend(float_inits[k] for k in used if k in float_inits and k not in have)
+    inputs = {i for n in g.node for i in n.input}
+    kept = [i for i in g.initializer if i.name in inputs or "_Transposed" not in i.name]
+    del g.initializer[:]
+    g.initializer.extend(kept)
 
 
 def _replace_initializer(
@@ -253,17 +364,20 @@ def _half_weight(graph: onnx.GraphProto, w: _Weight) -> None:
 
 
 def _weight_only_dq(graph: onnx.GraphProto, w: _Weight) -> None:
-    """Replace the float initializer by packed integers + per-channel scales + DequantizeLinear.
+    """Replace the float initializer by packed integers + scales (+ zero points) + DequantizeLinear.
 
     The consumers keep reading the tensor of the same name; it is now the DQ node's output.
     """
     q_name, s_name = f"{w.init}_int{w.bits}", f"{w.init}_int{w.bits}_scale"
-    dq = helper.make_node(
-        "DequantizeLinear", [q_name, s_name], [w.init], axis=w.axis, name=f"{w.init}_DequantizeLinear"
-    )
-    _replace_initializer(
-        graph, w.init, [_int_tensor(q_name, w.q_onnx(), w.bits), numpy_helper.from_array(w.scale, s_name)], dq
-    )
+    new = [_int_tensor(q_name, w.q_onnx(), w.bits), numpy_helper.from_array(w.scale, s_name)]
+    inputs = [q_name, s_name]
+    if w.zero is not None:
+        z_name = f"{w.init}_int{w.bits}_zero_point"
+        new.append(_int_tensor(z_name, w.zero, w.bits))
+        inputs.append(z_name)
+    axis = {"axis": w.axis} if w.scale.ndim else {}
+    dq = helper.make_node("DequantizeLinear", inputs, [w.init], name=f"{w.init}_DequantizeLinear", **axis)
+    _replace_initializer(graph, w.init, new, dq)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -332,7 +446,8 @@ class OnnxRuntimeBackend(Backend):
             kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
         packed = stored = 0.0
         for name, p in model.named_parameters():
-            bits = quantized.get(name.rsplit(".", 1)[0], 32) if name.endswith(".weight") else 32
+            owner, _, kind = name.rpartition(".")
+            bits = quantized.get(owner, 32) if kind.startswith("weight") else 32  # LSTM: weight_ih_l0
             packed += p.numel() * bits / 8
             stored += p.numel() * container_bits(bits) / 8
         return Artifact(
@@ -352,28 +467,63 @@ class OnnxRuntimeBackend(Backend):
     def _quantize(
         self, model, fp32: Path, target: Path, quantized: dict[str, int], calibration: np.ndarray, tmp: Path
     ) -> None:
-        """5- to 8-bit layers: int8 QDQ via quantize_static (fused by ORT into int8 kernels);
-        2- to 4-bit layers: INT4 weight-only DequantizeLinear; 16: float16 weights + Cast."""
+        """Dynamic int8 layers (Linear, LSTM): quantize_dynamic restricted to their nodes; then 5- to
+        8-bit static layers: int8 QDQ via quantize_static (fused by ORT into int8 kernels); 2- to 4-bit
+        layers: INT4 weight-only DequantizeLinear; 16: float16 weights + Cast."""
         float_model = onnx.load(str(fp32))
         if any(b <= 4 for b in quantized.values()):
             float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
             onnx.save(float_model, str(fp32))
         modules = dict(model.named_modules())
         located: list[_Weight] = []
+        recurrent: list[str] = []
         for layer, bits in quantized.items():
-            weight = modules[layer].weight.detach()
+            module = modules[layer]
+            if isinstance(module, RECURRENT):
+                if isinstance(module, torch.nn.GRU):
+                    raise BackendError(
+                        f"onnxruntime backend: layer {layer!r}: dynamic quantization of GRU is not supported "
+                        "(ORT's quantize_dynamic quantizes MatMul/Gemm and LSTM only); keep it at bits 32"
+                    )
+                recurrent.append(layer)
+                continue
+            weight = module.weight.detach()
+            mode = getattr(module, MODE_ATTR, "static")
+            record: WeightQuant | None = getattr(module, QUANT_ATTR, None)
+            zero = None
             if bits == 16:
                 q, scale = weight.half().numpy(), np.ones(weight.shape[0], np.float32)
-            else:
+            elif record is not None and record.bits == bits:
+                q, scale = record.q, record.scale.astype(np.float32)
+                zero = record.zero_point if record.scheme == "asymmetric" else None
+            else:  # not from compress(): the symmetric per-channel min-max grid
                 qi, sc = quantize_weight(weight, qmax_for(bits, self.reduce_range))
                 q, scale = qi.numpy(), sc.numpy().astype(np.float32)
             taken = {w.init for w in located}
-            located.append(_locate(float_model.graph, layer, weight.numpy(), bits, q, scale, taken))
-        eight = [w for w in located if 5 <= w.bits <= 8]
-        qmodel = float_model
+            located.append(
+                _locate(float_model.graph, layer, weight.numpy(), bits, q, scale, taken, zero, mode)
+            )
+        qmodel, current = float_model, fp32
+        dynamic = [w for w in located if w.mode == "dynamic"]
+        if dynamic or recurrent:
+            nodes = [n for w in dynamic for n in w.nodes]
+            for layer in recurrent:
+                found = _lstm_nodes(float_model.graph, modules[layer])
+                if not found:
+                    raise BackendError(
+                        f"cannot find the ONNX LSTM node of layer {layer!r} in the exported graph"
+                    )
+                nodes += found
+            qmodel = self._quantize_dynamic(current, tmp / "dynamic.onnx", nodes)
+            _restore_gemms(qmodel, float_model, set(nodes))
+            _write_dynamic_integers(qmodel, dynamic)
+            current = tmp / "dynamic_restored.onnx"
+            onnx.save(qmodel, str(current))
+        eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static"]
         if eight:
             nodes = [n for w in eight for n in w.nodes]
-            qmodel = self._quantize_static(fp32, tmp / "qdq.onnx", nodes, calibration)
+            method = getattr(model, CALIBRATION_ATTR, "minmax")
+            qmodel = self._quantize_static(current, tmp / "qdq.onnx", nodes, calibration, method)
             _write_trained_integers(qmodel, float_model, eight)
         for w in located:
             if w.bits <= 4:
@@ -382,28 +532,55 @@ class OnnxRuntimeBackend(Backend):
                 _half_weight(qmodel.graph, w)
         onnx.save(qmodel, str(target))
 
-    def _quantize_static(self, fp32: Path, out: Path, nodes: list[str], calibration: np.ndarray):
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    def _quantize_dynamic(self, fp32: Path, out: Path, nodes: list[str]):
+        """ORT's quantize_dynamic on ``nodes`` only (Gemm nodes are quantized as ``<name>_MatMul``)."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # ORT's quantizer warns through the root logger
-        try:
-            quantize_static(
-                str(fp32),
-                str(out),
-                _Calibration(calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_quantize=nodes,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-            )
-        except Exception as exc:
-            raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            root.setLevel(level)
+        graph = onnx.load(str(fp32)).graph
+        gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
+        targets = [f"{n}_MatMul" if n in gemms else n for n in nodes]
+        with _quiet():
+            try:
+                quantize_dynamic(
+                    str(fp32),
+                    str(out),
+                    per_channel=True,
+                    reduce_range=self.reduce_range,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_quantize=targets,
+                    op_types_to_quantize=["MatMul", "LSTM"],
+                    extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
+                )
+            except Exception as exc:
+                raise ExportError(
+                    f"onnxruntime quantize_dynamic failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        return onnx.load(str(out))
+
+    def _quantize_static(
+        self, fp32: Path, out: Path, nodes: list[str], calibration: np.ndarray, method: str = "minmax"
+    ):
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
+        if method == "percentile":
+            extra.update(CalibPercentile=PERCENTILE, CalibTensorRangeSymmetric=False)
+        with _quiet():
+            try:
+                quantize_static(
+                    str(fp32),
+                    str(out),
+                    _Calibration(calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_quantize=nodes,
+                    calibrate_method=CALIBRATION_METHODS[method](CalibrationMethod),
+                    extra_options=extra,
+                )
+            except Exception as exc:
+                raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
         return onnx.load(str(out))
 
     # -- running --------------------------------------------------------------------------------

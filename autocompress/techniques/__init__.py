@@ -19,7 +19,22 @@ from .lowrank import (
     rank_for_energy,
 )
 from .prune import apply_masks, magnitude_mask, nm_mask, set_nm, set_sparsity, sparsity_of
-from .quantize import FakeQuant, add_fake_quant, fake_quant, qmax_for, quantize_weight
+from .quantize import (
+    CALIBRATIONS,
+    GRANULARITIES,
+    QUANT_MODES,
+    SCHEMES,
+    FakeQuant,
+    LSQFakeQuant,
+    WeightQuant,
+    add_fake_quant,
+    fake_quant,
+    int_range,
+    qmax_for,
+    quantize_weight,
+    record_weight_quant,
+    weight_qparams,
+)
 from .schedules import SCHEDULES, sparsity_at
 from .structured import (
     ChannelSchedule,
@@ -49,6 +64,15 @@ __all__ = [
     "ChannelSchedule",
     "set_nm",
     "FakeQuant",
+    "LSQFakeQuant",
+    "WeightQuant",
+    "CALIBRATIONS",
+    "GRANULARITIES",
+    "QUANT_MODES",
+    "SCHEMES",
+    "int_range",
+    "record_weight_quant",
+    "weight_qparams",
     "add_fake_quant",
     "apply_masks",
     "factorize",

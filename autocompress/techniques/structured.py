@@ -168,8 +168,8 @@ def bare_weights(model: nn.Module):
     then put them back: torch-pruning can only resize plain parameters.
 
     Masks are baked in (pruned weights stored as zeros) and rebuilt afterwards from the zeros of the
-    possibly smaller weight; other parametrizations are registered again as the same objects (they must
-    not hold per-channel state). Parameters are new objects afterwards: rebuild the optimizer.
+    possibly smaller weight; LSQ quantizers whose per-channel steps no longer match the weight are
+    rebuilt from it; other parametrizations are registered again as the same objects. Parameters are new objects afterwards: rebuild the optimizer.
     """
     records = []
     for m in model.modules():
@@ -193,6 +193,10 @@ def bare_weights(model: nn.Module):
                         fresh.mask.copy_((m.weight != 0).to(fresh.mask.dtype))
                     fresh.sparsity = p.sparsity
                     p = fresh
+                elif getattr(p, "lsq", False) and p.scale.shape[0] not in (1, m.weight.shape[0]):
+                    # per-channel learned steps of removed channels are gone: start the layer's steps
+                    # again from the min-max rule of its smaller weight
+                    p = type(p)(m.weight.detach(), p.bits, p.reduce_range, p.scheme, p.granularity)
                 parametrize.register_parametrization(m, "weight", p)
 
 
