@@ -68,7 +68,7 @@ def reproducibility(artifact: Path, backend: str, device: str, runs: int, option
         print(
             f"  process {i + 1}: median {lat['median_ms']:.4f} ms | p90 {lat['p90_ms']:.4f} ms | "
             f"IQR {lat['iqr_ms']:.4f} ms | n {lat['n']} | rel CI {lat['rel_ci']:.2%} | "
-            f"best block {lat['best_block_ms']:.4f} ms"
+            f"best block {lat['best_block_ms']:.4f} ms | disturbed rounds set aside {lat.get('disturbed', 0):.0%}"
         )
     spread = (max(medians) - min(medians)) / statistics.median(medians)
     best_spread = (max(best) - min(best)) / statistics.median(best)

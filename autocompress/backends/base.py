@@ -130,7 +130,7 @@ def time_callables(
     fewer for slow calls (about ``block_s`` seconds, at least 5); one block of every callable is a round.
 
     Rounds in which some callable's block median is more than ``disturbed_above`` (15%) above that
-    callable's best block median are set aside as disturbed: on a shared machine another process
+    callable's best block median (relative to the calmest round) are set aside as disturbed: on a shared machine another process
     (or another VM on the host) takes the core for hundreds of milliseconds at a time, and those
     stretches measure the neighbour, not the artifact. The reported median, p90, IQR, count and CI are
     those of the undisturbed rounds (``disturbed`` says which share was set aside; ``median_all_ms`` is
@@ -186,7 +186,8 @@ def _round_stats(
     """Statistics of the undisturbed rounds (see :func:`time_callables`)."""
     med = np.asarray([[np.median(r[f]) for f in range(k)] for r in rounds])  # [round, callable]
     best = med.min(axis=0)
-    clean = np.all(med <= best * (1.0 + disturbed_above), axis=1)
+    worst = (med / best).max(axis=1)  # each round's slowest callable, relative to its best block
+    clean = worst <= worst.min() * (1.0 + disturbed_above)  # never empty: the calmest round is kept
     disturbed = float(1.0 - clean.mean())
     out = []
     for f in range(k):
