@@ -129,7 +129,7 @@ def cmd_report(args) -> int:
         if len(fails):
             print("failed trials by reason:")
             print(fails.to_string(index=False, max_colwidth=90))
-    print(f"wrote {paths['trials']}, {paths['plot']}, {run_dir / 'pareto'}/")
+    print(f"wrote {paths['html']}, {paths['trials']}, {paths['plot']}, {run_dir / 'pareto'}/")
     return 0
 
 

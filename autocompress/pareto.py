@@ -58,3 +58,38 @@ def pick(points: Sequence[dict], **budgets) -> dict | None:
     if not ok:
         return None
     return min(ok, key=lambda p: (-p["accuracy"], p["latency_ms"], p["size_bytes"]))
+
+
+# Hypervolume of a run, in objectives normalized against its baseline artifact, all minimized:
+# accuracy drop (points of 1), latency ratio (candidate / baseline, timed side by side) and size ratio.
+# The reference point counts a model only when it loses less than 10 points and is both faster and
+# smaller than the baseline; the volume is divided by the reference box's (0.1), so 1.0 would be a
+# lossless model that takes no time and no bytes.
+HV_REFERENCE: tuple[float, float, float] = (0.10, 1.0, 1.0)
+
+
+def normalized_objectives(accuracy: float, speedup: float, size_ratio: float, baseline_accuracy: float):
+    """(accuracy drop, latency ratio, size ratio), all to minimize (see :data:`HV_REFERENCE`)."""
+    return (baseline_accuracy - accuracy, 1.0 / speedup, 1.0 / size_ratio)
+
+
+def hypervolume_history(
+    points: Sequence[Sequence[float] | None], reference: Sequence[float] = HV_REFERENCE
+) -> list[float]:
+    """Normalized hypervolume of the points seen so far, after each point (None adds nothing).
+
+    ``points`` are normalized objectives (:func:`normalized_objectives`), in trial order; points outside
+    the reference box (e.g. more than 10 points of accuracy lost) add nothing. Optuna's own
+    hypervolume (``optuna._hypervolume.compute_hypervolume``) does the geometry.
+    """
+    from optuna._hypervolume import compute_hypervolume
+
+    ref = np.asarray(reference, dtype=float)
+    box = float(np.prod(ref))
+    seen: list[Sequence[float]] = []
+    out: list[float] = []
+    for p in points:
+        if p is not None and all(v < r for v, r in zip(p, ref, strict=True)):
+            seen.append(p)
+        out.append(float(compute_hypervolume(np.asarray(seen, dtype=float), ref)) / box if seen else 0.0)
+    return out

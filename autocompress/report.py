@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
@@ -159,5 +160,234 @@ def failures_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def write_report(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
-    """trials.csv and pareto.png in ``run_dir``."""
-    return {"trials": write_trials_table(study, run_dir), "plot": plot_pareto(study, run_dir)}
+    """trials.csv, pareto.png and report.html (with projections.png, layers.png, hypervolume.png)."""
+    return {
+        "trials": write_trials_table(study, run_dir),
+        "plot": plot_pareto(study, run_dir),
+        "html": write_html(study, run_dir),
+    }
+
+
+# --- the HTML report ----------------------------------------------------------------------------
+
+PLANES = [  # (x, y, label x, label y) of the three 2-D projections of the front
+    ("latency_ms", "accuracy", "latency (ms, side by side with the baseline)", "accuracy of the artifact"),
+    ("size_bytes", "accuracy", "artifact size (bytes)", "accuracy of the artifact"),
+    ("latency_ms", "size_bytes", "latency (ms)", "artifact size (bytes)"),
+]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    _plt().close(fig)
+    return path
+
+
+def plot_projections(study: optuna.Study, run_dir: Path) -> Path:
+    """The three 2-D projections of accuracy / latency / size: feasible, infeasible, Pareto, baseline."""
+    plt = _plt()
+    df = trials_frame(study)
+    done = df[df.state == "COMPLETE"] if len(df) else df
+    base = study.user_attrs.get("baseline") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, (x, y, lx, ly) in zip(axes, PLANES, strict=True):
+        if len(done):
+            feasible = done.feasible.fillna(True).astype(bool)
+            ax.scatter(done[feasible][x], done[feasible][y], c="tab:blue", alpha=0.55, label="feasible")
+            ax.scatter(done[~feasible][x], done[~feasible][y], c="tab:gray", marker="x", label="infeasible")
+            front = done[done.pareto]
+            ax.scatter(
+                front[x],
+                front[y],
+                facecolors="none",
+                edgecolors="tab:red",
+                s=110,
+                linewidths=2,
+                label="Pareto",
+            )
+        if base:
+            ax.scatter([base[x]], [base[y]], marker="*", s=240, c="black", label="baseline")
+        ax.set(xlabel=lx, ylabel=ly)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{study.study_name}: projections of the 3-objective front")
+    fig.tight_layout()
+    return _save(fig, Path(run_dir) / "projections.png")
+
+
+def layer_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per (Pareto trial, layer): the chosen bits, sparsity (and kind) and rank of the layer."""
+    rows = []
+    for t in sorted(study.best_trials, key=lambda t: -t.values[0]):
+        for layer, lp in sorted((t.user_attrs.get("plan") or {}).get("layers", {}).items()):
+            rows.append(
+                {
+                    "trial": t.number,
+                    "layer": layer,
+                    "bits": lp.get("bits"),
+                    "sparsity": lp.get("sparsity"),
+                    "sparsity_kind": lp.get("sparsity_kind"),
+                    "rank_ratio": lp.get("rank_ratio"),
+                    "rank_mode": lp.get("rank_mode"),
+                    "note": (t.user_attrs.get("notes") or {}).get(layer, ""),
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=["trial", "layer", "bits", "sparsity", "sparsity_kind", "rank_ratio", "rank_mode", "note"],
+    )
+
+
+def plot_layers(study: optuna.Study, run_dir: Path) -> Path:
+    """Heat maps (Pareto trial x layer) of the chosen bits, sparsity and rank ratio."""
+    plt = _plt()
+    lt = layer_table(study)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 1.6 + 0.35 * max(1, lt.trial.nunique() if len(lt) else 1)))
+    for ax, (col, cmap, title) in zip(
+        axes,
+        [
+            ("bits", "viridis", "bits (32 = float)"),
+            ("sparsity", "Reds", "sparsity"),
+            ("rank_ratio", "Blues_r", "rank ratio"),
+        ],
+        strict=True,
+    ):
+        if len(lt):
+            grid = lt.pivot(index="trial", columns="layer", values=col).astype(float)
+            grid = grid.loc[[n for n in dict.fromkeys(lt.trial)]]
+            im = ax.imshow(grid.values, aspect="auto", cmap=cmap)
+            ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=60, ha="right", fontsize=7)
+            ax.set_yticks(range(grid.shape[0]), [f"trial {n}" for n in grid.index], fontsize=7)
+            for (i, j), v in np.ndenumerate(grid.values):
+                ax.text(
+                    j,
+                    i,
+                    f"{v:g}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if col == "bits" else "black",
+                )
+            fig.colorbar(im, ax=ax, fraction=0.04)
+        ax.set_title(title)
+    fig.suptitle("per-layer choices of each Pareto model")
+    fig.tight_layout()
+    return _save(fig, Path(run_dir) / "layers.png")
+
+
+def study_hypervolume(study: optuna.Study) -> list[tuple[int, float]]:
+    """(trial number, normalized hypervolume of the feasible trials so far), in trial order."""
+    from .pareto import hypervolume_history, normalized_objectives
+
+    base = study.user_attrs.get("baseline") or {}
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    points = []
+    for t in trials:
+        ua = t.user_attrs
+        ok = (
+            t.state == TrialState.COMPLETE
+            and "speedup" in ua
+            and "accuracy" in base
+            and all(v <= 0 for v in t.constraints.values())
+        )
+        points.append(
+            normalized_objectives(ua["accuracy"], ua["speedup"], ua["size_ratio"], base["accuracy"])
+            if ok
+            else None
+        )
+    return list(zip([t.number for t in trials], hypervolume_history(points), strict=True))
+
+
+def plot_hypervolume(study: optuna.Study, run_dir: Path) -> Path:
+    from .pareto import HV_REFERENCE
+
+    plt = _plt()
+    hv = study_hypervolume(study)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if hv:
+        ax.step([n for n, _ in hv], [v for _, v in hv], where="post", c="tab:purple")
+    ax.set(
+        xlabel="trial",
+        ylabel="hypervolume (normalized)",
+        title=f"hypervolume of the feasible trials; reference (drop, latency ratio, size ratio) = {HV_REFERENCE}",
+    )
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, Path(run_dir) / "hypervolume.png")
+
+
+def _img(path: Path) -> str:
+    import base64
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{Path(path).stem}" src="data:image/png;base64,{data}">'
+
+
+def _table(df: pd.DataFrame, empty: str) -> str:
+    if not len(df):
+        return f"<p><em>{empty}</em></p>"
+    return df.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="t")
+
+
+def write_html(study: optuna.Study, run_dir: Path) -> Path:
+    """``report.html``: summary, projections, per-layer view, trials, failures, hypervolume (PNGs beside it)."""
+    from html import escape
+
+    run_dir = Path(run_dir)
+    pngs = {
+        "projections": plot_projections(study, run_dir),
+        "layers": plot_layers(study, run_dir),
+        "hypervolume": plot_hypervolume(study, run_dir),
+    }
+    df = trials_frame(study)
+    states = df.state.value_counts().to_dict() if len(df) else {}
+    base = study.user_attrs.get("baseline") or {}
+    env = study.user_attrs.get("environment") or {}
+    cfg = study.user_attrs.get("config") or {}
+    hv = study_hypervolume(study)
+    lt = layer_table(study)
+    per_layer = ""
+    for trial, group in lt.groupby("trial", sort=False):
+        per_layer += f"<h3>trial {trial}</h3>" + _table(group.drop(columns="trial"), "")
+    cols = [c for c in df.columns if not c.startswith("param.")] if len(df) else []
+    summary = {
+        "study": study.study_name,
+        "task": (cfg.get("task") or {}).get("name", ""),
+        "backend / device": f"{env.get('backend', '')} / {env.get('device', '')} ({env.get('device_name', '')})",
+        "trials": ", ".join(f"{v} {k.lower()}" for k, v in states.items()) or "none",
+        "baseline": (
+            f"accuracy {base['accuracy']:.4f}, {base['latency_ms']:.4f} ms, {base['size_bytes']} bytes"
+            if base
+            else "not measured"
+        ),
+        "budgets": ", ".join(f"{k} = {v}" for k, v in (cfg.get("budgets") or {}).items() if v is not None)
+        or "none",
+        "hypervolume (last)": f"{hv[-1][1]:.4f}" if hv else "n/a",
+    }
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autocompress: {escape(study.study_name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img{{max-width:100%}}
+table.t{{border-collapse:collapse;font-size:12px}} table.t td,table.t th{{border:1px solid #ccc;padding:2px 6px}}
+dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></head><body>
+<h1>autocompress report: {escape(study.study_name)}</h1>
+<h2>Summary</h2><dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in summary.items())}</dl>
+<h2>Pareto front</h2>{_table(front_table(study), "no feasible completed trial yet")}
+<h2>Projections</h2><p>Blue: feasible; grey x: over a budget; red rings: Pareto (3 objectives); black star: baseline.</p>
+{_img(pngs["projections"])}
+<h2>Per-layer choices of the Pareto models</h2>{_img(pngs["layers"])}{per_layer or "<p><em>no Pareto model yet</em></p>"}
+<h2>Hypervolume history</h2>{_img(pngs["hypervolume"])}
+<h2>Failures by reason</h2>{_table(failures_table(study), "no failed trial")}
+<h2>All trials</h2>{_table(df[cols] if len(df) else df, "no trial yet")}
+</body></html>"""
+    path = run_dir / "report.html"
+    _atomic_write(path, lambda p: p.write_text(body))
+    return path

@@ -14,10 +14,11 @@ cache per study (the same structure is timed once, side by side with the baselin
 
 Objectives are normalized against the baseline artifact measured in the same run folder and all
 minimized: accuracy drop (baseline accuracy - accuracy, in points of 1), latency ratio (1 / the
-side-by-side speedup) and size ratio (size / baseline size). Reference point: ``REFERENCE`` below,
-(0.10, 1.0, 1.0): a model counts only when it loses less than 10 points and is both faster and
-smaller than the baseline. Hypervolume is Optuna's own (``optuna._hypervolume``), divided by the
-reference box's volume (0.1): 1.0 would be a lossless model that takes no time and no bytes.
+side-by-side speedup) and size ratio (size / baseline size). Reference point (fixed, the same as the
+HTML report's, ``autocompress.pareto.HV_REFERENCE``): (0.10, 1.0, 1.0): a model counts only when it
+loses less than 10 points and is both faster and smaller than the baseline. Hypervolume is Optuna's
+own (``optuna._hypervolume``), divided by the reference box's volume (0.1): 1.0 would be a lossless
+model that takes no time and no bytes.
 
 Prints, per study, the median (and min-max over seeds) hypervolume at the full budget for every
 method, the trials the joint search needs to reach random search's final median hypervolume, and
@@ -44,7 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REFERENCE = (0.10, 1.0, 1.0)  # accuracy drop, latency ratio, size ratio (all minimized)
+from autocompress.pareto import HV_REFERENCE as REFERENCE  # noqa: E402  (drop, latency ratio, size ratio)
+from autocompress.pareto import hypervolume_history, normalized_objectives  # noqa: E402
+
 METHODS = ("joint", "random", "quant", "prune", "lowrank")
 TECHNIQUE_KEYS = {"quant": ("bits",), "prune": ("sparsity", "sparsity_kind"), "lowrank": ("rank_ratio",)}
 OFF = {
@@ -92,21 +95,7 @@ def normalized(trial, base: dict) -> tuple[float, float, float] | None:
     ua = trial.user_attrs
     if trial.state.name != "COMPLETE" or "speedup" not in ua:
         return None
-    return (base["accuracy"] - trial.values[0], 1.0 / ua["speedup"], ua["size_ratio"] ** -1)
-
-
-def hypervolume_curve(points: list[tuple[float, float, float] | None]) -> list[float]:
-    """Hypervolume of the points seen so far (failed trials add nothing), after each trial."""
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume
-
-    ref = np.asarray(REFERENCE)
-    seen, curve = [], []
-    for p in points:
-        if p is not None and all(v < r for v, r in zip(p, REFERENCE, strict=True)):
-            seen.append(p)
-        curve.append(float(compute_hypervolume(np.asarray(seen), ref)) / float(np.prod(ref)) if seen else 0.0)
-    return curve
+    return normalized_objectives(trial.values[0], ua["speedup"], ua["size_ratio"], base["accuracy"])
 
 
 def one_search(args: tuple) -> dict:
@@ -137,7 +126,7 @@ def one_search(args: tuple) -> dict:
     return {
         "method": method,
         "seed": seed,
-        "curve": hypervolume_curve(pts)[:trials],
+        "curve": hypervolume_history(pts)[:trials],
         "failed": sum(p is None for p in pts),
         "wall_s": time.perf_counter() - t0,
     }
