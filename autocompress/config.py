@@ -52,6 +52,9 @@ class Budgets(_Strict):
 class SamplerConfig(_Strict):
     name: str = "tpe"
     options: dict[str, Any] = {}
+    # the sampler's own seed (default: the study's ``seed``, which also seeds the teacher and fine-tuning):
+    # repeat a search with other samples over the same teacher
+    seed: int | None = None
 
 
 class WarmStart(_Strict):
@@ -131,6 +134,10 @@ class StudyConfig(_Strict):
 
     def output_dir(self) -> Path:
         return Path(self.output or f"runs/{self.name}")
+
+    @property
+    def sampler_seed(self) -> int:
+        return self.seed if self.sampler.seed is None else self.sampler.seed
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.output_dir() / 'study.db'}"

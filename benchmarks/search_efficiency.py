@@ -68,7 +68,7 @@ OFF = {
 def overrides_for(method: str, base: dict, seed: int, out: Path, cache: Path, epochs: int | None) -> dict:
     """The study-file overrides that turn the user's study into ``method``."""
     o: dict = {
-        "seed": seed,
+        "sampler.seed": seed,  # the sampler only: every search starts from the same teacher
         "output": str(out),
         "backend.latency_cache": str(cache),
         "trials.timeout_s": None,

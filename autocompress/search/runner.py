@@ -88,7 +88,7 @@ def prepare(cfg: StudyConfig) -> Prepared:
             field="bits",
         )
     try:
-        sampler = make_sampler(cfg.sampler.name, cfg.seed, cfg.sampler.options)
+        sampler = make_sampler(cfg.sampler.name, cfg.sampler_seed, cfg.sampler.options)
     except ConfigError as exc:
         raise exc.at(src, "sampler.name") from None
     try:
@@ -311,7 +311,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         ctx.space.narrow(study.user_attrs["narrowed_domains"])
     if existing:  # a resumed run: a sampler seeded as before would propose the same plans again
         study.sampler = make_sampler(
-            cfg.sampler.name, resume_seed(cfg.seed, len(existing)), cfg.sampler.options
+            cfg.sampler.name, resume_seed(cfg.sampler_seed, len(existing)), cfg.sampler.options
         )
     else:
         with warnings.catch_warnings():  # experimental in Optuna, stable enough for labels
