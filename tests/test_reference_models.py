@@ -148,6 +148,11 @@ def test_structured_pruning_errors():
         prune_channels(m, x, {"features.0": 1.0})
     with pytest.raises(TechniqueError, match="taylor importance needs"):
         prune_channels(m, x, {"features.0": 0.5}, importance="taylor")
+    t = REFERENCE_MODELS["transformer"]().eval()  # channels of a head-split projection: a clear error
+    with pytest.raises(
+        TechniqueError, match=r"structured pruning of layers.0.attn.q broke the model's forward"
+    ):
+        prune_channels(t, REFERENCE_MODELS["transformer"].example_inputs(), {"layers.0.attn.q": 0.5})
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "taylor"])

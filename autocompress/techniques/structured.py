@@ -9,6 +9,7 @@ output are never pruned (the output shape is the task's contract).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -91,15 +92,19 @@ def prune_channels(
         "taylor": lambda: tp.importance.GroupTaylorImportance(),
     }[importance]()
     before = {n: _width(m) for n, m in compressible_layers(model)}
-    pruner = tp.pruner.BasePruner(
-        model,
-        example_inputs,
-        importance=imp,
-        pruning_ratio=0.0,
-        pruning_ratio_dict=wanted,
-        ignored_layers=[modules[n] for n in keep],
-        round_to=round_to,
-    )
+    with warnings.catch_warnings():
+        # free parameters (e.g. a transformer's position embedding) follow the pruned width along their
+        # last axis, which is what they need; torch-pruning warns about it for every graph it builds
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.BasePruner(
+            model,
+            example_inputs,
+            importance=imp,
+            pruning_ratio=0.0,
+            pruning_ratio_dict=wanted,
+            ignored_layers=[modules[n] for n in keep],
+            round_to=round_to,
+        )
     if importance == "taylor":
         if data is None:
             raise TechniqueError("the taylor importance needs (inputs, labels) to compute gradients")
@@ -108,6 +113,15 @@ def prune_channels(
     pruner.step()
     model.zero_grad(set_to_none=True)
     model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except RuntimeError as exc:  # e.g. attention projections: the graph knows nothing of the heads
+        names = ", ".join(sorted(n for n, m in modules.items() if m in wanted))
+        raise TechniqueError(
+            f"structured pruning of {names} broke the model's forward pass ({str(exc).splitlines()[0]}); "
+            "keep such layers (e.g. attention projections) to unstructured sparsity"
+        ) from exc
     return {n: (before[n], _width(m)) for n, m in compressible_layers(model) if _width(m) != before.get(n)}
 
 
