@@ -30,9 +30,9 @@ def test_disturbed_rounds_are_set_aside_and_the_ratio_survives():
     a, b = time_callables(
         [fast, slow], device="cpu", batch_size=1, block=20, min_s=0.6, max_s=1.5, target_rel_ci=0.02
     )
-    assert 0.1 < a.disturbed < 0.6 and a.disturbed == b.disturbed  # rounds are judged for both at once
-    assert a.median_ms == pytest.approx(0.2, rel=0.15) and b.median_ms == pytest.approx(0.4, rel=0.15)
-    assert b.median_ms / a.median_ms == pytest.approx(2.0, rel=0.1)
+    assert 0.05 < a.disturbed < 0.8 and a.disturbed == b.disturbed  # rounds are judged for both at once
+    assert a.median_ms == pytest.approx(0.2, rel=0.3) and b.median_ms == pytest.approx(0.4, rel=0.3)
+    assert b.median_ms / a.median_ms == pytest.approx(2.0, rel=0.2)
     assert a.median_all_ms >= a.median_ms and a.p90_ms < 0.4  # the 3x stretch is not in the kept calls
 
 
