@@ -24,9 +24,9 @@ def _dataset(num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, t
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
     data = make_dataset(args)
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
-    return as_x(data["x"]), as_y(data["y"]), as_x(data["x_test"]), as_y(data["y_test"])
+    x, x_test = (torch.tensor(data[k], dtype=torch.float32) for k in ("x", "x_test"))
+    y, y_test = (torch.tensor(data[k], dtype=torch.long) for k in ("y", "y_test"))
+    return x, y, x_test, y_test
 
 
 class Mnist1dCNN(nn.Module):
