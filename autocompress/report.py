@@ -57,11 +57,7 @@ def write_trials_table(study: optuna.Study, run_dir: Path) -> Path:
 
 def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
     """accuracy vs latency and accuracy vs size: feasible, infeasible, Pareto and the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     df = trials_frame(study)
     done = df[df.state == "COMPLETE"]
     base = study.user_attrs.get("baseline") or {}
@@ -69,46 +65,18 @@ def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
     for ax, (x, label) in zip(
         axes, [("latency_ms", "median latency (ms)"), ("size_bytes", "artifact size (bytes)")], strict=True
     ):
-        if len(done):
-            feas = done[done.feasible.fillna(True).astype(bool)]
-            infeas = done[~done.feasible.fillna(True).astype(bool)]
-            ax.scatter(feas[x], feas.accuracy, c="tab:blue", alpha=0.6, label="feasible trial")
-            ax.scatter(
-                infeas[x],
-                infeas.accuracy,
-                c="tab:gray",
-                marker="x",
-                alpha=0.6,
-                label="infeasible (over budget)",
-            )
-            front = done[done.pareto].copy()
-            # the 2-D projection of the 3-D front, for the line
-            proj = (
-                front[
-                    pareto_mask(
-                        front[["accuracy", x]].rename(columns={x: "cost"}).to_dict("records"),
-                        {"accuracy": 1, "cost": -1},
-                    )
-                ].sort_values(x)
-                if len(front)
-                else front
-            )
-            ax.scatter(
-                front[x],
-                front.accuracy,
-                facecolors="none",
-                edgecolors="tab:red",
-                s=120,
-                linewidths=2,
-                label="Pareto (3 objectives)",
-            )
-            if len(proj):
-                ax.step(proj[x], proj.accuracy, where="post", c="tab:red", alpha=0.5)
-        if base:
-            ax.scatter([base[x]], [base["accuracy"]], marker="*", s=250, c="black", label="baseline")
+        _plane(ax, done, base, x, "accuracy")
+        front = done[done.pareto] if len(done) else done
+        if len(front):  # the 2-D projection of the 3-D front, for the line
+            proj = front[
+                pareto_mask(
+                    front[["accuracy", x]].rename(columns={x: "cost"}).to_dict("records"),
+                    {"accuracy": 1, "cost": -1},
+                )
+            ].sort_values(x)
+            ax.step(proj[x], proj.accuracy, where="post", c="tab:red", alpha=0.5)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (of the artifact)")
-        ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(
@@ -192,6 +160,34 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _plane(ax, done: pd.DataFrame, base: dict, x: str, y: str) -> None:
+    """One 2-D projection: feasible, infeasible (over a budget), Pareto (3 objectives), baseline."""
+    if len(done):
+        feasible = done.feasible.fillna(True).astype(bool)
+        ax.scatter(done[feasible][x], done[feasible][y], c="tab:blue", alpha=0.6, label="feasible trial")
+        ax.scatter(
+            done[~feasible][x],
+            done[~feasible][y],
+            c="tab:gray",
+            marker="x",
+            alpha=0.6,
+            label="infeasible (over budget)",
+        )
+        front = done[done.pareto]
+        ax.scatter(
+            front[x],
+            front[y],
+            facecolors="none",
+            edgecolors="tab:red",
+            s=120,
+            linewidths=2,
+            label="Pareto (3 objectives)",
+        )
+    if base:
+        ax.scatter([base[x]], [base[y]], marker="*", s=250, c="black", label="baseline")
+    ax.grid(alpha=0.3)
+
+
 def plot_projections(study: optuna.Study, run_dir: Path) -> Path:
     """The three 2-D projections of accuracy / latency / size: feasible, infeasible, Pareto, baseline."""
     plt = _plt()
@@ -200,24 +196,8 @@ def plot_projections(study: optuna.Study, run_dir: Path) -> Path:
     base = study.user_attrs.get("baseline") or {}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for ax, (x, y, lx, ly) in zip(axes, PLANES, strict=True):
-        if len(done):
-            feasible = done.feasible.fillna(True).astype(bool)
-            ax.scatter(done[feasible][x], done[feasible][y], c="tab:blue", alpha=0.55, label="feasible")
-            ax.scatter(done[~feasible][x], done[~feasible][y], c="tab:gray", marker="x", label="infeasible")
-            front = done[done.pareto]
-            ax.scatter(
-                front[x],
-                front[y],
-                facecolors="none",
-                edgecolors="tab:red",
-                s=110,
-                linewidths=2,
-                label="Pareto",
-            )
-        if base:
-            ax.scatter([base[x]], [base[y]], marker="*", s=240, c="black", label="baseline")
+        _plane(ax, done, base, x, y)
         ax.set(xlabel=lx, ylabel=ly)
-        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{study.study_name}: projections of the 3-objective front")
     fig.tight_layout()
