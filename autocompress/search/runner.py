@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -223,6 +224,25 @@ def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None
 
 
 @contextlib.contextmanager
+def frozen_heap():
+    """Keep what is alive once the run is set up (libraries, data, teacher, baseline) out of the
+    garbage collector's scans while trials run.
+
+    Every trial ends with a full collection, so that the cycles of its model, optimizer and session
+    are freed before the next one (memory stays flat over hours). Without the freeze, that collection
+    walks the whole heap of torch, pandas and matplotlib each time (about 0.17 s per trial on
+    quickstart, more than half of the framework's own overhead); frozen, it walks only what the
+    trials created.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
 def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive: bool = True):
     """Validate, then prepare the run folder (teacher, baseline, study, warm starts) and yield the
     :class:`RunContext` and the Optuna study. Nothing is written if validation fails.
@@ -268,7 +288,8 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
                 prune_dominated(study, run_dir, log)
-        yield ctx, study
+        with frozen_heap():
+            yield ctx, study
     finally:
         prep.backend.close()
         if exclusive:

@@ -23,6 +23,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
 
 from ..errors import ConfigError
 
@@ -105,15 +106,42 @@ def make_storage(
             return HeartbeatJournalStorage(path, heartbeat_interval_s, grace, callback)
         return JournalStorage(JournalFileBackend(str(path)))
     if not heartbeat_interval_s:
-        return optuna.storages.get_storage(url)
+        return optuna.storages.get_storage(_sqlite_wal(RDBStorage(url)))  # Optuna's cached wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval_s,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=callback,
+        return _sqlite_wal(
+            RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval_s,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=callback,
+            )
         )
+
+
+def _sqlite_wal(storage: RDBStorage) -> RDBStorage:
+    """A SQLite file storage writes through a write-ahead log with ``synchronous=NORMAL``.
+
+    A trial stores some 50 values (its parameters one by one, then its metrics), each its own
+    transaction; with SQLite's default rollback journal every one costs a full sync (1.7 ms here,
+    0.6 ms with the log). A committed trial survives the process being killed either way (what
+    resuming relies on); after a power cut the last transactions may be lost, never the file's
+    consistency. Readers (``autocompress report``, optuna-dashboard, other workers on the same host)
+    no longer wait for writers. Other databases are left as they are.
+    """
+    engine = storage.engine
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return storage
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()  # connections opened while Optuna set the schema up get the pragmas on reopening
+    return storage
 
 
 def check_storage_url(url: str) -> None:
