@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import yaml
 from conftest import ROOT
 from torch.nn.utils import prune
 
@@ -20,20 +19,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The quickstart study itself (its teacher is trained here: about 10 s)."""
     tmp = tmp_path_factory.mktemp("sens")
-    study = tmp / "s.yaml"
-    study.write_text(
-        yaml.safe_dump(
-            {
-                "name": "sens",
-                "task": {"name": "digits", "options": {"width": 16, "teacher_epochs": 8}},
-                "space": {"file": str(ROOT / "search_spaces/default.yaml")},
-                "trials": {"n": 1, "warm_start": []},
-                "output": str(tmp / "run"),
-            }
-        )
-    )
-    cfg = load_config(study)
+    cfg = load_config(ROOT / "studies/quickstart.yaml", {"output": str(tmp / "run"), "trials.warm_start": []})
     with open_run(cfg, log=lambda s: None) as (ctx, st):
         yield ctx, st, cfg
 
