@@ -305,7 +305,7 @@ def test_feature_hints_adapt_pruned_widths_and_train():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.5 * float(first)
+    assert loss.item() < 0.5 * first.item()
     hints.close()
     with pytest.raises(TechniqueError, match="hint layers not found in the model: nope"):
         FeatureHints(teacher, student, ["nope"])
