@@ -39,7 +39,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         }
         row.update({f"param.{k}": v for k, v in sorted(t.params.items())})
         rows.append(row)
+    if not rows:  # a run stopped before its first trial: the columns all the same
+        return pd.DataFrame(columns=FRAME_COLUMNS)
     return pd.DataFrame(rows)
+
+
+FRAME_COLUMNS = [
+    "trial", "state", "accuracy", "latency_ms", "latency_p90_ms", "size_bytes", "speedup", "size_ratio",
+    "accuracy_drop", "feasible", "pareto", "duration_s", "fail_reason", "fail_category", "warm_start",
+]  # fmt: skip
 
 
 def _atomic_write(path: Path, write) -> None:

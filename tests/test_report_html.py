@@ -120,3 +120,12 @@ def test_report_of_a_run_with_no_completed_trial(tmp_path):
     assert "no feasible completed trial yet" in html and "no Pareto model yet" in html
     assert "RuntimeError: boom" in html and "NaN at step 3" in html
     assert [v for _, v in study_hypervolume(study)] == [0.0, 0.0]
+
+
+def test_report_of_a_run_stopped_before_its_first_trial(tmp_path):
+    study = _study(tmp_path, [])
+    out = write_report(study, tmp_path)
+    assert out["trials"].read_text().splitlines()[0].startswith("trial,state,accuracy,latency_ms")
+    assert len(out["trials"].read_text().splitlines()) == 1  # the header alone
+    assert "no Pareto model yet" in out["html"].read_text()
+    assert study_hypervolume(study) == []
