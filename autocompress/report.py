@@ -16,38 +16,34 @@ from .pareto import pareto_mask
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: state, objectives, derived ratios, feasibility, Pareto flag, params."""
     front = {t.number for t in study.best_trials}
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        ua = t.user_attrs
-        feasible = all(v <= 0 for v in t.constraints.values()) if t.state == TrialState.COMPLETE else None
-        row = {
-            "trial": t.number,
-            "state": t.state.name,
-            "accuracy": ua.get("accuracy"),
-            "latency_ms": ua.get("latency_ms"),
-            "latency_p90_ms": ua.get("latency_p90_ms"),
-            "size_bytes": ua.get("size_bytes"),
-            "speedup": ua.get("speedup"),
-            "size_ratio": ua.get("size_ratio"),
-            "accuracy_drop": ua.get("accuracy_drop"),
-            "feasible": feasible,
-            "pareto": t.number in front,
-            "duration_s": t.duration.total_seconds() if t.duration else None,
-            "fail_reason": ua.get("fail_reason", ""),
-            "fail_category": ua.get("fail_category", ""),
-            "warm_start": ua.get("warm_start", ""),
-        }
-        row.update({f"param.{k}": v for k, v in sorted(t.params.items())})
-        rows.append(row)
-    if not rows:  # a run stopped before its first trial: the columns all the same
-        return pd.DataFrame(columns=FRAME_COLUMNS)
+    rows = [_trial_row(t, front) for t in study.get_trials(deepcopy=False)]
+    if not rows:  # a run stopped before its first trial: the same columns, no rows
+        return pd.DataFrame([_trial_row(optuna.trial.create_trial(state=TrialState.FAIL), set())]).iloc[:0]
     return pd.DataFrame(rows)
 
 
-FRAME_COLUMNS = [
-    "trial", "state", "accuracy", "latency_ms", "latency_p90_ms", "size_bytes", "speedup", "size_ratio",
-    "accuracy_drop", "feasible", "pareto", "duration_s", "fail_reason", "fail_category", "warm_start",
-]  # fmt: skip
+def _trial_row(t: optuna.trial.FrozenTrial, front: set[int]) -> dict:
+    ua = t.user_attrs
+    feasible = all(v <= 0 for v in t.constraints.values()) if t.state == TrialState.COMPLETE else None
+    row = {
+        "trial": t.number,
+        "state": t.state.name,
+        "accuracy": ua.get("accuracy"),
+        "latency_ms": ua.get("latency_ms"),
+        "latency_p90_ms": ua.get("latency_p90_ms"),
+        "size_bytes": ua.get("size_bytes"),
+        "speedup": ua.get("speedup"),
+        "size_ratio": ua.get("size_ratio"),
+        "accuracy_drop": ua.get("accuracy_drop"),
+        "feasible": feasible,
+        "pareto": t.number in front,
+        "duration_s": t.duration.total_seconds() if t.duration else None,
+        "fail_reason": ua.get("fail_reason", ""),
+        "fail_category": ua.get("fail_category", ""),
+        "warm_start": ua.get("warm_start", ""),
+    }
+    row.update({f"param.{k}": v for k, v in sorted(t.params.items())})
+    return row
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -6,6 +6,7 @@ depthwise-separable blocks, a Linear-heavy transformer encoder and an LSTM class
 
 from __future__ import annotations
 
+import gc
 import math
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "PlainCNN",
     "ResNetStyle",
     "TinyTransformer",
+    "live_objects",
 ]
 
 
@@ -203,3 +205,20 @@ REFERENCE_MODELS: dict[str, type[nn.Module]] = {
     "transformer": TinyTransformer,
     "lstm": LSTMClassifier,
 }
+
+
+def live_objects() -> tuple[int, int]:
+    """(live ``torch.nn.Module`` objects, live ONNX Runtime sessions) after a full collection.
+
+    What :func:`autocompress.search.runner.frozen_heap` froze (everything alive once a run was set
+    up, teacher included) is out of the collector's view, so during a run this counts what trials
+    created and left behind.
+    """
+    import onnxruntime as ort
+
+    gc.collect()
+    objs = gc.get_objects()
+    return (
+        sum(isinstance(o, torch.nn.Module) for o in objs),
+        sum(isinstance(o, ort.InferenceSession) for o in objs),
+    )

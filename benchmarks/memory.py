@@ -24,11 +24,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,21 +50,6 @@ def memory_mb() -> tuple[float, float]:
     return fields.get("VmRSS", float("nan")), peak
 
 
-def live_objects() -> tuple[int, int]:
-    """(live torch modules, live ONNX Runtime sessions), counted after a full collection."""
-    import onnxruntime as ort
-    import torch
-
-    gc.collect()
-    modules = sessions = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.nn.Module):
-            modules += 1
-        elif isinstance(obj, ort.InferenceSession):
-            sessions += 1
-    return modules, sessions
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", nargs="?", default="studies/quickstart.yaml")
@@ -78,8 +61,10 @@ def main() -> int:
     if args.trials < 11:
         p.error("--trials must be above 10 (growth is measured from trial 10)")
 
-    from autocompress.config import load_config
+    from _shared import fresh_run
+
     from autocompress.search import runner
+    from autocompress.testing import live_objects
 
     samples: list[dict] = []
     execute = runner.execute_trial
@@ -104,14 +89,7 @@ def main() -> int:
 
     runner.execute_trial = measured  # instrumentation only: the study runs unchanged otherwise
 
-    folder = Path(tempfile.mkdtemp(prefix="ac-memory-"))
-    study_file = ROOT / args.study
-    cfg = load_config(study_file, {"output": str(folder / "run"), "trials.timeout_s": None})
-    src = ROOT / load_config(study_file).output
-    if (src / "teacher.safetensors").exists():
-        (folder / "run").mkdir(parents=True)
-        for name in ("teacher.safetensors", "teacher.json"):
-            shutil.copy2(src / name, folder / "run" / name)
+    cfg, folder = fresh_run(args.study, "ac-memory-")
     try:
         runner.run_study(cfg, n_trials=args.trials, log=lambda line: None)
     finally:

@@ -24,7 +24,6 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,7 +74,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary run folder")
     args = p.parse_args()
 
-    from autocompress.config import load_config
+    from _shared import fresh_run
+
     from autocompress.search import runner
 
     timed: list[TimedSampler] = []
@@ -87,14 +87,7 @@ def main() -> int:
 
     runner.make_sampler = make_timed  # instrumentation only: the study runs unchanged otherwise
 
-    folder = Path(tempfile.mkdtemp(prefix="ac-overhead-"))
-    study_file = ROOT / args.study
-    cfg = load_config(study_file, {"output": str(folder / "run"), "trials.timeout_s": None})
-    src = ROOT / load_config(study_file).output
-    if (src / "teacher.safetensors").exists():  # the teacher is trained once per run folder; not a trial cost
-        (folder / "run").mkdir(parents=True)
-        for name in ("teacher.safetensors", "teacher.json"):
-            shutil.copy2(src / name, folder / "run" / name)
+    cfg, folder = fresh_run(args.study, "ac-overhead-")
     t0 = time.perf_counter()
     summary = runner.run_study(cfg, n_trials=args.trials, log=lambda line: None)
     wall = time.perf_counter() - t0

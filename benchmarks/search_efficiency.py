@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _shared import copy_teacher  # noqa: E402
 
 from autocompress.pareto import HV_REFERENCE as REFERENCE  # noqa: E402  (drop, latency ratio, size ratio)
 from autocompress.pareto import hypervolume_history, normalized_objectives  # noqa: E402
@@ -111,11 +112,7 @@ def one_search(args: tuple) -> dict:
     over = overrides_for(method, base, seed, out, Path(folder) / "latency_cache.db", epochs)
     if threads:
         over["finetune.threads"] = threads
-    teacher = Path(folder) / "teacher"
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher.safetensors", "teacher.json"):
-        if not (out / name).exists():
-            shutil.copy2(teacher / name, out / name)
+    copy_teacher(Path(folder) / "teacher", out)
     cfg = load_config(study_file, over)
     t0 = time.perf_counter()
     summary = run_study(cfg, n_trials=trials, log=lambda line: None)
@@ -140,11 +137,7 @@ def train_teacher_once(study_file: Path, folder: Path) -> None:
     teacher = folder / "teacher"
     if (teacher / "teacher.safetensors").exists():
         return
-    src = ROOT / load_config(study_file).output
-    if (src / "teacher.safetensors").exists():  # a previous `autocompress run` of this study trained it
-        teacher.mkdir(parents=True, exist_ok=True)
-        for name in ("teacher.safetensors", "teacher.json"):
-            shutil.copy2(src / name, teacher / name)
+    if copy_teacher(ROOT / load_config(study_file).output, teacher):  # an `autocompress run` trained it
         return
     cfg = load_config(study_file, {"output": str(teacher), "trials.warm_start": [], "trials.timeout_s": None})
     run_study(cfg, n_trials=1, log=print)

@@ -135,9 +135,10 @@ def time_callables(
     milliseconds at a time, and those stretches measure the neighbour, not the artifact. The 5% is
     below the gap between the two speeds this project's VMs alternate between (about 8% apart,
     independently of the artifact): with 15% the median depended on which speed a process happened
-    to see more of (5-process spread 3.1%), with 5% it is the calm speed's (0.6%). The reported median, p90, IQR, count and CI are
-    those of the undisturbed rounds (``disturbed`` says which share was set aside; ``median_all_ms`` is
-    the median of every call). Timing stops when every CI is at most ``target_rel_ci`` (after at least
+    to see more of (``python benchmarks/measurement.py``: 5-process spread 3.1%), with 5% it is the
+    calm speed's (0.3%). The reported median, p90, IQR, count and CI are those of the undisturbed
+    rounds (``disturbed`` says which share was set aside; ``median_all_ms`` is the median of every
+    call). Timing stops when every CI is at most ``target_rel_ci`` (after at least
     ``min_repeats`` undisturbed calls each and ``min_s`` seconds, which spreads the samples over time),
     or at ``max_repeats`` calls or ``max_s`` seconds. The CI half width uses the notch rule
     ``1.57 * IQR / sqrt(n)``.

@@ -230,9 +230,9 @@ def frozen_heap():
 
     Every trial ends with a full collection, so that the cycles of its model, optimizer and session
     are freed before the next one (memory stays flat over hours). Without the freeze, that collection
-    walks the whole heap of torch, pandas and matplotlib each time (about 0.17 s per trial on
-    quickstart, more than half of the framework's own overhead); frozen, it walks only what the
-    trials created.
+    walks the whole heap of torch, pandas and matplotlib each time (about 0.1 s per trial for the
+    set-up heap alone: ``python benchmarks/bookkeeping.py``); frozen, it walks only what the trials
+    created.
     """
     gc.collect()
     gc.freeze()

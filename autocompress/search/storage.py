@@ -124,7 +124,7 @@ def _sqlite_wal(storage: RDBStorage) -> RDBStorage:
 
     A trial stores some 50 values (its parameters one by one, then its metrics), each its own
     transaction; with SQLite's default rollback journal every one costs a full sync (1.7 ms here,
-    0.6 ms with the log). A committed trial survives the process being killed either way (what
+    0.6 ms with the log: ``python benchmarks/bookkeeping.py``). A committed trial survives the process being killed either way (what
     resuming relies on); after a power cut the last transactions may be lost, never the file's
     consistency. Readers (``autocompress report``, optuna-dashboard, other workers on the same host)
     no longer wait for writers. Other databases are left as they are.
