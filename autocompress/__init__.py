@@ -5,6 +5,7 @@ The public API; see the README for the command line.
 
 from __future__ import annotations
 
+from . import metrics
 from .backends import BACKENDS, Artifact, Backend, LatencyStats
 from .config import StudyConfig, load_config
 from .errors import (
@@ -16,6 +17,7 @@ from .errors import (
     TrialFailed,
 )
 from .inventory import LayerInfo, build_inventory
+from .metrics import Metric
 from .pipeline import Compressed, compress, train_teacher
 from .plan import LayerPlan, Plan, Schedule
 from .search import run_study
@@ -36,6 +38,7 @@ __all__ = [
     "LatencyStats",
     "LayerInfo",
     "LayerPlan",
+    "Metric",
     "MissingDependencyError",
     "Plan",
     "Schedule",
@@ -48,6 +51,7 @@ __all__ = [
     "compress",
     "load_config",
     "load_run",
+    "metrics",
     "run_study",
     "train_teacher",
 ]

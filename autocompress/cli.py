@@ -83,7 +83,7 @@ def cmd_inspect(args) -> int:
     df.to_csv(ctx.run_dir / "sensitivity.csv", index=False)
     png = heatmap(df, ctx.run_dir / "sensitivity.png")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print("accuracy drop of the artifact, one layer at a time, no fine-tuning:")
+        print("metric drop of the artifact, one layer at a time, no fine-tuning:")
         print(table(df).to_string(float_format=lambda v: f"{v:.4f}"))
         rank = ranking(df)
         print(
@@ -120,7 +120,7 @@ def cmd_report(args) -> int:
     base = study.user_attrs.get("baseline", {})
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(
-            f"baseline: acc {base.get('accuracy', float('nan')):.4f} | {base.get('latency_ms', float('nan')):.4f} ms"
+            f"baseline: {base.get('metric_name', 'metric')} {base.get('metric', float('nan')):.4f} | {base.get('latency_ms', float('nan')):.4f} ms"
             f" | {base.get('size_bytes', 0)} bytes"
         )
         print("Pareto front (feasible trials):")
@@ -142,7 +142,8 @@ def cmd_pick(args) -> int:
     budgets = {
         "max_latency_ms": args.max_latency_ms,
         "max_size_bytes": args.max_size_bytes,
-        "max_accuracy_drop": args.max_accuracy_drop,
+        "max_metric_drop": args.max_metric_drop,
+        "max_metric_drop_rel": args.max_metric_drop_rel,
     }
     chosen = pick(front_records(study), **budgets)
     if chosen is None:
@@ -165,8 +166,8 @@ def cmd_rebuild(args) -> int:
     report = rebuild_trial(args.run, args.trial, storage=args.storage, study_name=args.study, out=args.output)
     for line in format_report(report):
         print(line)
-    if not report["accuracy_identical"]:
-        print("error: the rebuilt artifact's accuracy differs from the stored one", file=sys.stderr)
+    if not report["metric_identical"]:
+        print("error: the rebuilt artifact's metric differs from the stored one", file=sys.stderr)
         return 1
     return 0
 
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pick":
             s.add_argument("--max-latency-ms", type=float)
             s.add_argument("--max-size-bytes", type=float)
-            s.add_argument("--max-accuracy-drop", type=float)
+            s.add_argument("--max-metric-drop", type=float, help="absolute, in the metric's units")
+            s.add_argument("--max-metric-drop-rel", type=float, help="relative to the baseline (0.01 = 1%%)")
 
     m = sub.add_parser("measure", help="time an exported artifact on its own (median, p90, IQR, count)")
     m.add_argument("artifact", help="the deployable file, e.g. runs/x/pareto/trial-00012/model.onnx")

@@ -17,7 +17,9 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    name: str
+    # a built-in name or package.module:factory returning an autocompress.Task (may be left out when a
+    # live Task is passed to autocompress.run_study)
+    name: str | None = None
     options: dict[str, Any] = {}
 
 
@@ -28,6 +30,7 @@ class SpaceConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     epochs: int = Field(3, ge=0, le=1000)
+    steps: int | None = Field(None, ge=0)  # optimizer steps per trial instead of epochs (0: PTQ only)
     lr: float = Field(1e-3, gt=0, le=1.0)
     batch_size: int = Field(64, ge=1)
     threads: int = Field(2, ge=1, le=256)
@@ -44,7 +47,10 @@ class BackendConfig(_Strict):
 
 
 class Budgets(_Strict):
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    # how much worse than the baseline artifact the metric may get, in its own units (accuracy: points
+    # of 1) and/or relative to the baseline's value (0.01 = 1%); direction from the task's metric
+    max_metric_drop: float | None = Field(None, ge=0)
+    max_metric_drop_rel: float | None = Field(None, ge=0, le=1)
     max_latency_ms: float | None = Field(None, gt=0)
     max_size_bytes: int | None = Field(None, gt=0)
 
@@ -80,6 +86,9 @@ class TrialsConfig(_Strict):
     # narrow each layer's domains when the study is created: drop the choices whose accuracy drop alone
     # (sensitivity analysis) exceeds this value, and harsher ones; a resumed study keeps its domains
     sensitivity_narrow: float | None = Field(None, ge=0, le=1)
+    # evaluate each trial's artifact on the first N eval samples during the search (null: all); the
+    # front's models are then scored on the whole eval set (metric_full in their records)
+    eval_samples: int | None = Field(None, ge=1)
     max_failures: int = Field(20, ge=0)
     trial_timeout_s: float | None = Field(None, gt=0)  # one trial's wall-time limit (failed past it)
     keep: Literal["all", "pareto"] = "all"  # "pareto": delete artifacts of dominated trials

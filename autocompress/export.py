@@ -16,18 +16,20 @@ from .objective import write_json
 def front_records(study: optuna.Study) -> list[dict]:
     """The feasible Pareto front as plain records (trial number, folder, metrics)."""
     records = []
-    for t in sorted(study.best_trials, key=lambda t: -t.values[0]):
+    for t in sorted(study.best_trials, key=lambda t: t.user_attrs.get("metric_drop", 0.0)):
         ua = t.user_attrs
         records.append(
             {
                 "trial": t.number,
                 "folder": f"pareto/trial-{t.number:05d}",
-                "accuracy": t.values[0],
+                "metric": t.values[0],
                 "latency_ms": t.values[1],
                 "size_bytes": int(t.values[2]),
                 "speedup": ua.get("speedup"),
                 "size_ratio": ua.get("size_ratio"),
-                "accuracy_drop": ua.get("accuracy_drop"),
+                "metric_drop": ua.get("metric_drop"),
+                "metric_drop_rel": ua.get("metric_drop_rel"),
+                "metric_name": ua.get("metric_name"),
                 "latency_p90_ms": ua.get("latency_p90_ms"),
                 "source": str(Path(ua["artifact"]).parent),
             }

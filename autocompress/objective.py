@@ -11,9 +11,10 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -23,10 +24,13 @@ from .config import StudyConfig
 from .errors import TrialFailed
 from .faults import arm_export_hooks, check_deadline, crash_point, fault, trial_scope
 from .inventory import LayerInfo
+from .metrics import Metric
+from .pareto import metric_drop, relative_drop
 from .pipeline import compress
 from .plan import Plan
 from .space import SearchSpace
 from .tasks import Task
+from .tasks.data import deployable
 from .techniques import fold_batchnorm
 
 
@@ -43,6 +47,46 @@ class RunContext:
     backend: Backend
     baseline: dict | None = None
     latency_cache: LatencyCache | None = None
+    references: dict = field(default_factory=dict)  # eval limit -> the teacher's outputs per batch
+
+    @property
+    def metric(self) -> Metric:
+        return self.task.metric_obj
+
+    def eval_limit(self, full: bool = False) -> int | None:
+        """Samples each evaluation reads: ``trials.eval_samples`` during the search, all when ``full``."""
+        return None if full else self.config.trials.eval_samples
+
+    def reference(self, limit: int | None) -> list[np.ndarray] | None:
+        """The teacher's outputs on the eval batches (only for metrics that compare to the teacher)."""
+        if not self.metric.needs_reference:
+            return None
+        if limit not in self.references:
+            ts = deployable(self.teacher, self.task.io)
+            with torch.no_grad():
+                self.references[limit] = [
+                    ts(*inputs).float().numpy() for inputs, _ in self.task.eval_split.batches(limit)
+                ]
+        return self.references[limit]
+
+    def score(self, artifact: Artifact, full: bool = False) -> float:
+        """The task's metric of ``artifact``, streamed over the eval split (a subset unless ``full``)."""
+        limit = self.eval_limit(full)
+        return self.backend.evaluate(
+            artifact, self.task.eval_split.batches(limit), self.metric, self.reference(limit)
+        )
+
+    def lower(self, model: nn.Module, out_dir: Path, precisions: dict | None = None) -> Artifact:
+        """``model`` (the task's calling convention) lowered by the run's backend."""
+        task = self.task
+        return self.backend.lower(
+            deployable(model, task.io),
+            task.example_inputs(),
+            precisions or {},
+            out_dir,
+            calibration=task.calibration_inputs() if precisions else None,
+            io=task.io,
+        )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -73,6 +117,19 @@ def environment(backend: Backend) -> dict:
     }
 
 
+def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor contiguous and none sharing memory (safetensors refuses
+    shared tensors, e.g. tied embeddings): a tensor seen before is stored as a copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous()
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
+
+
 def _finalize_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder into place; an older folder of the same name is replaced."""
     if final.exists():
@@ -85,21 +142,36 @@ def measure_baseline(ctx: RunContext) -> dict:
     out = ctx.run_dir / "baseline"
     tmp = ctx.run_dir / ".baseline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
     model, _ = fold_batchnorm(copy.deepcopy(ctx.teacher))
-    artifact = ctx.backend.lower(model, ctx.task.example_inputs(), {}, tmp)
-    x, y = ctx.task.test
-    acc = ctx.backend.evaluate(artifact, x.numpy(), y.numpy(), ctx.task.score)
+    artifact = ctx.lower(model, tmp)
+    t1 = time.perf_counter()
+    acc = ctx.score(artifact)
+    t2 = time.perf_counter()
+    full = ctx.score(artifact, full=True) if ctx.eval_limit() is not None else acc
+    t3 = time.perf_counter()
     lat, _, cached = measure_cached(ctx.backend, ctx.latency_cache, artifact, None, ctx.task.example_inputs())
+    seconds = {
+        "lower": t1 - t0,
+        "evaluate": t2 - t1,
+        "evaluate_full": t3 - t2,
+        "measure": time.perf_counter() - t3,
+    }
     metrics = {
         "artifact": artifact.path.name,
         "latency_cached": cached,
-        "accuracy": acc,
+        "metric": acc,
+        "metric_full": full,
+        "metric_name": ctx.metric.name,
+        "metric_sign": ctx.metric.sign,
+        "eval_samples": ctx.eval_limit(),
         "latency_ms": lat.median_ms,
         "latency_p90_ms": lat.p90_ms,
         "latency": lat.to_dict(),
         "size_bytes": artifact.size_bytes,
         "kernels": artifact.meta.get("kernels", {}),
         "environment": environment(ctx.backend),
+        "seconds": seconds,
     }
     write_json(tmp / "metrics.json", metrics)
     _finalize_dir(tmp, out)
@@ -166,15 +238,12 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         )
         t1 = time.perf_counter()
         arm_export_hooks(result.model)
-        artifact = backend.lower(
-            result.model, task.example_inputs(), result.precisions, tmp, calibration=task.calibration_inputs()
-        )
+        artifact = ctx.lower(result.model, tmp, result.precisions)
         check_deadline("lowering")
         if fault("ort_load"):  # a corrupted artifact file: the runtime must refuse to load it
             artifact.path.write_bytes(b"\x00 not an ONNX model \xff" * 8)
         t2 = time.perf_counter()
-        x, y = task.test
-        acc = backend.evaluate(artifact, x.numpy(), y.numpy(), task.score)
+        acc = ctx.score(artifact)
         check_deadline("evaluation")
         t3 = time.perf_counter()
         crash_point("measure", after_s=0.1)  # dies while the artifact is being timed
@@ -195,15 +264,13 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         t4 = time.perf_counter()
         check_deadline("latency measurement")
         if not all(map(lambda v: v == v and abs(v) != float("inf"), (acc, lat.median_ms))):
-            raise TrialFailed(f"non-finite metrics: accuracy={acc}, latency={lat.median_ms}")
-        save_file(
-            {k: v.contiguous() for k, v in result.model.state_dict().items()},
-            str(tmp / "weights.safetensors"),
-        )
+            raise TrialFailed(f"non-finite metrics: {ctx.metric.name}={acc}, latency={lat.median_ms}")
+        save_file(state_for_saving(result.model), str(tmp / "weights.safetensors"))
         crash_point("artifact_write")
         write_text_atomic(tmp / "plan.json", plan.to_json())
         metrics = {
-            "accuracy": acc,
+            "metric": acc,
+            "metric_name": ctx.metric.name,
             "latency_ms": lat.median_ms,
             "latency_p90_ms": lat.p90_ms,
             "latency": lat.to_dict(),
@@ -226,13 +293,16 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             metrics["latency_p90_ms"] = base["latency_ms"] * lat.p90_ms / base_lat.median_ms
             metrics.update(
                 {
-                    "baseline_accuracy": base["accuracy"],
+                    "baseline_metric": base["metric"],
+                    "metric_drop_rel": relative_drop(
+                        metric_drop(acc, base["metric"], ctx.metric.sign), base["metric"]
+                    ),
                     "baseline_latency_ms": base_lat.median_ms,
                     "baseline_latency": base_lat.to_dict(),
                     "baseline_size_bytes": base["size_bytes"],
                     "speedup": base_lat.median_ms / lat.median_ms,
                     "size_ratio": base["size_bytes"] / artifact.size_bytes,
-                    "accuracy_drop": base["accuracy"] - acc,
+                    "metric_drop": metric_drop(acc, base["metric"], ctx.metric.sign),
                 }
             )
         metrics["seconds"] = {
@@ -243,6 +313,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             "measure": t4 - t3,
             "total": time.perf_counter() - t0,
         }
+        metrics["disk_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         write_json(tmp / "metrics.json", metrics)
         _finalize_dir(tmp, trial_dir)
         crash_point("renamed")

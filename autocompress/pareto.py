@@ -6,8 +6,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# objective name -> +1 maximize / -1 minimize
-OBJECTIVES: dict[str, int] = {"accuracy": +1, "latency_ms": -1, "size_bytes": -1}
+# objective name -> +1 maximize / -1 minimize ("metric" is the task's metric: see objectives_for)
+OBJECTIVES: dict[str, int] = {"metric": +1, "latency_ms": -1, "size_bytes": -1}
+
+
+def objectives_for(metric_sign: int) -> dict[str, int]:
+    """The objectives of a study whose metric is higher-is-better (+1) or lower-is-better (-1)."""
+    return {**OBJECTIVES, "metric": 1 if metric_sign > 0 else -1}
+
+
+def metric_drop(value: float, baseline: float, sign: int) -> float:
+    """How much worse ``value`` is than ``baseline`` in the metric's own units (> 0 = worse)."""
+    return (baseline - value) * sign
+
+
+def relative_drop(drop: float, baseline: float) -> float:
+    """A drop as a fraction of the baseline's magnitude (0.01 = 1% worse)."""
+    return drop / max(abs(baseline), 1e-12)
 
 
 def _as_minimization(points: Sequence[dict], objectives: dict[str, int]) -> np.ndarray:
@@ -30,21 +45,26 @@ def within_budgets(
     *,
     max_latency_ms: float | None = None,
     max_size_bytes: float | None = None,
-    max_accuracy_drop: float | None = None,
+    max_metric_drop: float | None = None,
+    max_metric_drop_rel: float | None = None,
 ) -> bool:
     """Whether metrics ``m`` meet every given budget (None = no budget)."""
     if max_latency_ms is not None and m["latency_ms"] > max_latency_ms:
         return False
     if max_size_bytes is not None and m["size_bytes"] > max_size_bytes:
         return False
-    return not (max_accuracy_drop is not None and m["accuracy_drop"] > max_accuracy_drop + 1e-12)
+    if max_metric_drop_rel is not None and m["metric_drop_rel"] > max_metric_drop_rel + 1e-12:
+        return False
+    return not (max_metric_drop is not None and m["metric_drop"] > max_metric_drop + 1e-12)
 
 
 def constraint_values(m: dict, budgets: dict[str, float | None]) -> dict[str, float]:
     """Optuna constraint values (<= 0 is feasible) for each budget that is set."""
     out = {}
-    if budgets.get("max_accuracy_drop") is not None:
-        out["accuracy_drop"] = m["accuracy_drop"] - budgets["max_accuracy_drop"]
+    if budgets.get("max_metric_drop") is not None:
+        out["metric_drop"] = m["metric_drop"] - budgets["max_metric_drop"]
+    if budgets.get("max_metric_drop_rel") is not None:
+        out["metric_drop_rel"] = m["metric_drop_rel"] - budgets["max_metric_drop_rel"]
     if budgets.get("max_latency_ms") is not None:
         out["latency_ms"] = m["latency_ms"] - budgets["max_latency_ms"]
     if budgets.get("max_size_bytes") is not None:
@@ -53,11 +73,11 @@ def constraint_values(m: dict, budgets: dict[str, float | None]) -> dict[str, fl
 
 
 def pick(points: Sequence[dict], **budgets) -> dict | None:
-    """The most accurate point within budgets (then fastest, then smallest); None if none fits."""
+    """The point with the best metric within budgets (then fastest, then smallest); None if none fits."""
     ok = [p for p in points if within_budgets(p, **budgets)]
     if not ok:
         return None
-    return min(ok, key=lambda p: (-p["accuracy"], p["latency_ms"], p["size_bytes"]))
+    return min(ok, key=lambda p: (p.get("metric_drop", -p["metric"]), p["latency_ms"], p["size_bytes"]))
 
 
 # Hypervolume of a run, in objectives normalized against its baseline artifact, all minimized:
@@ -68,9 +88,9 @@ def pick(points: Sequence[dict], **budgets) -> dict | None:
 HV_REFERENCE: tuple[float, float, float] = (0.10, 1.0, 1.0)
 
 
-def normalized_objectives(accuracy: float, speedup: float, size_ratio: float, baseline_accuracy: float):
-    """(accuracy drop, latency ratio, size ratio), all to minimize (see :data:`HV_REFERENCE`)."""
-    return (baseline_accuracy - accuracy, 1.0 / speedup, 1.0 / size_ratio)
+def normalized_objectives(drop_rel: float, speedup: float, size_ratio: float):
+    """(relative metric drop, latency ratio, size ratio), all to minimize (see :data:`HV_REFERENCE`)."""
+    return (drop_rel, 1.0 / speedup, 1.0 / size_ratio)
 
 
 def hypervolume_history(

@@ -21,13 +21,14 @@ from .faults import on_step
 from .inventory import compressible_layers
 from .plan import FLOAT_BITS, Plan
 from .tasks import Task
+from .tasks.data import deployable
 from .techniques import (
     ChannelSchedule,
     FeatureHints,
     add_fake_quant,
     apply_masks,
+    distill_loss,
     fold_batchnorm,
-    kd_loss,
     plan_factorization,
     prune_to_widths,
     record_weight_quant,
@@ -63,24 +64,18 @@ class Compressed:
     train_s: float = 0.0
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    perm = torch.randperm(n, generator=generator)
-    for i in range(0, n, batch_size):
-        yield perm[i : i + batch_size]
-
-
 def train_teacher(task: Task, seed: int = 0, log: Callable[[str], None] | None = None) -> nn.Module:
-    """Train the task's model from scratch with cross-entropy (done once per run, then cached)."""
+    """Train the task's ``model_fn`` model from scratch with cross-entropy (once per run, then cached)."""
     torch.manual_seed(seed)
     model = task.model_fn()
+    dm = deployable(model, task.io)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, task.teacher_epochs))
-    x, y = task.train
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(task.teacher_epochs):
-        model.train()
-        for idx in _batches(len(x), task.batch_size, gen):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        dm.train()
+        for inputs, targets in task.train_split.batches(generator=gen, batch_size=task.batch_size):
+            loss = nn.functional.cross_entropy(dm(*inputs), targets)
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"teacher training diverged: non-finite loss in epoch {epoch + 1} "
@@ -93,7 +88,33 @@ def train_teacher(task: Task, seed: int = 0, log: Callable[[str], None] | None =
         sched.step()
         if log:
             log(f"teacher epoch {epoch + 1}/{task.teacher_epochs}: loss {loss.item():.4f}")
+    dm.eval()
     return model.eval()
+
+
+def finetune_steps(task: Task, plan: Plan, batch_size: int) -> int:
+    """Optimizer steps of a plan's fine-tune: ``plan.steps``, else epochs x steps per epoch."""
+    if plan.steps is not None:
+        return plan.steps
+    if plan.epochs == 0:
+        return 0
+    per_epoch = steps_per_epoch(task, batch_size)
+    if per_epoch is None:
+        raise ConfigError(
+            "task.train has no length, so epochs cannot be counted: set finetune.steps", field="finetune"
+        )
+    return plan.epochs * per_epoch
+
+
+def steps_per_epoch(task: Task, batch_size: int) -> int | None:
+    """Optimizer steps in one pass over the training split (None when its length is unknown)."""
+    split = task.train_split
+    if split.tensors is not None:
+        return math.ceil(len(split.tensors[0]) / batch_size)
+    try:
+        return len(split)
+    except TypeError:
+        return None
 
 
 def _factorize_layers(model: nn.Module, plan: Plan, notes: dict[str, str]) -> dict[str, str]:
@@ -125,16 +146,15 @@ def _structured(
     }
     if not ratios:
         return
-    x, y = task.train
     modules = dict(student.named_modules())
     widths = {n: target_width(modules[n].weight.shape[0], r, round_to) for n, r in ratios.items()}
     changes = prune_to_widths(
-        student,
+        deployable(student, task.io),
         task.example_inputs(2),
         widths,
         importance=plan.importance,
         round_to=round_to,
-        data=(x[:256], y[:256]),
+        data=_importance_data(task, plan),
     )
     for name in ratios:
         if name in changes:
@@ -160,9 +180,9 @@ def _channel_schedule(
     }
     if not final:
         return None
-    s, (x, y) = plan.schedule, task.train
+    s = plan.schedule
     return ChannelSchedule(
-        student,
+        deployable(student, task.io),
         task.example_inputs(2),
         final,
         s.kind,
@@ -171,8 +191,13 @@ def _channel_schedule(
         s.steps,
         importance=plan.importance,
         round_to=round_to,
-        data=(x[:256], y[:256]),
+        data=_importance_data(task, plan),
     )
+
+
+def _importance_data(task: Task, plan: Plan):
+    """(inputs, targets) of 256 training samples for the Taylor importance (None for l1 / l2)."""
+    return task.train_split.first(256) if plan.importance == "taylor" else None
 
 
 def _channel_notes(
@@ -239,7 +264,8 @@ def compress(
     teacher = teacher.eval()
     student, _ = fold_batchnorm(copy.deepcopy(teacher))
     notes: dict[str, str] = {}
-    iterative = plan.schedule.kind != "one_shot" and plan.epochs > 0  # structured follows the schedule
+    total = finetune_steps(task, plan, batch_size)
+    iterative = plan.schedule.kind != "one_shot" and total > 0  # structured follows the schedule
     if not iterative:
         _structured(student, task, plan, round_to, notes)
     origin = _factorize_layers(student, plan, notes)
@@ -288,17 +314,16 @@ def compress(
             else:
                 set_sparsity(m, sparsity_at(s.kind, final_sparsity[n], s.start, s.end, progress, s.steps))
 
-    x, y = task.train
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    total = plan.epochs * steps_per_epoch
-    every = max(1, total // 50)
     s = plan.schedule
     losses: list[float] = []
+    ts = deployable(teacher, task.io)
+    ds = deployable(student, task.io)  # shares every module with ``student``: train/eval go through it
+    probe = task.example_inputs(2)
     hints = FeatureHints(teacher, student, list(plan.hints)) if plan.hints and plan.hint_weight > 0 else None
     if hints is not None and total:  # build the adapters on one batch so the optimizer sees them
         with torch.no_grad():
-            teacher(x[:2])
-            student(x[:2])
+            ts(*probe)
+            ds(*probe)
             hints.loss()
 
     def make_optimizer() -> torch.optim.Optimizer:
@@ -313,28 +338,34 @@ def compress(
         if hints is not None:  # widths changed: adapters are rebuilt on one batch
             hints.adapters.clear()
             with torch.no_grad():
-                teacher(x[:2])
-                student(x[:2])
+                ts(*probe)
+                ds(*probe)
                 hints.loss()
         return True
 
+    loss_kind = task.loss_kind()
     t_train = time.perf_counter()
     if total:
+        every = max(1, total // 50)
         opt = make_optimizer()
         gen = torch.Generator().manual_seed(plan.seed)
-        step = 0
-        for epoch in range(plan.epochs):
-            student.train()
-            running = 0.0
-            for idx in _batches(len(x), batch_size, gen):
+        step = epoch = 0
+        while step < total:
+            ds.train()
+            running, n_batches = 0.0, 0
+            for inputs, targets in task.train_split.batches(generator=gen, batch_size=batch_size):
+                if step >= total:
+                    break
                 if step % every == 0:
                     if prune_channels_at(step / total):
                         opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
-                        student.train()
+                        ds.train()
                     update_masks(step / total)
                 with torch.no_grad():
-                    t_logits = teacher(x[idx])
-                loss = kd_loss(student(x[idx]), t_logits, y[idx], plan.kd_temperature, plan.kd_alpha)
+                    t_out = ts(*inputs)
+                loss = distill_loss(
+                    loss_kind, ds(*inputs), t_out, targets, plan.kd_temperature, plan.kd_alpha
+                )
                 if hints is not None:
                     loss = loss + plan.hint_weight * hints.loss()
                 loss = on_step(step, loss)  # deadline check (trials.trial_timeout_s) + test fault hooks
@@ -344,10 +375,15 @@ def compress(
                 loss.backward()
                 opt.step()
                 running += loss.item()
+                n_batches += 1
                 step += 1
-            losses.append(running / steps_per_epoch)
+            if n_batches == 0:
+                raise ConfigError("task.train yielded no batch", field="task")
+            losses.append(running / n_batches)
             if on_epoch:
                 on_epoch(epoch, losses[-1], student)
+            epoch += 1
+    ds.eval()
     train_s = time.perf_counter() - t_train
     if hints is not None:
         hints.close()

@@ -106,6 +106,8 @@ class Plan:
         kd_temperature: distillation temperature T (>= 1).
         kd_alpha: weight of the KD term; ``1 - kd_alpha`` weighs the hard-label loss.
         epochs: fine-tuning epochs (0 = post-training compression only).
+        steps: fine-tuning optimizer steps; when set it decides the length instead of ``epochs``
+            (0 = post-training compression only).
         lr: fine-tuning learning rate.
         seed: seed of the fine-tuning run.
         importance: channel importance for structured pruning (``l1``, ``l2``, ``taylor``).
@@ -119,6 +121,7 @@ class Plan:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
     epochs: int = 3
+    steps: int | None = None
     lr: float = 1e-3
     seed: int = 0
     importance: str = "l1"
@@ -141,6 +144,8 @@ class Plan:
             )
         if self.hint_weight < 0:
             raise ConfigError(f"hint_weight {self.hint_weight} must be >= 0", field="hint_weight")
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"steps {self.steps} must be >= 0", field="steps")
         if self.epochs < 0:
             raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
         if self.calibration not in CALIBRATIONS:

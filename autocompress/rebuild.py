@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from optuna.trial import TrialState
-from safetensors.torch import load_file
 
 from .backends import BACKENDS
 from .config import StudyConfig, load_config
@@ -23,6 +22,7 @@ from .errors import ConfigError
 from .inventory import build_inventory
 from .objective import RunContext, environment, run_trial, write_json
 from .plan import Plan
+from .search.runner import load_teacher
 from .tasks import load_task
 
 
@@ -74,13 +74,8 @@ def rebuild_trial(
     cfg = _config(study, run_dir)
     threads = trial.user_attrs.get("finetune_threads", cfg.finetune.threads)
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"threads": threads})})
-    weights = run_dir / "teacher.safetensors"
-    if not weights.is_file():
-        raise ConfigError("the run folder has no teacher.safetensors to rebuild from", source=str(run_dir))
     task = load_task(cfg.task.name, cfg.task.options)
-    teacher = task.model_fn()
-    teacher.load_state_dict(load_file(str(weights)))
-    teacher.eval()
+    teacher = load_teacher(task, run_dir, str(run_dir))
     backend = BACKENDS.get(cfg.backend.name)(
         device=cfg.backend.device,
         batch_size=cfg.backend.batch_size,
@@ -119,9 +114,9 @@ def rebuild_trial(
     report = {
         "trial": number,
         "folder": str(out),
-        "accuracy_stored": trial.values[0],
-        "accuracy_rebuilt": metrics["accuracy"],
-        "accuracy_identical": metrics["accuracy"] == trial.values[0],
+        "metric_stored": trial.values[0],
+        "metric_rebuilt": metrics["metric"],
+        "metric_identical": metrics["metric"] == trial.values[0],
         "latency_ms_stored": trial.values[1],
         "latency_ms_rebuilt": metrics["latency_ms"],
         "latency_spread_ms": spread,
@@ -143,12 +138,12 @@ def rebuild_trial(
 
 def format_report(r: dict) -> list[str]:
     """Human-readable lines of a :func:`rebuild_trial` report."""
-    same = "identical" if r["accuracy_identical"] else "DIFFERENT"
+    same = "identical" if r["metric_identical"] else "DIFFERENT"
     within = "within" if r["latency_within_spread"] else "OUTSIDE"
     art = {True: "identical bytes", False: "different bytes", None: "stored artifact deleted"}
     return [
         f"trial {r['trial']} rebuilt in {r['folder']}",
-        f"accuracy: stored {r['accuracy_stored']:.6f} | rebuilt {r['accuracy_rebuilt']:.6f} ({same})",
+        f"metric: stored {r['metric_stored']:.6f} | rebuilt {r['metric_rebuilt']:.6f} ({same})",
         f"latency: stored {r['latency_ms_stored']:.4f} ms | rebuilt {r['latency_ms_rebuilt']:.4f} ms "
         f"(load-drift corrected {r['latency_ms_rebuilt_drift_corrected']:.4f} ms; {within} the measurement "
         f"spread of {r['latency_spread_ms']:.4f} ms); speedup vs baseline: "

@@ -13,6 +13,11 @@ from optuna.trial import TrialState
 from .pareto import pareto_mask
 
 
+def metric_sign(study: optuna.Study) -> int:
+    """+1 when the study maximizes its metric (the first objective), -1 when it minimizes it."""
+    return 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: state, objectives, derived ratios, feasibility, Pareto flag, params."""
     front = {t.number for t in study.best_trials}
@@ -28,13 +33,13 @@ def _trial_row(t: optuna.trial.FrozenTrial, front: set[int]) -> dict:
     row = {
         "trial": t.number,
         "state": t.state.name,
-        "accuracy": ua.get("accuracy"),
+        "metric": ua.get("metric"),
         "latency_ms": ua.get("latency_ms"),
         "latency_p90_ms": ua.get("latency_p90_ms"),
         "size_bytes": ua.get("size_bytes"),
         "speedup": ua.get("speedup"),
         "size_ratio": ua.get("size_ratio"),
-        "accuracy_drop": ua.get("accuracy_drop"),
+        "metric_drop": ua.get("metric_drop"),
         "feasible": feasible,
         "pareto": t.number in front,
         "duration_s": t.duration.total_seconds() if t.duration else None,
@@ -69,18 +74,18 @@ def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
     for ax, (x, label) in zip(
         axes, [("latency_ms", "median latency (ms)"), ("size_bytes", "artifact size (bytes)")], strict=True
     ):
-        _plane(ax, done, base, x, "accuracy")
+        _plane(ax, done, base, x, "metric")
         front = done[done.pareto] if len(done) else done
         if len(front):  # the 2-D projection of the 3-D front, for the line
             proj = front[
                 pareto_mask(
-                    front[["accuracy", x]].rename(columns={x: "cost"}).to_dict("records"),
-                    {"accuracy": 1, "cost": -1},
+                    front[["metric", x]].rename(columns={x: "cost"}).to_dict("records"),
+                    {"metric": metric_sign(study), "cost": -1},
                 )
             ].sort_values(x)
-            ax.step(proj[x], proj.accuracy, where="post", c="tab:red", alpha=0.5)
+            ax.step(proj[x], proj.metric, where="post", c="tab:red", alpha=0.5)
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (of the artifact)")
+        ax.set_ylabel(f"{base.get('metric_name', 'metric')} (of the artifact)")
     axes[1].set_xscale("log")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(
@@ -95,8 +100,8 @@ def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
     df = trials_frame(study)
-    cols = ["trial", "accuracy", "accuracy_drop", "latency_ms", "speedup", "size_bytes", "size_ratio"]
-    return df[df.pareto][cols].sort_values("accuracy", ascending=False) if len(df) else df
+    cols = ["trial", "metric", "metric_drop", "latency_ms", "speedup", "size_bytes", "size_ratio"]
+    return df[df.pareto][cols].sort_values("metric_drop", ascending=True) if len(df) else df
 
 
 def _failed_with_category(study: optuna.Study) -> pd.DataFrame:
@@ -143,8 +148,8 @@ def write_report(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
 # --- the HTML report ----------------------------------------------------------------------------
 
 PLANES = [  # (x, y, label x, label y) of the three 2-D projections of the front
-    ("latency_ms", "accuracy", "latency (ms, side by side with the baseline)", "accuracy of the artifact"),
-    ("size_bytes", "accuracy", "artifact size (bytes)", "accuracy of the artifact"),
+    ("latency_ms", "metric", "latency (ms, side by side with the baseline)", "metric of the artifact"),
+    ("size_bytes", "metric", "artifact size (bytes)", "metric of the artifact"),
     ("latency_ms", "size_bytes", "latency (ms)", "artifact size (bytes)"),
 ]
 
@@ -272,7 +277,6 @@ def study_hypervolume(study: optuna.Study) -> list[tuple[int, float]]:
     """(trial number, normalized hypervolume of the feasible trials so far), in trial order."""
     from .pareto import hypervolume_history, normalized_objectives
 
-    base = study.user_attrs.get("baseline") or {}
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     points = []
     for t in trials:
@@ -280,13 +284,11 @@ def study_hypervolume(study: optuna.Study) -> list[tuple[int, float]]:
         ok = (
             t.state == TrialState.COMPLETE
             and "speedup" in ua
-            and "accuracy" in base
+            and "metric_drop_rel" in ua
             and all(v <= 0 for v in t.constraints.values())
         )
         points.append(
-            normalized_objectives(ua["accuracy"], ua["speedup"], ua["size_ratio"], base["accuracy"])
-            if ok
-            else None
+            normalized_objectives(ua["metric_drop_rel"], ua["speedup"], ua["size_ratio"]) if ok else None
         )
     return list(zip([t.number for t in trials], hypervolume_history(points), strict=True))
 
@@ -350,7 +352,7 @@ def write_html(study: optuna.Study, run_dir: Path) -> Path:
         "backend / device": f"{env.get('backend', '')} / {env.get('device', '')} ({env.get('device_name', '')})",
         "trials": ", ".join(f"{v} {k.lower()}" for k, v in states.items()) or "none",
         "baseline": (
-            f"accuracy {base['accuracy']:.4f}, {base['latency_ms']:.4f} ms, {base['size_bytes']} bytes"
+            f"{base.get('metric_name', 'metric')} {base['metric']:.4f}, {base['latency_ms']:.4f} ms, {base['size_bytes']} bytes"
             if base
             else "not measured"
         ),

@@ -33,12 +33,9 @@ SETTINGS: tuple[tuple[str, float], ...] = (
 
 
 def _key(ctx: RunContext, settings) -> str:
-    teacher = (
-        (ctx.run_dir / "teacher.safetensors").read_bytes()
-        if (ctx.run_dir / "teacher.safetensors").exists()
-        else b""
-    )
-    blob = json.dumps([list(s) for s in settings]).encode() + hashlib.sha256(teacher).digest()
+    from .tasks.base import weights_hash
+
+    blob = json.dumps([list(s) for s in settings]).encode() + weights_hash(ctx.teacher).encode()
     blob += json.dumps(ctx.backend.capabilities(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -60,8 +57,8 @@ def analyze(
         if data.get("key") == key:
             log(f"sensitivity: cached in {cache}")
             return pd.DataFrame(data["rows"])
-    base_acc = ctx.baseline["accuracy"]
-    x, y = ctx.task.test
+    base_acc = ctx.baseline["metric"]
+    sign = ctx.metric.sign
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ac-sens-") as tmp:
@@ -72,39 +69,33 @@ def analyze(
                 applied = not (
                     dim == "rank_ratio" and info.name in out.notes and "not" in out.notes[info.name]
                 )
-                art = ctx.backend.lower(
-                    out.model,
-                    ctx.task.example_inputs(),
-                    out.precisions,
-                    Path(tmp) / f"{info.name}-{dim}-{value}",
-                    ctx.task.calibration_inputs(),
-                )
-                acc = ctx.backend.evaluate(art, x.numpy(), y.numpy(), ctx.task.score)
+                art = ctx.lower(out.model, Path(tmp) / f"{info.name}-{dim}-{value}", out.precisions)
+                acc = ctx.score(art)
                 rows.append(
                     {
                         "layer": info.name,
                         "dimension": dim,
                         "value": value,
                         "setting": setting_label(dim, value),
-                        "accuracy": acc,
-                        "accuracy_drop": base_acc - acc,
+                        "metric": acc,
+                        "metric_drop": (base_acc - acc) * sign,
                         "applied": applied,
                         "note": out.notes.get(info.name, ""),
                     }
                 )
             log(f"sensitivity: {info.name} done ({time.perf_counter() - t0:.0f} s)")
-    write_json(cache, {"key": key, "baseline_accuracy": base_acc, "rows": rows})
+    write_json(cache, {"key": key, "baseline_metric": base_acc, "rows": rows})
     return pd.DataFrame(rows)
 
 
 def ranking(df: pd.DataFrame) -> pd.Series:
     """Layers from most to least sensitive: mean accuracy drop over the applied settings."""
-    return df[df.applied].groupby("layer", sort=False).accuracy_drop.mean().sort_values(ascending=False)
+    return df[df.applied].groupby("layer", sort=False).metric_drop.mean().sort_values(ascending=False)
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """Accuracy drop, layers x settings (in inventory and setting order)."""
-    t = df.pivot_table(index="layer", columns="setting", values="accuracy_drop", sort=False)
+    t = df.pivot_table(index="layer", columns="setting", values="metric_drop", sort=False)
     return t[[c for c in dict.fromkeys(df.setting) if c in t.columns]]
 
 
@@ -122,8 +113,8 @@ def heatmap(df: pd.DataFrame, path: Path) -> Path:
     for i in range(len(t.index)):
         for j in range(len(t.columns)):
             ax.text(j, i, f"{t.values[i, j]:.3f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="accuracy drop (no fine-tuning)")
-    ax.set_title("per-layer sensitivity of the artifact's accuracy")
+    fig.colorbar(im, ax=ax, label="metric drop (no fine-tuning)")
+    ax.set_title("per-layer sensitivity of the artifact's metric")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,7 +125,7 @@ def gentle_plan(df: pd.DataFrame, max_drop: float) -> dict[str, dict[str, float]
     """Per layer, the harshest value of each dimension whose drop alone stays within ``max_drop``."""
     harsh = {"bits": min, "sparsity": max, "rank_ratio": min}
     out: dict[str, dict[str, float]] = {}
-    for (layer, dim), g in df[df.applied & (df.accuracy_drop <= max_drop)].groupby(
+    for (layer, dim), g in df[df.applied & (df.metric_drop <= max_drop)].groupby(
         ["layer", "dimension"], sort=False
     ):
         out.setdefault(layer, {})[dim] = harsh[dim](g.value)
@@ -169,7 +160,7 @@ def narrow_domains(space, inventory, df: pd.DataFrame, max_drop: float) -> dict[
     failing: dict[tuple[str, str], list[float]] = {}
     passing: dict[tuple[str, str], list[float]] = {}
     for row in ok.itertuples():
-        bucket = failing if row.accuracy_drop > max_drop else passing
+        bucket = failing if row.metric_drop > max_drop else passing
         bucket.setdefault((row.layer, row.dimension), []).append(float(row.value))
     domains, members = _searched(space, inventory)
     out: dict[str, dict] = {}

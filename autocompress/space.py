@@ -345,7 +345,14 @@ class SearchSpace:
         return layer
 
     def suggest(
-        self, trial: optuna.Trial, inventory: list[LayerInfo], *, epochs: int, lr: float, seed: int
+        self,
+        trial: optuna.Trial,
+        inventory: list[LayerInfo],
+        *,
+        epochs: int,
+        lr: float,
+        seed: int,
+        steps: int | None = None,
     ) -> Plan:
         """Ask ``trial`` for every dimension and return the Plan (grouped layers share values)."""
         layers = {}
@@ -395,6 +402,7 @@ class SearchSpace:
             kd_temperature=float(self.model.kd.temperature.suggest(trial, "kd.temperature")),
             kd_alpha=float(self.model.kd.alpha.suggest(trial, "kd.alpha")),
             epochs=epochs,
+            steps=steps,
             lr=lr,
             seed=seed,
             importance=str(self.model.importance.suggest(trial, "prune.importance")),

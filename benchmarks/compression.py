@@ -39,9 +39,9 @@ def best_within(study_file: Path, max_rel_drop: float, candidates: int, log) -> 
     wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     run_dir = Path(cfg.output)
     study = summary.study
-    base_acc = study.user_attrs["baseline"]["accuracy"]
+    base_acc = study.user_attrs["baseline"]["metric"]
     floor = base_acc * (1.0 - max_rel_drop)
-    eligible = [r for r in front_records(study) if r["accuracy"] >= floor]
+    eligible = [r for r in front_records(study) if r["metric"] >= floor]
     eligible.sort(key=lambda r: -(r["speedup"] or 0.0))
     if not eligible:
         return None

@@ -96,7 +96,7 @@ def normalized(trial, base: dict) -> tuple[float, float, float] | None:
     ua = trial.user_attrs
     if trial.state.name != "COMPLETE" or "speedup" not in ua:
         return None
-    return normalized_objectives(trial.values[0], ua["speedup"], ua["size_ratio"], base["accuracy"])
+    return normalized_objectives(ua["metric_drop_rel"], ua["speedup"], ua["size_ratio"])
 
 
 def one_search(args: tuple) -> dict:

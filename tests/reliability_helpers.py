@@ -88,7 +88,7 @@ def check_referenced_folders(run: Path, study: optuna.Study, *, keep: str = "all
             continue
         assert {p.name for p in folder.iterdir()} == TRIAL_FILES, (t.number, sorted(os.listdir(folder)))
         m = json.loads((folder / "metrics.json").read_text())
-        assert m["accuracy"] == t.values[0] and m["latency_ms"] == t.values[1]
+        assert m["metric"] == t.values[0] and m["latency_ms"] == t.values[1]
         assert m["size_bytes"] == t.values[2] == (folder / "model.onnx").stat().st_size
         assert json.loads((folder / "plan.json").read_text()) == t.user_attrs["plan"]
 

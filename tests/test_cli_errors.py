@@ -55,8 +55,8 @@ CASES = [
     (_with(trials__n="many"), r"study.yaml: trials.n: Input should be a valid integer"),
     (_with(trials__n=0), r"study.yaml: trials.n: Input should be greater than or equal to 1"),
     (
-        _with(budgets__max_accuracy_drop=2),
-        r"study.yaml: budgets.max_accuracy_drop: Input should be less than or equal to 1",
+        _with(budgets__max_metric_drop_rel=2),
+        r"study.yaml: budgets.max_metric_drop_rel: Input should be less than or equal to 1",
     ),
     (_with(task=_DELETE), r"study.yaml: task: required field is missing"),
     (

@@ -46,7 +46,7 @@ def _study_file(tmp_path: Path, name: str, n: int, **changes) -> tuple[Path, Pat
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 2, "threads": 1},
-        "budgets": {"max_accuracy_drop": 0.2},
+        "budgets": {"max_metric_drop": 0.2},
         "sampler": {"name": "random"},
         "trials": {"n": n, "warm_start": []},
         "output": str(tmp_path / "run"),
@@ -83,9 +83,9 @@ def _check_run_folder(run: Path, study: optuna.Study, n: int, files=()) -> list[
     for name in (*LOCAL_RUN_FILES, *files):
         assert (run / name).exists(), name
     for t in complete:
-        assert {"plan", "artifact", "accuracy", "latency_ms", "speedup"} <= set(t.user_attrs)
+        assert {"plan", "artifact", "metric", "latency_ms", "speedup"} <= set(t.user_attrs)
         assert (run / t.user_attrs["artifact"]).is_file()
-        assert "accuracy_drop" in t.constraints  # the budget reached Optuna's samplers
+        assert "metric_drop" in t.constraints  # the budget reached Optuna's samplers
     return complete
 
 

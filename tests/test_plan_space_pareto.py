@@ -158,7 +158,7 @@ def test_space_errors_name_the_field(data, match):
 points_st = st.lists(
     st.fixed_dictionaries(
         {
-            "accuracy": st.integers(0, 10).map(lambda v: v / 10),
+            "metric": st.integers(0, 10).map(lambda v: v / 10),
             "latency_ms": st.integers(1, 10).map(float),
             "size_bytes": st.integers(1, 10),
         }
@@ -170,12 +170,12 @@ points_st = st.lists(
 
 def _dominates(a, b):
     ge = (
-        a["accuracy"] >= b["accuracy"]
+        a["metric"] >= b["metric"]
         and a["latency_ms"] <= b["latency_ms"]
         and a["size_bytes"] <= b["size_bytes"]
     )
     gt = (
-        a["accuracy"] > b["accuracy"]
+        a["metric"] > b["metric"]
         or a["latency_ms"] < b["latency_ms"]
         or a["size_bytes"] < b["size_bytes"]
     )
@@ -198,21 +198,21 @@ def test_pareto_mask_properties(points):
 @given(points_st, st.floats(1, 10), st.integers(1, 10))
 @settings(max_examples=100, deadline=None)
 def test_pick_respects_budgets(points, max_lat, max_size):
-    pts = [dict(p, accuracy_drop=1 - p["accuracy"]) for p in points]
+    pts = [dict(p, accuracy_drop=1 - p["metric"]) for p in points]
     chosen = pick(pts, max_latency_ms=max_lat, max_size_bytes=max_size)
     fitting = [p for p in pts if p["latency_ms"] <= max_lat and p["size_bytes"] <= max_size]
     if not fitting:
         assert chosen is None
     else:
         assert within_budgets(chosen, max_latency_ms=max_lat, max_size_bytes=max_size)
-        assert chosen["accuracy"] == max(p["accuracy"] for p in fitting)
+        assert chosen["metric"] == max(p["metric"] for p in fitting)
 
 
 def test_constraint_values_only_for_set_budgets():
-    m = {"accuracy_drop": 0.02, "latency_ms": 1.5, "size_bytes": 1000}
+    m = {"metric_drop": 0.02, "latency_ms": 1.5, "size_bytes": 1000}
     assert constraint_values(
-        m, {"max_accuracy_drop": 0.01, "max_latency_ms": None, "max_size_bytes": 2000}
-    ) == {"accuracy_drop": pytest.approx(0.01), "size_bytes": -1000.0}
+        m, {"max_metric_drop": 0.01, "max_latency_ms": None, "max_size_bytes": 2000}
+    ) == {"metric_drop": pytest.approx(0.01), "size_bytes": -1000.0}
 
 
 def test_layer_groups_share_parameters():

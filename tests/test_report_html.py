@@ -9,7 +9,7 @@ from autocompress.pareto import HV_REFERENCE, hypervolume_history, normalized_ob
 from autocompress.report import layer_table, study_hypervolume, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
-BASE = {"accuracy": 0.95, "latency_ms": 0.2, "size_bytes": 100_000}
+BASE = {"metric": 0.95, "latency_ms": 0.2, "size_bytes": 100_000}
 LAYERS = ("features.0", "classifier")
 
 
@@ -32,7 +32,7 @@ def _study(tmp_path, results: list[tuple | str]) -> optuna.Study:
         directions=["maximize", "minimize", "minimize"],
     )
     study.set_user_attr("baseline", BASE)
-    study.set_user_attr("config", {"task": {"name": "digits"}, "budgets": {"max_accuracy_drop": 0.05}})
+    study.set_user_attr("config", {"task": {"name": "digits"}, "budgets": {"max_metric_drop": 0.05}})
     study.set_user_attr("environment", {"backend": "onnxruntime", "device": "cpu", "device_name": "test CPU"})
     for r in results:
         t = study.ask()
@@ -44,19 +44,20 @@ def _study(tmp_path, results: list[tuple | str]) -> optuna.Study:
             continue
         acc, speedup, size_ratio, bits, sparsity, rank = r
         m = {
-            "accuracy": acc,
+            "metric": acc,
             "latency_ms": BASE["latency_ms"] / speedup,
             "size_bytes": int(BASE["size_bytes"] / size_ratio),
             "speedup": speedup,
             "size_ratio": size_ratio,
-            "accuracy_drop": BASE["accuracy"] - acc,
+            "metric_drop": BASE["metric"] - acc,
+            "metric_drop_rel": (BASE["metric"] - acc) / BASE["metric"],
             "plan": _plan(bits, sparsity, rank),
             "notes": {"classifier": "factorization skipped: more MACs"},
         }
         for k, v in m.items():
             t.set_user_attr(k, v)
-        t.set_constraint("accuracy_drop", m["accuracy_drop"] - 0.05)
-        study.tell(t, [m["accuracy"], m["latency_ms"], m["size_bytes"]])
+        t.set_constraint("metric_drop", m["metric_drop"] - 0.05)
+        study.tell(t, [m["metric"], m["latency_ms"], m["size_bytes"]])
     return study
 
 
@@ -66,7 +67,7 @@ def test_hypervolume_of_hand_computed_boxes():
     # beyond the first's box: union = 0.125 + 1*0.25*0.25 - overlap 0.5*0.25*0.25 = 0.15625
     hv = hypervolume_history([(0.5, 0.5, 0.5), None, (0.0, 0.75, 0.75), (2.0, 0.1, 0.1)], ref)
     assert hv == pytest.approx([0.125, 0.125, 0.15625, 0.15625])  # None and points outside add nothing
-    assert normalized_objectives(0.9, 2.0, 4.0, 0.95) == pytest.approx((0.05, 0.5, 0.25))
+    assert normalized_objectives(0.05, 2.0, 4.0) == pytest.approx((0.05, 0.5, 0.25))
     # normalized by the reference box: a lossless model at 2x speed and 4x smaller
     assert hypervolume_history([(0.0, 0.5, 0.25)])[0] == pytest.approx(1 * 0.5 * 0.75)
 
@@ -94,7 +95,7 @@ def test_html_report_sections_values_and_pngs(tmp_path):
         "All trials",
     ):
         assert f"<h2>{section}" in html, section
-    assert "onnxruntime / cpu (test CPU)" in html and "max_accuracy_drop = 0.05" in html
+    assert "onnxruntime / cpu (test CPU)" in html and "max_metric_drop = 0.05" in html
     assert "trial ran past trials.trial_timeout_s (300 s)" in html and "<td>timeout</td>" in html
     assert html.count('src="data:image/png;base64,') == 3
     lt = layer_table(study)
@@ -125,7 +126,7 @@ def test_report_of_a_run_with_no_completed_trial(tmp_path):
 def test_report_of_a_run_stopped_before_its_first_trial(tmp_path):
     study = _study(tmp_path, [])
     out = write_report(study, tmp_path)
-    assert out["trials"].read_text().splitlines()[0].startswith("trial,state,accuracy,latency_ms")
+    assert out["trials"].read_text().splitlines()[0].startswith("trial,state,metric,latency_ms")
     assert len(out["trials"].read_text().splitlines()) == 1  # the header alone
     assert "no Pareto model yet" in out["html"].read_text()
     assert study_hypervolume(study) == []

@@ -46,7 +46,7 @@ def test_same_seed_same_plans_rebuild_and_keep_pareto(tmp_path):
         folder = b_run / "rebuilt" / f"trial-{number:05d}"
         report = json.loads((folder / "rebuild.json").read_text())
         stored = b.trials[number]
-        assert report["accuracy_identical"] and report["accuracy_rebuilt"] == stored.values[0]
+        assert report["metric_identical"] and report["metric_rebuilt"] == stored.values[0]
         assert "(identical)" in proc.stdout
         # the same integers and graph: byte-identical to the artifact run A kept for this trial
         assert sha(folder / "model.onnx") == sha(a_run / a.trials[number].user_attrs["artifact"])

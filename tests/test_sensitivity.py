@@ -33,7 +33,7 @@ def _direct_drop(ctx, layer: str, sparsity: float) -> float:
     prune.remove(get_module(model, layer), "weight")
     art = ctx.backend.lower(model, ctx.task.example_inputs(), {}, ctx.run_dir / "direct" / layer)
     x, y = ctx.task.test
-    return ctx.baseline["accuracy"] - ctx.backend.evaluate(art, x.numpy(), y.numpy(), ctx.task.score)
+    return ctx.baseline["metric"] - ctx.backend.evaluate(art, x.numpy(), y.numpy(), ctx.task.score)
 
 
 def test_sensitivity_ranking_agrees_with_direct_measurement(run):
@@ -51,7 +51,7 @@ def test_sensitivity_ranking_agrees_with_direct_measurement(run):
     assert direct_most > direct_least, (most, direct_most, least, direct_least)
     # the same table comes back from the cache
     cached = analyze(ctx, log=lambda s: None)
-    assert cached.accuracy_drop.tolist() == pytest.approx(df.accuracy_drop.tolist())
+    assert cached.metric_drop.tolist() == pytest.approx(df.metric_drop.tolist())
 
 
 def test_gentle_plan_becomes_a_valid_warm_start(run):
@@ -62,7 +62,7 @@ def test_gentle_plan_becomes_a_valid_warm_start(run):
         rows = df[(df.layer == layer)]
         for dim, value in dims.items():
             chosen = rows[(rows.dimension == dim) & (rows.value == value)]
-            assert float(chosen.accuracy_drop.iloc[0]) <= 0.01
+            assert float(chosen.metric_drop.iloc[0]) <= 0.01
     params = ctx.space.params_from_layers(ctx.inventory, gentle)
     assert all(k.split(".", 1)[0] in {"bits", "sparsity", "rank"} for k in params)
     assert all(params[f"bits.{layer}"] == dims["bits"] for layer, dims in gentle.items() if "bits" in dims)

@@ -74,7 +74,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
         assert (run / name).exists(), name
     table = pd.read_csv(run / "trials.csv")
     assert len(table) == 4 and {
-        "accuracy",
+        "metric",
         "latency_ms",
         "size_bytes",
         "speedup",
@@ -93,23 +93,23 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
         }
         m = json.loads((folder / "metrics.json").read_text())
         for key in (
-            "accuracy",
+            "metric",
             "latency_ms",
             "latency_p90_ms",
             "size_bytes",
-            "baseline_accuracy",
+            "baseline_metric",
             "baseline_latency_ms",
             "baseline_size_bytes",
             "speedup",
             "size_ratio",
-            "accuracy_drop",
+            "metric_drop",
         ):
             assert key in m, key
         assert m["size_bytes"] == (folder / "model.onnx").stat().st_size
         assert m["speedup"] == pytest.approx(m["baseline_latency_ms"] / m["latency_measured_ms"])
         # the objective: the side-by-side ratio in milliseconds of the run's reference baseline
         assert m["latency_ms"] == pytest.approx(study.user_attrs["baseline"]["latency_ms"] / m["speedup"])
-        assert m["accuracy_drop"] == pytest.approx(m["baseline_accuracy"] - m["accuracy"])
+        assert m["metric_drop"] == pytest.approx(m["baseline_metric"] - m["metric"])
         plan = json.loads((folder / "plan.json").read_text())
         assert plan == study.trials[rec["trial"]].user_attrs["plan"]
 
@@ -118,7 +118,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
 
     report = _cli("report", run)
     assert report.returncode == 0 and "Pareto front" in report.stdout
-    best = _cli("pick", run, "--max-accuracy-drop", 1.0)
+    best = _cli("pick", run, "--max-metric-drop", 1.0)
     assert best.returncode == 0 and str(run / "pareto" / "trial-") in best.stdout
     none = _cli("pick", run, "--max-latency-ms", 1e-6)
     assert none.returncode == 1 and "no Pareto model" in none.stderr

@@ -329,7 +329,7 @@ def test_narrow_domains_never_empties_and_shrinks_ranges():
         ("b", "bits", 4, 0.0),
     ]
     df = pd.DataFrame(
-        [dict(layer=l, dimension=d, value=v, accuracy_drop=x, applied=True) for l, d, v, x in rows]  # noqa: E741
+        [dict(layer=l, dimension=d, value=v, metric_drop=x, applied=True) for l, d, v, x in rows]  # noqa: E741
     )
     out = narrow_domains(space, inv, df, 0.05)
     assert out["bits.a"] == {"choices": [8]}  # every choice too harmful: the mildest stays

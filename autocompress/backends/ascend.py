@@ -31,14 +31,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import BackendError, MissingDependencyError
-from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, score_outputs, time_callables
+from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables
 from .onnxruntime import INPUT, export_onnx
 
 OPTIONS = ("soc_version", "precision_mode", "atc_args", "timing")
@@ -231,7 +230,7 @@ class AscendBackend(Backend):
         self._sessions: dict[str, object] = {}
 
     # -- lowering -------------------------------------------------------------------------------
-    def lower(self, model, example_inputs, precisions, out_dir, calibration=None) -> Artifact:
+    def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
         bad = {k: b for k, b in precisions.items() if b not in self.stored_bits}
         if bad:
             raise BackendError(
@@ -241,7 +240,7 @@ class AscendBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         onnx_path = out_dir / "model.onnx"
         try:
-            export_onnx(model, example_inputs, onnx_path)
+            export_onnx(model, example_inputs, onnx_path, io=io)
         except Exception as exc:
             raise BackendError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
         shape = (self.batch_size, *example_inputs[0].shape[1:])
@@ -284,18 +283,22 @@ class AscendBackend(Backend):
             n = len(chunk)
             if n < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            yield np.ascontiguousarray(chunk, dtype=np.float32), n
+            dtype = np.float32 if np.issubdtype(chunk.dtype, np.floating) else chunk.dtype
+            yield np.ascontiguousarray(chunk, dtype=dtype), n
 
-    def evaluate(
-        self,
-        artifact: Artifact,
-        inputs: np.ndarray,
-        labels: np.ndarray,
-        score: Callable[[np.ndarray, np.ndarray], float],
-    ) -> float:
+    def runner(self, artifact: Artifact):
+        """The .om has a fixed batch: each batch is fed in padded chunks of ``batch_size``."""
         sess = self.session(artifact.path)
-        outs = [np.asarray(sess.infer([x], mode="static")[0])[:n] for x, n in self._static_batches(inputs)]
-        return score_outputs(np.concatenate(outs).astype(np.float32), labels, score)
+
+        def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+            chunks = [list(self._static_batches(x)) for x in inputs]
+            outs = []
+            for parts in zip(*chunks, strict=True):
+                n = parts[0][1]
+                outs.append(np.asarray(sess.infer([p[0] for p in parts], mode="static")[0])[:n])
+            return np.concatenate(outs).astype(np.float32)
+
+        return run
 
     def _time(self, artifacts: list[Artifact], example_inputs) -> list[LatencyStats]:
         x = next(self._static_batches(example_inputs[0].numpy()))[0]

@@ -10,7 +10,7 @@ import platform
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -222,6 +222,31 @@ def _stats(samples: list[float], device: str, batch_size: int, best_ms: float | 
     )
 
 
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _whole_arrays(inputs, labels, score):
+    """``(inputs, labels, score(outputs, labels))`` given as whole arrays, as batches of 256 and a metric."""
+    from ..metrics import Metric, resolve_metric
+
+    x, y = _as_numpy(inputs), None if labels is None else _as_numpy(labels)
+    batches = [((x[i : i + 256],), None if y is None else y[i : i + 256]) for i in range(0, len(x), 256)]
+    if isinstance(score, Metric | str):
+        return batches, resolve_metric(score), None
+    return batches, Metric(getattr(score, "__name__", "score"), fn=score, reduce="all"), None
+
+
+def repeat_to_batch(example_inputs, batch_size: int) -> tuple[np.ndarray, ...]:
+    """Each example input repeated along the batch axis to ``batch_size`` rows (the timed feed)."""
+    out = []
+    for t in example_inputs:
+        x = _as_numpy(t)
+        reps = -(-batch_size // len(x))
+        out.append(np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size]))
+    return tuple(out)
+
+
 def score_outputs(
     logits: np.ndarray, labels: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float]
 ) -> float:
@@ -259,19 +284,52 @@ class Backend(ABC):
         example_inputs: tuple[torch.Tensor, ...],
         precisions: dict[str, int],
         out_dir: Path,
-        calibration: np.ndarray | None = None,
+        calibration: tuple[np.ndarray, ...] | None = None,
+        io=None,
     ) -> Artifact:
-        """Write the deployable artifact for ``model`` with each layer at its precision."""
+        """Write the deployable artifact for ``model`` with each layer at its precision.
+
+        ``model`` takes positional tensor inputs and returns one tensor (see
+        :func:`autocompress.tasks.data.deployable`); ``io`` (an :class:`~autocompress.tasks.data.IOSpec`)
+        names the inputs and their dynamic axes (default: one input ``input`` with a dynamic batch).
+        ``calibration``: sample inputs for activation ranges, one array per input.
+        """
 
     @abstractmethod
+    def runner(self, artifact: Artifact) -> Callable[[tuple[np.ndarray, ...]], np.ndarray]:
+        """A callable running the artifact on one batch of positional inputs; returns its output."""
+
     def evaluate(
         self,
         artifact: Artifact,
-        inputs: np.ndarray,
-        labels: np.ndarray,
-        score: Callable[[np.ndarray, np.ndarray], float],
+        data: Iterable[tuple[tuple, object]],
+        metric,
+        reference: Iterable[np.ndarray] | None = None,
     ) -> float:
-        """The metric of the artifact itself (not of the torch model) on ``inputs``."""
+        """The metric of the artifact itself (not of the torch model), streamed over ``data``.
+
+        Args:
+            data: batches ``(inputs, targets)``: inputs a tuple of tensors or arrays in the artifact's
+                input order, targets a tensor, an array or None.
+            metric: an :class:`autocompress.metrics.Metric`.
+            reference: the teacher's outputs, one array per batch (metrics that compare to it).
+
+        Raises:
+            BackendError: the artifact produced non-finite outputs.
+        """
+        if isinstance(data, np.ndarray | torch.Tensor):  # whole arrays: evaluate(art, x, labels, score_fn)
+            data, metric, reference = _whole_arrays(data, metric, reference)
+        run = self.runner(artifact)
+        state = metric.start()
+        refs = iter(reference) if reference is not None else None
+        for inputs, targets in data:
+            feeds = tuple(np.ascontiguousarray(_as_numpy(t)) for t in inputs)
+            out = np.asarray(run(feeds))
+            if not np.all(np.isfinite(out)):
+                raise BackendError("the artifact produced non-finite outputs")
+            ref = next(refs) if refs is not None else None
+            metric.update(state, out, None if targets is None else _as_numpy(targets), ref)
+        return metric.result(state)
 
     @abstractmethod
     def measure(self, artifact: Artifact, example_inputs: tuple[torch.Tensor, ...]) -> LatencyStats:

@@ -37,7 +37,6 @@ import subprocess
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError
+from ..tasks.data import IOSpec
 from ..techniques.quantize import (
     CALIBRATION_ATTR,
     MODE_ATTR,
@@ -64,12 +64,27 @@ from .base import (
     cpu_info,
     device_lock,
     parse_device,
-    score_outputs,
+    repeat_to_batch,
     time_callables,
 )
 from .worker import WorkerClient
 
-INPUT, OUTPUT = "input", "logits"
+INPUT, OUTPUT = "input", "output"
+
+
+def default_io(n_inputs: int = 1) -> IOSpec:
+    """One input ``input`` (or ``input_0``, ``input_1``, ...) with a dynamic batch axis."""
+    names = (INPUT,) if n_inputs == 1 else tuple(f"{INPUT}_{i}" for i in range(n_inputs))
+    return IOSpec(names)
+
+
+def graph_input_names(path: str | Path) -> list[str]:
+    """The graph inputs of an ONNX file that are fed (not initializers)."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in inits]
+
+
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 PERCENTILE = 99.99  # percentile calibration keeps the central 99.99% of each activation's values
 CALIBRATION_METHODS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile}
@@ -149,11 +164,16 @@ def make_session(path: str | Path, threads: int, optimized_path: Path | None = N
 
 
 def export_onnx(
-    model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path, opset: int = 17
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int = 17,
+    io: IOSpec | None = None,
 ) -> None:
-    """Export with a dynamic batch axis, initializers named after the torch parameters."""
+    """Export with the io's names and dynamic axes (default: one input ``input``, dynamic batch),
+    initializers named after the torch parameters."""
     model = model.eval()
-    dyn = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
+    io = io or default_io(len(example_inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -162,9 +182,9 @@ def export_onnx(
             str(path),
             dynamo=False,
             opset_version=opset,
-            input_names=[INPUT],
-            output_names=[OUTPUT],
-            dynamic_axes=dyn,
+            input_names=list(io.input_names),
+            output_names=[io.output_name],
+            dynamic_axes=io.onnx_axes(),
             do_constant_folding=True,
         )
 
@@ -178,10 +198,16 @@ def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
 
 
 class _Calibration:
-    """``CalibrationDataReader`` over a numpy array, 32 samples per batch."""
+    """``CalibrationDataReader`` over sample inputs (one array per graph input), 32 samples per batch."""
 
-    def __init__(self, data: np.ndarray):
-        self._batches = iter([{INPUT: data[i : i + 32]} for i in range(0, len(data), 32)])
+    def __init__(self, data: tuple[np.ndarray, ...], names: list[str]):
+        n = len(data[0])
+        self._batches = iter(
+            [
+                {k: np.ascontiguousarray(a[i : i + 32]) for k, a in zip(names, data, strict=True)}
+                for i in range(0, n, 32)
+            ]
+        )
 
     def get_next(self):
         return next(self._batches, None)
@@ -426,16 +452,18 @@ class OnnxRuntimeBackend(Backend):
         self._worker: WorkerClient | None = None
 
     # -- lowering -------------------------------------------------------------------------------
-    def lower(self, model, example_inputs, precisions, out_dir, calibration=None) -> Artifact:
+    def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         quantized = {k: b for k, b in precisions.items() if b < 32}
         if quantized and calibration is None:
             raise BackendError("onnxruntime backend: quantized layers need calibration inputs")
+        if isinstance(calibration, np.ndarray):
+            calibration = (calibration,)
         with tempfile.TemporaryDirectory(prefix="ac-ort-") as tmp:
             fp32 = Path(tmp) / "float.onnx"
             try:
-                export_onnx(model, example_inputs, fp32)
+                export_onnx(model, example_inputs, fp32, io=io)
             except Exception as exc:
                 raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
             target = out_dir / "model.onnx"
@@ -570,7 +598,7 @@ class OnnxRuntimeBackend(Backend):
                 quantize_static(
                     str(fp32),
                     str(out),
-                    _Calibration(calibration),
+                    _Calibration(calibration, graph_input_names(fp32)),
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
                     activation_type=QuantType.QUInt8,
@@ -592,27 +620,28 @@ class OnnxRuntimeBackend(Backend):
         self.session(path, optimized)
         return dict(Counter(n.op_type for n in onnx.load(str(optimized)).graph.node))
 
-    def evaluate(
-        self,
-        artifact: Artifact,
-        inputs: np.ndarray,
-        labels: np.ndarray,
-        score: Callable[[np.ndarray, np.ndarray], float],
-    ) -> float:
+    def runner(self, artifact: Artifact):
         sess = self.session(artifact.path)
-        outs = [sess.run(None, {INPUT: inputs[i : i + 256]})[0] for i in range(0, len(inputs), 256)]
-        return score_outputs(np.concatenate(outs), labels, score)
+        names = [i.name for i in sess.get_inputs()]
 
-    def _feed(self, example_inputs) -> np.ndarray:
-        x = example_inputs[0].numpy()
-        reps = -(-self.batch_size // len(x))
-        return np.ascontiguousarray(np.concatenate([x] * reps)[: self.batch_size])
+        def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+            return sess.run(None, dict(zip(names, inputs, strict=True)))[0]
 
-    def time_local(self, artifacts: list[Artifact], x: np.ndarray, **limits) -> list[LatencyStats]:
-        """Time artifacts side by side in this process (the timing worker calls this)."""
+        return run
+
+    def _feed(self, example_inputs) -> tuple[np.ndarray, ...]:
+        return repeat_to_batch(example_inputs, self.batch_size)
+
+    def time_local(self, artifacts: list[Artifact], x, **limits) -> list[LatencyStats]:
+        """Time artifacts side by side in this process (the timing worker calls this).
+
+        ``x``: the feed, one array per graph input (a single array for one input).
+        """
+        xs = (x,) if isinstance(x, np.ndarray) else tuple(x)
         sessions = [self.session(a.path) for a in artifacts]
-        fns = [lambda s=s: s.run(None, {INPUT: x}) for s in sessions]
-        return time_callables(fns, device=self.device, batch_size=len(x), **limits)
+        feeds = [dict(zip([i.name for i in s.get_inputs()], xs, strict=True)) for s in sessions]
+        fns = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds, strict=True)]
+        return time_callables(fns, device=self.device, batch_size=len(xs[0]), **limits)
 
     def _time(self, paths: list[Path], example_inputs) -> list[LatencyStats]:
         """Time artifacts side by side under the device lock, in the timing worker by default.

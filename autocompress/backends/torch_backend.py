@@ -45,7 +45,7 @@ from .base import (
     cpu_info,
     device_lock,
     parse_device,
-    score_outputs,
+    repeat_to_batch,
     stable_hash,
     time_callables,
 )
@@ -195,7 +195,7 @@ class TorchBackend(Backend):
         self._modules: dict[tuple[str, float], torch.nn.Module] = {}
 
     # -- lowering -------------------------------------------------------------------------------
-    def lower(self, model, example_inputs, precisions, out_dir, calibration=None) -> Artifact:
+    def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
         bad = {k: b for k, b in precisions.items() if b not in self.stored_bits}
         if bad:
             raise BackendError(
@@ -205,12 +205,18 @@ class TorchBackend(Backend):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(model).eval().to(self.dtype)
-        x = example_inputs[0]
-        x2 = torch.cat([x, x])[:2].to(self.dtype)  # batch 2: a batch of 1 would be specialized away
-        batch = torch.export.Dim("batch", min=1, max=65536)
+        # batch 2: a batch of 1 would be specialized away
+        args = tuple(self._cast(torch.cat([x, x])[:2]) for x in example_inputs)
+        dims: dict[str, torch.export.Dim] = {}
+        names = io.input_names if io is not None else tuple(f"input_{i}" for i in range(len(args)))
+        axes = [(io.dynamic_axes.get(n, {0: "batch"}) if io is not None else {0: "batch"}) for n in names]
+        shapes = tuple(
+            {int(a): dims.setdefault(d, torch.export.Dim(d, min=1, max=65536)) for a, d in ax.items()}
+            for ax in axes
+        )
         try:
             with torch.no_grad():
-                ep = torch.export.export(model, (x2,), dynamic_shapes=({0: batch},))
+                ep = torch.export.export(model, args, dynamic_shapes=shapes)
         except Exception as exc:
             raise BackendError(
                 f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -250,19 +256,17 @@ class TorchBackend(Backend):
         t = torch.from_numpy(np.ascontiguousarray(x))
         return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
 
-    def evaluate(
-        self,
-        artifact: Artifact,
-        inputs: np.ndarray,
-        labels: np.ndarray,
-        score: Callable[[np.ndarray, np.ndarray], float],
-    ) -> float:
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def runner(self, artifact: Artifact):
         mod = self.module(artifact.path)
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(inputs), 256):
-                outs.append(mod(self._input(inputs[i : i + 256])).float().cpu().numpy())
-        return score_outputs(np.concatenate(outs), labels, score)
+
+        def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+            with torch.inference_mode():
+                return mod(*(self._input(x) for x in inputs)).float().cpu().numpy()
+
+        return run
 
     def _device_module(self):
         return getattr(torch, self.kind)
@@ -283,26 +287,26 @@ class TorchBackend(Backend):
 
         return timer
 
-    def time_local(self, artifacts: list[Artifact], x: np.ndarray, **limits) -> list[LatencyStats]:
-        """Time artifacts side by side in this process (the worker calls this)."""
+    def time_local(self, artifacts: list[Artifact], x, **limits) -> list[LatencyStats]:
+        """Time artifacts side by side in this process (the worker calls this); ``x``: one array
+        per input (a single array for one input)."""
         mods = [self.module(a.path) for a in artifacts]
-        xt = self._input(x)
+        xs = (x,) if isinstance(x, np.ndarray) else tuple(x)
+        xt = tuple(self._input(a) for a in xs)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         sync = self._device_module().synchronize if self.kind != "cpu" else None
         try:
             with torch.inference_mode():
-                fns = [lambda m=m: m(xt) for m in mods]
+                fns = [lambda m=m: m(*xt) for m in mods]
                 return time_callables(
-                    fns, device=self.device, batch_size=len(x), sync=sync, timer=self._timer(), **limits
+                    fns, device=self.device, batch_size=len(xs[0]), sync=sync, timer=self._timer(), **limits
                 )
         finally:
             torch.set_num_threads(threads)
 
-    def _feed(self, example_inputs) -> np.ndarray:
-        x = example_inputs[0].numpy()
-        reps = -(-self.batch_size // len(x))
-        return np.ascontiguousarray(np.concatenate([x] * reps)[: self.batch_size])
+    def _feed(self, example_inputs) -> tuple[np.ndarray, ...]:
+        return repeat_to_batch(example_inputs, self.batch_size)
 
     def _time(self, artifacts: list[Artifact], example_inputs) -> list[LatencyStats]:
         x = self._feed(example_inputs)

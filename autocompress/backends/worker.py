@@ -5,7 +5,7 @@ worker only loads the artifacts and runs :func:`~autocompress.backends.base.time
 The entry point is :mod:`autocompress.backends.worker_main`. Protocol: one JSON request per stdin line, one JSON reply per stdout line::
 
     {"backend": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "options": {...},
-     "paths": [...], "input": "x.npy", "pin_core": [0], "limits": {...}}
+     "paths": [...], "inputs": ["x0.npy", ...], "pin_core": [0], "limits": {...}}
     -> {"stats": [LatencyStats as dict, ...]}  or  {"error": "..."}
 """
 
@@ -77,7 +77,10 @@ class WorkerClient:
         from .base import LatencyStats
 
         with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
-            np.save(Path(tmp) / "x.npy", x)
+            xs = (x,) if isinstance(x, np.ndarray) else tuple(x)
+            files = [str(Path(tmp) / f"x{i}.npy") for i in range(len(xs))]
+            for f, a in zip(files, xs, strict=True):
+                np.save(f, a)
             reply = self.ask(
                 {
                     "backend": backend.name,
@@ -86,7 +89,7 @@ class WorkerClient:
                     "threads": backend.threads,
                     "options": options,
                     "paths": [str(p) for p in paths],
-                    "input": str(Path(tmp) / "x.npy"),
+                    "inputs": files,
                     "pin_core": backend.options.get("pin_core"),
                     "limits": limits,
                 }

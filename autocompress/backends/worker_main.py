@@ -26,7 +26,7 @@ def handle(req: dict) -> dict:
         backend = _BACKENDS[key] = BACKENDS.get(req["backend"])(
             device=req["device"], batch_size=req["batch_size"], threads=req["threads"], **options
         )
-    x = np.load(req["input"])
+    x = tuple(np.load(p) for p in req["inputs"]) if "inputs" in req else np.load(req["input"])
     artifacts = [backend.load_artifact(Path(p)) for p in req["paths"]]
     stats = backend.time_local(artifacts, x, **req.get("limits", {}))
     return {"stats": [s.to_dict() for s in stats]}

@@ -43,7 +43,13 @@ def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner | None:
 
 def split_holdout(task: Task, fraction: float, seed: int) -> tuple[Task, tuple[torch.Tensor, torch.Tensor]]:
     """(task fine-tuned on the rest of the training split, held-out (inputs, labels) of that split)."""
-    x, y = task.train
+    if task.train_split.tensors is None or task.metric_obj.needs_reference:
+        raise ConfigError(
+            "multi-fidelity pruning holds out part of a training split given as (inputs, labels) tensors, "
+            "scored by a metric that needs no teacher outputs; use pruner.name: none for this task",
+            field="pruner.name",
+        )
+    x, y = task.train_split.tensors
     n_val = max(1, int(round(len(x) * fraction)))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     val, rest = perm[:n_val], perm[n_val:]
@@ -56,7 +62,7 @@ def holdout_accuracy(model: nn.Module, task: Task, data: tuple[torch.Tensor, tor
     was_training = model.training
     model.eval()
     try:
-        logits = torch.cat([model(xb) for xb in data[0].split(256)])
+        logits = torch.cat([task.call(model, (xb,)) for xb in data[0].split(256)])
     finally:
         model.train(was_training)
     return float(task.score(logits.numpy(), data[1].numpy()))

@@ -12,7 +12,7 @@ Budget rule (sound: a budget that some plan can meet is never rejected):
   runtime's call overhead and reading the input. That trivial artifact (``Flatten`` of the input) is
   lowered and timed by the same backend at the same batch size; a budget below half its median
   latency (:data:`LATENCY_MARGIN` absorbs timing noise from a busy machine) cannot be met.
-* ``max_accuracy_drop``: cannot be decided before fine-tuning; any value in [0, 1] is accepted.
+* ``max_metric_drop``: cannot be decided before fine-tuning; any value in [0, 1] is accepted.
 """
 
 from __future__ import annotations
@@ -159,15 +159,23 @@ def min_artifact_bytes(space: SearchSpace, inventory: list[LayerInfo]) -> int:
 def latency_floor_ms(task: Task, backend: Backend) -> float:
     """Median latency of a one-operator artifact (Flatten of the input), lowered and timed by ``backend``."""
     with tempfile.TemporaryDirectory(prefix="ac-floor-") as tmp:
-        artifact = backend.lower(nn.Flatten().eval(), task.example_inputs(), {}, Path(tmp))
+        artifact = backend.lower(_FirstInput().eval(), task.example_inputs(), {}, Path(tmp), io=task.io)
         return backend.measure(artifact, task.example_inputs()).median_ms
+
+
+class _FirstInput(nn.Module):
+    """The cheapest model of the task's inputs: its first input, flattened (one operator or two)."""
+
+    def forward(self, *inputs):
+        x = inputs[0]
+        return x.flatten(1) if x.is_floating_point() else x.flatten(1).float()
 
 
 def check_budgets(cfg: StudyConfig, task: Task, space: SearchSpace, backend: Backend) -> None:
     """Raise ConfigError for a budget that no plan of the space can meet (see the module docstring)."""
     b = cfg.budgets
     if b.max_size_bytes is not None:
-        model = task.model_fn().eval()
+        model = task.teacher() if task.pretrained else task.model_fn().eval()
         floor = min_artifact_bytes(space, build_inventory(model, task.example_inputs()))
         if b.max_size_bytes < floor:
             raise ConfigError(

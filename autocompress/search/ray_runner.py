@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 
 from ..config import StudyConfig
 from ..errors import ConfigError, MissingDependencyError
-from ..pareto import OBJECTIVES
+from ..pareto import OBJECTIVES, objectives_for
 from .runner import RECORDED, Progress, RunSummary, open_run, record_success, suggest_plan
 
 try:
@@ -135,18 +135,16 @@ _WORKER_CTX: dict[str, object] = {}
 
 def _worker_context(cfg: StudyConfig):
     """The RunContext on a Ray worker: teacher and baseline loaded from the (shared) run folder."""
-    from safetensors.torch import load_file
-
     from ..inventory import build_inventory
     from ..objective import RunContext
-    from .runner import prepare
+    from .runner import load_teacher, prepare
 
     key = str(cfg.output_dir().resolve())
     if key in _WORKER_CTX:
         return _WORKER_CTX[key]
     run_dir = cfg.output_dir()
-    base_file, weights = run_dir / "baseline" / "metrics.json", run_dir / "teacher.safetensors"
-    if not (base_file.exists() and weights.exists()):
+    base_file, teacher_file = run_dir / "baseline" / "metrics.json", run_dir / "teacher.json"
+    if not (base_file.exists() and teacher_file.exists()):
         raise ConfigError(
             f"run folder {run_dir.resolve()} is not visible on this node ({os.uname().nodename}): "
             "put the study's output on a filesystem every Ray node mounts at the same path",
@@ -154,9 +152,7 @@ def _worker_context(cfg: StudyConfig):
             field="output",
         )
     prep = prepare(cfg)
-    teacher = prep.task.model_fn()
-    teacher.load_state_dict(load_file(str(weights)))
-    teacher.eval()
+    teacher = load_teacher(prep.task, run_dir, cfg.source)
     inventory = build_inventory(teacher, prep.task.example_inputs())
     ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
     ctx.baseline = json.loads(base_file.read_text())
@@ -294,7 +290,7 @@ def _rounds(cfg: StudyConfig, ctx, study: optuna.Study, n_target: int, run_dir: 
         searcher = BudgetedOptunaSearch(
             space=_SpaceFn(cfg, ctx.space, ctx.inventory),
             metric=list(OBJECTIVES),
-            mode=["max" if s > 0 else "min" for s in OBJECTIVES.values()],
+            mode=["max" if s > 0 else "min" for s in objectives_for(ctx.metric.sign).values()],
             sampler=study.sampler,
             study_name=study.study_name,
             storage=study._storage,

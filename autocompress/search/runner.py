@@ -30,12 +30,13 @@ from ..errors import AutoCompressError, ConfigError, failure_category
 from ..faults import crash_point
 from ..inventory import build_inventory
 from ..objective import RunContext, environment, measure_baseline, run_trial, write_json, write_text_atomic
-from ..pareto import OBJECTIVES, constraint_values
+from ..pareto import OBJECTIVES, constraint_values, metric_drop, objectives_for
 from ..pipeline import train_teacher
 from ..plan import Plan
 from ..report import write_trials_table
 from ..space import SearchSpace
-from ..tasks import Task, load_task
+from ..tasks import Task, load_task, validate_task
+from ..tasks.base import weights_hash
 from .fidelity import Fidelity, make_pruner
 from .housekeeping import clean_run_dir, prune_dominated
 from .preflight import check_budgets, check_output, check_storage
@@ -43,6 +44,11 @@ from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
 
 DIRECTIONS = ["maximize" if s > 0 else "minimize" for s in OBJECTIVES.values()]
+
+
+def directions_for(task: Task) -> list[str]:
+    """Optuna directions of a study on ``task``: its metric's direction, then latency and size (min)."""
+    return ["maximize" if s > 0 else "minimize" for s in objectives_for(task.metric_obj.sign).values()]
 
 
 @dataclass
@@ -66,8 +72,10 @@ class Prepared:
     sampler: optuna.samplers.BaseSampler
 
 
-def prepare(cfg: StudyConfig) -> Prepared:
+def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
     """Validate every part of a study that can be checked without writing anything.
+
+    ``task``: a live :class:`~autocompress.Task` (from Python) instead of the study file's ``task.name``.
 
     Raises:
         ConfigError: naming the study file, the field and the rule.
@@ -112,9 +120,23 @@ def prepare(cfg: StudyConfig) -> Prepared:
         check_output(cfg)
         check_storage(cfg)
         try:
-            task = load_task(cfg.task.name, cfg.task.options, where="task")
+            if task is not None:
+                task = validate_task(task, "task")
+            elif cfg.task.name is None:
+                raise ConfigError("task.name is required (or pass a Task to run_study)", field="task.name")
+            else:
+                task = load_task(cfg.task.name, cfg.task.options, where="task")
         except ConfigError as exc:
             raise exc.at(src) from None
+        if cfg.pruner.name != "none" and (
+            task.train_split.tensors is None or task.metric_obj.needs_reference
+        ):
+            raise ConfigError(
+                "multi-fidelity pruning holds out part of a training split of (inputs, labels) tensors and "
+                "scores it without teacher outputs; this task has neither: use pruner.name: none",
+                source=src,
+                field="pruner.name",
+            )
         check_budgets(cfg, task, space, backend)
     except BaseException:
         backend.close()
@@ -130,8 +152,15 @@ def _check_storage_url(cfg: StudyConfig) -> None:
 
 
 def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], None]) -> torch.nn.Module:
-    """Train the teacher once per run folder; later runs load it (safetensors, no pickle)."""
+    """The run's teacher.
+
+    A trained model (``task.model``) is used as it is: its weights' SHA-256 is recorded in
+    ``teacher.json`` and a run folder holding another checkpoint's trials is refused. A ``model_fn``
+    teacher is trained once per run folder; later runs load it (safetensors, no pickle).
+    """
     meta_path, weights = run_dir / "teacher.json", run_dir / "teacher.safetensors"
+    if task.pretrained:
+        return _pretrained_teacher(task, cfg, meta_path)
     spec = {
         "task": cfg.task.name,
         "options": cfg.task.options,
@@ -155,7 +184,50 @@ def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], N
     tmp = run_dir / ".teacher.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(weights)
-    write_json(meta_path, {"spec": spec})
+    write_json(meta_path, {"spec": spec, "weights_sha256": weights_hash(model)})
+    return model
+
+
+def load_teacher(task: Task, run_dir: Path, source: str | None = None) -> torch.nn.Module:
+    """The teacher of an existing run folder: the task's trained model (its weights checked against
+    ``teacher.json``) or the ``model_fn`` model with the folder's ``teacher.safetensors``."""
+    meta_path, weights = run_dir / "teacher.json", run_dir / "teacher.safetensors"
+    if task.pretrained:
+        model = task.teacher()
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("weights_sha256") not in (None, weights_hash(model)):
+            raise ConfigError(
+                f"the task's model is not the checkpoint the run folder {run_dir} was searched with "
+                "(weights sha256 differ)",
+                source=source,
+                field="task.model",
+            )
+        return model
+    if not weights.is_file():
+        raise ConfigError(
+            f"the run folder {run_dir} has no teacher.safetensors", source=source, field="output"
+        )
+    model = task.model_fn()
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def _pretrained_teacher(task: Task, cfg: StudyConfig, meta_path: Path) -> torch.nn.Module:
+    model = task.teacher()
+    digest = weights_hash(model)
+    spec = {"task": cfg.task.name or task.name, "options": cfg.task.options, "pretrained": True}
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("weights_sha256") != digest:
+            raise ConfigError(
+                f"run folder {meta_path.parent} holds trials of a teacher with weights sha256 "
+                f"{str(meta.get('weights_sha256'))[:12]}..., this task's model has {digest[:12]}...; "
+                "a different checkpoint needs another output folder",
+                source=cfg.source,
+                field="output",
+            )
+    else:
+        write_json(meta_path, {"spec": spec, "weights_sha256": digest})
     return model
 
 
@@ -188,7 +260,7 @@ class Progress:
             what = f"PRUNED: {reason}" if pruned else f"FAILED: {reason}"
         else:
             what = (
-                f"acc {m['accuracy']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
+                f"{m.get('metric_name', 'metric')} {m['metric']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
                 f"{m['size_bytes'] / 1024:.1f} kB ({m.get('size_ratio', 1):.1f}x smaller)"
             )
             if m.get("latency_cached"):
@@ -243,14 +315,16 @@ def frozen_heap():
 
 
 @contextlib.contextmanager
-def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive: bool = True):
+def open_run(
+    cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive: bool = True, task: Task | None = None
+):
     """Validate, then prepare the run folder (teacher, baseline, study, warm starts) and yield the
     :class:`RunContext` and the Optuna study. Nothing is written if validation fails.
 
     ``exclusive`` holds the run-folder lock (one local runner per folder); workers that share a
     storage on purpose pass ``False``.
     """
-    prep = prepare(cfg)
+    prep = prepare(cfg, task)
     run_dir = cfg.output_dir()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +358,7 @@ def open_run(cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive:
             ctx.latency_cache = LatencyCache(where) if where is not None else None
             ctx.baseline = _baseline(ctx, log)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
+            estimate_trial_s(ctx, log)
         if exclusive:  # no other runner writes here: what is half written is debris of a killed run
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
@@ -308,7 +383,9 @@ def _baseline(ctx: RunContext, log: Callable[[str], None]) -> dict:
             raise ConfigError(
                 f"the baseline (uncompressed model) failed: {exc}", source=ctx.config.source, field="task"
             ) from exc
-    log(f"baseline: acc {b['accuracy']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB")
+    log(
+        f"baseline: {b.get('metric_name', 'metric')} {b['metric']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB"
+    )
     return b
 
 
@@ -325,7 +402,11 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
     )
     storage = make_storage(cfg.storage_url(), max_retry=w.max_retry, **beat)
     study = optuna.create_study(
-        study_name=cfg.name, storage=storage, directions=DIRECTIONS, sampler=sampler, load_if_exists=True
+        study_name=cfg.name,
+        storage=storage,
+        directions=directions_for(ctx.task),
+        sampler=sampler,
+        load_if_exists=True,
     )
     existing = study.get_trials(deepcopy=False)
     if "narrowed_domains" in study.user_attrs:  # Optuna needs the domains a study was created with
@@ -339,7 +420,9 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(OBJECTIVES))
         study.set_user_attr("config", cfg.model_dump(mode="json"))
-        study.set_user_attr("baseline", {k: b[k] for k in ("accuracy", "latency_ms", "size_bytes")})
+        study.set_user_attr(
+            "baseline", {k: b[k] for k in ("metric", "latency_ms", "size_bytes", "metric_name")}
+        )
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
         sensitivity = None
@@ -392,7 +475,12 @@ def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
     """The trial's plan (every parameter suggested), also stored in the trial's user attrs."""
     cfg = ctx.config
     plan = ctx.space.suggest(
-        trial, ctx.inventory, epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, seed=cfg.seed
+        trial,
+        ctx.inventory,
+        epochs=cfg.finetune.epochs,
+        steps=cfg.finetune.steps,
+        lr=cfg.finetune.lr,
+        seed=cfg.seed,
     )
     trial.set_user_attr("plan", plan.to_dict())
     # what a rebuild needs besides the plan: seed, threads, library versions, device
@@ -436,7 +524,11 @@ def record_failure(trial: optuna.Trial, exc: BaseException) -> str:
 
 
 RECORDED = (
-    "accuracy",
+    "metric",
+    "metric_name",
+    "metric_drop_rel",
+    "baseline_metric",
+    "disk_bytes",
     "latency_ms",
     "latency_p90_ms",
     "latency",
@@ -445,7 +537,7 @@ RECORDED = (
     "size_bytes",
     "speedup",
     "size_ratio",
-    "accuracy_drop",
+    "metric_drop",
     "packed_size_bytes_theoretical",
     "kernels",
     "notes",
@@ -456,6 +548,7 @@ RECORDED = (
 def run_study(
     cfg: StudyConfig,
     *,
+    task: Task | None = None,
     n_trials: int | None = None,
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
@@ -464,6 +557,7 @@ def run_study(
 
     Args:
         cfg: the validated study config.
+        task: a live Task (a trained model, DataLoaders, a metric) instead of the file's ``task.name``.
         n_trials: overrides ``cfg.trials.n``.
         log: where progress lines go.
         stop_after: stop after this many new trials in this call (used to test resuming).
@@ -472,8 +566,9 @@ def run_study(
     from ..report import write_report
 
     n_target = n_trials or cfg.trials.n
-    with open_run(cfg, log) as (ctx, study):
+    with open_run(cfg, log, task=task) as (ctx, study):
         stopped = _loop(ctx, study, n_target, stop_after, log)
+        score_front_fully(ctx, study, log)
         export_front(study, ctx.run_dir)
         write_report(study, ctx.run_dir)
         completed = _complete_count(study)
@@ -481,6 +576,61 @@ def run_study(
             f"{completed}/{n_target} trials completed; results in {ctx.run_dir}/ (trials.csv, pareto.png, pareto/)"
         )
         return RunSummary(study, completed, n_target, stopped)
+
+
+def score_front_fully(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """With ``trials.eval_samples``, score each front model's artifact on the whole eval set too
+    (``metric_full``, ``metric_drop_full``; the search compared them on the subset)."""
+    if ctx.eval_limit() is None:
+        return
+    base_full = ctx.baseline.get("metric_full", ctx.baseline["metric"])
+    for t in study.best_trials:
+        if "metric_full" in t.user_attrs or "artifact" not in t.user_attrs:
+            continue
+        path = ctx.run_dir / t.user_attrs["artifact"]
+        if not path.exists():
+            continue
+        full = ctx.score(ctx.backend.load_artifact(path), full=True)
+        drop = metric_drop(full, base_full, ctx.metric.sign)
+        study._storage.set_trial_user_attr(t._trial_id, "metric_full", full)
+        study._storage.set_trial_user_attr(t._trial_id, "metric_drop_full", drop)
+        log(f"front trial {t.number}: {ctx.metric.name} {full:.4f} on the whole eval set (drop {drop:+.4f})")
+
+
+def estimate_trial_s(ctx: RunContext, log: Callable[[str], None]) -> dict[str, float]:
+    """A per-trial wall-time estimate printed before the search: the fine-tune's steps timed on two
+    batches (teacher forward + student forward/backward), the evaluation, and the baseline's
+    lowering and timing."""
+    from ..pipeline import finetune_steps
+    from ..tasks.data import deployable
+
+    cfg, task = ctx.config, ctx.task
+    plan = Plan(epochs=cfg.finetune.epochs, steps=cfg.finetune.steps)
+    steps = finetune_steps(task, plan, cfg.finetune.batch_size)
+    ts = deployable(ctx.teacher, task.io)
+    batches = list(
+        task.train_split.batches(limit=2 * cfg.finetune.batch_size, batch_size=cfg.finetune.batch_size)
+    )
+    t0 = time.perf_counter()
+    for inputs, _ in batches:
+        out = ts(*inputs)
+        out.float().pow(2).mean().backward()
+    ctx.teacher.zero_grad(set_to_none=True)
+    step_s = (time.perf_counter() - t0) / max(1, len(batches)) * 1.3  # + the teacher's KD forward
+    base_s = ctx.baseline.get("seconds", {})
+    est = {
+        "finetune": steps * step_s,
+        "evaluate": base_s.get("evaluate", 0.0),
+        "lower": base_s.get("lower", 0.0),
+        "measure": base_s.get("measure", 0.0),
+    }
+    est["total"] = sum(est.values())
+    log(
+        f"estimated per trial: {_fmt_s(est['total'])} (fine-tune {steps} steps x {step_s:.3f} s = "
+        f"{est['finetune']:.1f} s, lowering {est['lower']:.1f} s, evaluation {est['evaluate']:.1f} s, "
+        f"timing {est['measure']:.1f} s); {cfg.trials.n} trials ~ {_fmt_s(est['total'] * cfg.trials.n)}"
+    )
+    return est
 
 
 def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:

@@ -6,7 +6,8 @@ import importlib
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .base import METRICS, Task, accuracy, validate_task
+from .base import METRICS, Task, accuracy, validate_task, weights_hash
+from .data import IOSpec, Split, deployable, select_output
 from .digits import digits, digits_resnet
 from .mnist1d import mnist1d_cnn, mnist1d_transformer
 
@@ -16,7 +17,20 @@ TASKS.add("digits_resnet", digits_resnet)
 TASKS.add("mnist1d_cnn", mnist1d_cnn)
 TASKS.add("mnist1d_transformer", mnist1d_transformer)
 
-__all__ = ["TASKS", "METRICS", "Task", "accuracy", "load_task", "resolve_factory"]
+__all__ = [
+    "TASKS",
+    "METRICS",
+    "IOSpec",
+    "Split",
+    "Task",
+    "accuracy",
+    "deployable",
+    "load_task",
+    "resolve_factory",
+    "select_output",
+    "validate_task",
+    "weights_hash",
+]
 
 
 def resolve_factory(spec: str, where: str = "task.name"):

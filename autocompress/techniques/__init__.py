@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .distill import FeatureHints, kd_loss
+from .distill import FeatureHints, distill_loss, kd_loss
 from .fold import fold_batchnorm
 from .lowrank import (
     RANK_MODES,
@@ -81,6 +81,7 @@ __all__ = [
     "factorized_macs",
     "fake_quant",
     "fold_batchnorm",
+    "distill_loss",
     "kd_loss",
     "magnitude_mask",
     "qmax_for",

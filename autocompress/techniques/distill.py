@@ -37,6 +37,35 @@ def kd_loss(
     return alpha * (t * t) * soft + (1.0 - alpha) * hard
 
 
+def distill_loss(
+    kind,
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    targets: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The fine-tuning loss of one batch.
+
+    ``kind``: ``ce_kd`` (:func:`kd_loss`; soft KD alone when the batch has no targets), ``mse`` or
+    ``cosine`` (to the teacher's outputs: embeddings, regression), or a callable
+    ``fn(student_out, teacher_out, targets) -> loss``.
+    """
+    teacher_out = teacher_out.detach()
+    if callable(kind):
+        return kind(student_out, teacher_out, targets)
+    if kind == "ce_kd":
+        if targets is None:
+            return kd_loss(student_out, teacher_out, teacher_out.argmax(dim=1), temperature, 1.0)
+        return kd_loss(student_out, teacher_out, targets, temperature, alpha)
+    if kind == "mse":
+        return F.mse_loss(student_out.float(), teacher_out.float())
+    if kind == "cosine":
+        s, t = student_out.flatten(1).float(), teacher_out.flatten(1).float()
+        return (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
+    raise TechniqueError(f"unknown fine-tuning loss {kind!r} (ce_kd, mse, cosine or a callable)")
+
+
 class FeatureHints:
     """Feature distillation on hint layers (FitNets-style): MSE between the student's and the
     teacher's outputs of the same-named modules.

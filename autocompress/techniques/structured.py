@@ -109,7 +109,12 @@ def prune_channels(
         if data is None:
             raise TechniqueError("the taylor importance needs (inputs, labels) to compute gradients")
         model.zero_grad()
-        nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+        inputs = data[0] if isinstance(data[0], tuple) else (data[0],)
+        out = model(*inputs)
+        if data[1] is not None and not data[1].is_floating_point():
+            nn.functional.cross_entropy(out, data[1]).backward()
+        else:  # no class labels: the gradient of the output's energy
+            out.float().pow(2).mean().backward()
     pruner.step()
     model.zero_grad(set_to_none=True)
     model.eval()

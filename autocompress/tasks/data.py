@@ -1,0 +1,285 @@
+"""Data as users have it: batches from any re-iterable, adapted to the model's inputs and targets.
+
+A split is a :class:`Split`: it iterates normalized batches ``(inputs, targets)`` where ``inputs`` is
+a tuple of tensors in the model's input order (named by the task's :class:`IOSpec`) and ``targets`` a
+tensor or None. It is built from
+
+* ``(inputs, labels)`` tensors (the built-in tasks): batches of ``batch_size``, shuffled by a seeded
+  generator for training;
+* any re-iterable of batches: a ``torch.utils.data.DataLoader``, a list of batches;
+* a map-style ``Dataset`` (``__getitem__`` + ``__len__``) plus a batch size.
+
+Nothing is held in memory beyond one batch; ``take(n)`` stops after ``n`` samples (evaluation on a
+subset, calibration on the first N samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """How the model is called and what of its output counts.
+
+    Attributes:
+        input_names: the model's inputs in call order (ONNX input names too).
+        keyword: the model takes its inputs by name (``model(**inputs)``), else positionally.
+        output: which tensor of the output is scored and distilled: None (the tensor itself; the
+            first of a tuple; ``logits`` / ``last_hidden_state`` / the first value of a dict or
+            ``ModelOutput``), an index, a key, or a callable on the output.
+        dynamic_axes: input name -> {axis: name} exported as dynamic (batch always; the sequence
+            axis of integer token inputs by default).
+    """
+
+    input_names: tuple[str, ...]
+    keyword: bool = False
+    output: int | str | Callable[[Any], torch.Tensor] | None = None
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    output_name: str = "output"
+
+    def call(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
+        """The model's selected output tensor for positional ``inputs``."""
+        out = model(**dict(zip(self.input_names, inputs, strict=True))) if self.keyword else model(*inputs)
+        return select_output(out, self.output)
+
+    def onnx_axes(self) -> dict[str, dict[int, str]]:
+        axes = {n: dict(self.dynamic_axes.get(n, {0: "batch"})) for n in self.input_names}
+        axes[self.output_name] = {0: "batch"}
+        return axes
+
+
+def select_output(out: Any, selector: int | str | Callable | None) -> torch.Tensor:
+    """The tensor of a model's output that is scored: see :attr:`IOSpec.output`."""
+    if callable(selector):
+        out = selector(out)
+    elif isinstance(out, torch.Tensor):
+        pass
+    elif isinstance(out, Mapping) or hasattr(out, "keys"):  # dict, transformers ModelOutput
+        keys = list(out.keys())
+        if isinstance(selector, str):
+            if selector not in keys:
+                raise ConfigError(f"task.output: the model's output has no {selector!r} (it has {keys})")
+            out = out[selector]
+        elif isinstance(selector, int):
+            out = out[keys[selector]]
+        else:
+            key = next((k for k in ("logits", "last_hidden_state") if k in keys), keys[0] if keys else None)
+            if key is None:
+                raise ConfigError("task.output: the model returned an empty mapping")
+            out = out[key]
+    elif isinstance(out, tuple | list):
+        if not out:
+            raise ConfigError("task.output: the model returned an empty tuple")
+        if isinstance(selector, str):
+            raise ConfigError(f"task.output: {selector!r} names a key, but the model returns a tuple")
+        out = out[selector or 0]
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"task.output: the selected output is a {type(out).__name__}, not a tensor")
+    return out
+
+
+def deployable(model: nn.Module, io: IOSpec) -> nn.Module:
+    """``model`` as a module with positional tensor inputs and one tensor output (what backends lower).
+
+    The result shares every parameter, buffer and submodule with ``model`` (so module names, and the
+    ONNX initializer names derived from them, are unchanged): it is a shallow copy of ``model`` whose
+    class is a subclass with ``forward(*inputs) -> selected output``.
+    """
+    cls = type(model)
+    if getattr(cls, "_ac_io", None) is io:
+        return model
+    if hasattr(cls, "_ac_io"):  # already wrapped with another spec: wrap the original class
+        cls = cls.__bases__[0]
+
+    def forward(self, *inputs):
+        return _call_as(cls, self, io, inputs)
+
+    sub = type(
+        f"Deployable{cls.__name__}", (cls,), {"forward": forward, "_ac_io": io, "__module__": cls.__module__}
+    )
+    wrapped = cls.__new__(sub)
+    wrapped.__dict__ = dict(model.__dict__)
+    return wrapped
+
+
+def _call_as(cls: type, self: nn.Module, io: IOSpec, inputs: Inputs) -> torch.Tensor:
+    if io.keyword:
+        out = cls.forward(self, **dict(zip(io.input_names, inputs, strict=True)))
+    else:
+        out = cls.forward(self, *inputs)
+    return select_output(out, io.output)
+
+
+# -- batches ------------------------------------------------------------------------------------------
+def _default_inputs(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor | Mapping):
+        if isinstance(batch, Mapping):
+            return {k: v for k, v in batch.items() if k not in ("label", "labels", "target", "targets")}
+        return batch
+    if isinstance(batch, tuple | list) and len(batch) >= 1:
+        return batch[0]
+    raise ConfigError(
+        f"task.inputs: cannot tell the inputs of a {type(batch).__name__} batch; give an adapter"
+    )
+
+
+def _default_targets(batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in ("labels", "label", "targets", "target") if k in batch), None)
+    if isinstance(batch, tuple | list) and len(batch) >= 2:
+        return batch[1]
+    return None
+
+
+def normalize_inputs(raw: Any, where: str = "task.inputs") -> tuple[tuple[str, ...], bool, Inputs]:
+    """(names, keyword, tensors) of what an adapter returned: a tensor, a tuple or a dict of tensors."""
+    if isinstance(raw, torch.Tensor):
+        return ("input",), False, (raw,)
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+        names, keyword, tensors = tuple(str(k) for k, _ in items), True, tuple(v for _, v in items)
+    elif isinstance(raw, tuple | list):
+        tensors = tuple(raw)
+        names, keyword = (
+            (("input",) if len(tensors) == 1 else tuple(f"input_{i}" for i in range(len(tensors)))),
+            False,
+        )
+    else:
+        raise ConfigError(
+            f"{where}: the adapter returned {type(raw).__name__}; expected a tensor, a tuple or a dict of tensors"
+        )
+    if not tensors:
+        raise ConfigError(f"{where}: the adapter returned no input")
+    bad = [n for n, t in zip(names, tensors, strict=True) if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise ConfigError(
+            f"{where}: input {bad[0]!r} is a {type(tensors[names.index(bad[0])]).__name__}, not a tensor"
+        )
+    return names, keyword, tensors
+
+
+class Split:
+    """A re-iterable of normalized batches ``(inputs, targets)``; see the module docstring."""
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        name: str,
+        inputs: Callable[[Any], Any] | None = None,
+        targets: Callable[[Any], Any] | None = None,
+        batch_size: int = 64,
+    ):
+        self.name = name
+        self._inputs = inputs or _default_inputs
+        self._targets = targets or _default_targets
+        self.batch_size = batch_size
+        self.tensors: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        if (
+            isinstance(source, tuple)
+            and len(source) == 2
+            and all(isinstance(t, torch.Tensor) for t in source)
+        ):
+            if len(source[0]) != len(source[1]) or len(source[0]) == 0:
+                raise ConfigError(f"task.{name} must be two non-empty tensors of equal length")
+            self.tensors, self._source = source, None
+        elif isinstance(source, torch.Tensor):
+            if len(source) == 0:
+                raise ConfigError(f"task.{name} is an empty tensor")
+            self.tensors, self._source = (source, None), None
+        elif isinstance(source, torch.utils.data.Dataset) and not isinstance(
+            source, torch.utils.data.IterableDataset
+        ):
+            if not hasattr(source, "__len__"):
+                raise ConfigError(f"task.{name}: a map-style Dataset needs __len__")
+            self._source = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False)
+        elif isinstance(source, Iterable):
+            if iter(source) is source:
+                raise ConfigError(
+                    f"task.{name} is an iterator (it can be read once); give a re-iterable such as a "
+                    "DataLoader or a list of batches"
+                )
+            self._source = source
+        else:
+            raise ConfigError(
+                f"task.{name} is a {type(source).__name__}; expected a DataLoader, a list of batches, a "
+                "Dataset or (inputs, labels) tensors"
+            )
+
+    def __len__(self) -> int:
+        """Number of batches (raises TypeError when the source has no length)."""
+        if self.tensors is not None:
+            return math.ceil(len(self.tensors[0]) / self.batch_size)
+        return len(self._source)
+
+    def n_samples(self) -> int | None:
+        if self.tensors is not None:
+            return len(self.tensors[0])
+        ds = getattr(self._source, "dataset", None)
+        try:
+            return len(ds) if ds is not None else None
+        except TypeError:
+            return None
+
+    def adapt(self, batch: Any) -> tuple[tuple[str, ...], bool, Inputs, torch.Tensor | None]:
+        names, keyword, tensors = normalize_inputs(self._inputs(batch))
+        tgt = self._targets(batch)
+        if tgt is not None and not isinstance(tgt, torch.Tensor):
+            tgt = torch.as_tensor(tgt)
+        return names, keyword, tensors, tgt
+
+    def raw_batches(
+        self, generator: torch.Generator | None = None, batch_size: int | None = None
+    ) -> Iterator:
+        if self.tensors is not None:
+            x, y = self.tensors
+            bs = batch_size or self.batch_size
+            idx_all = torch.randperm(len(x), generator=generator) if generator is not None else None
+            for i in range(0, len(x), bs):
+                idx = idx_all[i : i + bs] if idx_all is not None else slice(i, i + bs)
+                yield (x[idx], y[idx]) if y is not None else x[idx]
+        else:
+            yield from self._source
+
+    def batches(
+        self,
+        limit: int | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[Inputs, torch.Tensor | None]]:
+        """Normalized batches; ``limit`` stops after that many samples (the last batch cut to fit)."""
+        seen = 0
+        for raw in self.raw_batches(generator, batch_size):
+            _, _, tensors, tgt = self.adapt(raw)
+            n = len(tensors[0])
+            if limit is not None and seen + n > limit:
+                keep = limit - seen
+                tensors = tuple(t[:keep] for t in tensors)
+                tgt = tgt[:keep] if tgt is not None else None
+                n = keep
+            if n <= 0:
+                break
+            yield tensors, tgt
+            seen += n
+            if limit is not None and seen >= limit:
+                break
+
+    def first(self, n: int) -> tuple[Inputs, torch.Tensor | None]:
+        """The first ``n`` samples (fewer if the split is smaller), concatenated across batches."""
+        parts = list(self.batches(limit=n))
+        if not parts:
+            raise ConfigError(f"task.{self.name} yielded no batch")
+        tensors = tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
+        tg = [p[1] for p in parts]
+        return tensors, (torch.cat(tg) if tg[0] is not None else None)
