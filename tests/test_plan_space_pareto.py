@@ -174,11 +174,7 @@ def _dominates(a, b):
         and a["latency_ms"] <= b["latency_ms"]
         and a["size_bytes"] <= b["size_bytes"]
     )
-    gt = (
-        a["metric"] > b["metric"]
-        or a["latency_ms"] < b["latency_ms"]
-        or a["size_bytes"] < b["size_bytes"]
-    )
+    gt = a["metric"] > b["metric"] or a["latency_ms"] < b["latency_ms"] or a["size_bytes"] < b["size_bytes"]
     return ge and gt
 
 
