@@ -135,6 +135,7 @@ def lower_two_models(workdir: Path) -> list[str]:
     import torch
 
     from .backends import AscendBackend
+    from .backends.ascend_cann import ais_bench_command, parse_ais_bench_summary
     from .inventory import compressible_layers
     from .techniques import fold_batchnorm
     from .testing import PlainCNN
@@ -165,6 +166,16 @@ def lower_two_models(workdir: Path) -> list[str]:
                 f"- max |om - torch| over 64 inputs: {diff:.4g}",
                 f"- latency: median {lat.median_ms:.4f} ms, p90 {lat.p90_ms:.4f} ms, n {lat.n}",
             ]
+            rc, text, _ = _run(ais_bench_command(art.path, 0), 600)  # ais_bench's own summary, beside ours
+            try:
+                npu = parse_ais_bench_summary(text)["NPU_compute_time"]
+                lines.append(
+                    f"- ais_bench CLI: NPU_compute_time median {npu['median']:.4f} ms, mean {npu['mean']:.4f}"
+                )
+            except Exception as exc:  # noqa: BLE001 - the report carries the reason
+                lines.append(
+                    f"- ais_bench CLI (exit {rc}) gave no summary: {exc}; tail: {text.strip()[-500:]}"
+                )
             if art.meta.get("fake_quant"):
                 cpu = AscendBackend("npu:0", evaluate_on="cpu")
                 lines.append(

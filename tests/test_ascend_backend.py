@@ -333,3 +333,17 @@ def test_the_host_kit_says_what_is_missing_and_exits_2(tmp_path):
         if importlib.util.find_spec(package) is None:
             assert f"Python package {package} is not installed" in out
     assert "nothing was run and no report was written" in out and not (tmp_path / "r.md").exists()
+
+
+def test_the_host_kit_study_is_valid_and_asks_only_what_the_npu_runs(tmp_path):
+    from autocompress.config import load_config
+    from autocompress.hostcheck import STUDY, TEST_FILES
+    from autocompress.space import SearchSpace
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    cfg = load_config(str(path))
+    assert (cfg.backend.name, cfg.backend.device, cfg.trials.n) == ("ascend", "npu:0", 6)
+    space = SearchSpace.from_file(STUDY["space"]["file"], cfg.space.overrides)
+    assert space.bit_widths() == {8, 16, 32} <= set(AscendBackend.stored_bits)
+    assert all((ROOT / f).is_file() for f in TEST_FILES)  # what the kit runs on a host exists here

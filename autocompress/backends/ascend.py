@@ -342,9 +342,10 @@ class AscendBackend(Backend):
         source = artifact.path.with_suffix(".onnx")
         if not source.exists():
             return None
-        settings = [
+        settings = [  # the precision mode and the layers kept in fp32 change the kernels, not the ONNX
             self.soc_version,
-            self.options.get("precision_mode"),
+            artifact.meta.get("precision_mode", self.options.get("precision_mode")),
+            artifact.meta.get("keep_fp32", []),
             list(self.options.get("atc_args", ())),
         ]
         return stable_hash([onnx_fingerprint(source), settings])
