@@ -347,3 +347,27 @@ def test_the_host_kit_study_is_valid_and_asks_only_what_the_npu_runs(tmp_path):
     space = SearchSpace.from_file(STUDY["space"]["file"], cfg.space.overrides)
     assert space.bit_widths() == {8, 16, 32} <= set(AscendBackend.stored_bits)
     assert all((ROOT / f).is_file() for f in TEST_FILES)  # what the kit runs on a host exists here
+
+
+def test_sensitivity_skips_bit_widths_the_backend_does_not_store(tmp_path):
+    """`autocompress inspect` on a backend without 8-bit weights (torch here; ascend has no 4-bit): the row
+    says why it was not measured instead of failing the whole analysis inside the lowering."""
+    from types import SimpleNamespace
+
+    from autocompress.backends import TorchBackend
+    from autocompress.inventory import build_inventory
+    from autocompress.sensitivity import analyze
+
+    model = PlainCNN().eval()
+    ctx = SimpleNamespace(
+        run_dir=tmp_path,
+        baseline={"accuracy": 1.0},
+        task=SimpleNamespace(test=PlainCNN.example_inputs(4) * 2),
+        inventory=build_inventory(model, PlainCNN.example_inputs()),
+        backend=TorchBackend("cpu"),
+        teacher=model,
+        config=SimpleNamespace(seed=0),
+    )
+    df = analyze(ctx, settings=(("bits", 8),), log=lambda s: None)
+    assert len(df) == len(ctx.inventory) and not df.applied.any()
+    assert set(df.note) == {"backend 'torch' does not store 8-bit weights"}
