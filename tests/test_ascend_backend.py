@@ -371,3 +371,42 @@ def test_sensitivity_skips_bit_widths_the_backend_does_not_store(tmp_path):
     df = analyze(ctx, settings=(("bits", 8),), log=lambda s: None)
     assert len(df) == len(ctx.inventory) and not df.applied.any()
     assert set(df.note) == {"backend 'torch' does not store 8-bit weights"}
+
+
+def test_a_trial_plan_from_the_ascend_space_lowers_to_a_graph_amct_accepts(
+    tmp_path, digits_task, digits_teacher
+):
+    """Space (ascend grids) -> pipeline (QAT, finalize) -> the ascend lowering up to the AMCT call."""
+    import optuna
+
+    from autocompress.inventory import build_inventory
+    from autocompress.pipeline import compress
+    from autocompress.space import SearchSpace
+
+    space = SearchSpace.from_dict(
+        {"bits": {"fixed": 8}, "quant_granularity": {"choices": ["channel", "tensor"]}}
+    )
+    space.granularity_by_kind = dict(AscendBackend.weight_granularity)
+    inventory = build_inventory(digits_teacher, digits_task.example_inputs())
+    plan = space.suggest(optuna.create_study().ask(), inventory, epochs=1, lr=1e-3, seed=0)
+    linear = [i.name for i in inventory if i.kind == "Linear"]
+    assert linear and all(plan.layers[n].quant_granularity == "tensor" for n in linear)
+    out = compress(digits_task, digits_teacher, plan, reduce_range=AscendBackend.reduce_range)
+    amct = _RecordingAmct()
+    src = build_atc_input(
+        out.model,
+        digits_task.example_inputs(),
+        out.precisions,
+        tmp_path,
+        digits_task.calibration_inputs(),
+        amct=amct,
+    )
+    assert len(amct.calls) == 1 and src["atc_input"].name == "model_deploy.onnx"
+    qdq = onnx.load(str(src["source"]))
+    assert amct_violations(qdq) == []
+    gemm = [n for n in qdq.graph.node if n.op_type in ("Gemm", "MatMul")]
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    for node in gemm:  # the classifier's weight scale is one number: per tensor, as AMCT requires
+        scale = inits[producer[node.input[1]].input[1]]
+        assert list(scale.dims) in ([], [1]), node.name
