@@ -1,4 +1,4 @@
-"""The command line: ``autocompress run | report | pick | measure | rebuild``."""
+"""The command line: ``autocompress run | report | pick | measure | rebuild | doctor``."""
 
 from __future__ import annotations
 
@@ -190,6 +190,12 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .hostcheck import host_check
+
+    return host_check(Path(args.report), Path(args.workdir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autocompress", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--storage", help="storage URL when the run did not use its own SQLite file")
     b.add_argument("--study", help="study name when the storage holds several")
     b.set_defaults(func=cmd_rebuild)
+
+    d = sub.add_parser(
+        "doctor", help="on an Ascend host: run the NPU checks and write one report to send back"
+    )
+    d.add_argument("--device", choices=["npu"], required=True, help="the device kind to check (npu)")
+    d.add_argument("--report", default="ascend_host_report.md", help="report file (Markdown)")
+    d.add_argument("--workdir", default="ascend_host_check", help="folder for the models and the study")
+    d.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -280,6 +280,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             "precisions": artifact.precisions,
             "sparsity": result.sparsity,
             "kernels": artifact.meta.get("kernels", {}),
+            "measured_on": artifact.meta.get("measured", {}),  # e.g. ascend: .om on the NPU or fake-quant
             "notes": result.notes,
             "finetune_losses": result.losses,
             "artifact": artifact.path.name,

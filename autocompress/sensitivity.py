@@ -62,9 +62,31 @@ def analyze(
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ac-sens-") as tmp:
+        stored = getattr(ctx.backend, "stored_bits", None)
+        grids = getattr(ctx.backend, "weight_granularity", {})  # e.g. ascend: Linear per tensor only
         for info in ctx.inventory:
             for dim, value in settings:
-                plan = Plan(layers={info.name: LayerPlan(**{dim: value})}, epochs=0, seed=ctx.config.seed)
+                if dim == "bits" and stored is not None and value not in stored:
+                    rows.append(
+                        {
+                            "layer": info.name,
+                            "dimension": dim,
+                            "value": value,
+                            "setting": setting_label(dim, value),
+                            "metric": float("nan"),
+                            "metric_drop": float("nan"),
+                            "applied": False,
+                            "note": f"backend {ctx.backend.name!r} does not store {int(value)}-bit weights",
+                        }
+                    )
+                    continue
+                grid = grids.get(info.kind, ())
+                extra = (
+                    {"quant_granularity": grid[0]} if dim == "bits" and grid and "channel" not in grid else {}
+                )
+                plan = Plan(
+                    layers={info.name: LayerPlan(**{dim: value}, **extra)}, epochs=0, seed=ctx.config.seed
+                )
                 out = compress(ctx.task, ctx.teacher, plan, reduce_range=ctx.backend.reduce_range)
                 applied = not (
                     dim == "rank_ratio" and info.name in out.notes and "not" in out.notes[info.name]

@@ -199,6 +199,9 @@ class SearchSpace:
         self._check_values()
         # Optuna parameter name -> a narrower domain (sensitivity narrowing, fixed when the study is made)
         self.narrowed: dict[str, Param] = {}
+        # layer kind -> the weight grids the backend runs (e.g. ascend: Linear per tensor only); a kind
+        # with one grid is not asked, other kinds are asked within the grids the backend allows
+        self.granularity_by_kind: dict[str, tuple[str, ...]] = {}
 
     def narrow(self, domains: dict[str, dict]) -> None:
         """Replace the domains of the named Optuna parameters (e.g. ``bits.conv1``) by narrower ones."""
@@ -376,6 +379,13 @@ class SearchSpace:
                 ):  # float/fp16 layers have no integer grid; dynamic needs int8: not asked
                     values[k] = QUANT_DEFAULTS[k]
                     continue
+                allowed = self.granularity_by_kind.get(info.kind) if k == "quant_granularity" else None
+                if allowed is not None:
+                    kept = [v for v in p.values() if v in allowed]
+                    if len(kept) < 2:  # the backend runs one grid here (or none the space offers)
+                        values[k] = kept[0] if kept else allowed[0]
+                        continue
+                    p = Param(choices=kept) if len(kept) < len(p.values()) else p
                 values[k] = p.suggest(trial, name)
             layers[info.name] = LayerPlan(
                 bits=int(values["bits"]),

@@ -1,33 +1,28 @@
-"""Ascend NPU backend: ONNX (exported as the onnxruntime backend does) -> ATC offline model (.om),
+"""Ascend NPU backend: the project's ONNX -> (AMCT for int8 layers) -> ATC offline model (.om),
 evaluated and timed through ais_bench's ``InferSession``.
 
-Documentation followed (read, not copied):
-* CANN graph developer guide, "Converting an ONNX Model Using ATC Commands" (hiascend.com):
-  ``atc --model=<x.onnx> --framework=5 --output=<dir/name> --soc_version=<Ascend + the Name column
-  of npu-smi info>``; ``--input_shape="<input>:N,C,H,W"`` fixes the batch axis; ``--output`` names
-  the file without its ``.om`` suffix. ATC prints ``ATC run success, welcome to the next use.`` on
-  success and ``ATC run failed, Please check the detail log, ...`` followed by error-code lines
-  (``E10001: ...``, ``EZ3003: ...``) on failure.
-* ait benchmark (ais_bench) interface API guide: ``from ais_bench.infer.interface import
-  InferSession``; ``InferSession(device_id, model_path)``; ``session.infer(feeds, mode="static")``
-  returns numpy outputs; ``session.get_inputs()`` describes the inputs. Its command line prints
-  ``NPU_compute_time (ms): min = .., max = .., mean = .., median = .., percentile(99%) = ..``; msame
-  prints ``Inference average time: X ms``. Both summaries are parsed by the functions below.
+Lowering (what runs where is written into each artifact's ``meta``):
+* 8-bit layers: the project's QDQ int8 ONNX with the trained integers and scales (made by the
+  onnxruntime backend's lowering, full 8-bit grid) is checked against AMCT's documented QAT rules
+  (:mod:`.amct`), then ``amct_onnx.convert_qat_model`` writes a deploy model (ATC's input) and a
+  fake-quant model, kept beside the .om as ``model_fake_quant.onnx`` for accuracy checks on the CPU.
+* 16-bit layers and everything that is not an int8 layer: fp16 (``--precision_mode=force_fp16``).
+* 32-bit layers: kept in fp32 by listing their nodes in ``--keep_dtype`` (not silently cast).
+* The baseline (no precisions): fp16 throughout, the fastest float artifact ATC makes.
+Linear layers (Gemm / MatMul) are quantized per tensor on this backend (``weight_granularity``): AMCT
+adapts only per-tensor weights there; the search space does not ask for anything else.
 
-What runs natively: the converted model computes in float16 on the AI Core's Cube unit (ATC's
-default precision mode for inference; ``precision_mode`` option overrides it). Quantized ONNX
-(QDQ) is not lowered here: int8 on Ascend goes through AMCT calibration, which this release does
-not build, so ``stored_bits = native_bits = (32,)`` and 4/8-bit spaces are rejected up front.
-Latency is the wall time of one ``InferSession.infer`` call (host-to-device copy, execution,
-device-to-host copy), the time an application calling the model sees.
+ais_bench interface API guide (read, not copied): ``InferSession(device_id, model_path)``;
+``session.infer(feeds, mode="static")`` returns numpy outputs; ``session.summary().exec_time_list``
+(``sumary()`` in older releases) holds the execution time of each call in ms, which is what is timed
+by default (option ``latency: compute``; ``wall`` times the whole ``infer`` call, copies included).
+Accuracy is that of the .om on the NPU by default (option ``evaluate_on: cpu``: the fake-quant model on
+ONNX Runtime's CPU provider instead).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -37,144 +32,86 @@ import numpy as np
 import torch
 
 from ..errors import BackendError, MissingDependencyError
+from .ascend_cann import (
+    AIS_BENCH_HINT,
+    ATC_HINT,
+    ais_bench_command,
+    atc_command,
+    atc_precision,
+    cann_version,
+    check_atc_output,
+    keep_dtype_nodes,
+    npu_smi_facts,
+    npu_smi_text,
+    parse_ais_bench_summary,
+    parse_msame_output,
+    parse_npu_smi,
+    soc_version_for,
+)
 from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables
-from .onnxruntime import INPUT, export_onnx
+from .onnxruntime import export_onnx
 
-OPTIONS = ("soc_version", "precision_mode", "atc_args", "timing")
-ATC_HINT = "install the CANN toolkit and run `source /usr/local/Ascend/ascend-toolkit/set_env.sh`"
-AIS_BENCH_HINT = "install the aclruntime and ais_bench wheels (ait benchmark) matching the CANN version"
+__all__ = [
+    "AscendBackend",
+    "ais_bench_command",
+    "atc_command",
+    "atc_precision",
+    "build_atc_input",
+    "check_atc_output",
+    "keep_dtype_nodes",
+    "measured_on",
+    "parse_ais_bench_summary",
+    "parse_msame_output",
+    "parse_npu_smi",
+    "soc_version_for",
+]
+
+OPTIONS = ("soc_version", "precision_mode", "atc_args", "timing", "evaluate_on", "latency")
+EVALUATE_ON = ("npu", "cpu")  # accuracy of the .om on the NPU, or of the fake-quant ONNX on the CPU
+LATENCIES = ("compute", "wall")  # ais_bench's execution time per call, or the wall time of infer()
+# per layer kind: the weight grids AMCT adapts (Conv / ConvTranspose: per channel or per tensor;
+# Gemm and single-input MatMul, i.e. Linear: per tensor only)
+WEIGHT_GRANULARITY = {"Conv1d": ("channel", "tensor"), "Conv2d": ("channel", "tensor"), "Linear": ("tensor",)}
 
 
 # -- command lines and their output (pure functions: tested without the hardware) ---------------
-def atc_command(
-    onnx_path: Path,
-    output_stem: Path,
-    soc_version: str,
-    input_shape: tuple[int, ...],
-    *,
-    input_name: str = INPUT,
-    precision_mode: str | None = None,
-    extra: tuple[str, ...] | list[str] = (),
-) -> list[str]:
-    """The ATC command converting our ONNX file to ``<output_stem>.om`` with a fixed input shape."""
-    cmd = [
-        "atc",
-        "--framework=5",
-        f"--model={onnx_path}",
-        f"--output={output_stem}",
-        f"--soc_version={soc_version}",
-        f"--input_shape={input_name}:{','.join(str(int(d)) for d in input_shape)}",
-    ]
-    if len(input_shape) == 4:
-        cmd.append("--input_format=NCHW")
-    if precision_mode:
-        cmd.append(f"--precision_mode={precision_mode}")
-    cmd.append("--log=error")
-    cmd.extend(extra)
-    return cmd
+def build_atc_input(
+    model, example_inputs, precisions, out_dir: Path, calibration=None, amct=None, io=None
+) -> dict:
+    """Write what ATC converts, in ``out_dir``, and return its paths.
 
+    Float plans: ``model.onnx`` (exported as the onnxruntime backend does) is ATC's input. Plans with
+    8-bit layers: ``model.onnx`` is the project's QDQ int8 ONNX (trained integers), checked against AMCT's
+    rules; ``amct_onnx.convert_qat_model`` turns it into ``model_deploy.onnx`` (ATC's input) and
+    ``model_fake_quant.onnx`` (kept beside the .om for accuracy checks on the CPU).
 
-_ERROR_LINE = re.compile(r"^\s*(E[A-Z0-9]{5}:.*|\[ERROR\].*)$", re.MULTILINE)
+    Returns:
+        ``{"source", "atc_input", "fake_quant" (None for float plans)}``.
+    """
+    from .amct import convert_qat, qdq_for_amct
 
-
-def check_atc_output(returncode: int, output: str) -> None:
-    """Raise BackendError unless ATC reported success; the message carries ATC's error lines."""
-    if returncode == 0 and "ATC run success" in output:
-        return
-    errors = [m.group(1).strip() for m in _ERROR_LINE.finditer(output)]
-    detail = "; ".join(errors[:3]) if errors else (output.strip().splitlines() or ["no output"])[-1]
-    raise BackendError(f"ATC conversion failed (exit code {returncode}): {detail}")
-
-
-_SUMMARY = re.compile(
-    r"(?P<what>\w+) \(ms\): min = (?P<min>[\d.eE+-]+), max = (?P<max>[\d.eE+-]+), "
-    r"mean = (?P<mean>[\d.eE+-]+), median = (?P<median>[\d.eE+-]+), "
-    r"percentile\((?P<pct>\d+)%\) = (?P<p>[\d.eE+-]+)"
-)
-
-
-def parse_ais_bench_summary(text: str) -> dict[str, dict[str, float]]:
-    """``{"NPU_compute_time": {"min", "max", "mean", "median", "p99"}, "H2D_latency": ...}`` from
-    ais_bench's "Performance Summary" lines (the last summary wins when there are several)."""
-    out: dict[str, dict[str, float]] = {}
-    for m in _SUMMARY.finditer(text):
-        out[m.group("what")] = {
-            "min": float(m.group("min")),
-            "max": float(m.group("max")),
-            "mean": float(m.group("mean")),
-            "median": float(m.group("median")),
-            f"p{m.group('pct')}": float(m.group("p")),
-        }
-    if "NPU_compute_time" not in out:
-        raise BackendError("no 'NPU_compute_time (ms): ...' summary line in the ais_bench output")
-    return out
-
-
-def parse_msame_output(text: str) -> dict[str, float]:
-    """msame's averages in ms: ``{"average_ms": .., "average_without_first_ms": ..}`` (where printed)."""
-    out = {}
-    for key, pattern in (
-        ("average_without_first_ms", r"Inference average time without first time\s*:\s*([\d.]+)\s*ms"),
-        ("average_ms", r"Inference average time\s*:\s*([\d.]+)\s*ms"),
-    ):
-        m = re.search(pattern, text)
-        if m:
-            out[key] = float(m.group(1))
-    if not out:
-        raise BackendError("no 'Inference average time' line in the msame output")
-    return out
-
-
-_NPU_SMI_VERSION = re.compile(r"npu-smi\s+\S+\s+Version:\s*(\S+)")
-_NPU_SMI_CHIP = re.compile(
-    r"^\|\s*(\d+)\s+([0-9A-Za-z_]+)\s*\|\s*(OK|Warning|Alarm|Critical|\w+)\s*\|", re.MULTILINE
-)
-
-
-def parse_npu_smi(text: str) -> dict:
-    """Driver version and chips from ``npu-smi info``: ``{"driver": "23.0.6", "chips": [(0, "910B4")]}``."""
-    m = _NPU_SMI_VERSION.search(text)
-    chips = [(int(c.group(1)), c.group(2)) for c in _NPU_SMI_CHIP.finditer(text)]
-    return {"driver": m.group(1) if m else None, "chips": chips}
-
-
-def soc_version_for(npu_smi_text: str, device_index: int) -> str:
-    """ATC's ``--soc_version`` for NPU ``device_index``: "Ascend" + its Name column (the documented rule
-    for Atlas training/inference/A2 products; A3 needs ``npu-smi info -t board``: pass it explicitly)."""
-    chips = parse_npu_smi(npu_smi_text)["chips"]
-    if not chips:
-        raise BackendError("npu-smi info lists no NPU; pass backend option soc_version (e.g. Ascend910B2)")
-    names = dict(chips)
-    name = names.get(device_index, chips[min(device_index, len(chips) - 1)][1])
-    return name if name.startswith("Ascend") else f"Ascend{name}"
-
-
-@functools.cache
-def npu_smi_text() -> str:
-    if shutil.which("npu-smi") is None:
-        return ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=30).stdout
-    return ""
-
-
-def npu_smi_facts() -> dict:
-    """Driver and chips of this machine's NPUs (empty when npu-smi is absent)."""
-    text = npu_smi_text()
-    return parse_npu_smi(text) if text else {}
-
-
-def cann_version() -> str:
-    """The CANN toolkit's version from its install info file (``unknown`` when not found)."""
-    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
-    if not home:
-        return "unknown"
-    for info in sorted(Path(home).glob("*/ascend_toolkit_install.info")) + [Path(home) / "version.cfg"]:
-        with contextlib.suppress(OSError):
-            m = re.search(r"version\s*=\s*\[?([\w.\-]+)", info.read_text(), re.IGNORECASE)
-            if m:
-                return m.group(1)
-    return "unknown"
+    atc_precision(precisions)  # refuses bits the backend does not store
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = out_dir / "model.onnx"
+    int8 = {k: b for k, b in precisions.items() if b == 8}
+    if not int8:
+        try:
+            export_onnx(model, example_inputs, source, io=io)
+        except Exception as exc:
+            raise BackendError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+        return {"source": source, "atc_input": source, "fake_quant": None}
+    if calibration is None:
+        raise BackendError("ascend backend: int8 layers need calibration inputs")
+    qdq_for_amct(model, example_inputs, int8, source, calibration, io=io)
+    with tempfile.TemporaryDirectory(prefix="ac-amct-") as tmp:
+        fake, deploy = convert_qat(source, Path(tmp) / "model", amct=amct)
+        shutil.move(str(fake), out_dir / "model_fake_quant.onnx")
+        shutil.move(str(deploy), out_dir / "model_deploy.onnx")
+    return {
+        "source": source,
+        "atc_input": out_dir / "model_deploy.onnx",
+        "fake_quant": out_dir / "model_fake_quant.onnx",
+    }
 
 
 def _infer_session_cls():
@@ -185,16 +122,64 @@ def _infer_session_cls():
     return InferSession
 
 
+def measured_on(device: str, options: dict, quantized: bool) -> dict[str, str]:
+    """What an artifact's accuracy and latency are measured on, for its report (``meta["measured"]``)."""
+    if options.get("evaluate_on", "npu") == "cpu":
+        model = "model_fake_quant.onnx (AMCT's fake-quant model)" if quantized else "model.onnx (fp32)"
+        metric = f"{model} on the CPU (onnxruntime), not the .om"
+    else:
+        metric = f"model.om on {device} (ais_bench InferSession)"
+    if options.get("latency", "compute") == "compute":
+        latency = f"model.om on {device}: ais_bench's execution time per call (exec_time_list)"
+    else:
+        latency = f"model.om on {device}: wall time of InferSession.infer (host-device copies included)"
+    return {"metric": metric, "latency": latency}
+
+
+def _exec_ms(entry) -> float:
+    """One ``exec_time_list`` entry in ms: a number, or a (start, end) pair in ms."""
+    if isinstance(entry, list | tuple):
+        return float(entry[-1]) - float(entry[0])
+    return float(entry)
+
+
+class _NpuCall:
+    """One ``InferSession.infer`` call; ``compute_s`` also reads the NPU time ais_bench recorded for it."""
+
+    def __init__(self, session, x: np.ndarray):
+        self.session, self.x = session, x
+
+    def __call__(self):
+        return self.session.infer([self.x], mode="static")
+
+    def compute_s(self) -> float:
+        self()
+        summary = getattr(self.session, "summary", None) or self.session.sumary  # older ais_bench: sumary
+        times = summary().exec_time_list
+        if not times:
+            raise BackendError("ais_bench recorded no execution time for the call (exec_time_list empty)")
+        return _exec_ms(times[-1]) / 1e3
+
+
 class AscendBackend(Backend):
-    """CANN offline model (.om) on an Ascend NPU, converted by ATC, run by ais_bench."""
+    """CANN offline model (.om) on an Ascend NPU: int8 layers through AMCT, then ATC; run by ais_bench."""
 
     name = "ascend"
-    stored_bits = (32,)
-    native_bits = (32,)  # computed in float16 on the Cube unit; int8 needs AMCT (not built)
+    stored_bits = (8, 16, 32)
+    native_bits = (8, 16, 32)  # int8 and fp16 on the Cube unit; 32: kept in fp32 through --keep_dtype
+    # per operator type: which weight grids AMCT adapts (Gemm / MatMul: per tensor only)
+    weight_granularity = WEIGHT_GRANULARITY
     sparsity_kinds = ("unstructured",)
     preferred_channel_multiple = 16  # the Cube unit works on 16x16 fractal tiles (fp16)
     devices = ("npu:0",)
     artifact_suffix = ".om"
+
+    @classmethod
+    def capabilities(cls) -> dict:
+        return {
+            **super().capabilities(),
+            "weight_granularity": {k: list(v) for k, v in WEIGHT_GRANULARITY.items()},
+        }
 
     @classmethod
     def unavailable_reason(cls, device: str) -> str | None:
@@ -218,6 +203,11 @@ class AscendBackend(Backend):
             raise BackendError(
                 f"ascend backend: unknown option(s) {sorted(unknown)}; known: {', '.join(OPTIONS)}"
             )
+        for key, allowed in (("evaluate_on", EVALUATE_ON), ("latency", LATENCIES)):
+            if key in options and options[key] not in allowed:
+                raise BackendError(
+                    f"ascend backend: option {key}: {options[key]!r} is not one of {list(allowed)}"
+                )
         kind, idx = parse_device(device)
         if kind != "npu":
             raise BackendError(f"ascend backend: device {device!r} is not supported (npu:N)")
@@ -231,41 +221,51 @@ class AscendBackend(Backend):
 
     # -- lowering -------------------------------------------------------------------------------
     def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
-        bad = {k: b for k, b in precisions.items() if b not in self.stored_bits}
-        if bad:
-            raise BackendError(
-                f"ascend backend lowers float models only (stored: 32); got bits for {sorted(bad)}"
-            )
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        onnx_path = out_dir / "model.onnx"
-        try:
-            export_onnx(model, example_inputs, onnx_path, io=io)
-        except Exception as exc:
-            raise BackendError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+        src = build_atc_input(model, example_inputs, precisions, out_dir, calibration, io=io)
         shape = (self.batch_size, *example_inputs[0].shape[1:])
+        mode, keep = atc_precision(precisions, self.options.get("precision_mode"))
+        keep_nodes = keep_dtype_nodes(src["atc_input"], keep)
         with tempfile.TemporaryDirectory(prefix="ac-atc-") as tmp:
+            keep_file = None
+            if keep_nodes:
+                keep_file = out_dir / "keep_dtype.cfg"
+                keep_file.write_text("\n".join(keep_nodes) + "\n")
             cmd = atc_command(
-                onnx_path,
+                src["atc_input"],
                 Path(tmp) / "model",
                 self.soc_version,
                 shape,
-                precision_mode=self.options.get("precision_mode"),
+                precision_mode=mode,
+                keep_dtype=keep_file,
                 extra=tuple(self.options.get("atc_args", ())),
             )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             check_atc_output(proc.returncode, proc.stdout + proc.stderr)
             target = out_dir / "model.om"
             shutil.move(str(Path(tmp) / "model.om"), target)
-        params = sum(p.numel() for p in model.parameters())
+        packed = sum(
+            p.numel() * (precisions.get(n.rpartition(".")[0], 32) if n.endswith("weight") else 32) / 8
+            for n, p in model.named_parameters()
+        )
+        meta = {
+            "soc_version": self.soc_version,
+            "input_shape": list(shape),
+            "source": "model.onnx",
+            "atc_input": src["atc_input"].name,
+            "fake_quant": src["fake_quant"].name if src["fake_quant"] else None,
+            "precision_mode": mode,
+            "keep_fp32": keep_nodes,
+            "measured": measured_on(self.device, self.options, src["fake_quant"] is not None),
+        }
         return Artifact(
             path=target,
             backend=self.name,
             device=self.device,
             size_bytes=target.stat().st_size,
-            packed_size_bytes=int(params * 4),
+            packed_size_bytes=round(packed),
             precisions=dict(precisions),
-            meta={"soc_version": self.soc_version, "input_shape": list(shape), "source": onnx_path.name},
+            meta=meta,
         )
 
     # -- running --------------------------------------------------------------------------------
@@ -287,7 +287,11 @@ class AscendBackend(Backend):
             yield np.ascontiguousarray(chunk, dtype=dtype), n
 
     def runner(self, artifact: Artifact):
-        """The .om has a fixed batch: each batch is fed in padded chunks of ``batch_size``."""
+        """The .om has a fixed batch: each batch is fed in padded chunks of ``batch_size``. With
+        ``evaluate_on: cpu``, the fake-quant model AMCT wrote beside the .om (or the float ONNX) runs
+        on ONNX Runtime's CPU instead."""
+        if self.options.get("evaluate_on", "npu") == "cpu":
+            return self._cpu_runner(artifact)
         sess = self.session(artifact.path)
 
         def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -300,13 +304,30 @@ class AscendBackend(Backend):
 
         return run
 
+    def _cpu_runner(self, artifact: Artifact):
+        from .onnxruntime import make_session
+
+        name = artifact.meta.get("fake_quant") or "model.onnx"
+        sess = make_session(artifact.path.parent / name, self.threads)
+        names = [i.name for i in sess.get_inputs()]
+
+        def run(inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+            return np.asarray(sess.run(None, dict(zip(names, inputs, strict=True)))[0], dtype=np.float32)
+
+        return run
+
     def _time(self, artifacts: list[Artifact], example_inputs) -> list[LatencyStats]:
         x = next(self._static_batches(example_inputs[0].numpy()))[0]
         sessions = [self.session(a.path) for a in artifacts]
         with device_lock(self.device):
-            fns = [lambda s=s: s.infer([x], mode="static") for s in sessions]
+            calls = [_NpuCall(s, x) for s in sessions]
+            timer = (lambda c: c.compute_s()) if self.options.get("latency", "compute") == "compute" else None
             return time_callables(
-                fns, device=self.device, batch_size=self.batch_size, **self.options.get("timing", {})
+                calls,
+                device=self.device,
+                batch_size=self.batch_size,
+                timer=timer,
+                **self.options.get("timing", {}),
             )
 
     def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
@@ -331,9 +352,10 @@ class AscendBackend(Backend):
         source = artifact.path.with_suffix(".onnx")
         if not source.exists():
             return None
-        settings = [
+        settings = [  # the precision mode and the layers kept in fp32 change the kernels, not the ONNX
             self.soc_version,
-            self.options.get("precision_mode"),
+            artifact.meta.get("precision_mode", self.options.get("precision_mode")),
+            artifact.meta.get("keep_fp32", []),
             list(self.options.get("atc_args", ())),
         ]
         return stable_hash([onnx_fingerprint(source), settings])

@@ -93,9 +93,10 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
             f"{bad[0]} is not allowed by backend {backend_cls.name!r} "
             f"(native: {', '.join(map(str, backend_cls.native_bits))}; "
             f"stored: {', '.join(map(str, backend_cls.stored_bits))})",
-            source=str(space_file),
+            source=space.source,  # the space file, and the study whose overrides asked for these bits
             field="bits",
         )
+    space.granularity_by_kind = dict(getattr(backend_cls, "weight_granularity", {}))
     try:
         sampler = make_sampler(cfg.sampler.name, cfg.sampler_seed, cfg.sampler.options)
     except ConfigError as exc:
