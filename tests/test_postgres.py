@@ -18,12 +18,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+import test_cluster
 from conftest import cli_env
 from optuna.trial import TrialState
 from pg_server import URL_ENV, PostgresServer, new_database, start_server
 from reliability_helpers import check_referenced_folders, study_file
 
 pytestmark = pytest.mark.slow
+ray_cluster = test_cluster.ray_cluster  # the local two-node Ray cluster fixture
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -241,3 +243,50 @@ def test_database_restart_mid_study(tmp_path, own_server):
     for t in study.get_trials(states=(TrialState.FAIL,)):
         copies = [c for c in study.trials if c.system_attrs.get("failed_trial") == t.number]
         assert len(copies) == 1 and copies[0].state == TrialState.COMPLETE, t.number
+
+
+def test_ray_cluster_on_postgres_survives_a_lost_node(tmp_path, server_url, ray_cluster):
+    n = 6
+    url = new_database(server_url)
+    study_file, run = test_cluster._study_file(
+        tmp_path,
+        "raypg",
+        n,
+        storage=url,
+        ray={"cpus_per_trial": 1, "max_concurrent": 2, "max_failures": 3},
+    )
+    log = tmp_path / "driver.log"
+    with log.open("w") as f:
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "autocompress.cli",
+                "run",
+                str(study_file),
+                "--ray",
+                ray_cluster["address"],
+            ],
+            env=ray_cluster["env"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            # one CPU per node and per trial: two trials running at once means one runs on the worker node
+            test_cluster._wait_for(
+                lambda: len(test_cluster._running_dirs(run)) >= 2, 200, "two trials", driver
+            )
+            test_cluster._kill_node(ray_cluster["worker"])
+            rc = driver.wait(timeout=300)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            driver.wait()
+    out = log.read_text()
+    assert rc == 0, out[-3000:]
+    assert f"{n}/{n} trials completed" in out
+    study = optuna.load_study(study_name="raypg", storage=url)
+    test_cluster._check_run_folder(run, study, n)
+    assert not (run / "study.db").exists()  # the study lives in PostgreSQL only
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert [p for p in (run / "ray").rglob("error*.txt")], "no trial was lost with the node"
