@@ -161,6 +161,14 @@ class ReconnectingRDBStorage(RDBStorage):
         self._outage_end: float | None = None  # monotonic time the database answered again
         self._shown = make_url_safe(url)
         engine_kwargs = {"pool_pre_ping": True, **kwargs.pop("engine_kwargs", {})}
+        backend = url.split(":", 1)[0].split("+", 1)[0]
+        if backend == "postgresql":  # libpq: give up a connection attempt, or a dead peer, within seconds
+            engine_kwargs.setdefault(
+                "connect_args",
+                {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10},
+            )
+        elif backend in ("mysql", "mariadb"):
+            engine_kwargs.setdefault("connect_args", {"connect_timeout": 10})
         self._retrying(lambda: RDBStorage.__init__(self, url, engine_kwargs=engine_kwargs, **kwargs))
 
     def _retrying(self, call: Callable):

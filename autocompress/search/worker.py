@@ -101,15 +101,18 @@ def run_worker(
             with get_heartbeat_thread(trial._trial_id, study._storage):
                 try:
                     state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
-                except Exception:
-                    if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+                    now = study._storage.get_trial(trial._trial_id).state
+                    if now == TrialState.RUNNING or (
+                        isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a")
+                    ):
                         raise
-                    # another worker failed it (its heartbeats did not reach the storage, e.g. while the
-                    # database was away) and queued a copy: that copy counts, this result does not
-                    shutil.rmtree(ctx.run_dir / "trials" / f"{trial.number:05d}", ignore_errors=True)
-                    log(
-                        f"trial {trial.number} was failed by another worker meanwhile (heartbeats lost); its retry counts"
-                    )
+                    if now == TrialState.FAIL:
+                        # another worker failed it (its heartbeats did not reach the storage, e.g. while
+                        # the database was away) and queued a copy: that copy counts, this result does not
+                        shutil.rmtree(ctx.run_dir / "trials" / f"{trial.number:05d}", ignore_errors=True)
+                        log(f"trial {trial.number} was failed by another worker meanwhile (heartbeats lost)")
+                    # else: told once already (a retried call whose first answer was lost): it counts as is
                     continue
             done = _counts(study)[TrialState.COMPLETE]
             progress.trial(study, done, trial.number, metrics, reason, pruned=state == TrialState.PRUNED)
