@@ -19,6 +19,9 @@ __all__ = [
     "ExportError",
     "RuntimeLoadError",
     "TimingError",
+    "RunFolderUnwritable",
+    "StorageUnavailable",
+    "unwritable_errno",
     "failure_category",
 ]
 
@@ -105,6 +108,48 @@ class TimingError(BackendError):
     """The latency measurement failed (e.g. the timing worker died)."""
 
     category = "timing failed"
+
+
+class RunFolderUnwritable(AutoCompressError, OSError):
+    """A trial could not write its folder: the disk is full or the folder is read-only.
+
+    Not the plan's fault, and every later trial would fail the same way: the study stops with this
+    one line, and the same command resumes once space is freed (or the folder is writable again).
+    """
+
+    category = "run folder not writable"
+
+
+class StorageUnavailable(AutoCompressError, ConnectionError):
+    """The study's database stayed unreachable for longer than the retry window."""
+
+    category = "storage unavailable"
+
+
+WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG"}
+
+
+def unwritable_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write (disk full, quota, read-only, permission) in ``exc`` or its causes.
+
+    Libraries that wrap the ``OSError`` (an exporter, safetensors' ``I/O error: ... (os error 28)``) are
+    looked through, so the trial's reason names the real cause.
+    """
+    import errno as _errno
+    import re
+
+    codes = {getattr(_errno, name) for name in WRITE_ERRNOS if hasattr(_errno, name)}
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in codes:
+            return e.errno
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m and int(m.group(1)) in codes:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def failure_category(exc: BaseException) -> str:

@@ -21,7 +21,9 @@ recorded, tables and pruning not yet done), ``prune`` (a dominated artifact half
 ``pareto_export`` (``pareto/`` half rebuilt). Fault kinds (each goes through the real code path):
 ``raise`` (an exception), ``nan`` (the fine-tuning loss becomes NaN), ``export`` (the exporter fails on
 the model), ``ort_load`` (the artifact file is corrupted, so the runtime cannot load it), ``hang``
-(every fine-tuning step sleeps 0.5 s, so ``trial_timeout_s`` fires).
+(every fine-tuning step sleeps 0.5 s, so ``trial_timeout_s`` fires), ``disk_full`` (writing the trial
+folder fails with ``ENOSPC`` after the artifact and weights are written: for machines where a small
+filesystem cannot be mounted; the tests use a real full tmpfs where they can).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ CRASH_POINTS = (
     "prune",
     "pareto_export",
 )
-FAULT_KINDS = ("raise", "nan", "export", "ort_load", "hang")
+FAULT_KINDS = ("raise", "nan", "export", "ort_load", "hang", "disk_full")
 
 _trial: contextvars.ContextVar[int | None] = contextvars.ContextVar("autocompress_trial", default=None)
 _deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(

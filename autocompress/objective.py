@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -21,7 +22,7 @@ from torch import nn
 
 from .backends import Artifact, Backend, LatencyCache, measure_cached
 from .config import StudyConfig
-from .errors import TrialFailed
+from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, check_deadline, crash_point, fault, trial_scope
 from .inventory import LayerInfo
 from .metrics import Metric
@@ -214,7 +215,18 @@ def run_trial(
     """
     number = int(trial_dir.name) if trial_dir.name.isdigit() else None
     with trial_scope(number, ctx.config.trials.trial_timeout_s):
-        return _run_trial(ctx, plan, trial_dir, on_epoch)
+        try:
+            return _run_trial(ctx, plan, trial_dir, on_epoch)
+        except RunFolderUnwritable:
+            raise
+        except Exception as exc:  # a full disk / read-only folder, however the writer wrapped it
+            code = unwritable_errno(exc)
+            if code is None:
+                raise
+            raise RunFolderUnwritable(
+                f"cannot write the trial folder in {trial_dir.parent}: [{errno.errorcode[code]}] "
+                f"{os.strerror(code)}; free space (or make it writable), then run the same command to resume"
+            ) from exc
 
 
 def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:
@@ -267,6 +279,8 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             raise TrialFailed(f"non-finite metrics: {ctx.metric.name}={acc}, latency={lat.median_ms}")
         save_file(state_for_saving(result.model), str(tmp / "weights.safetensors"))
         crash_point("artifact_write")
+        if fault("disk_full"):  # the disk fills up while the folder is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "plan.json"))
         write_text_atomic(tmp / "plan.json", plan.to_json())
         metrics = {
             "metric": acc,

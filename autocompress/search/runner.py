@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..backends import BACKENDS, Backend, LatencyCache
 from ..backends.cache import cache_path
 from ..config import StudyConfig, resolve_space_file
-from ..errors import AutoCompressError, ConfigError, failure_category
+from ..errors import AutoCompressError, ConfigError, RunFolderUnwritable, failure_category
 from ..faults import crash_point
 from ..inventory import build_inventory
 from ..objective import RunContext, environment, measure_baseline, run_trial, write_json, write_text_atomic
@@ -660,11 +660,14 @@ def execute_trial(
         if fidelity:
             fidelity.finish(trial, TrialState.PRUNED)
         return TrialState.PRUNED, None, str(exc)
-    except Exception as exc:  # one trial's failure never stops the study
+    except Exception as exc:  # one trial's failure never stops the study ...
         reason = record_failure(trial, exc)
         study.tell(trial, state=TrialState.FAIL)
         if fidelity:
             fidelity.finish(trial, TrialState.FAIL)
+        if isinstance(exc, RunFolderUnwritable):  # ... but a full disk would fail every next one: stop
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            raise
         return TrialState.FAIL, None, reason
     study.tell(trial, record_success(ctx, trial, metrics))
     crash_point("told", trial=trial.number)

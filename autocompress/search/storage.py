@@ -8,11 +8,22 @@ the next ``ask``. RDB storages implement the heartbeat themselves; Optuna's ``Jo
 :class:`HeartbeatJournalStorage` adds the same :class:`~optuna.storages._heartbeat.BaseHeartbeat` protocol
 on top of it (heartbeat time kept as a trial system attribute), and Optuna's own ``fail_stale_trials`` and
 retry callback do the rest.
+
+A database server (PostgreSQL, MySQL) may go away for a while: restarted, fail-over, a network cut.
+:class:`ReconnectingRDBStorage` retries every storage call whose connection was lost for up to
+``AUTOCOMPRESS_STORAGE_RETRY_S`` seconds (default 120), reconnecting through a fresh pooled connection;
+past that it raises :class:`StorageUnavailable`, one line that says so. A call retried after a lost
+connection is safe: the transaction that was cut was rolled back by the server. After an outage, a
+worker does not judge other workers' heartbeats stale until a grace period has passed again, so a
+live worker whose heartbeats could not reach the database meanwhile does not lose its trial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -24,8 +35,9 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageUnavailable
 
 JOURNAL_PREFIX = "journal://"
 _HEARTBEAT_ATTR = "autocompress:heartbeat"
@@ -80,6 +92,191 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._callback
 
 
+RETRY_ENV = "AUTOCOMPRESS_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 120.0
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: Optuna wraps SQLAlchemy's errors) is a lost or refused connection."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, sa_exc.DBAPIError) and (
+            e.connection_invalidated or isinstance(e, sa_exc.OperationalError | sa_exc.InterfaceError)
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_RETRIED = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial",
+    "get_all_trials",
+    "get_n_trials",
+    "get_best_trial",
+    "get_trial_params",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_trial_param",
+    "get_trial_number_from_id",
+    "check_trial_is_updatable",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+    # what Optuna's _CachedStorage (which wraps every RDB storage a study opens) calls directly
+    "_create_new_trial",
+    "_get_best_trial_id",
+    "_get_trials",
+    "_set_trial_param",
+)
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """Optuna's RDB storage whose calls survive the database going away for up to ``retry_s`` seconds.
+
+    Raises:
+        StorageUnavailable: from any call, once the database has been unreachable for ``retry_s``.
+    """
+
+    def __init__(self, url: str, *, retry_s: float = DEFAULT_RETRY_S, **kwargs):
+        self._retry_s = retry_s
+        self._local = threading.local()
+        self._outage_end: float | None = None  # monotonic time the database answered again
+        self._shown = make_url_safe(url)
+        engine_kwargs = {"pool_pre_ping": True, **kwargs.pop("engine_kwargs", {})}
+        backend = url.split(":", 1)[0].split("+", 1)[0]
+        if backend == "postgresql":  # libpq: give up a connection attempt, or a dead peer, within seconds
+            engine_kwargs.setdefault(
+                "connect_args",
+                {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10},
+            )
+        elif backend in ("mysql", "mariadb"):
+            engine_kwargs.setdefault("connect_args", {"connect_timeout": 10})
+        self._retrying(lambda: RDBStorage.__init__(self, url, engine_kwargs=engine_kwargs, **kwargs))
+
+    def _retrying(self, call: Callable):
+        if getattr(self._local, "depth", 0):  # an outer call retries the whole thing
+            return call()
+        self._local.depth = 1
+        try:
+            t0, wait, warned = time.monotonic(), 0.5, False
+            while True:
+                try:
+                    out = call()
+                except Exception as exc:
+                    if not _connection_lost(exc):
+                        raise
+                    down = time.monotonic() - t0
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    cause = exc.__cause__ or exc.__context__
+                    if cause is not None and str(cause).strip():
+                        first = str(cause).strip().splitlines()[0]
+                    if down >= self._retry_s:
+                        raise StorageUnavailable(
+                            f"the storage {self._shown} has been unreachable for {down:.0f} s ({first}); "
+                            "finished trials are safe in it: run the same command again once it is back"
+                        ) from None
+                    if not warned:
+                        print(
+                            f"warning: storage {self._shown} unreachable ({first}); "
+                            f"retrying for up to {self._retry_s:.0f} s",
+                            flush=True,
+                        )
+                        warned = True
+                    time.sleep(min(wait, max(0.0, self._retry_s - down)))
+                    wait = min(wait * 2, 5.0)
+                    continue
+                if warned:
+                    self._outage_end = time.monotonic()
+                    print(
+                        f"storage {self._shown} reachable again after {time.monotonic() - t0:.0f} s",
+                        flush=True,
+                    )
+                return out
+        finally:
+            self._local.depth = 0
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # runs in Optuna's heartbeat thread: an outage longer than the retry window must not kill that thread
+        # (the next beat tries again; the main thread reports the outage)
+        with contextlib.suppress(StorageUnavailable):
+            self._retrying(lambda: RDBStorage.record_heartbeat(self, trial_id))
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        if self._outage_end is not None and time.monotonic() - self._outage_end < grace:
+            return []  # heartbeats of live workers could not reach the database: give them a grace period
+        return self._retrying(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+
+
+def _wrap(name: str) -> Callable:
+    base = getattr(RDBStorage, name)
+
+    @functools.wraps(base)
+    def method(self, *args, **kwargs):
+        return self._retrying(lambda: base(self, *args, **kwargs))
+
+    return method
+
+
+for _name in _RETRIED:
+    if _name not in ReconnectingRDBStorage.__dict__:
+        setattr(ReconnectingRDBStorage, _name, _wrap(_name))
+
+
+def make_url_safe(url: str) -> str:
+    """``url`` with its password hidden (for messages)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<storage URL>"
+
+
+def _retry_s() -> float:
+    raw = os.environ.get(RETRY_ENV)
+    if raw is None:
+        return DEFAULT_RETRY_S
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise ConfigError(f"{RETRY_ENV}={raw!r}: not a number of seconds") from None
+
+
+def _rdb(url: str, **kwargs) -> RDBStorage:
+    """Optuna's RDB storage; a database server's one reconnects (see :class:`ReconnectingRDBStorage`)."""
+    if url.startswith("sqlite"):
+        return RDBStorage(url, **kwargs)
+    return ReconnectingRDBStorage(url, retry_s=_retry_s(), **kwargs)
+
+
 def make_storage(
     url: str,
     *,
@@ -106,11 +303,11 @@ def make_storage(
             return HeartbeatJournalStorage(path, heartbeat_interval_s, grace, callback)
         return JournalStorage(JournalFileBackend(str(path)))
     if not heartbeat_interval_s:
-        return optuna.storages.get_storage(_sqlite_wal(RDBStorage(url)))  # Optuna's cached wrapper
+        return optuna.storages.get_storage(_sqlite_wal(_rdb(url)))  # Optuna's cached wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _sqlite_wal(
-            RDBStorage(
+            _rdb(
                 url,
                 heartbeat_interval=heartbeat_interval_s,
                 grace_period=grace,

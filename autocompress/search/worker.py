@@ -47,6 +47,8 @@ def _remove_partial_folders(study: optuna.Study, run_dir: Path) -> None:
         return
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         shutil.rmtree(trials_dir / f".{t.number:05d}.tmp", ignore_errors=True)
+        # renamed into place by a worker that then lost the storage or died before telling it
+        shutil.rmtree(trials_dir / f"{t.number:05d}", ignore_errors=True)
 
 
 def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optuna.Trial | None, bool]:
@@ -97,7 +99,21 @@ def run_worker(
                 time.sleep(poll_s)
                 continue
             with get_heartbeat_thread(trial._trial_id, study._storage):
-                state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
+                try:
+                    state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
+                except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+                    now = study._storage.get_trial(trial._trial_id).state
+                    if now == TrialState.RUNNING or (
+                        isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a")
+                    ):
+                        raise
+                    if now == TrialState.FAIL:
+                        # another worker failed it (its heartbeats did not reach the storage, e.g. while
+                        # the database was away) and queued a copy: that copy counts, this result does not
+                        shutil.rmtree(ctx.run_dir / "trials" / f"{trial.number:05d}", ignore_errors=True)
+                        log(f"trial {trial.number} was failed by another worker meanwhile (heartbeats lost)")
+                    # else: told once already (a retried call whose first answer was lost): it counts as is
+                    continue
             done = _counts(study)[TrialState.COMPLETE]
             progress.trial(study, done, trial.number, metrics, reason, pruned=state == TrialState.PRUNED)
             if state == TrialState.FAIL:
