@@ -174,6 +174,7 @@ def time_callables(
     need = [min(min_repeats, max(MIN_CALLS, math.ceil(min_s / max(t, 1e-9)))) for t in per_call]
     min_kept = math.ceil(min(MIN_CALLS, min_repeats) / block)  # rounds kept however disturbed
     rounds: list[list[list[float]]] = []  # rounds[r][f] = one block of callable f
+    summaries: list[np.ndarray] = []  # summaries[r] = [median, relative spread] of each block of round r
     start = time.perf_counter()
     deadline = start + max_s
     while True:
@@ -190,7 +191,8 @@ def time_callables(
                 out.append(time.perf_counter() - t0)
             this_round.append(out)
         rounds.append(this_round)
-        stats = _round_stats(rounds, len(fns), device, batch_size, disturbed_above, min_kept)
+        summaries.append(_block_summary(this_round))  # once per round: the statistics reuse it
+        stats = _round_stats(rounds, len(fns), device, batch_size, disturbed_above, min_kept, summaries)
         n_total = len(rounds) * block
         long_enough = time.perf_counter() - start >= min_s
         if long_enough and all(
@@ -234,24 +236,27 @@ def _warm_up(fn: Callable[[], object], sync: Callable[[], None], share_s: float,
             return float(np.median(times[1:] or times))
 
 
-def _threshold(rounds: list[list[list[float]]], med: np.ndarray, disturbed_above: float) -> float:
+def _block_summary(blocks: list[list[float]]) -> np.ndarray:
+    """``[2, k]``: each block's median and its relative per-call spread (IQR / 1.35 / median)."""
+    med = np.asarray([np.median(b) for b in blocks])
+    spread = np.asarray([np.subtract(*np.percentile(b, [75, 25])) / 1.35 for b in blocks])
+    return np.stack([med, spread / np.maximum(med, 1e-12)])
+
+
+def _threshold(rel: np.ndarray, block: int, disturbed_above: float) -> float:
     """How far above its best block a round may be and still count as calm.
 
     ``disturbed_above``, or four times the relative noise of one block median in calm rounds where that
     is larger: the best block is about two of those noise widths below a calm block's centre and a calm
-    block reaches about two above it. The per-call noise is read from the spread inside blocks (IQR /
-    1.35, the standard deviation of a normal sample) in the calmest quarter of the rounds, so disturbed
-    rounds do not widen it; one block median of ``b`` calls has ``1.25 / sqrt(b)`` of it.
+    block reaches about two above it. The per-call noise ``rel[round, callable]`` is read from the spread
+    inside blocks (IQR / 1.35, the standard deviation of a normal sample) in the calmest quarter of the
+    rounds, so disturbed rounds do not widen it; one block median of ``block`` calls has
+    ``1.25 / sqrt(block)`` of it.
     """
-    b = len(rounds[0][0])
-    if b < 3 or len(rounds) < 4:
+    if block < 3 or len(rel) < 4:
         return disturbed_above
-    spread = np.asarray(
-        [[np.subtract(*np.percentile(r[f], [75, 25])) / 1.35 for f in range(med.shape[1])] for r in rounds]
-    )
-    rel = spread / med  # [round, callable]
     calm = np.percentile(rel, 25, axis=0).max()
-    return max(disturbed_above, 4.0 * 1.25 * calm / math.sqrt(b))
+    return max(disturbed_above, 4.0 * 1.25 * calm / math.sqrt(block))
 
 
 def _round_stats(
@@ -261,12 +266,14 @@ def _round_stats(
     batch_size: int,
     disturbed_above: float,
     min_rounds: int = 1,
+    summaries: list[np.ndarray] | None = None,
 ) -> list[LatencyStats]:
     """Statistics of the undisturbed rounds (see :func:`time_callables`)."""
-    med = np.asarray([[np.median(r[f]) for f in range(k)] for r in rounds])  # [round, callable]
+    summary = np.asarray(summaries if summaries is not None else [_block_summary(r) for r in rounds])
+    med, rel = summary[:, 0], summary[:, 1]  # [round, callable]
     best = med.min(axis=0)
     worst = (med / best).max(axis=1)  # each round's slowest callable, relative to its best block
-    threshold = _threshold(rounds, med, disturbed_above)
+    threshold = _threshold(rel, len(rounds[0][0]), disturbed_above)
     # never empty: the calmest round is kept, and the calmest ``min_rounds`` when the whole stretch
     # was disturbed (on a loaded machine a slow call rarely runs undisturbed twice in a row)
     floor = np.sort(worst)[min(min_rounds, len(worst)) - 1]
