@@ -10,8 +10,11 @@ Lowering, in order:
    ``quantize_dynamic`` restricted to their nodes (DynamicQuantizeLinear + MatMulInteger,
    DynamicQuantizeLSTM); the Gemms it rewrites as MatMul + Add without quantizing them are restored.
 3. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
-   by min-max or by percentile on training samples) for the static layers whose plan says 5 to 8 bits.
-   It lays out the Q/DQ pattern that ORT fuses into QLinearConv / QGemm.
+   by min-max or by percentile on training samples) for the static layers whose plan says 5 to 8 bits,
+   together with the Relu / pooling / residual Add / Concat / shape nodes between them
+   (:func:`.qdq.int8_region`), so activations stay int8 from one int8 layer to the next as in ORT's
+   own all-ops artifact. It lays out the Q/DQ pattern that ORT fuses into QLinearConv / QGemm /
+   QLinearAdd / QLinearConcat / QLinearGlobalAveragePool.
 4. The weight integers, scales and zero points it computed are replaced by the ones the QAT
    fine-tune trained on (``module.ac_weight_quant``: symmetric or asymmetric, per channel or per
    tensor, min-max or learned (LSQ) scales), and each int32 bias is re-quantized with
@@ -67,6 +70,7 @@ from .base import (
     repeat_to_batch,
     time_callables,
 )
+from .qdq import int8_region
 from .worker import WorkerClient
 
 INPUT, OUTPUT = "input", "output"
@@ -549,7 +553,7 @@ class OnnxRuntimeBackend(Backend):
             onnx.save(qmodel, str(current))
         eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static"]
         if eight:
-            nodes = [n for w in eight for n in w.nodes]
+            nodes = int8_region(onnx.load(str(current)).graph, [n for w in eight for n in w.nodes])
             method = getattr(model, CALIBRATION_ATTR, "minmax")
             qmodel = self._quantize_static(current, tmp / "qdq.onnx", nodes, calibration, method)
             _write_trained_integers(qmodel, float_model, eight)
