@@ -204,7 +204,9 @@ def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
 class _Calibration:
     """``CalibrationDataReader`` over sample inputs (one array per graph input), 32 samples per batch."""
 
-    def __init__(self, data: tuple[np.ndarray, ...], names: list[str]):
+    def __init__(self, data: tuple[np.ndarray, ...] | np.ndarray, names: list[str] | None = None):
+        data = (data,) if isinstance(data, np.ndarray) else tuple(data)
+        names = names or [INPUT]
         n = len(data[0])
         self._batches = iter(
             [
@@ -471,10 +473,12 @@ class OnnxRuntimeBackend(Backend):
             except Exception as exc:
                 raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
             target = out_dir / "model.onnx"
+            fusions: dict = {}
             if quantized:
                 self._quantize(model, fp32, target, quantized, calibration, Path(tmp))
-            else:
-                shutil.copyfile(fp32, target)
+            else:  # float: the fastest of the graph and its transformer-fused versions (measured)
+                kept, fusions = self._optimize_float(model, fp32, example_inputs, Path(tmp))
+                shutil.copyfile(kept, target)
             kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
         packed = stored = 0.0
         for name, p in model.named_parameters():
@@ -491,9 +495,30 @@ class OnnxRuntimeBackend(Backend):
             precisions=dict(precisions),
             meta={
                 "kernels": kernels,
+                "transformer_fusions": fusions.get("transformer_fusions", {}),
+                "float_optimization": {k: fusions.get(k) for k in ("variant", "decision", "unfused_ms")},
                 "reduce_range": self.reduce_range,
                 "weights_stored_bytes": round(stored),
             },
+        )
+
+    def _optimize_float(self, model, fp32: Path, example_inputs, tmp: Path) -> tuple[Path, dict]:
+        """ORT's transformer fusions where they apply and measure faster (see :mod:`.ort_fusions`)."""
+        from .ort_fusions import optimize_float, transformer_like
+
+        if not transformer_like(onnx.load(str(fp32), load_external_data=False).graph):
+            return fp32, {"decision": "not a transformer", "variant": "none"}
+        cfg = getattr(model, "config", None)
+        feed = dict(zip(graph_input_names(fp32), self._feed(example_inputs), strict=True))
+        return optimize_float(
+            fp32,
+            None,
+            out_dir=tmp,
+            num_heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
+            hidden_size=int(getattr(cfg, "hidden_size", 0) or 0),
+            feed=feed,
+            threads=self.threads,
+            measure=lambda paths: self._time(paths, example_inputs),
         )
 
     def _quantize(
