@@ -16,6 +16,7 @@ from .objective import write_json
 def front_records(study: optuna.Study) -> list[dict]:
     """The feasible Pareto front as plain records (trial number, folder, metrics)."""
     records = []
+    full = study.user_attrs.get("metric_full", {})
     for t in sorted(study.best_trials, key=lambda t: t.user_attrs.get("metric_drop", 0.0)):
         ua = t.user_attrs
         records.append(
@@ -30,6 +31,8 @@ def front_records(study: optuna.Study) -> list[dict]:
                 "metric_drop": ua.get("metric_drop"),
                 "metric_drop_rel": ua.get("metric_drop_rel"),
                 "metric_name": ua.get("metric_name"),
+                "metric_full": full.get(str(t.number), {}).get("metric"),
+                "metric_drop_full": full.get(str(t.number), {}).get("metric_drop"),
                 "latency_p90_ms": ua.get("latency_p90_ms"),
                 "source": str(Path(ua["artifact"]).parent),
             }

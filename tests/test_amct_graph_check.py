@@ -85,6 +85,7 @@ def test_project_int8_artifacts_pass_the_check_and_keep_the_trained_integers(tmp
     # model as the onnxruntime artifact (operators AMCT does not adapt read float tensors, as in torch)
     ort = OnnxRuntimeBackend("cpu", isolate=False)
     ort.reduce_range = False
+    ort.int8_connectors = False  # the same Q/DQ placement as the graph made for AMCT
     plain = ort.lower(model, cls.example_inputs(), precisions, tmp_path / "ort", calibration=x.numpy())
     with torch.no_grad():
         ref = model(x).numpy()

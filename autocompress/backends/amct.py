@@ -312,6 +312,7 @@ def qdq_for_amct(
         raise BackendError(f"only 8-bit layers are lowered through AMCT; got {bad}")
     ort = OnnxRuntimeBackend("cpu", isolate=False)
     ort.reduce_range = False  # Ascend's int8 Cube computes the full 8-bit grid
+    ort.int8_connectors = False  # AMCT adapts Q/DQ pairs of Conv / Gemm / MatMul, not around Relu or pooling
     try:
         with tempfile.TemporaryDirectory(prefix="ac-qdq-") as tmp:
             art = ort.lower(model, example_inputs, int8_layers, Path(tmp), calibration=calibration, io=io)

@@ -422,6 +422,9 @@ class OnnxRuntimeBackend(Backend):
     native_bits = (5, 6, 8, 32)
     sparsity_kinds = ("unstructured",)  # stored dense: zeros save neither bytes nor time
     reduce_range = not cpu_has_vnni()
+    # activations stay int8 across Relu / pooling / Add / Concat between int8 layers (ORT's int8 kernels);
+    # False quantizes the compute layers only (the QDQ graph AMCT adapts for Ascend)
+    int8_connectors = True
     preferred_channel_multiple = 8  # MLAS packs AVX2 GEMM/conv panels of 8 floats (int8: 8+ columns)
     devices = ("cpu", "cuda:0")
     artifact_suffix = ".onnx"
@@ -578,7 +581,9 @@ class OnnxRuntimeBackend(Backend):
             onnx.save(qmodel, str(current))
         eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static"]
         if eight:
-            nodes = int8_region(onnx.load(str(current)).graph, [n for w in eight for n in w.nodes])
+            nodes = [n for w in eight for n in w.nodes]
+            if self.int8_connectors:
+                nodes = int8_region(onnx.load(str(current)).graph, nodes)
             method = getattr(model, CALIBRATION_ATTR, "minmax")
             qmodel = self._quantize_static(current, tmp / "qdq.onnx", nodes, calibration, method)
             _write_trained_integers(qmodel, float_model, eight)

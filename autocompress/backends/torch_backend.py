@@ -207,13 +207,14 @@ class TorchBackend(Backend):
         model = copy.deepcopy(model).eval().to(self.dtype)
         # batch 2: a batch of 1 would be specialized away
         args = tuple(self._cast(torch.cat([x, x])[:2]) for x in example_inputs)
-        dims: dict[str, torch.export.Dim] = {}
         names = io.input_names if io is not None else tuple(f"input_{i}" for i in range(len(args)))
         axes = [(io.dynamic_axes.get(n, {0: "batch"}) if io is not None else {0: "batch"}) for n in names]
         shapes = tuple(
-            {int(a): dims.setdefault(d, torch.export.Dim(d, min=1, max=65536)) for a, d in ax.items()}
+            {int(a): torch.export.Dim.AUTO for a in ax}  # export infers each dim's range (e.g. <= 512)
             for ax in axes
         )
+        if _takes_varargs(model):  # deployable(): forward(*inputs) is one parameter to torch.export
+            shapes = (shapes,)
         try:
             with torch.no_grad():
                 ep = torch.export.export(model, args, dynamic_shapes=shapes)
@@ -410,3 +411,10 @@ def _device_info(device: str) -> dict:
             "driver": facts.get("driver"),
         }
     return cpu_info()
+
+
+def _takes_varargs(model: torch.nn.Module) -> bool:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())
+    return len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL

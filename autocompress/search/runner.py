@@ -580,22 +580,27 @@ def run_study(
 
 
 def score_front_fully(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
-    """With ``trials.eval_samples``, score each front model's artifact on the whole eval set too
-    (``metric_full``, ``metric_drop_full``; the search compared them on the subset)."""
+    """With ``trials.eval_samples``, score each front model's artifact on the whole eval set too.
+
+    The search compared trials on the subset; the whole-set figures go into the study's user attr
+    ``metric_full`` (trial number -> ``{"metric": ..., "metric_drop": ...}``: a finished trial's own
+    attrs cannot change) and from there into ``pareto/front.json`` and the report.
+    """
     if ctx.eval_limit() is None:
         return
     base_full = ctx.baseline.get("metric_full", ctx.baseline["metric"])
+    done = dict(study.user_attrs.get("metric_full", {}))
     for t in study.best_trials:
-        if "metric_full" in t.user_attrs or "artifact" not in t.user_attrs:
+        if str(t.number) in done or "artifact" not in t.user_attrs:
             continue
         path = ctx.run_dir / t.user_attrs["artifact"]
         if not path.exists():
             continue
         full = ctx.score(ctx.backend.load_artifact(path), full=True)
         drop = metric_drop(full, base_full, ctx.metric.sign)
-        study._storage.set_trial_user_attr(t._trial_id, "metric_full", full)
-        study._storage.set_trial_user_attr(t._trial_id, "metric_drop_full", drop)
+        done[str(t.number)] = {"metric": full, "metric_drop": drop}
         log(f"front trial {t.number}: {ctx.metric.name} {full:.4f} on the whole eval set (drop {drop:+.4f})")
+    study.set_user_attr("metric_full", done)
 
 
 def estimate_trial_s(ctx: RunContext, log: Callable[[str], None]) -> dict[str, float]:

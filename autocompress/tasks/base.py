@@ -230,7 +230,7 @@ def validate_task(task: object, where: str) -> Task:
         raise ConfigError(exc.rule, field=where) from None
     except Exception as exc:  # the user's adapter or loader
         raise ConfigError(
-            f"reading the task's data failed: {type(exc).__name__}: {exc}", field=where
+            f"reading the task's data failed: {type(exc).__name__}: {_one_line(exc)}", field=where
         ) from exc
     model = _model(task, where)
     try:
@@ -240,7 +240,7 @@ def validate_task(task: object, where: str) -> Task:
         raise ConfigError(exc.rule, field=f"{where}.output") from None
     except Exception as exc:  # the user's code: report it, do not crash
         raise ConfigError(
-            f"task model failed on the task's inputs: {type(exc).__name__}: {exc}", field=where
+            f"task model failed on the task's inputs: {type(exc).__name__}: {_one_line(exc)}", field=where
         ) from exc
     if out.shape[:1] != (len(example[0]),):
         raise ConfigError(
@@ -248,6 +248,10 @@ def validate_task(task: object, where: str) -> Task:
         )
     _check_metric(task, metric, out, where)
     return task
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
 
 
 def _model(task: Task, where: str) -> nn.Module:
@@ -258,7 +262,7 @@ def _model(task: Task, where: str) -> nn.Module:
     except Exception as exc:
         what = "model" if task.pretrained else "model_fn"
         raise ConfigError(
-            f"loading the model failed: {type(exc).__name__}: {exc}", field=f"{where}.{what}"
+            f"loading the model failed: {type(exc).__name__}: {_one_line(exc)}", field=f"{where}.{what}"
         ) from exc
 
 
@@ -313,5 +317,5 @@ def _check_metric(task: Task, metric: Metric, out: torch.Tensor, where: str) -> 
         raise ConfigError(exc.rule, field=f"{where}.metric") from None
     except Exception as exc:
         raise ConfigError(
-            f"metric {metric.name!r} raised {type(exc).__name__}: {exc}", field=f"{where}.metric"
+            f"metric {metric.name!r} raised {type(exc).__name__}: {_one_line(exc)}", field=f"{where}.metric"
         ) from exc

@@ -64,7 +64,10 @@ def select_output(out: Any, selector: int | str | Callable | None) -> torch.Tens
     if callable(selector):
         out = selector(out)
     elif isinstance(out, torch.Tensor):
-        pass
+        if selector is not None:
+            raise ConfigError(
+                f"task.output: {selector!r} selects from a tuple or a mapping, but the model returns a tensor"
+            )
     elif isinstance(out, Mapping) or hasattr(out, "keys"):  # dict, transformers ModelOutput
         keys = list(out.keys())
         if isinstance(selector, str):
