@@ -157,12 +157,36 @@ def test_structured_pruning_errors():
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "taylor"])
 def test_structured_importances(importance):
+    """Each importance keeps the channels it should: the largest filters, and (Taylor only, which looks
+    at gradients) not the large filters whose ReLU never fires."""
     torch.manual_seed(0)
     m = REFERENCE_MODELS["plain_cnn"]().eval()
     x = REFERENCE_MODELS["plain_cnn"].example_inputs(16)
     y = torch.randint(0, 10, (16,))
-    changes = prune_channels(copy.deepcopy(m), x, {"features.0": 0.5}, importance=importance, data=(x[0], y))
+    perm = torch.randperm(16)
+    large, off = sorted(perm[:8].tolist()), sorted(perm[:4].tolist())  # scattered: no fixed order picks them
+    with torch.no_grad():
+        m.features[0].weight[perm[8:]] *= 0.05  # 8 small filters, 8 large ones
+        m.features[0].weight[perm[:8]] *= 2.0
+
+    def kept(model: nn.Module, ref: nn.Module) -> list[int]:  # which original filters survived
+        rows = model.features[0].weight
+        return [i for i, w in enumerate(ref.features[0].weight) if any(torch.equal(w, r) for r in rows)]
+
+    pruned = copy.deepcopy(m)
+    changes = prune_channels(pruned, x, {"features.0": 0.5}, importance=importance, data=(x[0], y))
     assert changes["features.0"] == (16, 8)
+    assert kept(pruned, m) == large
+    silent = copy.deepcopy(m)
+    with torch.no_grad():  # 4 of the large filters: a BN bias that keeps their ReLU off on every input
+        silent.features[1].bias[off] = -100.0
+    pruned = copy.deepcopy(silent)
+    prune_channels(pruned, x, {"features.0": 0.5}, importance=importance, data=(x[0], y))
+    if importance == "taylor":  # zero gradient through a dead ReLU: zero first-order importance
+        assert set(kept(pruned, silent)) & set(large) == set(large) - set(off)
+        assert not set(kept(pruned, silent)) & set(off)
+    else:  # magnitudes see the weights only
+        assert kept(pruned, silent) == large
 
 
 def test_nm_mask_pattern_is_exact():
