@@ -305,6 +305,7 @@ def compress(
             )
             setattr(m, MODE_ATTR, lp.quant_mode)
     recurrent = _recurrent_dynamic(student, plan)
+    _note_recurrent_skips(student, plan, notes)
 
     def update_masks(progress: float) -> None:
         for n, m in pruned.items():
@@ -420,3 +421,19 @@ def _recurrent_dynamic(model: nn.Module, plan: Plan) -> dict[str, int]:
         setattr(m, MODE_ATTR, "dynamic")
         out[name] = 8
     return out
+
+
+def _note_recurrent_skips(model: nn.Module, plan: Plan, notes: dict[str, str]) -> None:
+    """Low rank and sparsity planned on an LSTM/GRU are not applied (its gates take dynamic int8 only):
+    say so in the notes rather than ignore the plan silently."""
+    for name, m in model.named_modules():
+        lp = plan.layers.get(name) if isinstance(m, RECURRENT) else None
+        if lp is None:
+            continue
+        skipped = ["low rank"] if lp.rank_ratio < 1.0 else []
+        if lp.sparsity_kind == "2:4" or lp.sparsity > 0:
+            skipped.append(f"{lp.sparsity_kind} sparsity")
+        if skipped:
+            notes[name] = (
+                f"{' and '.join(skipped)} not applied: {type(m).__name__} layers take dynamic int8 only"
+            )

@@ -235,3 +235,35 @@ def test_missing_study_file(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: study file does not exist"
+
+
+def test_a_budget_at_the_reachable_bound_is_accepted_and_one_below_refused(tmp_path):
+    """README: a reachable budget is never refused. The size bound is exact (a float, full-rank space's
+    weights: 8848 bytes); latency: what a one-operator artifact and the float baseline really take."""
+    from autocompress.config import load_config
+    from autocompress.errors import ConfigError
+    from autocompress.search.preflight import check_budgets, latency_floor_ms
+    from autocompress.search.runner import prepare
+
+    float_space = {"bits": {"fixed": 32}, "sparsity": {"fixed": 0.0}, "rank_ratio": {"fixed": 1.0}}
+
+    def config(**budgets):
+        study = tmp_path / "study.yaml"
+        study.write_text(_with(space__overrides=float_space, budgets=budgets, output=str(tmp_path / "run")))
+        return load_config(study)
+
+    prepared = prepare(config())
+    task, space, backend = prepared.task, prepared.space, prepared.backend
+    try:
+        check_budgets(config(max_size_bytes=8848), task, space, backend)  # at the bound: accepted
+        with pytest.raises(ConfigError, match=r"8847 bytes cannot be met: .* at least 8848 bytes"):
+            check_budgets(config(max_size_bytes=8847), task, space, backend)
+        floor = latency_floor_ms(task, backend)
+        baseline = backend.lower(task.model_fn().eval(), task.example_inputs(), {}, tmp_path / "baseline")
+        reachable = backend.measure(baseline, task.example_inputs()).median_ms
+        for ms in (floor, reachable):  # what real artifacts take: accepted
+            check_budgets(config(max_latency_ms=ms), task, space, backend)
+        with pytest.raises(ConfigError, match=r"ms cannot be met: a one-operator artifact already takes"):
+            check_budgets(config(max_latency_ms=0.2 * floor), task, space, backend)
+    finally:
+        backend.close()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import time
 
 import numpy as np
 import onnx
@@ -127,12 +129,29 @@ def test_float_artifact_matches_the_torch_model(tmp_path, backend, digits_task, 
     np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(), atol=1e-4)
 
 
-def test_measure_reports_spread_and_count(tmp_path, backend, digits_task, digits_teacher):
+def test_measure_stops_on_the_confidence_interval_rule_in_a_pinned_worker(
+    tmp_path, digits_task, digits_teacher
+):
+    """On a real ONNX artifact, timing goes on until the median's ~95% CI is within the target, then
+    stops: a tight target takes many calls, a loose one stops after the first block. The worker that
+    times is pinned to the chosen core."""
     model, _ = fold_batchnorm(copy.deepcopy(digits_teacher))
-    art = backend.lower(model, digits_task.example_inputs(), {}, tmp_path)
-    stats = backend.measure(art, digits_task.example_inputs())
-    assert stats.n >= 100 and stats.median_ms > 0
-    assert stats.p90_ms >= stats.median_ms and stats.iqr_ms >= 0
+    art = OnnxRuntimeBackend().lower(model, digits_task.example_inputs(), {}, tmp_path)
+    core = max(os.sched_getaffinity(0))
+    limits = {"min_s": 0.0, "min_repeats": 20, "max_repeats": 10**7, "max_s": 30.0}
+    tight = OnnxRuntimeBackend(pin_core=core, timing={**limits, "target_rel_ci": 0.002})
+    try:
+        t0 = time.perf_counter()
+        st = tight.measure(art, digits_task.example_inputs())
+        elapsed = time.perf_counter() - t0
+        assert os.sched_getaffinity(tight._worker._proc.pid) == {core}  # the timing process was pinned
+    finally:
+        tight.close()
+    assert st.rel_ci <= 0.002 and elapsed < 25, (st, elapsed)  # met, long before max_s
+    assert st.rel_ci == pytest.approx(1.57 * st.iqr_ms / np.sqrt(st.n) / st.median_ms, rel=1e-6)
+    loose = OnnxRuntimeBackend(isolate=False, timing={**limits, "target_rel_ci": 0.05})
+    quick = loose.measure(art, digits_task.example_inputs())
+    assert quick.rel_ci <= 0.05 and quick.n < st.n, (quick.n, st.n)
 
 
 def test_device_lock_is_exclusive():

@@ -363,15 +363,28 @@ def test_post_training_quantization_is_the_zero_epoch_rung(tmp_path, backend, di
 
 
 def test_lsq_gradient_scale_and_learning():
+    """The step's gradient is LSQ's, times ``g = 1/sqrt(n * qmax)``; the weights' is straight-through."""
     torch.manual_seed(0)
     w = torch.randn(4, 16)
     fq = LSQFakeQuant(w, bits=4)
     assert isinstance(fq.log_scale, nn.Parameter) and fq.scale.shape == (4, 1)
     torch.testing.assert_close(fq.scale, weight_qparams(w, 4)[0])  # starts from the min-max step
-    assert fq.grad_factor == pytest.approx(1 / np.sqrt(16 * 7))
-    fq(w.requires_grad_()).sum().backward()
-    assert fq.log_scale.grad is not None and fq.log_scale.grad.abs().sum() > 0
-    assert w.grad is not None  # straight-through for the weights inside the range
+    with torch.no_grad():  # a smaller step than min-max: some weights now clip at +-7
+        fq.log_scale.sub_(0.4)
+    c = torch.randn(4, 16)  # an arbitrary upstream gradient
+    w.requires_grad_()
+    (fq(w) * c).sum().backward()
+    # d/ds of (clamp(round(w/s)) * s): round(w/s) - w/s inside the grid, the clipped level outside
+    s = fq.scale.detach()
+    v = w.detach() / s
+    inside = (v >= -7) & (v <= 7)
+    assert 0 < int((~inside).sum()) < w.numel() // 2  # both branches of the derivative occur
+    dq_ds = torch.where(inside, torch.round(v) - v, torch.round(v.clamp(-7, 7)))
+    g = 1 / np.sqrt(16 * 7)  # 16 weights per (per-channel) step, qmax 7
+    expected = g * s * (c * dq_ds).sum(1, keepdim=True)  # chain rule through s = exp(log_scale)
+    assert float(expected.abs().min()) > 1e-3  # the comparison below is not between near-zeros
+    torch.testing.assert_close(fq.log_scale.grad, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, c * inside)  # straight-through inside the range, zero where clipped
 
 
 def test_lsq_scale_is_trained_and_is_what_the_artifact_uses(tmp_path, backend, digits_task, digits_teacher):

@@ -41,7 +41,7 @@ def test_disturbed_rounds_are_set_aside_and_the_ratio_survives():
 def test_undisturbed_timing_keeps_every_round():
     st = time_callables([lambda: _spin(1e-4)], device="cpu", batch_size=1, min_s=0.2, max_s=1.0)[0]
     assert st.disturbed < 0.2 and st.median_ms == pytest.approx(0.1, rel=0.2)
-    assert st.n >= 100 and st.rel_ci <= 0.02 and st.p90_ms >= st.median_ms
+    assert st.n >= 100 and st.rel_ci <= 0.02
 
 
 def test_slow_calls_reach_the_target_well_before_the_cap():
@@ -98,3 +98,17 @@ def test_a_slow_onnx_artifact_is_timed_within_the_stated_bound(tmp_path):
     assert a.n >= 10 and b.n >= 10 and 0 < a.rel_ci < 1 and 0 < b.rel_ci < 1
     # the two copies' ratio is 1 within the CIs the measurement reports (+5% for the VM's two speeds)
     assert abs(b.median_ms / a.median_ms - 1.0) <= 0.05 + a.rel_ci + b.rel_ci
+
+
+def test_callables_are_timed_in_alternating_blocks():
+    order: list[int] = []
+    fns = [lambda i=i: (order.append(i), _spin(5e-5)) for i in range(3)]
+    stats = time_callables(
+        fns, device="cpu", batch_size=1, warmup_min=10, warmup_s=0.0, block=7, min_s=0.05, max_s=0.3
+    )
+    assert order[:30] == [0] * 10 + [1] * 10 + [2] * 10  # warm-up: 10 calls each
+    timed = order[30:]
+    assert len(timed) >= 3 * 21 and len(timed) % 21 == 0
+    rounds = [timed[i : i + 21] for i in range(0, len(timed), 21)]
+    assert all(r == [0] * 7 + [1] * 7 + [2] * 7 for r in rounds)  # one block of each, in turn
+    assert len({st.n for st in stats}) == 1

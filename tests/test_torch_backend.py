@@ -6,6 +6,8 @@ import copy
 import importlib.util
 import json
 import os
+import threading
+import time
 import zipfile
 
 import numpy as np
@@ -121,14 +123,41 @@ def test_pickled_payloads_are_refused(artifact, tmp_path):
 
 def test_in_process_timing_pinned_to_a_core_restores_the_affinity(artifact):
     before = os.sched_getaffinity(0)
-    be = TorchBackend(isolate=False, pin_core=0, timing={"max_s": 0.5, "min_repeats": 50})
-    st = be.measure(artifact, (X[:1],))
-    assert st.n >= 50 and st.p90_ms >= st.median_ms
-    assert os.sched_getaffinity(0) == before
+    if len(before) < 2:
+        pytest.skip(f"this process may run on {len(before)} core only: pinning to one is not observable")
+    core = max(before)
+    tid = threading.get_native_id()  # the timing thread (in-process timing runs in this one)
+    seen: set[frozenset[int]] = set()
+    done = threading.Event()
+
+    def watch():  # the affinity of the timing thread, as the kernel reports it, while it times
+        while not done.is_set():
+            seen.add(frozenset(os.sched_getaffinity(tid)))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        be = TorchBackend(isolate=False, pin_core=core, timing={"max_s": 0.5, "min_repeats": 50})
+        st = be.measure(artifact, (X[:1],))
+    finally:
+        done.set()
+        watcher.join()
+    assert st.n >= 50
+    assert frozenset({core}) in seen, seen  # pinned while timing ...
+    assert os.sched_getaffinity(0) == before  # ... and restored afterwards
 
 
 def test_compile_option_runs_the_same_program(artifact):
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
     be = TorchBackend(isolate=False, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
     seen = []
     be.evaluate(artifact, X.numpy(), np.zeros(16), lambda logits, y: seen.append(logits) or 0.0)
     np.testing.assert_allclose(seen[0], copy.deepcopy(_model())(X).detach().numpy(), atol=1e-4)
+    assert isinstance(be.module(artifact.path), OptimizedModule)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo captured (and compiled) a graph
+    plain = TorchBackend(isolate=False)
+    assert not isinstance(plain.module(artifact.path), OptimizedModule)
