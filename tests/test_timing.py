@@ -104,10 +104,10 @@ def test_callables_are_timed_in_alternating_blocks():
     order: list[int] = []
     fns = [lambda i=i: (order.append(i), _spin(5e-5)) for i in range(3)]
     stats = time_callables(
-        fns, device="cpu", batch_size=1, warmup_min=10, warmup_s=0.0, block=7, min_s=0.05, max_s=0.3
+        fns, device="cpu", batch_size=1, warmup_min=3, warmup_s=0.0, block=7, min_s=0.05, max_s=0.3
     )
-    assert order[:30] == [0] * 10 + [1] * 10 + [2] * 10  # warm-up: 10 calls each
-    timed = order[30:]
+    assert order[:9] == [0] * 3 + [1] * 3 + [2] * 3  # warm-up: 3 calls each, one callable after another
+    timed = order[9:]
     assert len(timed) >= 3 * 21 and len(timed) % 21 == 0
     rounds = [timed[i : i + 21] for i in range(0, len(timed), 21)]
     assert all(r == [0] * 7 + [1] * 7 + [2] * 7 for r in rounds)  # one block of each, in turn
