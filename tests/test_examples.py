@@ -1,0 +1,86 @@
+"""The shipped example tasks (a user's checkpoint path) at tiny sizes: build, validate, lower to ONNX
+Runtime with their own inputs, evaluate with their own metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autocompress.backends.onnxruntime import OnnxRuntimeBackend
+from autocompress.errors import ConfigError
+from autocompress.tasks import validate_task, weights_hash
+from autocompress.tasks.data import deployable
+
+
+def _lower_and_score(task, tmp_path, precisions=None):
+    """The teacher lowered by the project's ORT backend with the task's io, scored on the eval split."""
+    teacher = task.teacher()
+    backend = OnnxRuntimeBackend(threads=1)
+    try:
+        art = backend.lower(
+            deployable(teacher, task.io),
+            task.example_inputs(),
+            precisions or {},
+            tmp_path / "art",
+            calibration=task.calibration_inputs() if precisions else None,
+            io=task.io,
+        )
+        ref = None
+        if task.metric_obj.needs_reference:
+            with torch.no_grad():
+                ref = [deployable(teacher, task.io)(*x).numpy() for x, _ in task.eval_split.batches()]
+        return art, backend.evaluate(art, task.eval_split.batches(), task.metric_obj, ref)
+    finally:
+        backend.close()
+
+
+def test_bert_encoder_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path):
+    pytest.importorskip("transformers")
+    from autocompress.examples.bert_encoder import bert_encoder
+
+    opts = dict(layers=2, hidden=32, heads=4, intermediate=64, vocab_size=2000, seq_len=16)
+    opts |= dict(train_samples=16, eval_samples=16, batch_size=8, checkpoint=str(tmp_path / "ckpt"))
+    task = validate_task(bert_encoder(**opts), "task")
+    assert (tmp_path / "ckpt" / "config.json").exists()
+    assert task.io.input_names == ("input_ids", "attention_mask", "token_type_ids") and task.io.keyword
+    assert task.io.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
+    x = task.example_inputs()
+    assert all(t.dtype == torch.int64 and t.shape == (1, 16) for t in x)
+    # a second factory call loads the same checkpoint from the folder (same weights)
+    again = bert_encoder(**opts)
+    assert weights_hash(again.teacher()) == weights_hash(task.teacher())
+    art, fid = _lower_and_score(task, tmp_path)
+    assert fid == pytest.approx(1.0, abs=1e-4)  # the float artifact is the teacher
+    linear = {n: 8 for n, m in task.teacher().named_modules() if isinstance(m, torch.nn.Linear)}
+    for n in linear:  # dynamic int8 Linear, as the study searches
+        task.teacher().get_submodule(n).ac_quant_mode = "dynamic"
+    art8, fid8 = _lower_and_score(task, tmp_path / "q", linear)
+    assert 0.9 < fid8 < 1.0 and art8.size_bytes < art.size_bytes
+    # the folder holds another model's config: refused, naming the option
+    with pytest.raises(ConfigError, match=r"task.options.checkpoint: .*hidden_size 32 \(options ask 64\)"):
+        bert_encoder(**(opts | {"hidden": 64}))
+
+
+def test_resnet18_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path):
+    from autocompress.examples.resnet18 import resnet18_task
+
+    ckpt = tmp_path / "resnet.safetensors"
+    opts = dict(checkpoint=str(ckpt), image_size=32, width=8, epochs=1, batch_size=64)
+    task = validate_task(resnet18_task(**opts), "task")
+    assert ckpt.exists()
+    model = task.teacher()
+    names = {n for n, _ in model.named_children()}
+    stem = {"conv1", "bn1", "relu", "maxpool", "avgpool", "fc"}
+    assert names == stem | {f"layer{i}" for i in range(1, 5)}
+    assert type(model.layer2[0]).__name__ == "BasicBlock" and model.layer2[0].downsample is not None
+    assert task.example_inputs()[0].shape == (1, 3, 32, 32)
+    again = resnet18_task(**opts)  # loaded from the checkpoint, not trained again
+    assert weights_hash(again.teacher()) == weights_hash(model)
+    _, acc = _lower_and_score(task, tmp_path)
+    with torch.no_grad():
+        logits = torch.cat([model(*x) for x, _ in task.eval_split.batches()])
+    labels = torch.cat([y for _, y in task.eval_split.batches()])
+    assert acc == pytest.approx(float((logits.argmax(1) == labels).float().mean()), abs=0.01)
+    assert acc > 0.2  # one epoch at width 8 already beats chance (0.1)
+    assert np.isfinite(acc)
