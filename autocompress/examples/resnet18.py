@@ -126,11 +126,11 @@ def tinted_digits(image_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return x.contiguous(), torch.tensor(d.target, dtype=torch.int64)
 
 
-def splits(image_size: int, seed: int = 0, eval_fraction: float = 0.2):
-    """(train, eval) ``TensorDataset``s, a fixed shuffle of the digits."""
+def splits(image_size: int, seed: int = 0, eval_fraction: float = 0.2, samples: int | None = None):
+    """(train, eval) ``TensorDataset``s, a fixed shuffle of the digits (the first ``samples`` of it)."""
     x, y = tinted_digits(image_size, seed)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_eval = round(eval_fraction * len(x))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:samples]
+    n_eval = round(eval_fraction * len(perm))
     ev, tr = perm[:n_eval], perm[n_eval:]
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[ev], y[ev])
 
@@ -195,6 +195,7 @@ def resnet18_task(
     epochs: int = 3,
     batch_size: int = 64,
     calibration_samples: int = 128,
+    samples: int | None = None,
     seed: int = 0,
 ) -> Task:
     """A Task for a ResNet-18 loaded from ``checkpoint`` (trained there on first use).
@@ -206,15 +207,22 @@ def resnet18_task(
         epochs: teacher training epochs when the checkpoint is created.
         batch_size: the DataLoaders' batch size.
         calibration_samples: samples the int8 layers are calibrated on.
+        samples: use only this many of the 1,797 digits (train + eval; tiny tests).
         seed: data shuffle and training seed.
     """
     if image_size < 32:
         raise ConfigError(
             f"image_size {image_size} < 32 (five stride-2 stages)", field="task.options.image_size"
         )
-    train, evaluation = splits(image_size, seed)
+    train, evaluation = splits(image_size, seed, samples=samples)
     path = Path(checkpoint)
-    arch = {"arch": "resnet18", "num_classes": 10, "width": width, "image_size": image_size}
+    arch = {
+        "arch": "resnet18",
+        "num_classes": 10,
+        "width": width,
+        "image_size": image_size,
+        "samples": samples,
+    }
     if not path.exists():
         print(f"training the ResNet-18 checkpoint ({epochs} epochs), written to {path}", file=sys.stderr)
         train_checkpoint(path, arch, train, epochs, batch_size, seed)
