@@ -56,7 +56,8 @@ def test_bert_encoder_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path
     for n in linear:  # dynamic int8 Linear, as the study searches
         task.teacher().get_submodule(n).ac_quant_mode = "dynamic"
     art8, fid8 = _lower_and_score(task, tmp_path / "q", linear)
-    assert 0.9 < fid8 < 1.0 and art8.size_bytes < art.size_bytes
+    assert 0.9 < fid8 < 1.0  # int8 weights (the tiny float embedding table dominates the file size)
+    assert art8.meta["weights_stored_bytes"] < art.meta["weights_stored_bytes"]
     # the folder holds another model's config: refused, naming the option
     with pytest.raises(ConfigError, match=r"task.options.checkpoint: .*hidden_size 32 \(options ask 64\)"):
         bert_encoder(**(opts | {"hidden": 64}))
