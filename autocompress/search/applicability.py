@@ -285,15 +285,40 @@ class _Checker:
             passed[layer] = out
         if not passed:
             return verdict
-        if kind.per_layer:  # one lowering for the layers that passed; each layer alone if that fails
+        if kind.per_layer:  # the layers that passed, together: one lowering, each layer alone if that fails
             out, err = self.apply({n: kind.plans[n] for n in passed})
-            if err is None and self.lower(out) is None:
+            if err is not None:  # coupled layers (one residual stream, one head split) break together
+                self.together = err
+                out, passed = self._greedy(kind, passed, verdict)
+            if out is not None and self.lower(out) is None:
                 verdict.update({n: ("ok", "", "") for n in passed})
                 return verdict
         for layer, out in passed.items():
             err = self.lower(out)
             verdict[layer] = ("fails", *err) if err else ("ok", "", "")
         return verdict
+
+    def _greedy(self, kind: _Kind, passed: dict, verdict: dict):
+        """Add the layers one at a time (inventory order); one that breaks the set kept so far fails.
+
+        Returns the result of the kept set (None if none) and the kept layers (each with its own result).
+        """
+        kept: dict[str, object] = {}
+        out = None
+        for layer, alone in passed.items():
+            if not kept:
+                kept[layer], out = alone, alone
+                continue
+            joint, err = self.apply({n: kind.plans[n] for n in [*kept, layer]})
+            if err is None:
+                kept[layer], out = alone, joint
+                continue
+            verdict[layer] = (
+                "fails",
+                f"{err[0]} (jointly)",
+                f"works alone, fails together with {', '.join(kept)} at the same setting: {err[1]}",
+            )
+        return out, kept
 
 
 def _show(p: Param) -> str:
