@@ -312,6 +312,7 @@ def test_report_shows_applicability_and_coverage_tables(backend, tmp_path):
 def test_study_on_torch_transformer_narrows_before_the_first_trial_and_no_trial_fails(tmp_path):
     data = {
         "name": "mha",
+        "task": {"name": None},
         "space": {"file": str(SPACE)},
         "finetune": {"epochs": 1},
         "sampler": {"name": "random"},
