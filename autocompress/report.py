@@ -358,10 +358,11 @@ def _applicability_html(study: optuna.Study) -> str:
             + "".join(f"<p>warning: {escape(w)}</p>" for w in data.get("interactions", []))
         )
     if cov is not None:
-        flops = f" and {cov['flops_share']:.1%} of its FLOPs" if cov.get("flops_share") is not None else ""
+        macs = cov.get("macs_share")
+        macs = f" and {macs:.1%} of its multiply-accumulates (batch 1)" if macs is not None else ""
         out += (
             f"<h3>Coverage</h3><p>The search can change {cov['params_share']:.1%} of the model's parameters "
-            f"({cov['params_touched']:,} of {cov['params_total']:,}){escape(flops)}. It cannot change:</p>"
+            f"({cov['params_touched']:,} of {cov['params_total']:,}){escape(macs)}. It cannot change:</p>"
             + _table(coverage_table(study), "nothing: every parameter is in a searched layer")
         )
     return out

@@ -4,10 +4,12 @@
 technique is applied to that one layer at its harshest setting in the space (the lowest rank ratio for
 each rank mode, the highest structured or unstructured sparsity, 2:4, each bit width below float,
 dynamic int8), through the same :func:`~autocompress.pipeline.compress` a trial uses (no fine-tuning),
-the result runs one forward pass, and it is lowered by the study's backend. To stay cheap, the layers
-of one technique are first tried together (one compress, one forward, one lowering); only when that
-fails is each layer tried alone, so that the failing ones are found and the others kept. Structured
-pruning is always tried layer by layer (coupled layers make a joint cut another experiment).
+the result runs one forward pass, and it is lowered by the study's backend (masks, unstructured or 2:4,
+keep the baseline's dense graph: they are not lowered again). To stay cheap, the layers of one
+technique are first tried together (one compress, one forward, one lowering); only when that fails is
+each layer tried alone, so that the failing ones are found and the others kept. Structured pruning
+couples layers (a residual stream, a head split): layers that pass alone are tried together again and
+one that breaks the set kept so far is excluded too.
 
 A pair *fails* (its compress, forward or lowering raises) or has *no effect* (the pipeline skips it:
 a depthwise conv cannot be factorized, a layer produces the model output, 2:4 needs input channels in
@@ -15,14 +17,13 @@ fours). Either way its choice is removed from that layer's domain (rank choices 
 sparsity kind or bit width leaves the choices), so that no trial can fail, or repeat the baseline, for
 a technique that could never apply. Layers sharing a parameter (``groups``) lose the choice together.
 
-**Coverage.** The share of the model's parameters (and of its FLOPs at batch 1) that the narrowed
+**Coverage.** The share of the model's parameters (and of its multiply-accumulates at batch 1) that the narrowed
 space can change, and every part it cannot, with the reason (a recurrent layer, an embedding table,
 the packed input projection of ``nn.MultiheadAttention``, a layer every technique was excluded from).
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from ..tasks import Task
 from ..tasks.data import deployable
 
 BIT_NAMES = {16: "fp16", 8: "int8"}
+CALIBRATION_SAMPLES = 16  # activation ranges for a lowering that only has to succeed
 
 
 @dataclass
@@ -107,14 +109,15 @@ class _Kind:
     value: object
     setting: str
     plans: dict[str, LayerPlan]  # layer -> its harshest plan (only layers whose domain allows it)
-    per_layer: bool = False  # structured pruning: always one layer at a time
+    coupled: bool = False  # structured pruning: layers that pass alone are tried together again
+    lowers: bool = True  # masks (unstructured, 2:4) keep the baseline's graph: no lowering to check
 
 
 def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
     kinds: dict[tuple, _Kind] = {}
 
-    def add(key, technique, dim, value, setting, layer, lp, per_layer=False):
-        k = kinds.setdefault(key, _Kind(technique, dim, value, setting, {}, per_layer))
+    def add(key, technique, dim, value, setting, layer, lp, coupled=False, lowers=True):
+        k = kinds.setdefault(key, _Kind(technique, dim, value, setting, {}, coupled, lowers))
         k.plans[layer] = lp
 
     for info in inventory:
@@ -142,7 +145,7 @@ def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
                 f"sparsity {top:g}",
                 info.name,
                 LayerPlan(sparsity=top, sparsity_kind="structured"),
-                per_layer=True,
+                coupled=True,
             )
         if top > 0 and "unstructured" in kinds_allowed:
             add(
@@ -153,6 +156,7 @@ def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
                 f"sparsity {top:g}",
                 info.name,
                 LayerPlan(sparsity=top),
+                lowers=False,
             )
         if "2:4" in kinds_allowed:
             add(
@@ -163,6 +167,7 @@ def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
                 "2:4",
                 info.name,
                 LayerPlan(sparsity_kind="2:4"),
+                lowers=False,
             )
         grid = space.granularity_by_kind.get(info.kind, ())
         extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
@@ -241,7 +246,10 @@ class _Checker:
             return None, ("forward", _one_line(exc))
         return out, None
 
-    def lower(self, out) -> tuple[str, str] | None:
+    def lower(self, out, kind: _Kind) -> tuple[str, str] | None:
+        """Lower ``out`` with the study's backend (not for masks: the graph is the baseline's)."""
+        if not kind.lowers:
+            return None
         self.lowerings += 1
         task = self.task
         try:
@@ -250,7 +258,7 @@ class _Checker:
                 task.example_inputs(),
                 out.precisions,
                 self.tmp / f"a{self.lowerings}",
-                calibration=task.calibration_inputs() if out.precisions else None,
+                calibration=task.calibration_inputs(CALIBRATION_SAMPLES) if out.precisions else None,
                 io=task.io,
             )
         except Exception as exc:
@@ -258,12 +266,19 @@ class _Checker:
         return None
 
     def run(self, kind: _Kind) -> dict[str, tuple[str, str, str]]:
-        """layer -> (status, stage, reason) for every layer of ``kind``."""
+        """layer -> (status, stage, reason) for every layer of ``kind``.
+
+        All layers together first (one compress, one forward, one lowering); when that fails, each layer
+        alone (apply + forward), then each one's lowering alone. A coupled technique (structured pruning:
+        pruned together, layers of one residual stream or head split stay consistent, alone they may
+        not) starts with each layer alone, then tries the passing ones together (a layer that breaks the
+        set fails, see :meth:`_greedy`) for one lowering.
+        """
         verdict: dict[str, tuple[str, str, str]] = {}
         self.together = None
-        if not kind.per_layer:
+        if not kind.coupled:  # a coupled technique applied everywhere is another experiment than alone
             out, err = self.apply(kind.plans)
-            err = err or self.lower(out)
+            err = err or self.lower(out, kind)
             if err is None:
                 for layer in kind.plans:
                     note = out.notes.get(layer, "")
@@ -285,16 +300,15 @@ class _Checker:
             passed[layer] = out
         if not passed:
             return verdict
-        if kind.per_layer:  # the layers that passed, together: one lowering, each layer alone if that fails
+        if kind.coupled:  # the layers that passed, together; one lowering, each layer alone if that fails
             out, err = self.apply({n: kind.plans[n] for n in passed})
             if err is not None:  # coupled layers (one residual stream, one head split) break together
-                self.together = err
                 out, passed = self._greedy(kind, passed, verdict)
-            if out is not None and self.lower(out) is None:
+            if out is not None and self.lower(out, kind) is None:
                 verdict.update({n: ("ok", "", "") for n in passed})
                 return verdict
         for layer, out in passed.items():
-            err = self.lower(out)
+            err = self.lower(out, kind)
             verdict[layer] = ("fails", *err) if err else ("ok", "", "")
         return verdict
 
@@ -389,6 +403,25 @@ def check_applicability(
     result = Applicability()
     removals: dict[str, set] = {}
     dims: list[tuple[PairCheck, str]] = []
+    threads = torch.get_num_threads()
+    # one thread: the check's tensors are small, and LAPACK's SVD on two threads of a busy 2-core
+    # machine was measured 20-50x slower (0.8-1.5 s instead of 0.03-0.04 s for a 128 x 576 weight)
+    torch.set_num_threads(1)
+    try:
+        _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims)
+    finally:
+        torch.set_num_threads(threads)
+    result.domains, described = _narrowed(space, inventory, removals)
+    for c, dim in dims:
+        c.removed = described.get((c.layer, dim), "") if c.status != "ok" else ""
+    result.seconds = time.perf_counter() - t0
+    if log is not None:
+        for line in summary_lines(result):
+            log(line)
+    return result
+
+
+def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims) -> None:
     with tempfile.TemporaryDirectory(prefix="ac-applicability-") as tmp:
         checker = _Checker(task, teacher, backend, seed, Path(tmp))
         for kind in _kinds(space, inventory):
@@ -405,14 +438,6 @@ def check_applicability(
                 if status != "ok":
                     removals.setdefault(f"{layer}|{kind.dim}", set()).add(kind.value)
         result.lowerings = checker.lowerings
-    result.domains, described = _narrowed(space, inventory, removals)
-    for c, dim in dims:
-        c.removed = described.get((c.layer, dim), "") if c.status != "ok" else ""
-    result.seconds = time.perf_counter() - t0
-    if log is not None:
-        for line in summary_lines(result):
-            log(line)
-    return result
 
 
 def summary_lines(result: Applicability) -> list[str]:
@@ -468,14 +493,33 @@ def _touchable(space: SearchSpace, layer: str) -> bool:
     return bits or sparse or rank
 
 
-def _flops(model: nn.Module, task: Task) -> tuple[dict[str, float], float]:
-    """FLOPs per module name at batch 1 (torch's FlopCounterMode; LSTM/GRU/RNN counted analytically,
-    which the counter misses) and the model's total."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _macs(model: nn.Module, task: Task) -> dict[str, float]:
+    """Multiply-accumulates per layer at batch 1, counted from the shapes each layer sees (forward hooks):
+    Conv1d/Conv2d/Linear, nn.MultiheadAttention (input projection and attention under its own name, the
+    output projection under ``<name>.out_proj``) and LSTM/GRU/RNN; matmuls written in a forward
+    (``q @ k.T``) are not seen."""
+    macs: dict[str, float] = {}
 
-    recurrent: dict[str, float] = {}
+    def layer(name):
+        def count(m, _inputs, out):
+            if torch.is_tensor(out):
+                macs[name] = macs.get(name, 0.0) + out.numel() * m.weight[0].numel()
 
-    def hook(name):
+        return count
+
+    def attention(name):
+        def count(m, args, kwargs, _out):
+            q, k = (list(args) + [kwargs.get("query"), kwargs.get("key")])[:2]
+            e, kdim, vdim = m.embed_dim, m.kdim, m.vdim
+            tokens_q, tokens_k = q.numel() // e, k.numel() // kdim
+            seq_k = k.shape[1] if m.batch_first else k.shape[0]
+            proj = tokens_q * e * e + tokens_k * (kdim + vdim) * e
+            macs[name] = macs.get(name, 0.0) + proj + 2 * tokens_q * seq_k * e  # q k^T and the weighted v
+            macs[f"{name}.out_proj"] = macs.get(f"{name}.out_proj", 0.0) + tokens_q * e * e
+
+        return count
+
+    def recurrent(name):
         def count(m, inputs, _out):
             x = inputs[0]
             if not torch.is_tensor(x) or x.dim() < 2:
@@ -484,31 +528,27 @@ def _flops(model: nn.Module, task: Task) -> tuple[dict[str, float], float]:
             dirs = 2 if m.bidirectional else 1
             total, width = 0.0, m.input_size
             for _ in range(m.num_layers):
-                total += 2 * _GATES.get(type(m), 1) * m.hidden_size * (width + m.hidden_size) * steps * batch
+                total += _GATES.get(type(m), 1) * m.hidden_size * (width + m.hidden_size) * steps * batch
                 width = m.hidden_size * dirs
-            recurrent[name] = total * dirs
+            macs[name] = macs.get(name, 0.0) + total * dirs
 
         return count
 
-    # a copy in training mode: inference fast paths (fused attention / encoder kernels) hide their
-    # matmuls from the counter; no dropout or batch statistics matter to a count
-    model = copy.deepcopy(model).train()
-    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
-    dm = deployable(model, task.io)
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            hooks.append(m.register_forward_hook(attention(name), with_kwargs=True))
+        elif isinstance(m, COMPRESSIBLE):
+            hooks.append(m.register_forward_hook(layer(name)))
+        elif isinstance(m, nn.RNNBase):
+            hooks.append(m.register_forward_hook(recurrent(name)))
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            dm(*task.example_inputs())
+        with torch.no_grad():
+            deployable(model, task.io)(*task.example_inputs())
     finally:
         for h in hooks:
             h.remove()
-    root = type(dm).__name__
-    per: dict[str, float] = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key.startswith(root + "."):
-            per[key[len(root) + 1 :]] = float(sum(ops.values()))
-    for name, f in recurrent.items():
-        per[name] = per.get(name, 0.0) + f
-    return per, float(counter.get_total_flops()) + sum(recurrent.values())
+    return macs
 
 
 def coverage(
@@ -516,8 +556,8 @@ def coverage(
 ) -> dict:
     """What share of ``model`` the (narrowed) ``space`` can change, and what it cannot with the reason.
 
-    Returns a JSON-able dict: ``params_total``, ``params_touched``, ``params_share``, ``flops_total``,
-    ``flops_touched``, ``flops_share`` (None when the FLOPs could not be counted), ``untouched``: rows
+    Returns a JSON-able dict: ``params_total``, ``params_touched``, ``params_share``, ``macs_total``,
+    ``macs_touched``, ``macs_share`` (batch 1, see :func:`_macs`), ``untouched``: rows
     ``{part, type, modules, params, share, reason}`` from the largest.
     """
     excluded: dict[str, list[str]] = {}
@@ -562,18 +602,16 @@ def coverage(
         r["share"] = r["params"] / total if total else 0.0
         shown = r["modules"][:3]
         r["part"] = ", ".join(shown) + (f" (+{len(r['modules']) - 3} more)" if len(r["modules"]) > 3 else "")
-    try:
-        per, flops_total = _flops(model, task)
-        flops_touched = sum(per.get(n, 0.0) for n in touched)
-    except Exception:  # a model the counter cannot run through: the parameter shares still stand
-        flops_total = flops_touched = None
+    per = _macs(model, task)
+    macs_total = sum(per.values())
+    macs_touched = sum(per.get(n, 0.0) for n in touched)
     return {
         "params_total": total,
         "params_touched": params_touched,
         "params_share": params_touched / total if total else 0.0,
-        "flops_total": flops_total,
-        "flops_touched": flops_touched,
-        "flops_share": (flops_touched / flops_total) if flops_total else None,
+        "macs_total": macs_total,
+        "macs_touched": macs_touched,
+        "macs_share": (macs_touched / macs_total) if macs_total else None,
         "layers_touched": sorted(touched),
         "untouched": untouched,
     }
@@ -581,10 +619,10 @@ def coverage(
 
 def coverage_lines(cov: dict) -> list[str]:
     """The log lines of a coverage: the shares, then one line per part the search cannot touch."""
-    flops = f" and {cov['flops_share']:.1%} of its FLOPs" if cov.get("flops_share") is not None else ""
+    macs = f" and {cov['macs_share']:.1%} of its MACs" if cov.get("macs_share") is not None else ""
     lines = [
         f"coverage: the search can change {cov['params_share']:.1%} of the model's parameters "
-        f"({cov['params_touched']:,} of {cov['params_total']:,}){flops}"
+        f"({cov['params_touched']:,} of {cov['params_total']:,}){macs}"
         + ("; it cannot change:" if cov["untouched"] else "")
     ]
     for r in cov["untouched"]:
