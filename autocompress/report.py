@@ -337,7 +337,10 @@ def coverage_table(study: optuna.Study) -> pd.DataFrame:
     """The parts of the model the search cannot change: parameters, share and the reason."""
     cov = study.user_attrs.get("coverage") or {}
     cols = ["part", "type", "params", "share", "reason"]
-    return pd.DataFrame([{k: r.get(k) for k in cols} for r in cov.get("untouched", [])], columns=cols)
+    rows = [{k: r.get(k) for k in cols} for r in cov.get("untouched", [])]
+    for r in rows:
+        r["share"] = f"{r['share']:.1%}" if r["share"] is not None else ""
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _applicability_html(study: optuna.Study) -> str:

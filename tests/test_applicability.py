@@ -313,7 +313,9 @@ def test_report_shows_applicability_and_coverage_tables(backend, tmp_path):
     assert "nn.MultiheadAttention reads out_proj.weight directly" in html
     assert "rank.encoder.layers.0.self_attn.out_proj -&gt; fixed 1.0" in html
     assert "<h3>Coverage</h3>" in html and f"{cov['params_share']:.1%} of the model" in html
-    assert "in_proj_weight" in html
+    assert (
+        "in_proj_weight" in html and "<td>36.0%</td>" in html
+    )  # MultiheadAttention's share, as a percentage
     (tmp_path / "old").mkdir()
     old = _report_study(tmp_path / "old", {})  # a study made before the check existed
     assert "not checked" in write_html(old, tmp_path / "old").read_text()
