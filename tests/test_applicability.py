@@ -356,3 +356,27 @@ def test_study_on_torch_transformer_narrows_before_the_first_trial_and_no_trial_
         assert layers["encoder.layers.0.self_attn.out_proj"]["rank_ratio"] == 1.0
         assert layers["head"]["sparsity_kind"] == "unstructured"
     assert "rank.encoder.layers.1.linear2" not in study.get_trials()[0].params  # fixed: not asked
+
+
+def test_grouped_layers_lose_a_choice_together_and_the_space_still_suggests(backend):
+    task = _task("mobilenet")
+    teacher = task.model_fn().eval()
+    inv = build_inventory(teacher, task.example_inputs())
+    space = SearchSpace.from_dict(
+        {
+            "rank_ratio": {"low": 0.2, "high": 1.0, "step": 0.2},
+            "groups": {"depthwise": r"blocks\.\d\.dw", "rest": ".*"},
+        }
+    )
+    result = check_applicability(task, teacher, inv, space, backend)
+    assert result.domains == {"rank.depthwise": {"fixed": 1.0}}
+    assert {c.layer for c in result.excluded} == {"blocks.0.dw", "blocks.1.dw"}
+    assert all(c.removed == "rank.depthwise -> fixed 1.0" for c in result.excluded)
+    space.narrow(result.domains)
+    study = optuna.create_study(directions=["maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(4):
+        trial = study.ask()
+        plan = space.suggest(trial, inv, epochs=0, lr=1e-3, seed=0)
+        assert plan.layers["blocks.0.dw"].rank_ratio == plan.layers["blocks.1.dw"].rank_ratio == 1.0
+        assert "rank.depthwise" not in trial.params and "rank.rest" in trial.params
+        study.tell(trial, 0.0)
