@@ -18,7 +18,8 @@ from autocompress.inventory import build_inventory
 from autocompress.pipeline import compress
 from autocompress.plan import LayerPlan, Plan
 from autocompress.report import write_html
-from autocompress.search.applicability import Applicability, check_applicability, coverage
+from autocompress.search.applicability import Applicability, check_applicability
+from autocompress.search.coverage import coverage
 from autocompress.search.runner import run_study
 from autocompress.space import SearchSpace
 from autocompress.tasks import Task

@@ -465,7 +465,8 @@ def _applicability(ctx: RunContext, study: optuna.Study, log: Callable[[str], No
     """Check every (technique, layer) pair of the space on the teacher, remove what cannot work from
     the domains (kept in the study's user attrs, like every narrowing), state the coverage; both also
     go to the run folder (``applicability.json``, ``coverage.json``)."""
-    from .applicability import Applicability, check_applicability, coverage, coverage_lines, summary_lines
+    from .applicability import Applicability, check_applicability, summary_lines
+    from .coverage import coverage, coverage_lines
 
     if "applicability" in study.user_attrs:  # another worker made the study: the same verdicts
         result = Applicability.from_dict(study.user_attrs["applicability"])
