@@ -325,6 +325,52 @@ def _table(df: pd.DataFrame, empty: str) -> str:
     return df.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
 
+def applicability_table(study: optuna.Study) -> pd.DataFrame:
+    """The (technique, layer) pairs removed from the space before the first trial, with the reason."""
+    data = study.user_attrs.get("applicability") or {}
+    cols = ["layer", "technique", "setting", "status", "stage", "reason", "removed"]
+    rows = [c for c in data.get("checks", []) if c.get("status") != "ok"]
+    return pd.DataFrame([{k: r.get(k, "") for k in cols} for r in rows], columns=cols)
+
+
+def coverage_table(study: optuna.Study) -> pd.DataFrame:
+    """The parts of the model the search cannot change: parameters, share and the reason."""
+    cov = study.user_attrs.get("coverage") or {}
+    cols = ["part", "type", "params", "share", "reason"]
+    rows = [{k: r.get(k) for k in cols} for r in cov.get("untouched", [])]
+    for r in rows:
+        r["share"] = f"{r['share']:.1%}" if r["share"] is not None else ""
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _applicability_html(study: optuna.Study) -> str:
+    from html import escape
+
+    data = study.user_attrs.get("applicability")
+    cov = study.user_attrs.get("coverage")
+    if data is None and cov is None:
+        return "<p><em>not checked (a study made before the applicability check)</em></p>"
+    out = ""
+    if data is not None:
+        n, bad = len(data.get("checks", [])), len(applicability_table(study))
+        out += (
+            f"<p>{n} (technique, layer) pairs checked on the model at their harshest setting in "
+            f"{data.get('seconds', 0):.1f} s ({data.get('lowerings', 0)} lowerings); {bad} removed from "
+            "the search space:</p>"
+            + _table(applicability_table(study), "every pair applies")
+            + "".join(f"<p>warning: {escape(w)}</p>" for w in data.get("interactions", []))
+        )
+    if cov is not None:
+        macs = cov.get("macs_share")
+        macs = f" and {macs:.1%} of its multiply-accumulates (batch 1)" if macs is not None else ""
+        out += (
+            f"<h3>Coverage</h3><p>The search can change {cov['params_share']:.1%} of the model's parameters "
+            f"({cov['params_touched']:,} of {cov['params_total']:,}){escape(macs)}. It cannot change:</p>"
+            + _table(coverage_table(study), "nothing: every parameter is in a searched layer")
+        )
+    return out
+
+
 def write_html(study: optuna.Study, run_dir: Path) -> Path:
     """``report.html``: summary, projections, per-layer view, trials, failures, hypervolume (PNGs beside it)."""
     from html import escape
@@ -366,6 +412,7 @@ table.t{{border-collapse:collapse;font-size:12px}} table.t td,table.t th{{border
 dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></head><body>
 <h1>autocompress report: {escape(study.study_name)}</h1>
 <h2>Summary</h2><dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in summary.items())}</dl>
+<h2>Applicability (checked before the first trial)</h2>{_applicability_html(study)}
 <h2>Pareto front</h2>{_table(front_table(study), "no feasible completed trial yet")}
 <h2>Projections</h2><p>Blue: feasible; grey x: over a budget; red rings: Pareto (3 objectives); black star: baseline.</p>
 {_img(pngs["projections"])}

@@ -19,6 +19,7 @@ __all__ = [
     "PlainCNN",
     "ResNetStyle",
     "TinyTransformer",
+    "TorchTransformer",
     "live_objects",
 ]
 
@@ -183,6 +184,40 @@ class TinyTransformer(nn.Module):
         return (torch.randn(batch, 40),)
 
 
+class TorchTransformer(nn.Module):
+    """A transformer encoder built from torch's own ``nn.TransformerEncoder`` (``nn.MultiheadAttention``
+    reads ``out_proj.weight`` by attribute, and the encoder layer's inference fast path reads
+    ``linear1.weight`` / ``linear2.weight``: a technique that replaces those modules breaks them)."""
+
+    def __init__(
+        self,
+        length: int = 40,
+        patch: int = 4,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        classes: int = 10,
+    ):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        for m in self.encoder.modules():  # the encoder clones one layer: give each its own weights
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+            elif isinstance(m, nn.MultiheadAttention):
+                m._reset_parameters()
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # x: [batch, length]
+        return self.head(self.encoder(self.embed(x.reshape(x.shape[0], -1, self.patch))).mean(dim=1))
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 40),)
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self, features: int = 8, hidden: int = 32, classes: int = 10):
         super().__init__()
@@ -203,6 +238,7 @@ REFERENCE_MODELS: dict[str, type[nn.Module]] = {
     "resnet": ResNetStyle,
     "mobilenet": MobileNetStyle,
     "transformer": TinyTransformer,
+    "torch_transformer": TorchTransformer,
     "lstm": LSTMClassifier,
 }
 

@@ -426,12 +426,13 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         )
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
+        _applicability(ctx, study, log)
         sensitivity = None
         if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
             from ..sensitivity import analyze
 
             sensitivity = analyze(ctx, log=log)
-        if cfg.trials.sensitivity_narrow is not None and "narrowed_domains" not in study.user_attrs:
+        if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
             _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
         for ws in cfg.trials.warm_start:
             params = ctx.space.params_for(
@@ -460,6 +461,33 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
     return study
 
 
+def _applicability(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Check every (technique, layer) pair of the space on the teacher, remove what cannot work from
+    the domains (kept in the study's user attrs, like every narrowing), state the coverage; both also
+    go to the run folder (``applicability.json``, ``coverage.json``)."""
+    from .applicability import Applicability, check_applicability, summary_lines
+    from .coverage import coverage, coverage_lines
+
+    if "applicability" in study.user_attrs:  # another worker made the study: the same verdicts
+        result = Applicability.from_dict(study.user_attrs["applicability"])
+        for line in summary_lines(result) + coverage_lines(study.user_attrs["coverage"]):
+            log(line)
+        return
+    result = check_applicability(
+        ctx.task, ctx.teacher, ctx.inventory, ctx.space, ctx.backend, seed=ctx.config.seed, log=log
+    )
+    narrowed = {**study.user_attrs.get("narrowed_domains", {}), **result.domains}
+    ctx.space.narrow(narrowed)
+    cov = coverage(ctx.teacher, ctx.task, ctx.inventory, ctx.space, result)
+    for line in coverage_lines(cov):
+        log(line)
+    write_json(ctx.run_dir / "applicability.json", result.to_dict())
+    write_json(ctx.run_dir / "coverage.json", cov)
+    study.set_user_attr("narrowed_domains", narrowed)
+    study.set_user_attr("applicability", result.to_dict())
+    study.set_user_attr("coverage", cov)
+
+
 def _narrow(ctx: RunContext, study: optuna.Study, sensitivity, max_drop: float, log) -> None:
     """Narrow the space's per-layer domains by the sensitivity table; the study keeps them (resumes
     and workers read them back from its user attrs)."""
@@ -467,6 +495,7 @@ def _narrow(ctx: RunContext, study: optuna.Study, sensitivity, max_drop: float, 
 
     narrowed = narrow_domains(ctx.space, ctx.inventory, sensitivity, max_drop)
     log(narrowing_summary(ctx.space, ctx.inventory, narrowed, max_drop))
+    narrowed = {**study.user_attrs.get("narrowed_domains", {}), **narrowed}  # within the applicable ones
     ctx.space.narrow(narrowed)
     study.set_user_attr("narrowed_domains", narrowed)
     study.set_user_attr("sensitivity_narrow", max_drop)

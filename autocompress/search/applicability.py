@@ -1,0 +1,456 @@
+"""Applicability and coverage, decided on the model itself before the first trial.
+
+**Applicability.** Every (technique, layer) pair the search space allows is tried on the teacher: the
+technique is applied to that one layer at its harshest setting in the space (the lowest rank ratio for
+each rank mode, the highest structured or unstructured sparsity, 2:4, each bit width below float,
+dynamic int8), through the same :func:`~autocompress.pipeline.compress` a trial uses (no fine-tuning),
+the result runs one forward pass, and it is lowered by the study's backend (masks, unstructured or 2:4,
+keep the baseline's dense graph: they are not lowered again). To stay cheap, the layers of one
+technique are first tried together (one compress, one forward, one lowering); only when that fails is
+each layer tried alone, so that the failing ones are found and the others kept. Structured pruning
+couples layers (a residual stream, a head split): layers that pass alone are tried together again and
+one that breaks the set kept so far is excluded too.
+
+A pair *fails* (its compress, forward or lowering raises) or has *no effect* (the pipeline skips it:
+a depthwise conv cannot be factorized, a layer produces the model output, 2:4 needs input channels in
+fours). Either way its choice is removed from that layer's domain (rank choices collapse to 1.0, the
+sparsity kind or bit width leaves the choices), so that no trial can fail, or repeat the baseline, for
+a technique that could never apply. Layers sharing a parameter (``groups``) lose the choice together.
+
+What the narrowed space can change of the model, and what it cannot, is :mod:`.coverage`'s.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..inventory import LayerInfo
+from ..pipeline import compress
+from ..plan import FLOAT_BITS, LayerPlan, Plan
+from ..space import SHORT, Param, SearchSpace
+from ..tasks import Task
+from ..tasks.data import deployable
+
+BIT_NAMES = {16: "fp16", 8: "int8"}
+CALIBRATION_SAMPLES = 16  # activation ranges for a lowering that only has to succeed
+
+
+@dataclass
+class PairCheck:
+    """The verdict on one (technique, layer) pair.
+
+    Attributes:
+        layer: the layer's name. technique: e.g. ``low rank (ratio)``, ``structured pruning``, ``int4``.
+        setting: the harshest value tried, e.g. ``rank_ratio 0.1``.
+        status: ``ok``, ``fails`` or ``no effect``.
+        stage: where it failed (``apply``, ``forward``, ``lowering``), empty when ``ok``.
+        reason: the error or the pipeline's note.
+        removed: what left the domain, e.g. ``rank.fc -> fixed 1.0`` (empty when ``ok``).
+    """
+
+    layer: str
+    technique: str
+    setting: str
+    status: str
+    stage: str = ""
+    reason: str = ""
+    removed: str = ""
+
+
+@dataclass
+class Applicability:
+    """All verdicts, the narrowed domains they imply (Optuna name -> Param dict) and the cost."""
+
+    checks: list[PairCheck] = field(default_factory=list)
+    domains: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    lowerings: int = 0
+    interactions: list[str] = field(default_factory=list)  # techniques that fail only on layers together
+
+    @property
+    def excluded(self) -> list[PairCheck]:
+        return [c for c in self.checks if c.status != "ok"]
+
+    def to_dict(self) -> dict:
+        return {
+            "checks": [asdict(c) for c in self.checks],
+            "domains": self.domains,
+            "seconds": self.seconds,
+            "lowerings": self.lowerings,
+            "interactions": self.interactions,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Applicability:
+        return cls(
+            [PairCheck(**c) for c in d.get("checks", [])],
+            dict(d.get("domains", {})),
+            float(d.get("seconds", 0.0)),
+            int(d.get("lowerings", 0)),
+            list(d.get("interactions", [])),
+        )
+
+
+@dataclass
+class _Kind:
+    """One technique to check: the plan of a layer at its harshest setting, and what leaves the domain."""
+
+    technique: str
+    dim: str  # the categorical dimension whose value is removed on failure
+    value: object
+    setting: str
+    plans: dict[str, LayerPlan]  # layer -> its harshest plan (only layers whose domain allows it)
+    coupled: bool = False  # structured pruning: layers that pass alone are tried together again
+    lowers: bool = True  # masks (unstructured, 2:4) keep the baseline's graph: no lowering to check
+
+
+def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
+    kinds: dict[tuple, _Kind] = {}
+
+    def add(key, technique, dim, value, setting, layer, lp, coupled=False, lowers=True):
+        k = kinds.setdefault(key, _Kind(technique, dim, value, setting, {}, coupled, lowers))
+        k.plans[layer] = lp
+
+    for info in inventory:
+        p = space._layer_params(info.name)
+        ratio = min(float(v) for v in p["rank_ratio"].values())
+        if ratio < 1.0:
+            for mode in dict.fromkeys(p["rank_mode"].values()):
+                add(
+                    ("rank", mode, ratio),
+                    f"low rank ({mode})",
+                    "rank_mode",
+                    mode,
+                    f"rank_ratio {ratio:g}",
+                    info.name,
+                    LayerPlan(rank_ratio=ratio, rank_mode=str(mode)),
+                )
+        top = max(float(v) for v in p["sparsity"].values())
+        kinds_allowed = [str(v) for v in p["sparsity_kind"].values()]
+        if top > 0 and "structured" in kinds_allowed:
+            add(
+                ("structured", top),
+                "structured pruning",
+                "sparsity_kind",
+                "structured",
+                f"sparsity {top:g}",
+                info.name,
+                LayerPlan(sparsity=top, sparsity_kind="structured"),
+                coupled=True,
+            )
+        if top > 0 and "unstructured" in kinds_allowed:
+            add(
+                ("unstructured", top),
+                "unstructured sparsity",
+                "sparsity_kind",
+                "unstructured",
+                f"sparsity {top:g}",
+                info.name,
+                LayerPlan(sparsity=top),
+                lowers=False,
+            )
+        if "2:4" in kinds_allowed:
+            add(
+                ("2:4",),
+                "2:4 sparsity",
+                "sparsity_kind",
+                "2:4",
+                "2:4",
+                info.name,
+                LayerPlan(sparsity_kind="2:4"),
+                lowers=False,
+            )
+        grid = space.granularity_by_kind.get(info.kind, ())
+        extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
+        bits = sorted({int(b) for b in p["bits"].values() if int(b) < FLOAT_BITS})
+        for b in bits:
+            name = BIT_NAMES.get(b, f"int{b}")
+            add(("bits", b), name, "bits", b, f"bits {b}", info.name, LayerPlan(bits=b, **extra))
+        if 8 in bits and "dynamic" in [str(v) for v in p["quant_mode"].values()]:
+            add(
+                ("dynamic",),
+                "dynamic int8",
+                "quant_mode",
+                "dynamic",
+                "bits 8, quant_mode dynamic",
+                info.name,
+                LayerPlan(bits=8, quant_mode="dynamic", **extra),
+            )
+    return list(kinds.values())
+
+
+def _no_effect(kind: _Kind, note: str) -> bool:
+    """Whether the pipeline's note says the layer's technique was skipped."""
+    if not note:
+        return False
+    if kind.technique.startswith("low rank"):
+        return "not factorized" in note or "not applied" in note
+    if kind.value == "structured":
+        return "not pruned" in note
+    if kind.value == "2:4":
+        return "2:4 not applied" in note or "2:4 dropped" in note
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
+
+
+def _attribute_hint(model: nn.Module, layer: str, reason: str) -> str:
+    """Name the module that reads the replaced layer's weight by attribute (a factorized layer has none)."""
+    if "has no attribute 'weight'" not in reason or "." not in layer:
+        return reason
+    parent_name, child = layer.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.MultiheadAttention):
+        return (
+            f"nn.MultiheadAttention reads {child}.weight directly in its forward, so a factorized "
+            f"{child} (two Linear layers) breaks it ({reason}); a factorization that keeps .weight "
+            "(torch.nn.utils.parametrize) would be lowered as the dense product: no saving"
+        )
+    return f"{type(parent).__name__} reads {child}.weight directly (e.g. an inference fast path) ({reason})"
+
+
+class _Checker:
+    def __init__(self, task: Task, teacher: nn.Module, backend, seed: int, tmp: Path):
+        self.task, self.teacher, self.backend, self.seed, self.tmp = task, teacher, backend, seed, tmp
+        self.lowerings = 0
+        self.together: tuple[str, str] | None = None  # why the layers of the last kind failed together
+
+    def apply(self, layers: dict[str, LayerPlan]):
+        """compress + forward; returns (result, None) or (None, (stage, reason))."""
+        try:
+            out = compress(
+                self.task,
+                self.teacher,
+                Plan(layers=layers, epochs=0, seed=self.seed),
+                reduce_range=self.backend.reduce_range,
+                round_to=self.backend.preferred_channel_multiple,
+            )
+        except Exception as exc:
+            return None, ("apply", _one_line(exc))
+        try:
+            with torch.no_grad():
+                deployable(out.model, self.task.io)(*self.task.example_inputs())
+        except Exception as exc:
+            return None, ("forward", _one_line(exc))
+        return out, None
+
+    def lower(self, out, kind: _Kind) -> tuple[str, str] | None:
+        """Lower ``out`` with the study's backend (not for masks: the graph is the baseline's)."""
+        if not kind.lowers:
+            return None
+        self.lowerings += 1
+        task = self.task
+        try:
+            self.backend.lower(
+                deployable(out.model, task.io),
+                task.example_inputs(),
+                out.precisions,
+                self.tmp / f"a{self.lowerings}",
+                calibration=task.calibration_inputs(CALIBRATION_SAMPLES) if out.precisions else None,
+                io=task.io,
+            )
+        except Exception as exc:
+            return "lowering", _one_line(exc)
+        return None
+
+    def run(self, kind: _Kind) -> dict[str, tuple[str, str, str]]:
+        """layer -> (status, stage, reason) for every layer of ``kind``.
+
+        All layers together first (one compress, one forward, one lowering); when that fails, each layer
+        alone (apply + forward), then each one's lowering alone. A coupled technique (structured pruning:
+        pruned together, layers of one residual stream or head split stay consistent, alone they may
+        not) starts with each layer alone, then tries the passing ones together (a layer that breaks the
+        set fails, see :meth:`_greedy`) for one lowering.
+        """
+        verdict: dict[str, tuple[str, str, str]] = {}
+        self.together = None
+        if not kind.coupled:  # a coupled technique applied everywhere is another experiment than alone
+            out, err = self.apply(kind.plans)
+            err = err or self.lower(out, kind)
+            if err is None:
+                for layer in kind.plans:
+                    note = out.notes.get(layer, "")
+                    verdict[layer] = (
+                        ("no effect", "apply", note) if _no_effect(kind, note) else ("ok", "", "")
+                    )
+                return verdict
+            self.together = err
+        passed: dict[str, object] = {}
+        for layer, lp in kind.plans.items():  # each layer alone: apply + forward
+            out, err = self.apply({layer: lp})
+            if err is not None:
+                verdict[layer] = ("fails", err[0], _attribute_hint(self.teacher, layer, err[1]))
+                continue
+            note = out.notes.get(layer, "")
+            if _no_effect(kind, note):
+                verdict[layer] = ("no effect", "apply", note)
+                continue
+            passed[layer] = out
+        if not passed:
+            return verdict
+        if kind.coupled:  # the layers that passed, together; one lowering, each layer alone if that fails
+            out, err = self.apply({n: kind.plans[n] for n in passed})
+            if err is not None:  # coupled layers (one residual stream, one head split) break together
+                out, passed = self._greedy(kind, passed, verdict)
+            if out is not None and self.lower(out, kind) is None:
+                verdict.update({n: ("ok", "", "") for n in passed})
+                return verdict
+        for layer, out in passed.items():
+            err = self.lower(out, kind)
+            verdict[layer] = ("fails", *err) if err else ("ok", "", "")
+        return verdict
+
+    def _greedy(self, kind: _Kind, passed: dict, verdict: dict):
+        """Add the layers one at a time (inventory order); one that breaks the set kept so far fails.
+
+        Returns the result of the kept set (None if none) and the kept layers (each with its own result).
+        """
+        kept: dict[str, object] = {}
+        out = None
+        for layer, alone in passed.items():
+            if not kept:
+                kept[layer], out = alone, alone
+                continue
+            joint, err = self.apply({n: kind.plans[n] for n in [*kept, layer]})
+            if err is None:
+                kept[layer], out = alone, joint
+                continue
+            verdict[layer] = (
+                "fails",
+                f"{err[0]} (jointly)",
+                f"works alone, fails together with {', '.join(kept)} at the same setting: {err[1]}",
+            )
+        return out, kept
+
+
+def _show(p: Param) -> str:
+    if p.fixed is not None:
+        return f"fixed {p.fixed}"
+    if p.choices is not None:
+        return "{" + ", ".join(str(v) for v in p.choices) + "}"
+    return f"[{p.low:g}, {p.high:g}]"
+
+
+def _narrowed(space: SearchSpace, inventory, removals: dict[str, set]) -> tuple[dict[str, dict], dict]:
+    """Domains without the removed values: (Optuna name -> Param dict, (layer, dim) -> description)."""
+    domains: dict[str, dict] = {}
+    described: dict[tuple[str, str], str] = {}
+    collapse = {  # a categorical left with no value: the dimension it enables is switched off instead
+        "rank_mode": ("rank_ratio", {"fixed": 1.0}),
+        "sparsity_kind": ("sparsity", {"fixed": 0.0}),
+        "bits": ("bits", {"fixed": FLOAT_BITS}),
+        "quant_mode": ("quant_mode", {"fixed": "static"}),
+    }
+    for layer in dict.fromkeys(i.name for i in inventory):
+        params = space._layer_params(layer)
+        group = space.group_of(layer)
+        for dim in ("rank_mode", "sparsity_kind", "bits", "quant_mode"):
+            gone = removals.get(f"{layer}|{dim}")
+            if not gone:
+                continue
+            p = params[dim]
+            kept = [v for v in p.values() if v not in gone and str(v) not in {str(g) for g in gone}]
+            if kept:
+                new_name, new = (
+                    f"{SHORT[dim]}.{group}",
+                    ({"fixed": kept[0]} if len(kept) == 1 else {"choices": kept}),
+                )
+            else:
+                target, new = collapse[dim]
+                new_name = f"{SHORT[target]}.{group}"
+            if new_name in domains and domains[new_name] != new:  # a group member removed more already
+                new = _intersect(domains[new_name], new)
+            domains[new_name] = new
+            described[(layer, dim)] = f"{new_name} -> {_show(Param.model_validate(new))}"
+    return domains, described
+
+
+def _intersect(a: dict, b: dict) -> dict:
+    va = [a["fixed"]] if "fixed" in a else list(a.get("choices", []))
+    vb = [b["fixed"]] if "fixed" in b else list(b.get("choices", []))
+    both = [v for v in va if v in vb] or vb[:1]
+    return {"fixed": both[0]} if len(both) == 1 else {"choices": both}
+
+
+def check_applicability(
+    task: Task,
+    teacher: nn.Module,
+    inventory: list[LayerInfo],
+    space: SearchSpace,
+    backend,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> Applicability:
+    """Try every (technique, layer) pair the space allows on ``teacher`` (see the module docstring).
+
+    Returns the verdicts and the narrowed domains (Optuna parameter name -> Param as a dict, only the
+    parameters that changed); nothing is applied to ``space``.
+    """
+    t0 = time.perf_counter()
+    result = Applicability()
+    removals: dict[str, set] = {}
+    dims: list[tuple[PairCheck, str]] = []
+    threads = torch.get_num_threads()
+    # one thread: the check's tensors are small, and LAPACK's SVD on two threads of a busy 2-core
+    # machine was measured 20-50x slower (0.8-1.5 s instead of 0.03-0.04 s for a 128 x 576 weight)
+    torch.set_num_threads(1)
+    try:
+        _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims)
+    finally:
+        torch.set_num_threads(threads)
+    result.domains, described = _narrowed(space, inventory, removals)
+    for c, dim in dims:
+        c.removed = described.get((c.layer, dim), "") if c.status != "ok" else ""
+    result.seconds = time.perf_counter() - t0
+    if log is not None:
+        for line in summary_lines(result):
+            log(line)
+    return result
+
+
+def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims) -> None:
+    with tempfile.TemporaryDirectory(prefix="ac-applicability-") as tmp:
+        checker = _Checker(task, teacher, backend, seed, Path(tmp))
+        for kind in _kinds(space, inventory):
+            verdicts = checker.run(kind)
+            if checker.together is not None and all(v[0] == "ok" for v in verdicts.values()):
+                stage, reason = checker.together
+                result.interactions.append(
+                    f"{kind.technique} at {kind.setting} on all {len(verdicts)} layers together fails "
+                    f"({stage}: {reason}), on each layer alone it works: a trial may still fail"
+                )
+            for layer, (status, stage, reason) in verdicts.items():
+                result.checks.append(PairCheck(layer, kind.technique, kind.setting, status, stage, reason))
+                dims.append((result.checks[-1], kind.dim))
+                if status != "ok":
+                    removals.setdefault(f"{layer}|{kind.dim}", set()).add(kind.value)
+        result.lowerings = checker.lowerings
+
+
+def summary_lines(result: Applicability) -> list[str]:
+    """The log lines of a check: the count and cost, then one line per excluded pair."""
+    lines = [
+        f"applicability: {len(result.checks)} (technique, layer) pairs checked on the model in "
+        f"{result.seconds:.1f} s ({result.lowerings} lowerings); {len(result.excluded)} excluded"
+        + (":" if result.excluded else "")
+    ]
+    lines += [f"  warning: {w}" for w in result.interactions]
+    for c in result.excluded:
+        lines.append(
+            f"  {c.layer}: {c.technique} at {c.setting} {c.status}"
+            + (f" ({c.stage})" if c.status == "fails" else "")
+            + f": {c.reason}"
+            + (f" [{c.removed}]" if c.removed else "")
+        )
+    return lines
