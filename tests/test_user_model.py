@@ -308,3 +308,23 @@ def test_run_study_on_a_trained_module_uses_it_unchanged_and_refuses_another(tmp
         autocompress.run_study(
             load_config(path), task=dataclasses.replace(task, model=other), log=lambda s: None
         )
+
+
+class _Unexportable(nn.Module):
+    """Runs in torch, but ONNX has no symmetric eigen-decomposition: the export of the baseline fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) + torch.linalg.eigvalsh(x[:, :4, None] * x[:, None, :4])
+
+
+def test_a_model_that_cannot_be_exported_is_refused_before_the_search(tmp_path):
+    _, x, y = _trained_mlp()
+    task = Task(name="u", model=_Unexportable().eval(), train=(x, y), eval=(x, y))
+    path, run = study_file(tmp_path, task={"name": None}, trials={"n": 1})
+    with pytest.raises(ConfigError, match=r"task: the baseline \(uncompressed model\) failed: .*export"):
+        autocompress.run_study(load_config(path), task=task, log=lambda s: None)
+    assert not (run / "trials").exists() or not any((run / "trials").iterdir())
