@@ -77,6 +77,14 @@ class RunContext:
             artifact, self.task.eval_split.batches(limit), self.metric, self.reference(limit)
         )
 
+    def baseline_artifact(self) -> Artifact | None:
+        """The run's baseline artifact (None before it is measured)."""
+        base = self.baseline
+        if not base:
+            return None
+        path = self.run_dir / "baseline" / base.get("artifact", "model.onnx")
+        return Artifact(path, self.backend.name, self.backend.device, base["size_bytes"], base["size_bytes"])
+
     def lower(self, model: nn.Module, out_dir: Path, precisions: dict | None = None) -> Artifact:
         """``model`` (the task's calling convention) lowered by the run's backend."""
         task = self.task
@@ -235,6 +243,29 @@ def run_trial(
             ) from exc
 
 
+def _against_baseline(ctx: RunContext, value: float, lat, base_lat, size_bytes: int) -> dict:
+    """A trial's figures relative to the baseline artifact timed beside it.
+
+    The latency objective is the measured ratio to the baseline (timed side by side, so immune to the
+    machine's drift between trials) in milliseconds of the run's reference baseline latency.
+    """
+    base = ctx.baseline
+    drop = metric_drop(value, base["metric"], ctx.metric.sign)
+    return {
+        "latency_measured_ms": lat.median_ms,
+        "latency_ms": base["latency_ms"] * lat.median_ms / base_lat.median_ms,
+        "latency_p90_ms": base["latency_ms"] * lat.p90_ms / base_lat.median_ms,
+        "baseline_metric": base["metric"],
+        "metric_drop": drop,
+        "metric_drop_rel": relative_drop(drop, base["metric"]),
+        "baseline_latency_ms": base_lat.median_ms,
+        "baseline_latency": base_lat.to_dict(),
+        "baseline_size_bytes": base["size_bytes"],
+        "speedup": base_lat.median_ms / lat.median_ms,
+        "size_ratio": base["size_bytes"] / size_bytes,
+    }
+
+
 def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:
     t0 = time.perf_counter()
     cfg, task, backend, base = ctx.config, ctx.task, ctx.backend, ctx.baseline
@@ -265,19 +296,10 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         check_deadline("evaluation")
         t3 = time.perf_counter()
         crash_point("measure", after_s=0.1)  # dies while the artifact is being timed
-        if base:  # timed side by side with the baseline artifact: the speedup is a measured ratio
-            base_artifact = Artifact(
-                ctx.run_dir / "baseline" / base.get("artifact", "model.onnx"),
-                backend.name,
-                backend.device,
-                base["size_bytes"],
-                base["size_bytes"],
-            )
-        else:
-            base_artifact = None
-        # from the latency cache when this structure was timed before (with the baseline, side by side)
+        # timed side by side with the baseline artifact (the speedup is a measured ratio), or taken from
+        # the latency cache when this structure was timed before
         lat, base_lat, cached = measure_cached(
-            backend, ctx.latency_cache, artifact, base_artifact, task.example_inputs()
+            backend, ctx.latency_cache, artifact, ctx.baseline_artifact(), task.example_inputs()
         )
         t4 = time.perf_counter()
         check_deadline("latency measurement")
@@ -307,25 +329,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             "environment": environment(backend),
         }
         if base:
-            # The objective is the measured ratio to the baseline (timed side by side, so immune to the
-            # machine's drift between trials) in milliseconds of the run's reference baseline latency.
-            metrics["latency_measured_ms"] = lat.median_ms
-            metrics["latency_ms"] = base["latency_ms"] * lat.median_ms / base_lat.median_ms
-            metrics["latency_p90_ms"] = base["latency_ms"] * lat.p90_ms / base_lat.median_ms
-            metrics.update(
-                {
-                    "baseline_metric": base["metric"],
-                    "metric_drop_rel": relative_drop(
-                        metric_drop(acc, base["metric"], ctx.metric.sign), base["metric"]
-                    ),
-                    "baseline_latency_ms": base_lat.median_ms,
-                    "baseline_latency": base_lat.to_dict(),
-                    "baseline_size_bytes": base["size_bytes"],
-                    "speedup": base_lat.median_ms / lat.median_ms,
-                    "size_ratio": base["size_bytes"] / artifact.size_bytes,
-                    "metric_drop": metric_drop(acc, base["metric"], ctx.metric.sign),
-                }
-            )
+            metrics.update(_against_baseline(ctx, acc, lat, base_lat, artifact.size_bytes))
         metrics["seconds"] = {
             "finetune": t1 - t0,  # compress(): technique set-up + the training loop
             "train": result.train_s,  # the training loop alone

@@ -7,7 +7,6 @@ the sparsity schedule advances > finalize (masks and fake quantization baked int
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .techniques import (
 )
 from .techniques._modules import get_module, set_module
 from .techniques.quantize import CALIBRATION_ATTR, MODE_ATTR, RECURRENT
+from .training import finetune_steps, steps_per_epoch, train_teacher  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -62,59 +62,6 @@ class Compressed:
     losses: list[float] = field(default_factory=list)
     channel_steps: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     train_s: float = 0.0
-
-
-def train_teacher(task: Task, seed: int = 0, log: Callable[[str], None] | None = None) -> nn.Module:
-    """Train the task's ``model_fn`` model from scratch with cross-entropy (once per run, then cached)."""
-    torch.manual_seed(seed)
-    model = task.model_fn()
-    dm = deployable(model, task.io)
-    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, task.teacher_epochs))
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(task.teacher_epochs):
-        dm.train()
-        for inputs, targets in task.train_split.batches(generator=gen, batch_size=task.batch_size):
-            loss = nn.functional.cross_entropy(dm(*inputs), targets)
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"teacher training diverged: non-finite loss in epoch {epoch + 1} "
-                    "(check the task's data for NaN/inf)",
-                    field="task",
-                )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-        if log:
-            log(f"teacher epoch {epoch + 1}/{task.teacher_epochs}: loss {loss.item():.4f}")
-    dm.eval()
-    return model.eval()
-
-
-def finetune_steps(task: Task, plan: Plan, batch_size: int) -> int:
-    """Optimizer steps of a plan's fine-tune: ``plan.steps``, else epochs x steps per epoch."""
-    if plan.steps is not None:
-        return plan.steps
-    if plan.epochs == 0:
-        return 0
-    per_epoch = steps_per_epoch(task, batch_size)
-    if per_epoch is None:
-        raise ConfigError(
-            "task.train has no length, so epochs cannot be counted: set finetune.steps", field="finetune"
-        )
-    return plan.epochs * per_epoch
-
-
-def steps_per_epoch(task: Task, batch_size: int) -> int | None:
-    """Optimizer steps in one pass over the training split (None when its length is unknown)."""
-    split = task.train_split
-    if split.tensors is not None:
-        return math.ceil(len(split.tensors[0]) / batch_size)
-    try:
-        return len(split)
-    except TypeError:
-        return None
 
 
 def _factorize_layers(model: nn.Module, plan: Plan, notes: dict[str, str]) -> dict[str, str]:
@@ -277,33 +224,10 @@ def compress(
         name: (plan.layer(layer).sparsity if kinds[name] == "unstructured" else 0.0)
         for name, layer in origin.items()
     }
-    nm = set()
-    for name, layer in origin.items():
-        if kinds[name] == "2:4":
-            c_in = modules[name].weight.shape[1]
-            if c_in % 4 == 0:
-                nm.add(name)
-            else:
-                notes[layer] = f"2:4 not applied to {name}: {c_in} input channels are not a multiple of 4"
+    nm = _nm_layers(modules, kinds, origin, notes)
     pruned = {n: m for n, m in modules.items() if final_sparsity[n] > 0 or n in nm}
     apply_masks(pruned)
-    for name, m in modules.items():
-        lp = plan.layer(origin[name])
-        if lp.quant_mode == "dynamic" and not isinstance(m, nn.Linear):
-            raise TechniqueError(
-                f"layers.{origin[name]}.quant_mode: dynamic quantization applies to Linear, LSTM and GRU "
-                f"layers, not {type(m).__name__} ({name!r}); use quant_mode 'static'"
-            )
-        if bits[name] < FLOAT_BITS:
-            add_fake_quant(
-                m,
-                bits[name],
-                reduce_range=reduce_range and bits[name] == 8,
-                scheme=lp.quant_scheme,
-                granularity=lp.quant_granularity,
-                lsq=plan.lsq,
-            )
-            setattr(m, MODE_ATTR, lp.quant_mode)
+    _fake_quantize(modules, origin, bits, plan, reduce_range)
     recurrent = _recurrent_dynamic(student, plan)
     _note_recurrent_skips(student, plan, notes)
 
@@ -344,46 +268,16 @@ def compress(
                 hints.loss()
         return True
 
-    loss_kind = task.loss_kind()
+    def at_step(progress: float) -> bool:
+        changed = prune_channels_at(progress)
+        update_masks(progress)
+        return changed
+
     t_train = time.perf_counter()
     if total:
-        every = max(1, total // 50)
-        opt = make_optimizer()
-        gen = torch.Generator().manual_seed(plan.seed)
-        step = epoch = 0
-        while step < total:
-            ds.train()
-            running, n_batches = 0.0, 0
-            for inputs, targets in task.train_split.batches(generator=gen, batch_size=batch_size):
-                if step >= total:
-                    break
-                if step % every == 0:
-                    if prune_channels_at(step / total):
-                        opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
-                        ds.train()
-                    update_masks(step / total)
-                with torch.no_grad():
-                    t_out = ts(*inputs)
-                loss = distill_loss(
-                    loss_kind, ds(*inputs), t_out, targets, plan.kd_temperature, plan.kd_alpha
-                )
-                if hints is not None:
-                    loss = loss + plan.hint_weight * hints.loss()
-                loss = on_step(step, loss)  # deadline check (trials.trial_timeout_s) + test fault hooks
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                running += loss.item()
-                n_batches += 1
-                step += 1
-            if n_batches == 0:
-                raise ConfigError("task.train yielded no batch", field="task")
-            losses.append(running / n_batches)
-            if on_epoch:
-                on_epoch(epoch, losses[-1], student)
-            epoch += 1
+        losses = _finetune(
+            task, plan, ts, ds, total, batch_size, hints, make_optimizer, at_step, on_epoch, student
+        )
     ds.eval()
     train_s = time.perf_counter() - t_train
     if hints is not None:
@@ -402,6 +296,98 @@ def compress(
     steps = channels.history if channels is not None else []
     setattr(student, CALIBRATION_ATTR, plan.calibration)
     return Compressed(student, {**bits, **recurrent}, sparsity, notes, losses, steps, train_s)
+
+
+def _nm_layers(modules, kinds: dict[str, str], origin: dict[str, str], notes: dict[str, str]) -> set[str]:
+    """The layers planned 2:4 whose input channels allow it (the others get a note)."""
+    nm = set()
+    for name, layer in origin.items():
+        if kinds[name] == "2:4":
+            c_in = modules[name].weight.shape[1]
+            if c_in % 4 == 0:
+                nm.add(name)
+            else:
+                notes[layer] = f"2:4 not applied to {name}: {c_in} input channels are not a multiple of 4"
+    return nm
+
+
+def _fake_quantize(
+    modules, origin: dict[str, str], bits: dict[str, int], plan: Plan, reduce_range: bool
+) -> None:
+    """Fake quantization of each layer below float bits (dynamic int8: Linear only; LSTM/GRU apart)."""
+    for name, m in modules.items():
+        lp = plan.layer(origin[name])
+        if lp.quant_mode == "dynamic" and not isinstance(m, nn.Linear):
+            raise TechniqueError(
+                f"layers.{origin[name]}.quant_mode: dynamic quantization applies to Linear, LSTM and GRU "
+                f"layers, not {type(m).__name__} ({name!r}); use quant_mode 'static'"
+            )
+        if bits[name] < FLOAT_BITS:
+            add_fake_quant(
+                m,
+                bits[name],
+                reduce_range=reduce_range and bits[name] == 8,
+                scheme=lp.quant_scheme,
+                granularity=lp.quant_granularity,
+                lsq=plan.lsq,
+            )
+            setattr(m, MODE_ATTR, lp.quant_mode)
+
+
+def _finetune(
+    task: Task,
+    plan: Plan,
+    ts: nn.Module,
+    ds: nn.Module,
+    total: int,
+    batch_size: int,
+    hints: FeatureHints | None,
+    make_optimizer: Callable[[], torch.optim.Optimizer],
+    at_step: Callable[[float], bool],
+    on_epoch: Callable[[int, float, nn.Module], None] | None,
+    student: nn.Module,
+) -> list[float]:
+    """``total`` optimizer steps of distillation from ``ts`` into ``ds``; the mean loss of each epoch.
+
+    ``at_step(progress)`` advances the sparsity schedule every ``total // 50`` steps and says whether
+    layers got physically smaller (then the optimizer starts afresh over the new parameters).
+    """
+    loss_kind = task.loss_kind()
+    losses: list[float] = []
+    every = max(1, total // 50)
+    opt = make_optimizer()
+    gen = torch.Generator().manual_seed(plan.seed)
+    step = epoch = 0
+    while step < total:
+        ds.train()
+        running, n_batches = 0.0, 0
+        for inputs, targets in task.train_split.batches(generator=gen, batch_size=batch_size):
+            if step >= total:
+                break
+            if step % every == 0 and at_step(step / total):
+                opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
+                ds.train()
+            with torch.no_grad():
+                t_out = ts(*inputs)
+            loss = distill_loss(loss_kind, ds(*inputs), t_out, targets, plan.kd_temperature, plan.kd_alpha)
+            if hints is not None:
+                loss = loss + plan.hint_weight * hints.loss()
+            loss = on_step(step, loss)  # deadline check (trials.trial_timeout_s) + test fault hooks
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite fine-tuning loss at step {step} (epoch {epoch + 1})")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            n_batches += 1
+            step += 1
+        if n_batches == 0:
+            raise ConfigError("task.train yielded no batch", field="task")
+        losses.append(running / n_batches)
+        if on_epoch:
+            on_epoch(epoch, losses[-1], student)
+        epoch += 1
+    return losses
 
 
 def _recurrent_dynamic(model: nn.Module, plan: Plan) -> dict[str, int]:

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .inventory import build_inventory
 from .objective import RunContext, environment, run_trial, write_json
 from .plan import Plan
-from .search.runner import load_teacher
+from .search.teacher import load_teacher
 from .tasks import load_task
 
 

@@ -38,7 +38,6 @@ import logging
 import shutil
 import subprocess
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError
-from ..tasks.data import IOSpec
 from ..techniques.quantize import (
     CALIBRATION_ATTR,
     MODE_ATTR,
@@ -70,24 +68,9 @@ from .base import (
     repeat_to_batch,
     time_callables,
 )
+from .onnx_export import INPUT, OUTPUT, default_io, export_onnx, graph_input_names  # noqa: F401 - re-exported
 from .qdq import int8_region
 from .worker import WorkerClient
-
-INPUT, OUTPUT = "input", "output"
-
-
-def default_io(n_inputs: int = 1) -> IOSpec:
-    """One input ``input`` (or ``input_0``, ``input_1``, ...) with a dynamic batch axis."""
-    names = (INPUT,) if n_inputs == 1 else tuple(f"{INPUT}_{i}" for i in range(n_inputs))
-    return IOSpec(names)
-
-
-def graph_input_names(path: str | Path) -> list[str]:
-    """The graph inputs of an ONNX file that are fed (not initializers)."""
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    return [v.name for v in model.graph.input if v.name not in inits]
-
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 PERCENTILE = 99.99  # percentile calibration keeps the central 99.99% of each activation's values
@@ -165,32 +148,6 @@ def make_session(path: str | Path, threads: int, optimized_path: Path | None = N
         return ort.InferenceSession(str(path), so, providers=providers_for(device))
     except Exception as exc:
         raise RuntimeLoadError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
-
-
-def export_onnx(
-    model: torch.nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
-    path: Path,
-    opset: int = 17,
-    io: IOSpec | None = None,
-) -> None:
-    """Export with the io's names and dynamic axes (default: one input ``input``, dynamic batch),
-    initializers named after the torch parameters."""
-    model = model.eval()
-    io = io or default_io(len(example_inputs))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            tuple(example_inputs),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(io.input_names),
-            output_names=[io.output_name],
-            dynamic_axes=io.onnx_axes(),
-            do_constant_folding=True,
-        )
 
 
 def _consumers(graph: onnx.GraphProto, tensor: str) -> list[onnx.NodeProto]:

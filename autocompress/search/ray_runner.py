@@ -137,7 +137,8 @@ def _worker_context(cfg: StudyConfig):
     """The RunContext on a Ray worker: teacher and baseline loaded from the (shared) run folder."""
     from ..inventory import build_inventory
     from ..objective import RunContext
-    from .runner import load_teacher, prepare
+    from .runner import prepare
+    from .teacher import load_teacher
 
     key = str(cfg.output_dir().resolve())
     if key in _WORKER_CTX:

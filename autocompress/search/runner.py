@@ -21,7 +21,6 @@ import optuna
 import torch
 from filelock import FileLock, Timeout
 from optuna.trial import TrialState
-from safetensors.torch import load_file, save_file
 
 from ..backends import BACKENDS, Backend, LatencyCache
 from ..backends.cache import cache_path
@@ -30,18 +29,18 @@ from ..errors import AutoCompressError, ConfigError, RunFolderUnwritable, failur
 from ..faults import crash_point
 from ..inventory import build_inventory
 from ..objective import RunContext, environment, measure_baseline, run_trial, write_json, write_text_atomic
-from ..pareto import OBJECTIVES, constraint_values, metric_drop, objectives_for
-from ..pipeline import train_teacher
+from ..pareto import OBJECTIVES, constraint_values, objectives_for
 from ..plan import Plan
 from ..report import write_trials_table
 from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
-from ..tasks.base import weights_hash
+from .costs import _fmt_s, estimate_trial_s, score_front_fully  # noqa: F401 - re-exported
 from .fidelity import Fidelity, make_pruner
 from .housekeeping import clean_run_dir, prune_dominated
 from .preflight import check_budgets, check_output, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
+from .teacher import teacher_for_run
 
 DIRECTIONS = ["maximize" if s > 0 else "minimize" for s in OBJECTIVES.values()]
 
@@ -150,91 +149,6 @@ def _check_storage_url(cfg: StudyConfig) -> None:
         check_storage_url(cfg.storage_url())
     except ConfigError as exc:
         raise exc.at(cfg.source, "storage") from None
-
-
-def _teacher(task: Task, cfg: StudyConfig, run_dir: Path, log: Callable[[str], None]) -> torch.nn.Module:
-    """The run's teacher.
-
-    A trained model (``task.model``) is used as it is: its weights' SHA-256 is recorded in
-    ``teacher.json`` and a run folder holding another checkpoint's trials is refused. A ``model_fn``
-    teacher is trained once per run folder; later runs load it (safetensors, no pickle).
-    """
-    meta_path, weights = run_dir / "teacher.json", run_dir / "teacher.safetensors"
-    if task.pretrained:
-        return _pretrained_teacher(task, cfg, meta_path)
-    spec = {
-        "task": cfg.task.name,
-        "options": cfg.task.options,
-        "seed": cfg.seed,
-        "epochs": task.teacher_epochs,
-    }
-    if meta_path.exists() and weights.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("spec") != spec:
-            raise ConfigError(
-                f"run folder {run_dir} holds a teacher for {meta.get('spec')}, not {spec}; "
-                "use another output folder",
-                source=cfg.source,
-                field="output",
-            )
-        model = task.model_fn()
-        model.load_state_dict(load_file(str(weights)))
-        return model.eval()
-    log(f"training the teacher ({task.teacher_epochs} epochs, cached in {run_dir})")
-    model = train_teacher(task, seed=cfg.seed)
-    tmp = run_dir / ".teacher.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
-    write_json(meta_path, {"spec": spec, "weights_sha256": weights_hash(model)})
-    return model
-
-
-def load_teacher(task: Task, run_dir: Path, source: str | None = None) -> torch.nn.Module:
-    """The teacher of an existing run folder: the task's trained model (its weights checked against
-    ``teacher.json``) or the ``model_fn`` model with the folder's ``teacher.safetensors``."""
-    meta_path, weights = run_dir / "teacher.json", run_dir / "teacher.safetensors"
-    if task.pretrained:
-        model = task.teacher()
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if meta.get("weights_sha256") not in (None, weights_hash(model)):
-            raise ConfigError(
-                f"the task's model is not the checkpoint the run folder {run_dir} was searched with "
-                "(weights sha256 differ)",
-                source=source,
-                field="task.model",
-            )
-        return model
-    if not weights.is_file():
-        raise ConfigError(
-            f"the run folder {run_dir} has no teacher.safetensors", source=source, field="output"
-        )
-    model = task.model_fn()
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval()
-
-
-def _pretrained_teacher(task: Task, cfg: StudyConfig, meta_path: Path) -> torch.nn.Module:
-    model = task.teacher()
-    digest = weights_hash(model)
-    spec = {"task": cfg.task.name or task.name, "options": cfg.task.options, "pretrained": True}
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("weights_sha256") != digest:
-            raise ConfigError(
-                f"run folder {meta_path.parent} holds trials of a teacher with weights sha256 "
-                f"{str(meta.get('weights_sha256'))[:12]}..., this task's model has {digest[:12]}...; "
-                "a different checkpoint needs another output folder",
-                source=cfg.source,
-                field="output",
-            )
-    else:
-        write_json(meta_path, {"spec": spec, "weights_sha256": digest})
-    return model
-
-
-def _fmt_s(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class Progress:
@@ -350,7 +264,7 @@ def open_run(
             if Path(cfg.source).exists():
                 write_text_atomic(run_dir / "study.yaml", Path(cfg.source).read_text())
             try:
-                teacher = _teacher(prep.task, cfg, run_dir, log)
+                teacher = teacher_for_run(prep.task, cfg, run_dir, log)
             except ConfigError as exc:
                 raise exc.at(cfg.source) from None
             inventory = build_inventory(teacher, prep.task.example_inputs())
@@ -606,66 +520,6 @@ def run_study(
             f"{completed}/{n_target} trials completed; results in {ctx.run_dir}/ (trials.csv, pareto.png, pareto/)"
         )
         return RunSummary(study, completed, n_target, stopped)
-
-
-def score_front_fully(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
-    """With ``trials.eval_samples``, score each front model's artifact on the whole eval set too.
-
-    The search compared trials on the subset; the whole-set figures go into the study's user attr
-    ``metric_full`` (trial number -> ``{"metric": ..., "metric_drop": ...}``: a finished trial's own
-    attrs cannot change) and from there into ``pareto/front.json`` and the report.
-    """
-    if ctx.eval_limit() is None:
-        return
-    base_full = ctx.baseline.get("metric_full", ctx.baseline["metric"])
-    done = dict(study.user_attrs.get("metric_full", {}))
-    for t in study.best_trials:
-        if str(t.number) in done or "artifact" not in t.user_attrs:
-            continue
-        path = ctx.run_dir / t.user_attrs["artifact"]
-        if not path.exists():
-            continue
-        full = ctx.score(ctx.backend.load_artifact(path), full=True)
-        drop = metric_drop(full, base_full, ctx.metric.sign)
-        done[str(t.number)] = {"metric": full, "metric_drop": drop}
-        log(f"front trial {t.number}: {ctx.metric.name} {full:.4f} on the whole eval set (drop {drop:+.4f})")
-    study.set_user_attr("metric_full", done)
-
-
-def estimate_trial_s(ctx: RunContext, log: Callable[[str], None]) -> dict[str, float]:
-    """A per-trial wall-time estimate printed before the search: the fine-tune's steps timed on two
-    batches (teacher forward + student forward/backward), the evaluation, and the baseline's
-    lowering and timing."""
-    from ..pipeline import finetune_steps
-    from ..tasks.data import deployable
-
-    cfg, task = ctx.config, ctx.task
-    plan = Plan(epochs=cfg.finetune.epochs, steps=cfg.finetune.steps)
-    steps = finetune_steps(task, plan, cfg.finetune.batch_size)
-    ts = deployable(ctx.teacher, task.io)
-    batches = list(
-        task.train_split.batches(limit=2 * cfg.finetune.batch_size, batch_size=cfg.finetune.batch_size)
-    )
-    t0 = time.perf_counter()
-    for inputs, _ in batches:
-        out = ts(*inputs)
-        out.float().pow(2).mean().backward()
-    ctx.teacher.zero_grad(set_to_none=True)
-    step_s = (time.perf_counter() - t0) / max(1, len(batches)) * 1.3  # + the teacher's KD forward
-    base_s = ctx.baseline.get("seconds", {})
-    est = {
-        "finetune": steps * step_s,
-        "evaluate": base_s.get("evaluate", 0.0),
-        "lower": base_s.get("lower", 0.0),
-        "measure": base_s.get("measure", 0.0),
-    }
-    est["total"] = sum(est.values())
-    log(
-        f"estimated per trial: {_fmt_s(est['total'])} (fine-tune {steps} steps x {step_s:.3f} s = "
-        f"{est['finetune']:.1f} s, lowering {est['lower']:.1f} s, evaluation {est['evaluate']:.1f} s, "
-        f"timing {est['measure']:.1f} s); {cfg.trials.n} trials ~ {_fmt_s(est['total'] * cfg.trials.n)}"
-    )
-    return est
 
 
 def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:
