@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -73,9 +74,27 @@ def ensure_checkpoint(folder: Path, config, seed: int) -> Path:
 
 
 def load_encoder(folder: str | Path) -> torch.nn.Module:
-    """The encoder of a local ``save_pretrained`` folder (what a user's loader does)."""
+    """The encoder of a local ``save_pretrained`` folder (what a user's loader does); never the hub.
+
+    A name that is not a local folder with a ``config.json`` is refused here rather than handed to
+    ``from_pretrained`` (which would read it as a hub repository id); the hub is also switched off
+    (``HF_HUB_OFFLINE``) while loading, so nothing is downloaded.
+    """
+    folder = Path(folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} is not a save_pretrained folder (no config.json)", field="task.options.checkpoint"
+        )
     tf = _transformers()
-    return tf.BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True).eval()
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return tf.BertModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True).eval()
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
