@@ -301,7 +301,9 @@ def _check_metric(task: Task, metric: Metric, out: torch.Tensor, where: str) -> 
             f"metric {metric.name!r} needs targets; the task's batches have none", field=f"{where}.targets"
         )
     if metric.kind in ("accuracy", "topk", "f1") and targets is not None:
-        n_classes = int(targets.max()) + 1
+        labels = [targets] + [t for t in (task.train_split.tensors or (None, None))[1:] if t is not None]
+        labels.append(task.eval_split.first(256)[1])
+        n_classes = int(max(int(t.max()) for t in labels if t is not None)) + 1
         if out.dim() != 2 or out.shape[1] < n_classes:
             raise ConfigError(
                 f"task model output {tuple(out.shape)} does not match the data: expected logits [batch, >= {n_classes} classes]",
