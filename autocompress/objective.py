@@ -25,6 +25,7 @@ from .config import StudyConfig
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, check_deadline, crash_point, fault, trial_scope
 from .inventory import LayerInfo
+from .lowering import LoweringSpec
 from .metrics import Metric
 from .pareto import metric_drop, relative_drop
 from .pipeline import compress
@@ -85,15 +86,16 @@ class RunContext:
         path = self.run_dir / "baseline" / base.get("artifact", "model.onnx")
         return Artifact(path, self.backend.name, self.backend.device, base["size_bytes"], base["size_bytes"])
 
-    def lower(self, model: nn.Module, out_dir: Path, precisions: dict | None = None) -> Artifact:
-        """``model`` (the task's calling convention) lowered by the run's backend."""
+    def lower(self, model: nn.Module, out_dir: Path, spec: LoweringSpec | None = None) -> Artifact:
+        """``model`` (the task's calling convention) lowered by the run's backend as ``spec`` says."""
         task = self.task
+        spec = LoweringSpec.coerce(spec)
         return self.backend.lower(
             deployable(model, task.io),
             task.example_inputs(),
-            precisions or {},
+            spec,
             out_dir,
-            calibration=task.calibration_inputs() if precisions else None,
+            calibration=task.calibration_inputs() if spec else None,
             io=task.io,
         )
 
@@ -287,7 +289,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         )
         t1 = time.perf_counter()
         arm_export_hooks(result.model)
-        artifact = ctx.lower(result.model, tmp, result.precisions)
+        artifact = ctx.lower(result.model, tmp, result.lowering)
         check_deadline("lowering")
         if fault("ort_load"):  # a corrupted artifact file: the runtime must refuse to load it
             artifact.path.write_bytes(b"\x00 not an ONNX model \xff" * 8)

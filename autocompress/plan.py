@@ -4,73 +4,115 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
-from .techniques.lowrank import RANK_MODES
-from .techniques.quantize import CALIBRATIONS, GRANULARITIES, QUANT_MODES, SCHEMES
-from .techniques.schedules import SCHEDULES
+from .registry import TECHNIQUES
 
 FLOAT_BITS = 32
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8, 16, FLOAT_BITS)  # 16 = float16; 32 = float
-SPARSITY_KINDS = ("unstructured", "structured", "2:4")
-IMPORTANCES = ("l1", "l2", "taylor")
 
 
-@dataclass(frozen=True)
+def _choices(name: str) -> tuple:
+    """The allowed values of a registered per-layer field or plan-wide setting."""
+    found = {d.name: d for d in [*TECHNIQUES.dims(), *TECHNIQUES.settings()]}
+    return found[name].choices
+
+
+def __getattr__(name: str):  # the domains live with their techniques: SUPPORTED_BITS, RANK_MODES, ...
+    aliases = {
+        "SUPPORTED_BITS": "bits",
+        "SPARSITY_KINDS": "sparsity_kind",
+        "RANK_MODES": "rank_mode",
+        "GRANULARITIES": "quant_granularity",
+        "SCHEMES": "quant_scheme",
+        "QUANT_MODES": "quant_mode",
+        "CALIBRATIONS": "calibration",
+        "IMPORTANCES": "importance",
+        "SCHEDULES": "schedule.kind",
+    }
+    if name in aliases:
+        return _choices(aliases[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class LayerPlan:
-    """Per-layer decisions. ``bits=32`` is float, ``rank_ratio=1`` is not factorized.
+    """Per-layer decisions: one value per field of every registered technique (see
+    :data:`autocompress.registry.TECHNIQUES`); a field not given keeps its technique's default.
 
-    ``sparsity_kind``: ``unstructured`` (masks: the fraction ``sparsity`` of weights is zero),
-    ``structured`` (the fraction ``sparsity`` of output channels is removed: the layer gets smaller)
-    or ``2:4`` (two of every four consecutive input weights are zero; ``sparsity`` is ignored).
-    ``rank_mode``: how ``rank_ratio`` factorizes the layer (see ``techniques.lowrank``): ``ratio``,
-    ``energy``, ``spatial``, ``tucker`` or ``cp``.
-    ``quant_granularity`` (``channel``/``tensor``) and ``quant_scheme`` (``symmetric``/``asymmetric``)
-    shape the weight grid of 2- to 8-bit layers; ``quant_mode`` ``dynamic`` (8 bits only) quantizes the
-    activations at run time instead of calibrating them (Linear, LSTM and GRU layers).
+    Built-in fields: ``bits`` (32 float, 16 float16, 2 to 8 an integer grid), ``quant_scheme``
+    (``symmetric``/``asymmetric``), ``quant_granularity`` (``channel``/``tensor``), ``quant_mode``
+    (``static``, or ``dynamic`` for int8 Linear/LSTM/GRU: activations quantized at run time);
+    ``sparsity`` and ``sparsity_kind`` (``unstructured`` masks, ``structured`` removes that fraction of
+    output channels, ``2:4``); ``rank_ratio`` and ``rank_mode`` (``ratio``, ``energy``, ``spatial``,
+    ``tucker``, ``cp``; see ``techniques.lowrank``). Immutable, hashable, compared by value.
     """
 
-    bits: int = FLOAT_BITS
-    sparsity: float = 0.0
-    rank_ratio: float = 1.0
-    sparsity_kind: str = "unstructured"
-    rank_mode: str = "ratio"
-    quant_granularity: str = "channel"
-    quant_scheme: str = "symmetric"
-    quant_mode: str = "static"
+    __slots__ = ("_values",)
+
+    def __init__(self, **values):
+        dims = TECHNIQUES.dims()
+        unknown = set(values) - {d.name for d in dims}
+        if unknown:
+            raise TypeError(
+                f"LayerPlan got unknown field(s) {sorted(unknown)}; known: {[d.name for d in dims]}"
+            )
+        object.__setattr__(self, "_values", {d.name: values.get(d.name, d.default) for d in dims})
+
+    def __getattr__(self, name: str):
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"LayerPlan has no field {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("LayerPlan is immutable: use .replace(...)")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LayerPlan) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items())))
+
+    def __repr__(self) -> str:
+        return f"LayerPlan({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    def __reduce__(self):
+        return (_layer_plan, (self.to_dict(),))
+
+    def to_dict(self) -> dict:
+        return dict(self._values)
+
+    def replace(self, **changes) -> LayerPlan:
+        return LayerPlan(**{**self._values, **changes})
 
     def validate(self, where: str) -> None:
-        for name, allowed in (
-            ("quant_granularity", GRANULARITIES),
-            ("quant_scheme", SCHEMES),
-            ("quant_mode", QUANT_MODES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"{name} {getattr(self, name)!r} is not one of {list(allowed)}", field=f"{where}.{name}"
-                )
-        if self.quant_mode == "dynamic" and self.bits != 8:
-            raise ConfigError(
-                f"quant_mode 'dynamic' needs bits 8 (int8 weights), got bits {self.bits}",
-                field=f"{where}.quant_mode",
-            )
-        if self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"bits {self.bits} is not one of {list(SUPPORTED_BITS)}", field=f"{where}.bits")
-        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
-            raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1)", field=f"{where}.sparsity")
-        if not (0.0 < self.rank_ratio <= 1.0):
-            raise ConfigError(f"rank_ratio {self.rank_ratio} is outside (0, 1]", field=f"{where}.rank_ratio")
-        if self.rank_mode not in RANK_MODES:
-            raise ConfigError(
-                f"rank_mode {self.rank_mode!r} is not one of {list(RANK_MODES)}", field=f"{where}.rank_mode"
-            )
-        if self.sparsity_kind not in SPARSITY_KINDS:
-            raise ConfigError(
-                f"sparsity_kind {self.sparsity_kind!r} is not one of {list(SPARSITY_KINDS)}",
-                field=f"{where}.sparsity_kind",
-            )
+        for d in TECHNIQUES.dims():
+            v = self._values[d.name]
+            rule = d.rule(v)
+            if rule is not None:
+                raise ConfigError(f"{d.name} {_shown(v)} {rule}", field=f"{where}.{d.name}")
+        for spec in TECHNIQUES.specs():
+            if spec.check_layer is not None:
+                spec.check_layer(self, where)
+
+
+def _layer_plan(values: dict) -> LayerPlan:
+    return LayerPlan(**values)
+
+
+def _shown(v) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _check_settings(plan) -> None:
+    """Plan-wide fields with a technique's domain (``calibration``, ``importance``, ``schedule.kind``)."""
+    for d in TECHNIQUES.settings():
+        v = plan
+        for part in d.name.split("."):
+            v = getattr(v, part)
+        rule = d.rule(v)
+        if rule is not None:
+            raise ConfigError(f"{d.name.rsplit('.', 1)[-1]} {_shown(v)} {rule}", field=d.name)
 
 
 @dataclass(frozen=True)
@@ -86,8 +128,6 @@ class Schedule:
     steps: int = 0  # number of equal sparsity updates between start and end; 0 = every step
 
     def validate(self, where: str = "schedule") -> None:
-        if self.kind not in SCHEDULES:
-            raise ConfigError(f"kind {self.kind!r} is not one of {list(SCHEDULES)}", field=f"{where}.kind")
         if self.steps < 0:
             raise ConfigError(f"steps {self.steps} must be >= 0", field=f"{where}.steps")
         if not (0.0 <= self.start <= self.end <= 1.0):
@@ -134,24 +174,17 @@ class Plan:
         for name, lp in self.layers.items():
             lp.validate(f"layers.{name}")
         self.schedule.validate()
+        _check_settings(self)
         if not (self.kd_temperature >= 1.0):
             raise ConfigError(f"kd_temperature {self.kd_temperature} must be >= 1", field="kd_temperature")
         if not (0.0 <= self.kd_alpha <= 1.0):
             raise ConfigError(f"kd_alpha {self.kd_alpha} is outside [0, 1]", field="kd_alpha")
-        if self.importance not in IMPORTANCES:
-            raise ConfigError(
-                f"importance {self.importance!r} is not one of {list(IMPORTANCES)}", field="importance"
-            )
         if self.hint_weight < 0:
             raise ConfigError(f"hint_weight {self.hint_weight} must be >= 0", field="hint_weight")
         if self.steps is not None and self.steps < 0:
             raise ConfigError(f"steps {self.steps} must be >= 0", field="steps")
         if self.epochs < 0:
             raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
-        if self.calibration not in CALIBRATIONS:
-            raise ConfigError(
-                f"calibration {self.calibration!r} is not one of {list(CALIBRATIONS)}", field="calibration"
-            )
         if not isinstance(self.lsq, bool):
             raise ConfigError(f"lsq {self.lsq!r} must be true or false", field="lsq")
 
@@ -159,8 +192,8 @@ class Plan:
         return self.layers.get(name, LayerPlan())
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = {k: asdict(v) for k, v in sorted(self.layers.items())}
+        d = asdict(replace(self, layers={}))
+        d["layers"] = {k: v.to_dict() for k, v in sorted(self.layers.items())}
         return d
 
     def to_json(self) -> str:

@@ -91,7 +91,7 @@ def analyze(
                 applied = not (
                     dim == "rank_ratio" and info.name in out.notes and "not" in out.notes[info.name]
                 )
-                art = ctx.lower(out.model, Path(tmp) / f"{info.name}-{dim}-{value}", out.precisions)
+                art = ctx.lower(out.model, Path(tmp) / f"{info.name}-{dim}-{value}", out.lowering)
                 acc = ctx.score(art)
                 rows.append(
                     {
@@ -214,7 +214,7 @@ def narrow_domains(space, inventory, df: pd.DataFrame, max_drop: float) -> dict[
 
 def _searched(space, inventory) -> tuple[dict[str, tuple[str, object]], dict[str, list[str]]]:
     """Optuna parameter name -> (dimension, Param) of the searched measured dimensions, and its layers."""
-    from .space import SHORT
+    from .registry import TECHNIQUES
 
     domains: dict[str, tuple[str, object]] = {}
     members: dict[str, list[str]] = {}
@@ -222,7 +222,7 @@ def _searched(space, inventory) -> tuple[dict[str, tuple[str, object]], dict[str
         for dim, p in space._layer_params(info.name).items():
             if dim not in _HARSHER or p.fixed is not None:
                 continue
-            name = f"{SHORT[dim]}.{space.group_of(info.name)}"
+            name = f"{TECHNIQUES.dim(dim).prefix}.{space.group_of(info.name)}"
             domains.setdefault(name, (dim, p))
             members.setdefault(name, []).append(info.name)
     return domains, members

@@ -17,52 +17,22 @@ from typing import Any, Literal
 
 import optuna
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, model_validator
 
 from .errors import ConfigError
 from .inventory import LayerInfo
-from .plan import (
-    CALIBRATIONS,
-    GRANULARITIES,
-    IMPORTANCES,
-    QUANT_MODES,
-    RANK_MODES,
-    SCHEDULES,
-    SCHEMES,
-    SPARSITY_KINDS,
-    SUPPORTED_BITS,
-    LayerPlan,
-    Plan,
-    Schedule,
-)
+from .plan import LayerPlan, Plan, Schedule
+from .registry import TECHNIQUES
 
-PER_LAYER = (
-    "bits",
-    "sparsity",
-    "sparsity_kind",
-    "rank_ratio",
-    "rank_mode",
-    "quant_scheme",
-    "quant_granularity",
-    "quant_mode",
-)
-# Optuna parameter name prefix of each per-layer dimension (stable: resumed studies depend on them)
-SHORT = {
-    "bits": "bits",
-    "sparsity": "sparsity",
-    "sparsity_kind": "sparsity_kind",
-    "rank_ratio": "rank",
-    "rank_mode": "rank_mode",
-    "quant_scheme": "qscheme",
-    "quant_granularity": "qgranularity",
-    "quant_mode": "qmode",
-}
-QUANT_DEFAULTS = {"quant_scheme": "symmetric", "quant_granularity": "channel", "quant_mode": "static"}
-QUANT_CHOICES = {
-    "quant_scheme": SCHEMES,
-    "quant_granularity": GRANULARITIES,
-    "quant_mode": QUANT_MODES,
-}
+
+def __getattr__(name: str):  # the per-layer fields come from the technique registry
+    if name == "PER_LAYER":
+        return tuple(d.name for d in TECHNIQUES.dims())
+    if name == "SHORT":
+        return {d.name: d.prefix for d in TECHNIQUES.dims()}
+    if name in ("SpaceModel", "LayerSpace"):
+        return space_model() if name == "SpaceModel" else space_model().model_fields["layers"].annotation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Param(BaseModel):
@@ -115,19 +85,6 @@ class Param(BaseModel):
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
 
-class LayerSpace(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    bits: Param | None = None
-    sparsity: Param | None = None
-    sparsity_kind: Param | None = None
-    rank_ratio: Param | None = None
-    rank_mode: Param | None = None
-    quant_scheme: Param | None = None
-    quant_granularity: Param | None = None
-    quant_mode: Param | None = None
-
-
 class ScheduleSpace(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -155,27 +112,37 @@ class QuantSpace(BaseModel):
     lsq: Param = Param(fixed=False)
 
 
-class SpaceModel(BaseModel):
-    """The schema of a search space file."""
+class _SpaceBase(BaseModel):
+    """The plan-wide part of a search space file; the per-layer fields come from the registry."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    bits: Param = Param(fixed=32)
-    sparsity: Param = Param(fixed=0.0)
-    sparsity_kind: Param = Param(fixed="unstructured")
-    rank_ratio: Param = Param(fixed=1.0)
-    rank_mode: Param = Param(fixed="ratio")
-    quant_scheme: Param = Param(fixed="symmetric")
-    quant_granularity: Param = Param(fixed="channel")
-    quant_mode: Param = Param(fixed="static")
     quant: QuantSpace = QuantSpace()
     importance: Param = Param(fixed="l1")
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
-    layers: dict[str, LayerSpace] = {}
     # "layer": one parameter per layer; "global": one per dimension for the whole model;
     # {group name: regex}: layers matching a group (first match wins) share that group's parameters
     groups: Literal["layer", "global"] | dict[str, str] = "layer"
+
+
+_MODELS: dict[int, type[BaseModel]] = {}
+
+
+def space_model() -> type[BaseModel]:
+    """The schema of a search space file: every registered per-layer field (a :class:`Param`, at the top
+    for all layers and under ``layers.<regex>`` for some), plus the plan-wide part."""
+    version = TECHNIQUES.version
+    if version not in _MODELS:
+        dims = TECHNIQUES.dims()
+        config = ConfigDict(extra="forbid", strict=True)
+        layer = create_model("LayerSpace", __config__=config, **{d.name: (Param | None, None) for d in dims})
+        top = {d.name: (Param, Param(fixed=d.default)) for d in dims}
+        _MODELS.clear()
+        _MODELS[version] = create_model(
+            "SpaceModel", __base__=_SpaceBase, layers=(dict[str, layer], {}), **top
+        )
+    return _MODELS[version]
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -193,15 +160,24 @@ def deep_merge(base: dict, over: dict) -> dict:
 class SearchSpace:
     """A validated search space, ready to expand over an inventory."""
 
-    def __init__(self, model: SpaceModel, source: str = "<space>"):
+    def __init__(self, model: BaseModel, source: str = "<space>"):
         self.model = model
         self.source = source
         self._check_values()
         # Optuna parameter name -> a narrower domain (sensitivity narrowing, fixed when the study is made)
         self.narrowed: dict[str, Param] = {}
-        # layer kind -> the weight grids the backend runs (e.g. ascend: Linear per tensor only); a kind
-        # with one grid is not asked, other kinds are asked within the grids the backend allows
-        self.granularity_by_kind: dict[str, tuple[str, ...]] = {}
+        # per-layer field -> layer kind -> the values the backend runs (e.g. ascend: Linear weight grids
+        # per tensor only); a kind with one value is not asked, others within the values allowed
+        self.allowed_by_kind: dict[str, dict[str, tuple]] = {}
+
+    @property
+    def granularity_by_kind(self) -> dict[str, tuple[str, ...]]:
+        """Layer kind -> the weight grids the backend runs (``quant_granularity`` of ``allowed_by_kind``)."""
+        return self.allowed_by_kind.get("quant_granularity", {})
+
+    @granularity_by_kind.setter
+    def granularity_by_kind(self, value: dict[str, tuple[str, ...]]) -> None:
+        self.allowed_by_kind["quant_granularity"] = dict(value)
 
     def narrow(self, domains: dict[str, dict]) -> None:
         """Replace the domains of the named Optuna parameters (e.g. ``bits.conv1``) by narrower ones."""
@@ -211,14 +187,12 @@ class SearchSpace:
     def from_dict(cls, data: dict, source: str = "<space>") -> SearchSpace:
         from .config import format_validation_error
 
+        schema = space_model()
         try:
-            return cls(SpaceModel.model_validate(data), source)
+            return cls(schema.model_validate(data), source)
         except ValidationError as exc:
-            raise ConfigError(
-                format_validation_error(exc, SpaceModel)[1],
-                source=source,
-                field=format_validation_error(exc, SpaceModel)[0],
-            ) from None
+            field, rule = format_validation_error(exc, schema)
+            raise ConfigError(rule, source=source, field=field) from None
 
     @classmethod
     def from_file(
@@ -242,72 +216,33 @@ class SearchSpace:
         return cls.from_dict(data, source)
 
     def _check_values(self) -> None:
-        m = self.model
-        checks = [(k, getattr(m, k)) for k in PER_LAYER]
+        m, dims = self.model, TECHNIQUES.dims()
+        checks = [(d.name, d, getattr(m, d.name)) for d in dims]
         for pattern, ls in m.layers.items():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(
-                    f"invalid regex: {exc}", source=self.source, field=f"layers.{pattern}"
-                ) from None
-            checks += [
-                (f"layers.{pattern}.{k}", getattr(ls, k)) for k in PER_LAYER if getattr(ls, k) is not None
-            ]
-        for field, param in checks:
-            kind = field.rsplit(".", 1)[-1]
-            for v in param.values():
-                if kind == "bits" and v not in SUPPORTED_BITS:
-                    raise ConfigError(
-                        f"{v} is not an allowed bit width {list(SUPPORTED_BITS)}",
-                        source=self.source,
-                        field=field,
-                    )
-                if kind == "sparsity" and not (isinstance(v, int | float) and 0 <= v < 1):
-                    raise ConfigError(f"{v} is outside [0, 1)", source=self.source, field=field)
-                if kind == "rank_ratio" and not (isinstance(v, int | float) and 0 < v <= 1):
-                    raise ConfigError(f"{v} is outside (0, 1]", source=self.source, field=field)
-                if kind == "rank_mode" and v not in RANK_MODES:
-                    raise ConfigError(
-                        f"{v!r} is not one of {list(RANK_MODES)}", source=self.source, field=field
-                    )
-                if kind == "sparsity_kind" and v not in SPARSITY_KINDS:
-                    raise ConfigError(
-                        f"{v!r} is not one of {list(SPARSITY_KINDS)}", source=self.source, field=field
-                    )
-                if kind in QUANT_CHOICES and v not in QUANT_CHOICES[kind]:
-                    raise ConfigError(
-                        f"{v!r} is not one of {list(QUANT_CHOICES[kind])}", source=self.source, field=field
-                    )
+            self._regex(pattern, f"layers.{pattern}")
+            checks += [(f"layers.{pattern}.{d.name}", d, getattr(ls, d.name)) for d in dims]
+        for field, dim, param in checks:
+            for v in param.values() if param is not None else ():
+                problem = dim.problem(v, space=True)
+                if problem is not None:
+                    raise ConfigError(problem, source=self.source, field=field)
         if isinstance(m.groups, dict):
             for group, pattern in m.groups.items():
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError(
-                        f"invalid regex: {exc}", source=self.source, field=f"groups.{group}"
-                    ) from None
-        if set(m.quant_mode.values()) == {"dynamic"} and 8 not in m.bits.values():
-            raise ConfigError(
-                "quant_mode 'dynamic' needs bits 8 (int8 weights)", source=self.source, field="quant_mode"
-            )
-        for v in m.quant.calibration.values():
-            if v not in CALIBRATIONS:
-                raise ConfigError(
-                    f"{v!r} is not one of {list(CALIBRATIONS)}", source=self.source, field="quant.calibration"
-                )
+                self._regex(pattern, f"groups.{group}")
+        for spec in TECHNIQUES.specs():
+            if spec.check_space is not None:
+                spec.check_space(m, self.source)
+        for setting in TECHNIQUES.settings():
+            field = setting.short or setting.name
+            param = m
+            for part in field.split("."):
+                param = getattr(param, part)
+            for v in param.values():
+                problem = setting.problem(v, space=True)
+                if problem is not None:
+                    raise ConfigError(problem, source=self.source, field=field)
         if any(not isinstance(v, bool) for v in m.quant.lsq.values()):
             raise ConfigError("values must be true or false", source=self.source, field="quant.lsq")
-        for v in m.importance.values():
-            if v not in IMPORTANCES:
-                raise ConfigError(
-                    f"{v!r} is not one of {list(IMPORTANCES)}", source=self.source, field="importance"
-                )
-        for v in m.schedule.kind.values():
-            if v not in SCHEDULES:
-                raise ConfigError(
-                    f"{v!r} is not one of {list(SCHEDULES)}", source=self.source, field="schedule.kind"
-                )
         for field, p in (
             ("schedule.start", m.schedule.start),
             ("schedule.end", m.schedule.end),
@@ -318,6 +253,12 @@ class SearchSpace:
         if any(not (isinstance(v, int | float) and v >= 1) for v in m.kd.temperature.values()):
             raise ConfigError("values must be >= 1", source=self.source, field="kd.temperature")
 
+    def _regex(self, pattern: str, field: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"invalid regex: {exc}", source=self.source, field=field) from None
+
     def bit_widths(self) -> set[int]:
         """Every bit width this space can produce (for checking against a backend)."""
         bits = set(self.model.bits.values())
@@ -327,13 +268,14 @@ class SearchSpace:
         return {int(b) for b in bits}
 
     def _layer_params(self, name: str) -> dict[str, Param]:
-        params = {k: getattr(self.model, k) for k in PER_LAYER}
+        dims = TECHNIQUES.dims()
+        params = {d.name: getattr(self.model, d.name) for d in dims}
         for pattern, ls in self.model.layers.items():  # later patterns win
             if re.fullmatch(pattern, name):
                 params.update({k: getattr(ls, k) for k in params if getattr(ls, k) is not None})
         if self.narrowed:
             group = self.group_of(name)
-            params = {k: self.narrowed.get(f"{SHORT[k]}.{group}", p) for k, p in params.items()}
+            params = {d.name: self.narrowed.get(f"{d.prefix}.{group}", params[d.name]) for d in dims}
         return params
 
     def group_of(self, layer: str) -> str:
@@ -357,46 +299,40 @@ class SearchSpace:
         seed: int,
         steps: int | None = None,
     ) -> Plan:
-        """Ask ``trial`` for every dimension and return the Plan (grouped layers share values)."""
-        layers = {}
+        """Ask ``trial`` for every dimension and return the Plan (grouped layers share values).
+
+        Per layer, the registered fields are asked in their sampling order, then the plan-wide ones.
+        """
         domains: dict[str, tuple[str, Param]] = {}
-        for info in inventory:
-            params = self._layer_params(info.name)
-            values: dict[str, Any] = {}
-            for k, p in params.items():
-                name = f"{SHORT[k]}.{self.group_of(info.name)}"
-                first = domains.setdefault(name, (info.name, p))
-                if first[1] != p:
-                    raise ConfigError(
-                        f"layers {first[0]!r} and {info.name!r} share {name!r} but have different domains",
-                        source=self.source,
-                        field="groups",
-                    )
-                if (
-                    k in QUANT_CHOICES
-                    and int(values["bits"]) >= 16
-                    or (k == "quant_mode" and int(values["bits"]) != 8)
-                ):  # float/fp16 layers have no integer grid; dynamic needs int8: not asked
-                    values[k] = QUANT_DEFAULTS[k]
+        layers = {info.name: self._suggest_layer(trial, info, domains) for info in inventory}
+        return self._suggest_plan(trial, layers, epochs=epochs, lr=lr, seed=seed, steps=steps)
+
+    def _suggest_layer(self, trial: optuna.Trial, info: LayerInfo, domains: dict) -> LayerPlan:
+        params = self._layer_params(info.name)
+        values: dict[str, Any] = {}
+        for d in TECHNIQUES.dims():
+            p, name = params[d.name], f"{d.prefix}.{self.group_of(info.name)}"
+            first = domains.setdefault(name, (info.name, p))
+            if first[1] != p:
+                raise ConfigError(
+                    f"layers {first[0]!r} and {info.name!r} share {name!r} but have different domains",
+                    source=self.source,
+                    field="groups",
+                )
+            if d.asked is not None and not d.asked(values):  # e.g. no integer grid on a float layer
+                values[d.name] = d.default
+                continue
+            allowed = self.allowed_by_kind.get(d.name, {}).get(info.kind)
+            if allowed is not None:
+                kept = [v for v in p.values() if v in allowed]
+                if len(kept) < 2:  # the backend runs one value here (or none the space offers)
+                    values[d.name] = kept[0] if kept else allowed[0]
                     continue
-                allowed = self.granularity_by_kind.get(info.kind) if k == "quant_granularity" else None
-                if allowed is not None:
-                    kept = [v for v in p.values() if v in allowed]
-                    if len(kept) < 2:  # the backend runs one grid here (or none the space offers)
-                        values[k] = kept[0] if kept else allowed[0]
-                        continue
-                    p = Param(choices=kept) if len(kept) < len(p.values()) else p
-                values[k] = p.suggest(trial, name)
-            layers[info.name] = LayerPlan(
-                bits=int(values["bits"]),
-                sparsity=float(values["sparsity"]),
-                rank_ratio=float(values["rank_ratio"]),
-                sparsity_kind=str(values["sparsity_kind"]),
-                rank_mode=str(values["rank_mode"]),
-                quant_scheme=str(values["quant_scheme"]),
-                quant_granularity=str(values["quant_granularity"]),
-                quant_mode=str(values["quant_mode"]),
-            )
+                p = Param(choices=kept) if len(kept) < len(p.values()) else p
+            values[d.name] = p.suggest(trial, name)
+        return LayerPlan(**{d.name: d.cast(values[d.name]) for d in TECHNIQUES.dims()})
+
+    def _suggest_plan(self, trial, layers, *, epochs, lr, seed, steps) -> Plan:
         s = self.model.schedule
         start = float(s.start.suggest(trial, "schedule.start"))
         end = max(start, float(s.end.suggest(trial, "schedule.end")))
@@ -422,24 +358,18 @@ class SearchSpace:
             lsq=bool(self.model.quant.lsq.suggest(trial, "quant.lsq")),
         )
 
-    def params_for(
-        self,
-        inventory: list[LayerInfo],
-        bits: int | None = None,
-        sparsity: float = 0.0,
-        rank_ratio: float = 1.0,
-        sparsity_kind: str | None = None,
-    ) -> dict[str, Any]:
+    def params_for(self, inventory: list[LayerInfo], **uniform: Any) -> dict[str, Any]:
         """Optuna parameter values of a uniform plan, for ``study.enqueue_trial`` (warm starts).
 
-        Only dimensions that are searched (not fixed) and that admit the value are included.
+        ``uniform``: registered per-layer fields and their value for every layer (None: not set); a field
+        not given is left to the sampler, except fields without choices (``sparsity``, ``rank_ratio``),
+        which keep their technique's default (no compression). Only dimensions that are searched (not
+        fixed) and that admit the value are included.
         """
-        wanted = {
-            "bits": bits,
-            "sparsity": sparsity,
-            "rank_ratio": rank_ratio,
-            "sparsity_kind": sparsity_kind,
-        }
+        for name in uniform:
+            TECHNIQUES.dim(name)  # an unknown field is an error that names the known ones
+        wanted = {d.name: d.default for d in TECHNIQUES.dims() if not d.choices}
+        wanted = {k: v for k, v in {**wanted, **uniform}.items() if v is not None}
         return self.params_from_layers(inventory, {info.name: wanted for info in inventory})
 
     def plan_params(self, **values: Any) -> dict[str, Any]:
@@ -484,5 +414,5 @@ class SearchSpace:
                     v = min(max(float(v), p.low), p.high)
                     if p.step:
                         v = p.low + round((v - p.low) / p.step) * p.step
-                out.setdefault(f"{SHORT[k]}.{self.group_of(info.name)}", v)
+                out.setdefault(f"{TECHNIQUES.dim(k).prefix}.{self.group_of(info.name)}", v)
         return out

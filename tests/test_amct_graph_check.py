@@ -18,9 +18,10 @@ from autocompress.backends import OnnxRuntimeBackend
 from autocompress.backends.amct import amct_violations, check_amct_qat_graph, qdq_for_amct
 from autocompress.errors import BackendError
 from autocompress.inventory import build_inventory, compressible_layers
+from autocompress.lowering import LayerLowering, LoweringSpec
 from autocompress.space import SearchSpace
 from autocompress.techniques import fold_batchnorm
-from autocompress.techniques.quantize import QUANT_ATTR, add_fake_quant, record_weight_quant
+from autocompress.techniques.quantize import add_fake_quant, record_weight_quant
 from autocompress.testing import PlainCNN, ResNetStyle, TinyTransformer
 
 
@@ -29,11 +30,12 @@ def _int8(cls, linear_grid: str):
     (conv weights per channel, Linear weights on ``linear_grid``)."""
     torch.manual_seed(0)
     model = fold_batchnorm(cls().eval())[0]
-    for _, mod in compressible_layers(model):
+    layers = {}
+    for name, mod in compressible_layers(model):
         add_fake_quant(mod, 8, granularity=linear_grid if isinstance(mod, nn.Linear) else "channel")
-        record_weight_quant(mod)
+        layers[name] = LayerLowering(8, "static", record_weight_quant(mod))
         parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-    return model, {n: 8 for n, _ in compressible_layers(model)}
+    return model, LoweringSpec(layers)
 
 
 def _reference_run(path, x: torch.Tensor) -> np.ndarray:
@@ -75,9 +77,9 @@ def test_project_int8_artifacts_pass_the_check_and_keep_the_trained_integers(tmp
         assert (scale.size == 1) == (op != "Conv"), name
     # every layer is quantized and holds exactly its QAT integers
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    assert len(scales) == len(precisions)
-    for layer, mod in compressible_layers(model):
-        record = getattr(mod, QUANT_ATTR)
+    assert len(scales) == len(precisions.layers)
+    for layer, _ in compressible_layers(model):
+        record = precisions.layer(layer).weight
         forms = [record.q, record.q.T] if record.q.ndim == 2 else [record.q]  # MatMul stores [in, out]
         stored = [v for v in inits.values() if v.dtype == np.int8]
         assert any(v.shape == f.shape and np.array_equal(v, f) for v in stored for f in forms), layer

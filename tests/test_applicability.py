@@ -175,7 +175,7 @@ def test_the_harshest_remaining_plan_compresses_runs_and_lowers(name, backend, t
     art = backend.lower(
         deployable(out.model, task.io),
         task.example_inputs(),
-        out.precisions,
+        out.lowering,
         tmp_path,
         calibration=task.calibration_inputs(),
         io=task.io,

@@ -397,7 +397,7 @@ def test_a_trial_plan_from_the_ascend_space_lowers_to_a_graph_amct_accepts(
     src = build_atc_input(
         out.model,
         digits_task.example_inputs(),
-        out.precisions,
+        out.lowering,
         tmp_path,
         digits_task.calibration_inputs(),
         amct=amct,

@@ -9,6 +9,7 @@ import torch
 
 from autocompress.backends.onnxruntime import OnnxRuntimeBackend
 from autocompress.errors import ConfigError
+from autocompress.lowering import LayerLowering, LoweringSpec
 from autocompress.tasks import validate_task, weights_hash
 from autocompress.tasks.data import deployable
 
@@ -52,9 +53,13 @@ def test_bert_encoder_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path
     assert weights_hash(again.teacher()) == weights_hash(task.teacher())
     art, fid = _lower_and_score(task, tmp_path)
     assert fid == pytest.approx(1.0, abs=1e-4)  # the float artifact is the teacher
-    linear = {n: 8 for n, m in task.teacher().named_modules() if isinstance(m, torch.nn.Linear)}
-    for n in linear:  # dynamic int8 Linear, as the study searches
-        task.teacher().get_submodule(n).ac_quant_mode = "dynamic"
+    linear = LoweringSpec(  # dynamic int8 Linear, as the study searches
+        {
+            n: LayerLowering(8, "dynamic")
+            for n, m in task.teacher().named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+    )
     art8, fid8 = _lower_and_score(task, tmp_path / "q", linear)
     assert 0.9 < fid8 < 1.0  # int8 weights (the tiny float embedding table dominates the file size)
     assert art8.meta["weights_stored_bytes"] < art.meta["weights_stored_bytes"]

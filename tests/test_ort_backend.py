@@ -51,7 +51,7 @@ def test_int8_artifact_holds_int8_weights_that_ort_fuses(tmp_path, backend, digi
     plan = Plan(layers={n: LayerPlan(bits=8) for n, _ in compressible_layers(digits_teacher)}, epochs=1)
     out = compress(digits_task, digits_teacher, plan, reduce_range=backend.reduce_range)
     art = backend.lower(
-        out.model, digits_task.example_inputs(), out.precisions, tmp_path, digits_task.calibration_inputs()
+        out.model, digits_task.example_inputs(), out.lowering, tmp_path, digits_task.calibration_inputs()
     )
     inits = _inits(art.path)
     # the weights are stored as int8 and hold exactly the QAT integers
@@ -105,7 +105,7 @@ def test_int4_layers_are_packed_int4_weight_only(tmp_path, backend, digits_task,
     )
     out = compress(digits_task, digits_teacher, plan, reduce_range=backend.reduce_range)
     art = backend.lower(
-        out.model, digits_task.example_inputs(), out.precisions, tmp_path, digits_task.calibration_inputs()
+        out.model, digits_task.example_inputs(), out.lowering, tmp_path, digits_task.calibration_inputs()
     )
     model = onnx.load(str(art.path))
     assert {o.domain or "": o.version for o in model.opset_import}[""] >= 21

@@ -109,8 +109,12 @@ def test_fixed_trial_gives_the_same_plan_and_overrides_apply():
         "kd.temperature": 3.0,
     }
     plan = space.suggest(optuna.trial.FixedTrial(params), INV, epochs=1, lr=1e-3, seed=0)
-    assert plan.layer("features.0") == LayerPlan(8, 0.5, 0.5, "structured")
-    assert plan.layer("classifier") == LayerPlan(4, 0.0, 1.0)  # rank fixed by the override
+    assert plan.layer("features.0") == LayerPlan(
+        bits=8, sparsity=0.5, rank_ratio=0.5, sparsity_kind="structured"
+    )
+    assert plan.layer("classifier") == LayerPlan(
+        bits=4, sparsity=0.0, rank_ratio=1.0
+    )  # rank fixed by the override
     assert plan.kd_alpha == 0.25 and plan.schedule == Schedule("cubic", 0.1, 0.9)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from autocompress.backends import OnnxRuntimeBackend
 from autocompress.errors import BackendError, ConfigError, TechniqueError
 from autocompress.inventory import build_inventory, compressible_layers
+from autocompress.lowering import LayerLowering, LoweringSpec
 from autocompress.pipeline import compress
 from autocompress.plan import LayerPlan, Plan
 from autocompress.space import SearchSpace
@@ -27,7 +28,6 @@ from autocompress.techniques import (
     record_weight_quant,
     weight_qparams,
 )
-from autocompress.techniques.quantize import QUANT_ATTR
 from autocompress.testing import REFERENCE_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_artifact_integers_scales_and_zero_points_match_torch(
     )
     out = compress(digits_task, digits_teacher, plan, reduce_range=backend.reduce_range)
     art = backend.lower(
-        out.model, digits_task.example_inputs(), out.precisions, tmp_path, digits_task.calibration_inputs()
+        out.model, digits_task.example_inputs(), out.lowering, tmp_path, digits_task.calibration_inputs()
     )
     g = _graph(art)
     inits = {i.name: i for i in g.initializer}
@@ -165,7 +165,7 @@ def test_artifact_integers_scales_and_zero_points_match_torch(
         ("features.6", "features.6.weight_quantized"),
         ("classifier", "classifier.weight_quantized"),
     ):
-        rec = getattr(dict(out.model.named_modules())[layer], QUANT_ATTR)
+        rec = out.lowering.layer(layer).weight
         node = dq[stored]
         q = numpy_helper.to_array(inits[stored]).astype(np.int32)
         scale = numpy_helper.to_array(inits[node.input[1]])
@@ -200,7 +200,7 @@ def test_weight_only_artifact_equals_torch_fake_quant(scheme, granularity, tmp_p
     grid = {"quant_scheme": scheme, "quant_granularity": granularity}
     plan = Plan(layers={n: LayerPlan(bits=3, **grid) for n, _ in compressible_layers(teacher)}, epochs=0)
     out = compress(task, teacher, plan)
-    art = backend.lower(out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs())
+    art = backend.lower(out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs())
     x = task.test[0]
     np.testing.assert_allclose(_run(backend, art, x), out.model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
     int4 = [i for i in _graph(art).initializer if i.data_type == TensorProto.INT4]
@@ -217,7 +217,7 @@ def test_percentile_calibration_clips_activation_ranges(tmp_path, backend, digit
         art = backend.lower(
             out.model,
             digits_task.example_inputs(),
-            out.precisions,
+            out.lowering,
             tmp_path / method,
             digits_task.calibration_inputs(),
         )
@@ -250,7 +250,7 @@ def test_dynamic_linear_layers_on_the_transformer(scheme, granularity, tmp_path,
     layers["layers.1.mlp.2"] = LayerPlan(bits=16)
     plan = Plan(layers=layers, epochs=0)
     out = compress(task, teacher, plan, reduce_range=backend.reduce_range)
-    art = backend.lower(out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs())
+    art = backend.lower(out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs())
     g = _graph(art)
     ops = [n.op_type for n in g.node]
     assert ops.count("MatMulInteger") == len(dynamic)
@@ -259,7 +259,7 @@ def test_dynamic_linear_layers_on_the_transformer(scheme, granularity, tmp_path,
     for n in g.node:  # the QAT integers are what MatMulInteger multiplies by
         if n.op_type == "MatMulInteger":
             assert inits[n.input[1]].data_type == TensorProto.INT8
-    rec = getattr(out.model.head, QUANT_ATTR)
+    rec = out.lowering.layer("head").weight
     mm = next(n for n in g.node if n.op_type == "MatMulInteger" and n.input[1].startswith("head.weight"))
     np.testing.assert_array_equal(numpy_helper.to_array(inits[mm.input[1]]).T, rec.q)
     np.testing.assert_array_equal(numpy_helper.to_array(inits[mm.input[3]]), rec.zero_point)
@@ -293,7 +293,7 @@ def test_dynamic_lstm(head_bits, tmp_path, backend):
     layers = {"lstm": LayerPlan(bits=8, quant_mode="dynamic"), "head": LayerPlan(bits=head_bits)}
     out = compress(task, teacher, Plan(layers=layers, epochs=0), reduce_range=backend.reduce_range)
     assert out.precisions["lstm"] == 8
-    art = backend.lower(out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs())
+    art = backend.lower(out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs())
     ops = [n.op_type for n in _graph(art).node]
     assert ops.count("DynamicQuantizeLSTM") == 1 and "LSTM" not in ops
     assert "Gemm" in ops and "MatMulInteger" not in ops  # the head is not dynamic
@@ -339,10 +339,10 @@ def test_dynamic_errors(tmp_path, backend, digits_task, digits_teacher):
             return self.head(self.gru(x)[0][:, -1])
 
     gru = GRUNet().eval()
-    gru.gru.ac_quant_mode = "dynamic"
+    spec = LoweringSpec({"gru": LayerLowering(8, "dynamic")})
     x = torch.randn(4, 5, 8)
     with pytest.raises(BackendError, match="dynamic quantization of GRU is not supported"):
-        backend.lower(gru, (x,), {"gru": 8}, tmp_path, x.numpy())
+        backend.lower(gru, (x,), spec, tmp_path, x.numpy())
 
 
 # -- post-training quantization and LSQ ------------------------------------------------------------
@@ -353,7 +353,7 @@ def test_post_training_quantization_is_the_zero_epoch_rung(tmp_path, backend, di
     )
     assert out.losses == []  # no fine-tuning step ran
     art = backend.lower(
-        out.model, digits_task.example_inputs(), out.precisions, tmp_path, digits_task.calibration_inputs()
+        out.model, digits_task.example_inputs(), out.lowering, tmp_path, digits_task.calibration_inputs()
     )
     x, y = digits_task.test
     teacher_acc = float((digits_teacher(x).argmax(1) == y).float().mean())
@@ -399,20 +399,19 @@ def test_lsq_scale_is_trained_and_is_what_the_artifact_uses(tmp_path, backend, d
             initial[name] = weight_qparams(m.weight.detach(), layers[name].bits)[0].flatten().numpy()
     out = compress(small, digits_teacher, plan, reduce_range=backend.reduce_range)
     assert len(out.losses) == 2
-    modules = dict(out.model.named_modules())
     for name in ("features.0", "features.3"):
-        rec = getattr(modules[name], QUANT_ATTR)
+        rec = out.lowering.layer(name).weight
         assert rec.lsq
         assert np.abs(rec.scale - initial[name]).max() > 1e-3 * np.abs(initial[name]).max()  # it moved
     art = backend.lower(
-        out.model, digits_task.example_inputs(), out.precisions, tmp_path, digits_task.calibration_inputs()
+        out.model, digits_task.example_inputs(), out.lowering, tmp_path, digits_task.calibration_inputs()
     )
     inits = {i.name: numpy_helper.to_array(i) for i in _graph(art).initializer}
     np.testing.assert_array_equal(
-        inits["features.3.weight_int4_scale"], getattr(modules["features.3"], QUANT_ATTR).scale
+        inits["features.3.weight_int4_scale"], out.lowering.layer("features.3").weight.scale
     )
     np.testing.assert_array_equal(
-        inits["classifier.weight_scale"], getattr(modules["classifier"], QUANT_ATTR).scale
+        inits["classifier.weight_scale"], out.lowering.layer("classifier").weight.scale
     )
     x, y = digits_task.test
     got, ref = _run(backend, art, x), out.model(x).detach().numpy()

@@ -112,7 +112,7 @@ def test_technique_on_reference_model_exports_through_ort(model_name, technique,
         else:
             assert sum(p.numel() for p in model.parameters()) < 0.6 * before
     _check_each_layer(technique, plan, teacher, out)
-    art = backend.lower(model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs(64))
+    art = backend.lower(model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs(64))
     if model_name == "lstm":  # the recurrent layer: not in the inventory, only dynamic int8 applies to it
         assert "lstm" not in {i.name for i in build_inventory(teacher, task.example_inputs())}
         assert isinstance(model.lstm, nn.LSTM)
@@ -317,9 +317,7 @@ def test_mixed_precision_artifact_carries_each_layers_precision_and_expected_siz
     bits = {n: (2, 4, 6, 8, 16, 32)[i % 6] for i, n in enumerate(names)}
     plan = Plan(layers={n: LayerPlan(bits=b) for n, b in bits.items()}, epochs=0)
     out = compress(task, teacher, plan, reduce_range=backend.reduce_range)
-    art = backend.lower(
-        out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs(64)
-    )
+    art = backend.lower(out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs(64))
     inits = {i.name: i.data_type for i in onnx.load(str(art.path)).graph.initializer}
     for n, b in bits.items():
         expected = {

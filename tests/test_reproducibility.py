@@ -93,7 +93,7 @@ def test_size_floor_is_a_lower_bound_of_real_artifacts(digits_task, digits_teach
             artifact = backend.lower(
                 result.model,
                 digits_task.example_inputs(),
-                result.precisions,
+                result.lowering,
                 tmp_path / f"{bits}-{ratio}",
                 calibration=digits_task.calibration_inputs(),
             )

@@ -151,7 +151,7 @@ def test_iterative_structured_compress_follows_schedule_and_exports(tmp_path):
     assert all(np.isfinite(out.losses))
     backend = OnnxRuntimeBackend()
     x = task.test[0][:8]
-    art = backend.lower(model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs(32))
+    art = backend.lower(model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs(32))
     got = backend.session(art.path).run(None, {"input": x.numpy()})[0]
     assert np.isfinite(got).all()  # activations are quantized in the artifact: close, not equal
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=2e-2)
@@ -173,10 +173,10 @@ def test_iterative_structured_pruning_with_learned_step_sizes(tmp_path):
     )
     out = compress(task, task.model_fn().eval(), plan, batch_size=16)
     assert _widths(out.model) == {"features.0": 8, "features.3": 16, "classifier": 10}
-    rec = out.model.features[3].ac_weight_quant  # recorded by compress from the LSQ quantizer
+    rec = out.lowering.layer("features.3").weight  # recorded by compress from the LSQ quantizer
     assert rec.lsq and rec.scale.shape == (16,) and rec.q.shape[0] == 16
     art = OnnxRuntimeBackend().lower(
-        out.model, task.example_inputs(), out.precisions, tmp_path, task.calibration_inputs(32)
+        out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs(32)
     )
     got = OnnxRuntimeBackend().session(art.path).run(None, {"input": task.test[0][:8].numpy()})[0]
     np.testing.assert_allclose(got, out.model(task.test[0][:8]).detach().numpy(), atol=2e-2)
@@ -243,7 +243,7 @@ def test_cp_factorized_model_exports_through_onnxruntime(tmp_path):
     model = out.model
     assert len(model.features[3]) == 4
     x = task.test[0][:8]
-    art = OnnxRuntimeBackend().lower(model, task.example_inputs(), out.precisions, tmp_path)
+    art = OnnxRuntimeBackend().lower(model, task.example_inputs(), out.lowering, tmp_path)
     got = OnnxRuntimeBackend().session(art.path).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
 

@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import BackendError, MissingDependencyError
+from ..lowering import LoweringSpec
 
 AMCT_PACKAGE = "amct_onnx"
 AMCT_HINT = (
@@ -284,7 +285,7 @@ def check_amct_qat_graph(model: onnx.ModelProto | Path, where: str = "") -> None
 def qdq_for_amct(
     model,
     example_inputs,
-    int8_layers: dict[str, int],
+    int8_layers,
     out_path: Path,
     calibration: np.ndarray | None,
     io=None,
@@ -307,7 +308,8 @@ def qdq_for_amct(
 
     from .onnxruntime import OnnxRuntimeBackend
 
-    bad = {k: b for k, b in int8_layers.items() if b != 8}
+    int8_layers = LoweringSpec.coerce(int8_layers)  # a LoweringSpec, or {layer: 8}
+    bad = {k: b for k, b in int8_layers.precisions().items() if b != 8}
     if bad:
         raise BackendError(f"only 8-bit layers are lowered through AMCT; got {bad}")
     ort = OnnxRuntimeBackend("cpu", isolate=False)

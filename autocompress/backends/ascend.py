@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError, MissingDependencyError
+from ..lowering import LoweringSpec
 from .ascend_cann import (
     AIS_BENCH_HINT,
     ATC_HINT,
@@ -49,7 +50,7 @@ from .ascend_cann import (
     soc_version_for,
 )
 from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables
-from .onnxruntime import export_onnx
+from .onnx_export import export_onnx
 
 __all__ = [
     "AscendBackend",
@@ -75,9 +76,7 @@ WEIGHT_GRANULARITY = {"Conv1d": ("channel", "tensor"), "Conv2d": ("channel", "te
 
 
 # -- command lines and their output (pure functions: tested without the hardware) ---------------
-def build_atc_input(
-    model, example_inputs, precisions, out_dir: Path, calibration=None, amct=None, io=None
-) -> dict:
+def build_atc_input(model, example_inputs, spec, out_dir: Path, calibration=None, amct=None, io=None) -> dict:
     """Write what ATC converts, in ``out_dir``, and return its paths.
 
     Float plans: ``model.onnx`` (exported as the onnxruntime backend does) is ATC's input. Plans with
@@ -90,10 +89,11 @@ def build_atc_input(
     """
     from .amct import convert_qat, qdq_for_amct
 
-    atc_precision(precisions)  # refuses bits the backend does not store
+    spec = LoweringSpec.coerce(spec)
+    atc_precision(spec.precisions())  # refuses bits the backend does not store
     out_dir.mkdir(parents=True, exist_ok=True)
     source = out_dir / "model.onnx"
-    int8 = {k: b for k, b in precisions.items() if b == 8}
+    int8 = spec.only(k for k, b in spec.precisions().items() if b == 8)
     if not int8:
         try:
             export_onnx(model, example_inputs, source, io=io)
@@ -220,9 +220,11 @@ class AscendBackend(Backend):
         self._sessions: dict[str, object] = {}
 
     # -- lowering -------------------------------------------------------------------------------
-    def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
+    def lower(self, model, example_inputs, spec, out_dir, calibration=None, io=None) -> Artifact:
+        spec = LoweringSpec.coerce(spec)
+        precisions = spec.precisions()
         out_dir = Path(out_dir)
-        src = build_atc_input(model, example_inputs, precisions, out_dir, calibration, io=io)
+        src = build_atc_input(model, example_inputs, spec, out_dir, calibration, io=io)
         shape = (self.batch_size, *example_inputs[0].shape[1:])
         mode, keep = atc_precision(precisions, self.options.get("precision_mode"))
         keep_nodes = keep_dtype_nodes(src["atc_input"], keep)
@@ -305,7 +307,7 @@ class AscendBackend(Backend):
         return run
 
     def _cpu_runner(self, artifact: Artifact):
-        from .onnxruntime import make_session
+        from .ort_session import make_session
 
         name = artifact.meta.get("fake_quant") or "model.onnx"
         sess = make_session(artifact.path.parent / name, self.threads)

@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import BackendError
-from .onnxruntime import INPUT
+from .onnx_export import INPUT
 
 FP16_MODE = "force_fp16"  # ATC's inference default: float layers on the Cube unit in fp16
 

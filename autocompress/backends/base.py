@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
+from ..lowering import LoweringSpec
 from .timing import (  # noqa: F401 - re-exported: backends and tests import them from here
     MIN_CALLS,
     LatencyStats,
@@ -121,12 +122,16 @@ class Backend(ABC):
         self,
         model: torch.nn.Module,
         example_inputs: tuple[torch.Tensor, ...],
-        precisions: dict[str, int],
+        spec: LoweringSpec | dict[str, int],
         out_dir: Path,
         calibration: tuple[np.ndarray, ...] | None = None,
         io=None,
     ) -> Artifact:
-        """Write the deployable artifact for ``model`` with each layer at its precision.
+        """Write the deployable artifact for ``model`` with each layer lowered as ``spec`` says.
+
+        ``spec``: the :class:`~autocompress.lowering.LoweringSpec` that ``compress`` returned with the model
+        (per layer: bits, static or dynamic, the trained weight grid; the activation calibration), or a
+        plain ``{module: bits}`` map (static layers on the symmetric per-channel min-max grid).
 
         ``model`` takes positional tensor inputs and returns one tensor (see
         :func:`autocompress.tasks.data.deployable`); ``io`` (an :class:`~autocompress.tasks.data.IOSpec`)

@@ -4,25 +4,13 @@ Device ``cpu`` (the default) runs the CPU execution provider; ``cuda:N`` runs th
 provider on GPU N where this onnxruntime has it (the ``onnxruntime-gpu`` package), falling back to
 the CPU provider for nodes CUDA does not implement, as ORT does.
 
-Lowering, in order:
-1. ``torch.onnx.export`` of the finalized model (BN already folded, weights already on their grid).
-2. Layers whose plan says ``quant_mode: dynamic`` (int8 Linear, LSTM): ONNX Runtime's
-   ``quantize_dynamic`` restricted to their nodes (DynamicQuantizeLinear + MatMulInteger,
-   DynamicQuantizeLSTM); the Gemms it rewrites as MatMul + Add without quantizing them are restored.
-3. ONNX Runtime's own ``quantize_static`` (QDQ format, per-channel weights, activations calibrated
-   by min-max or by percentile on training samples) for the static layers whose plan says 5 to 8 bits,
-   together with the Relu / pooling / residual Add / Concat / shape nodes between them
-   (:func:`.qdq.int8_region`), so activations stay int8 from one int8 layer to the next as in ORT's
-   own all-ops artifact. It lays out the Q/DQ pattern that ORT fuses into QLinearConv / QGemm /
-   QLinearAdd / QLinearConcat / QLinearGlobalAveragePool.
-4. The weight integers, scales and zero points it computed are replaced by the ones the QAT
-   fine-tune trained on (``module.ac_weight_quant``: symmetric or asymmetric, per channel or per
-   tensor, min-max or learned (LSQ) scales), and each int32 bias is re-quantized with
-   ``input_scale * weight_scale``. The artifact then holds exactly the integers the torch model
-   was fine-tuned with.
-5. 2- to 4-bit layers: packed INT4 weights (two per byte, opset 21), INT4 zero points when
-   asymmetric, behind a weight-only DequantizeLinear; 16-bit layers: float16 weights behind a Cast.
-   ORT computes both in float.
+Lowering (see :mod:`.ort_quantize` for the steps, :mod:`.onnx_rewrite` for the graph surgery):
+``torch.onnx.export`` of the finalized model, then the layers of the
+:class:`~autocompress.lowering.LoweringSpec` below float: dynamic int8 through ORT's
+``quantize_dynamic``, 5- to 8-bit static layers through ORT's ``quantize_static`` (QDQ, with the
+connectors between int8 layers) with the fine-tune's integers, scales and zero points written back,
+2- to 4-bit layers as packed INT4 weight-only DequantizeLinear, 16-bit ones as float16 + Cast (ORT
+computes both in float). A float model gets the fastest of its graph and its transformer-fused versions.
 
 Asymmetric int8 weights (non-zero zero points) fuse into QLinearConv / QGemm like symmetric ones; on
 CPUs without VNNI both use a 7-bit grid (``reduce_range``), on which ORT's fused kernels give the same
@@ -32,32 +20,17 @@ outputs as the unfused QDQ graph (a full 8-bit grid saturates there).
 from __future__ import annotations
 
 import contextlib
-import functools
-import io
-import logging
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import BackendError, ExportError, MissingDependencyError, RuntimeLoadError
-from ..techniques.quantize import (
-    CALIBRATION_ATTR,
-    MODE_ATTR,
-    QUANT_ATTR,
-    RECURRENT,
-    WeightQuant,
-    qmax_for,
-    quantize_weight,
-)
+from ..errors import BackendError, ExportError
+from ..lowering import LoweringSpec
 from .base import (
     Artifact,
     Backend,
@@ -69,304 +42,10 @@ from .base import (
     time_callables,
 )
 from .onnx_export import INPUT, OUTPUT, default_io, export_onnx, graph_input_names  # noqa: F401 - re-exported
-from .qdq import int8_region
+from .onnx_rewrite import container_bits
+from .ort_quantize import _Calibration, _quiet, quantize_graph  # noqa: F401 - re-exported
+from .ort_session import _nvidia_smi_info, cpu_has_vnni, make_session, ort_module, providers_for  # noqa: F401
 from .worker import WorkerClient
-
-QUANT_OPS = ("Conv", "Gemm", "MatMul")
-PERCENTILE = 99.99  # percentile calibration keeps the central 99.99% of each activation's values
-CALIBRATION_METHODS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence ORT's quantizer (it warns through the root logger and prints calibration stats)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
-def _lstm_nodes(graph: onnx.GraphProto, module: torch.nn.LSTM) -> list[str]:
-    """Names of the ONNX LSTM nodes exported from ``module`` (one per stacked layer), found by value:
-    ONNX stores the gates as (i, o, f, c) where torch has (i, f, g, o)."""
-    inits = {i.name: i for i in graph.initializer}
-    refs = []
-    for k in range(module.num_layers):
-        i, f, g, o = getattr(module, f"weight_ih_l{k}").detach().numpy().reshape(4, module.hidden_size, -1)
-        refs.append(np.concatenate([i, o, f, g]))
-    found = []
-    for node in graph.node:
-        if node.op_type != "LSTM" or node.input[1] not in inits:
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])[0]
-        if any(w.shape == r.shape and np.allclose(w, r) for r in refs):
-            found.append(node.name)
-    return found
-
-
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """True when the CPU has VNNI (or AMX) int8 dot-product instructions."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:  # pragma: no cover - a core dependency
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from exc
-    return onnxruntime
-
-
-def providers_for(device: str) -> list:
-    """The execution providers (with options) for ``cpu`` or ``cuda:N``."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    _, idx = parse_device(device)
-    return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-
-
-def make_session(path: str | Path, threads: int, optimized_path: Path | None = None, device: str = "cpu"):
-    """An ORT session with full graph optimizations and ``threads`` intra-op threads."""
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    try:
-        return ort.InferenceSession(str(path), so, providers=providers_for(device))
-    except Exception as exc:
-        raise RuntimeLoadError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
-
-
-def _consumers(graph: onnx.GraphProto, tensor: str) -> list[onnx.NodeProto]:
-    return [n for n in graph.node if tensor in n.input]
-
-
-def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
-    return next((n for n in graph.node if tensor in n.output), None)
-
-
-class _Calibration:
-    """``CalibrationDataReader`` over sample inputs (one array per graph input), 32 samples per batch."""
-
-    def __init__(self, data: tuple[np.ndarray, ...] | np.ndarray, names: list[str] | None = None):
-        data = (data,) if isinstance(data, np.ndarray) else tuple(data)
-        names = names or [INPUT]
-        n = len(data[0])
-        self._batches = iter(
-            [
-                {k: np.ascontiguousarray(a[i : i + 32]) for k, a in zip(names, data, strict=True)}
-                for i in range(0, n, 32)
-            ]
-        )
-
-    def get_next(self):
-        return next(self._batches, None)
-
-    def rewind(self):  # pragma: no cover - not used by MinMax
-        pass
-
-
-def container_bits(bits: int) -> int:
-    """Bits each weight occupies in the artifact: INT4 for 2-4, int8 for 5-8, float16, float32."""
-    return 4 if bits <= 4 else 8 if bits <= 8 else bits
-
-
-def _int_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
-    if bits <= 4:  # INT4 container (2- and 3-bit grids fit in it): raw bytes, two values per byte
-        return numpy_helper.from_array(q.astype(np.int8).astype(ml_dtypes.int4), name)
-    return numpy_helper.from_array(q.astype(np.int8), name)
-
-
-@dataclass
-class _Weight:
-    """Where a torch layer's weight lives in the exported graph, and the integers it must hold.
-
-    ``axis`` is the output-channel axis of the ONNX initializer: 0 when it keeps the torch layout
-    (Conv, Gemm with transB=1), 1 when the exporter stored it transposed (MatMul). ``scale`` and
-    ``zero`` have one entry per output channel, or are 0-d for a per-tensor grid.
-    """
-
-    layer: str
-    init: str
-    axis: int
-    nodes: list[str]
-    bits: int
-    q: np.ndarray  # torch layout, on the layer's integer grid
-    scale: np.ndarray
-    zero: np.ndarray | None = None  # None: symmetric (zero point 0)
-    mode: str = "static"
-
-    def q_onnx(self) -> np.ndarray:
-        return self.q.T if self.axis == 1 else self.q
-
-    def zero_point(self, dtype) -> np.ndarray:
-        z = np.zeros(self.scale.shape, np.int32) if self.zero is None else self.zero
-        return z.astype(dtype)
-
-
-def _locate(
-    graph: onnx.GraphProto,
-    layer: str,
-    weight: np.ndarray,
-    bits: int,
-    q: np.ndarray,
-    scale: np.ndarray,
-    taken: set[str],
-    zero: np.ndarray | None = None,
-    mode: str = "static",
-) -> _Weight:
-    """Find the initializer holding ``weight`` (by name, else by value: the exporter may rename and
-    transpose it, e.g. a bias-free Linear becomes MatMul with a folded transpose)."""
-    inits = {i.name: i for i in graph.initializer}
-    name = f"{layer}.weight"
-    candidates = [name] if name in inits else []
-    candidates += [
-        n for n, i in inits.items() if n != name and n not in taken and int(np.prod(i.dims)) == weight.size
-    ]
-    for cand in candidates:
-        users = [n for n in _consumers(graph, cand) if n.op_type in QUANT_OPS and n.input[1] == cand]
-        if not users:
-            continue
-        a = numpy_helper.to_array(inits[cand])
-        if a.shape == weight.shape and np.array_equal(a, weight):
-            axis = 0
-        elif weight.ndim == 2 and a.shape == weight.T.shape and np.array_equal(a, weight.T):
-            axis = 1
-        else:
-            continue
-        return _Weight(layer, cand, axis, [n.name for n in users], bits, q, scale, zero, mode)
-    raise BackendError(
-        f"cannot find the ONNX initializer of {name!r} (layer {layer!r}) in the exported graph"
-    )
-
-
-def _set(inits: dict[str, TensorProto], name: str, array: np.ndarray) -> None:
-    inits[name].CopyFrom(numpy_helper.from_array(array, name))
-
-
-def _write_trained_integers(
-    qmodel: onnx.ModelProto, float_model: onnx.ModelProto, weights: list[_Weight]
-) -> None:
-    """Replace ORT's weight integers/scales/zero points by the QAT ones; re-quantize the int32 biases."""
-    g = qmodel.graph
-    inits = {i.name: i for i in g.initializer}
-    float_inits = {i.name: i for i in float_model.graph.initializer}
-    for w in weights:
-        for node in g.node:
-            if node.op_type not in QUANT_OPS or len(node.input) < 2:
-                continue
-            w_dq = _producer(g, node.input[1])
-            if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] != f"{w.init}_quantized":
-                continue
-            _set(inits, w_dq.input[0], w.q_onnx().astype(np.int8))
-            _set(inits, w_dq.input[1], w.scale)
-            _set(inits, w_dq.input[2], w.zero_point(np.int8))
-            if w.scale.ndim == 0:  # per tensor: no axis
-                kept = [a for a in w_dq.attribute if a.name != "axis"]
-                del w_dq.attribute[:]
-                w_dq.attribute.extend(kept)
-            if len(node.input) < 3 or not node.input[2]:
-                continue
-            b_dq, x_dq = _producer(g, node.input[2]), _producer(g, node.input[0])
-            if b_dq is None or b_dq.op_type != "DequantizeLinear" or x_dq is None:
-                continue
-            x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]))
-            bias = numpy_helper.to_array(float_inits[b_dq.input[0].removesuffix("_quantized")])
-            b_scale = np.broadcast_to(x_scale * w.scale, bias.shape).astype(np.float32)
-            _set(inits, b_dq.input[0], np.round(bias / b_scale).astype(np.int32))
-            _set(inits, b_dq.input[1], b_scale)
-            if len(b_dq.input) > 2 and b_dq.input[2]:
-                _set(inits, b_dq.input[2], np.zeros(bias.shape, np.int32))
-
-
-def _write_dynamic_integers(qmodel: onnx.ModelProto, weights: list[_Weight]) -> None:
-    """Replace quantize_dynamic's weight integers/scales/zero points (MatMulInteger) by the QAT ones."""
-    g = qmodel.graph
-    inits = {i.name: i for i in g.initializer}
-    for w in weights:
-        targets = {f"{w.init}_quantized", f"{w.init}_Transposed_quantized"}
-        node = next((n for n in g.node if n.op_type == "MatMulInteger" and n.input[1] in targets), None)
-        if node is None:
-            raise BackendError(f"quantize_dynamic did not quantize layer {w.layer!r} (no MatMulInteger)")
-        scale = f"{node.input[1].removesuffix('_quantized')}_scale"
-        if scale not in inits or len(node.input) < 4:
-            raise BackendError(f"quantize_dynamic left no weight scale/zero point for layer {w.layer!r}")
-        _set(inits, node.input[1], w.q.T.astype(np.int8))  # MatMul weights are [in, out]
-        _set(inits, node.input[3], w.zero_point(np.int8))
-        _set(inits, scale, w.scale)
-
-
-def _restore_gemms(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, keep: set[str]) -> None:
-    """quantize_dynamic rewrites every Gemm as MatMul + Add; put back the Gemms it did not quantize
-    (``keep``: the quantized ones), so static and float layers keep their own lowering."""
-    g = qmodel.graph
-    gemms = {n.name: n for n in float_model.graph.node if n.op_type == "Gemm" and n.name not in keep}
-    nodes, used = [], set()
-    for n in g.node:
-        orig = next((gemms[k] for k in gemms if n.name in (f"{k}_MatMul", f"{k}_Add")), None)
-        if orig is None:
-            nodes.append(n)
-        elif n.name == f"{orig.name}_MatMul" and n.op_type == "MatMul":
-            nodes.append(orig)
-            used.update(orig.input)
-        # the _Add half is folded back into the Gemm
-    del g.node[:]
-    g.node.extend(nodes)
-    float_inits = {i.name: i for i in float_model.graph.initializer}
-    have = {i.name for i in g.initializer}
-    g.initializer.extend(float_inits[k] for k in used if k in float_inits and k not in have)
-    inputs = {i for n in g.node for i in n.input}
-    kept = [i for i in g.initializer if i.name in inputs or "_Transposed" not in i.name]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-
-
-def _replace_initializer(
-    graph: onnx.GraphProto, name: str, new: list[TensorProto], node: onnx.NodeProto
-) -> None:
-    """Swap initializer ``name`` for ``new`` tensors and a ``node`` that outputs ``name`` from them."""
-    kept = [i for i in graph.initializer if i.name != name]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *new])
-    graph.node.insert(0, node)
-
-
-def _half_weight(graph: onnx.GraphProto, w: _Weight) -> None:
-    """Store the weight as float16 (half the bytes) and Cast it to float for ORT's CPU kernels."""
-    h_name = f"{w.init}_fp16"
-    half = numpy_helper.from_array(w.q_onnx().astype(np.float16), h_name)
-    cast = helper.make_node("Cast", [h_name], [w.init], to=TensorProto.FLOAT, name=f"{w.init}_Cast")
-    _replace_initializer(graph, w.init, [half], cast)
-
-
-def _weight_only_dq(graph: onnx.GraphProto, w: _Weight) -> None:
-    """Replace the float initializer by packed integers + scales (+ zero points) + DequantizeLinear.
-
-    The consumers keep reading the tensor of the same name; it is now the DQ node's output.
-    """
-    q_name, s_name = f"{w.init}_int{w.bits}", f"{w.init}_int{w.bits}_scale"
-    new = [_int_tensor(q_name, w.q_onnx(), w.bits), numpy_helper.from_array(w.scale, s_name)]
-    inputs = [q_name, s_name]
-    if w.zero is not None:
-        z_name = f"{w.init}_int{w.bits}_zero_point"
-        new.append(_int_tensor(z_name, w.zero, w.bits))
-        inputs.append(z_name)
-    axis = {"axis": w.axis} if w.scale.ndim else {}
-    dq = helper.make_node("DequantizeLinear", inputs, [w.init], name=f"{w.init}_DequantizeLinear", **axis)
-    _replace_initializer(graph, w.init, new, dq)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -396,7 +75,7 @@ class OnnxRuntimeBackend(Backend):
             return str(exc)
         if kind != "cuda":
             return f"device {device!r} is not supported (cpu, or cuda:N with the CUDA execution provider)"
-        ort = _ort()
+        ort = ort_module()
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available:
             return (
@@ -418,10 +97,11 @@ class OnnxRuntimeBackend(Backend):
         self._worker: WorkerClient | None = None
 
     # -- lowering -------------------------------------------------------------------------------
-    def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
+    def lower(self, model, example_inputs, spec, out_dir, calibration=None, io=None) -> Artifact:
+        spec = LoweringSpec.coerce(spec)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        quantized = {k: b for k, b in precisions.items() if b < 32}
+        quantized = spec.quantized()
         if quantized and calibration is None:
             raise BackendError("onnxruntime backend: quantized layers need calibration inputs")
         if isinstance(calibration, np.ndarray):
@@ -435,7 +115,16 @@ class OnnxRuntimeBackend(Backend):
             target = out_dir / "model.onnx"
             fusions: dict = {}
             if quantized:
-                self._quantize(model, fp32, target, quantized, calibration, Path(tmp))
+                quantize_graph(
+                    model,
+                    fp32,
+                    target,
+                    spec,
+                    calibration,
+                    Path(tmp),
+                    reduce_range=self.reduce_range,
+                    int8_connectors=self.int8_connectors,
+                )
             else:  # float: the fastest of the graph and its transformer-fused versions (measured)
                 kept, fusions = self._optimize_float(model, fp32, example_inputs, Path(tmp))
                 shutil.copyfile(kept, target)
@@ -452,7 +141,7 @@ class OnnxRuntimeBackend(Backend):
             device=self.device,
             size_bytes=target.stat().st_size,
             packed_size_bytes=round(packed),
-            precisions=dict(precisions),
+            precisions=spec.precisions(),
             meta={
                 "kernels": kernels,
                 "transformer_fusions": fusions.get("transformer_fusions", {}),
@@ -480,127 +169,6 @@ class OnnxRuntimeBackend(Backend):
             threads=self.threads,
             measure=lambda paths: self._time(paths, example_inputs),
         )
-
-    def _quantize(
-        self, model, fp32: Path, target: Path, quantized: dict[str, int], calibration: np.ndarray, tmp: Path
-    ) -> None:
-        """Dynamic int8 layers (Linear, LSTM): quantize_dynamic restricted to their nodes; then 5- to
-        8-bit static layers: int8 QDQ via quantize_static (fused by ORT into int8 kernels); 2- to 4-bit
-        layers: INT4 weight-only DequantizeLinear; 16: float16 weights + Cast."""
-        float_model = onnx.load(str(fp32))
-        if any(b <= 4 for b in quantized.values()):
-            float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
-            onnx.save(float_model, str(fp32))
-        modules = dict(model.named_modules())
-        located: list[_Weight] = []
-        recurrent: list[str] = []
-        for layer, bits in quantized.items():
-            module = modules[layer]
-            if isinstance(module, RECURRENT):
-                if isinstance(module, torch.nn.GRU):
-                    raise BackendError(
-                        f"onnxruntime backend: layer {layer!r}: dynamic quantization of GRU is not supported "
-                        "(ORT's quantize_dynamic quantizes MatMul/Gemm and LSTM only); keep it at bits 32"
-                    )
-                recurrent.append(layer)
-                continue
-            weight = module.weight.detach()
-            mode = getattr(module, MODE_ATTR, "static")
-            record: WeightQuant | None = getattr(module, QUANT_ATTR, None)
-            zero = None
-            if bits == 16:
-                q, scale = weight.half().numpy(), np.ones(weight.shape[0], np.float32)
-            elif record is not None and record.bits == bits:
-                q, scale = record.q, record.scale.astype(np.float32)
-                zero = record.zero_point if record.scheme == "asymmetric" else None
-            else:  # not from compress(): the symmetric per-channel min-max grid
-                qi, sc = quantize_weight(weight, qmax_for(bits, self.reduce_range))
-                q, scale = qi.numpy(), sc.numpy().astype(np.float32)
-            taken = {w.init for w in located}
-            located.append(
-                _locate(float_model.graph, layer, weight.numpy(), bits, q, scale, taken, zero, mode)
-            )
-        qmodel, current = float_model, fp32
-        dynamic = [w for w in located if w.mode == "dynamic"]
-        if dynamic or recurrent:
-            nodes = [n for w in dynamic for n in w.nodes]
-            for layer in recurrent:
-                found = _lstm_nodes(float_model.graph, modules[layer])
-                if not found:
-                    raise BackendError(
-                        f"cannot find the ONNX LSTM node of layer {layer!r} in the exported graph"
-                    )
-                nodes += found
-            qmodel = self._quantize_dynamic(current, tmp / "dynamic.onnx", nodes)
-            _restore_gemms(qmodel, float_model, set(nodes))
-            _write_dynamic_integers(qmodel, dynamic)
-            current = tmp / "dynamic_restored.onnx"
-            onnx.save(qmodel, str(current))
-        eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static"]
-        if eight:
-            nodes = [n for w in eight for n in w.nodes]
-            if self.int8_connectors:
-                nodes = int8_region(onnx.load(str(current)).graph, nodes)
-            method = getattr(model, CALIBRATION_ATTR, "minmax")
-            qmodel = self._quantize_static(current, tmp / "qdq.onnx", nodes, calibration, method)
-            _write_trained_integers(qmodel, float_model, eight)
-        for w in located:
-            if w.bits <= 4:
-                _weight_only_dq(qmodel.graph, w)
-            elif w.bits == 16:
-                _half_weight(qmodel.graph, w)
-        onnx.save(qmodel, str(target))
-
-    def _quantize_dynamic(self, fp32: Path, out: Path, nodes: list[str]):
-        """ORT's quantize_dynamic on ``nodes`` only (Gemm nodes are quantized as ``<name>_MatMul``)."""
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        graph = onnx.load(str(fp32)).graph
-        gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
-        targets = [f"{n}_MatMul" if n in gemms else n for n in nodes]
-        with _quiet():
-            try:
-                quantize_dynamic(
-                    str(fp32),
-                    str(out),
-                    per_channel=True,
-                    reduce_range=self.reduce_range,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_quantize=targets,
-                    op_types_to_quantize=["MatMul", "LSTM"],
-                    extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
-                )
-            except Exception as exc:
-                raise ExportError(
-                    f"onnxruntime quantize_dynamic failed: {type(exc).__name__}: {exc}"
-                ) from exc
-        return onnx.load(str(out))
-
-    def _quantize_static(
-        self, fp32: Path, out: Path, nodes: list[str], calibration: np.ndarray, method: str = "minmax"
-    ):
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-        extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
-        if method == "percentile":
-            extra.update(CalibPercentile=PERCENTILE, CalibTensorRangeSymmetric=False)
-        with _quiet():
-            try:
-                quantize_static(
-                    str(fp32),
-                    str(out),
-                    _Calibration(calibration, graph_input_names(fp32)),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_quantize=nodes,
-                    calibrate_method=CALIBRATION_METHODS[method](CalibrationMethod),
-                    extra_options=extra,
-                )
-            except Exception as exc:
-                raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
-        return onnx.load(str(out))
 
     # -- running --------------------------------------------------------------------------------
     def session(self, path: Path, optimized_path: Path | None = None):
@@ -667,7 +235,7 @@ class OnnxRuntimeBackend(Backend):
             self.close()
 
     def versions(self) -> dict[str, str]:
-        return {**super().versions(), "onnxruntime": _ort().__version__, "onnx": onnx.__version__}
+        return {**super().versions(), "onnxruntime": ort_module().__version__, "onnx": onnx.__version__}
 
     def device_info(self) -> dict:
         return cpu_info() if self.device == "cpu" else _nvidia_smi_info(parse_device(self.device)[1])
@@ -697,28 +265,3 @@ class OnnxRuntimeBackend(Backend):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
             out.append(torch.from_numpy(np.zeros(dims, dtype=dtype)))
         return tuple(out)
-
-
-@functools.cache
-def _nvidia_smi_info(idx: int) -> dict:
-    """GPU ``idx``'s name, the GPU count and the driver version, from nvidia-smi (None where absent)."""
-    info = {"name": None, "count": None, "driver": None}
-    if shutil.which("nvidia-smi") is None:
-        return info
-    try:
-        out = (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return info
-    rows = [[c.strip() for c in line.split(",")] for line in out if line.strip()]
-    if idx < len(rows):
-        info.update(name=rows[idx][0], count=len(rows), driver=rows[idx][1])
-    return info

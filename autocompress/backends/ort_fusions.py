@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from .base import LatencyStats, device_lock, time_callables
+from .ort_session import make_session
 
 MODEL_TYPES = ("bert",)  # the transformer optimizer's model types this helper offers (BERT-family encoders)
 FUSED_OPS = (
@@ -93,7 +94,6 @@ def dummy_feed(path: str | Path, seq_len: int = 128) -> dict[str, np.ndarray]:
 
 
 def _local_timing(paths: list[Path], feed: dict[str, np.ndarray], threads: int) -> list[LatencyStats]:
-    from .onnxruntime import make_session
 
     sessions = [make_session(p, threads) for p in paths]
     fns = [lambda s=s: s.run(None, feed) for s in sessions]
@@ -102,7 +102,6 @@ def _local_timing(paths: list[Path], feed: dict[str, np.ndarray], threads: int) 
 
 
 def _same_outputs(a: Path, b: Path, feed: dict[str, np.ndarray], threads: int) -> bool:
-    from .onnxruntime import make_session
 
     outs_a = make_session(a, threads).run(None, feed)
     outs_b = make_session(b, threads).run(None, feed)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError, MissingDependencyError
+from ..lowering import LoweringSpec
 from .base import (
     Artifact,
     Backend,
@@ -195,7 +196,8 @@ class TorchBackend(Backend):
         self._modules: dict[tuple[str, float], torch.nn.Module] = {}
 
     # -- lowering -------------------------------------------------------------------------------
-    def lower(self, model, example_inputs, precisions, out_dir, calibration=None, io=None) -> Artifact:
+    def lower(self, model, example_inputs, spec, out_dir, calibration=None, io=None) -> Artifact:
+        precisions = LoweringSpec.coerce(spec).precisions()
         bad = {k: b for k, b in precisions.items() if b not in self.stored_bits}
         if bad:
             raise BackendError(

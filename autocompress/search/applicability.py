@@ -33,12 +33,12 @@ from torch import nn
 
 from ..inventory import LayerInfo
 from ..pipeline import compress
-from ..plan import FLOAT_BITS, LayerPlan, Plan
-from ..space import SHORT, Param, SearchSpace
+from ..plan import LayerPlan, Plan
+from ..registry import TECHNIQUES
+from ..space import Param, SearchSpace
 from ..tasks import Task
 from ..tasks.data import deployable
 
-BIT_NAMES = {16: "fp16", 8: "int8"}
 CALIBRATION_SAMPLES = 16  # activation ranges for a lowering that only has to succeed
 
 
@@ -109,94 +109,36 @@ class _Kind:
     plans: dict[str, LayerPlan]  # layer -> its harshest plan (only layers whose domain allows it)
     coupled: bool = False  # structured pruning: layers that pass alone are tried together again
     lowers: bool = True  # masks (unstructured, 2:4) keep the baseline's graph: no lowering to check
+    skipped: tuple[str, ...] = ()  # note fragments saying the pipeline skipped the technique
 
 
 def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
+    """The registered techniques' probes of every layer, grouped by probe key (pipeline order)."""
     kinds: dict[tuple, _Kind] = {}
-
-    def add(key, technique, dim, value, setting, layer, lp, coupled=False, lowers=True):
-        k = kinds.setdefault(key, _Kind(technique, dim, value, setting, {}, coupled, lowers))
-        k.plans[layer] = lp
-
+    specs = [t for t in TECHNIQUES.specs() if t.probes is not None]
     for info in inventory:
-        p = space._layer_params(info.name)
-        ratio = min(float(v) for v in p["rank_ratio"].values())
-        if ratio < 1.0:
-            for mode in dict.fromkeys(p["rank_mode"].values()):
-                add(
-                    ("rank", mode, ratio),
-                    f"low rank ({mode})",
-                    "rank_mode",
-                    mode,
-                    f"rank_ratio {ratio:g}",
-                    info.name,
-                    LayerPlan(rank_ratio=ratio, rank_mode=str(mode)),
-                )
-        top = max(float(v) for v in p["sparsity"].values())
-        kinds_allowed = [str(v) for v in p["sparsity_kind"].values()]
-        if top > 0 and "structured" in kinds_allowed:
-            add(
-                ("structured", top),
-                "structured pruning",
-                "sparsity_kind",
-                "structured",
-                f"sparsity {top:g}",
-                info.name,
-                LayerPlan(sparsity=top, sparsity_kind="structured"),
-                coupled=True,
+        params = space._layer_params(info.name)
+        for probe in (p for t in specs for p in t.probes(params, info, space.allowed_by_kind)):
+            k = kinds.setdefault(
+                probe.key,
+                _Kind(
+                    probe.technique,
+                    probe.dim,
+                    probe.value,
+                    probe.setting,
+                    {},
+                    probe.coupled,
+                    probe.lowers,
+                    probe.skipped,
+                ),
             )
-        if top > 0 and "unstructured" in kinds_allowed:
-            add(
-                ("unstructured", top),
-                "unstructured sparsity",
-                "sparsity_kind",
-                "unstructured",
-                f"sparsity {top:g}",
-                info.name,
-                LayerPlan(sparsity=top),
-                lowers=False,
-            )
-        if "2:4" in kinds_allowed:
-            add(
-                ("2:4",),
-                "2:4 sparsity",
-                "sparsity_kind",
-                "2:4",
-                "2:4",
-                info.name,
-                LayerPlan(sparsity_kind="2:4"),
-                lowers=False,
-            )
-        grid = space.granularity_by_kind.get(info.kind, ())
-        extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
-        bits = sorted({int(b) for b in p["bits"].values() if int(b) < FLOAT_BITS})
-        for b in bits:
-            name = BIT_NAMES.get(b, f"int{b}")
-            add(("bits", b), name, "bits", b, f"bits {b}", info.name, LayerPlan(bits=b, **extra))
-        if 8 in bits and "dynamic" in [str(v) for v in p["quant_mode"].values()]:
-            add(
-                ("dynamic",),
-                "dynamic int8",
-                "quant_mode",
-                "dynamic",
-                "bits 8, quant_mode dynamic",
-                info.name,
-                LayerPlan(bits=8, quant_mode="dynamic", **extra),
-            )
+            k.plans[info.name] = LayerPlan(**probe.layer)
     return list(kinds.values())
 
 
 def _no_effect(kind: _Kind, note: str) -> bool:
     """Whether the pipeline's note says the layer's technique was skipped."""
-    if not note:
-        return False
-    if kind.technique.startswith("low rank"):
-        return "not factorized" in note or "not applied" in note
-    if kind.value == "structured":
-        return "not pruned" in note
-    if kind.value == "2:4":
-        return "2:4 not applied" in note or "2:4 dropped" in note
-    return False
+    return bool(note) and any(s in note for s in kind.skipped)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -254,9 +196,9 @@ class _Checker:
             self.backend.lower(
                 deployable(out.model, task.io),
                 task.example_inputs(),
-                out.precisions,
+                out.lowering,
                 self.tmp / f"a{self.lowerings}",
-                calibration=task.calibration_inputs(CALIBRATION_SAMPLES) if out.precisions else None,
+                calibration=task.calibration_inputs(CALIBRATION_SAMPLES) if out.lowering else None,
                 io=task.io,
             )
         except Exception as exc:
@@ -346,15 +288,14 @@ def _narrowed(space: SearchSpace, inventory, removals: dict[str, set]) -> tuple[
     domains: dict[str, dict] = {}
     described: dict[tuple[str, str], str] = {}
     collapse = {  # a categorical left with no value: the dimension it enables is switched off instead
-        "rank_mode": ("rank_ratio", {"fixed": 1.0}),
-        "sparsity_kind": ("sparsity", {"fixed": 0.0}),
-        "bits": ("bits", {"fixed": FLOAT_BITS}),
-        "quant_mode": ("quant_mode", {"fixed": "static"}),
+        dim: (target, {"fixed": value})
+        for t in TECHNIQUES.specs()
+        for dim, (target, value) in (t.collapse or {}).items()
     }
     for layer in dict.fromkeys(i.name for i in inventory):
         params = space._layer_params(layer)
         group = space.group_of(layer)
-        for dim in ("rank_mode", "sparsity_kind", "bits", "quant_mode"):
+        for dim in collapse:
             gone = removals.get(f"{layer}|{dim}")
             if not gone:
                 continue
@@ -362,12 +303,12 @@ def _narrowed(space: SearchSpace, inventory, removals: dict[str, set]) -> tuple[
             kept = [v for v in p.values() if v not in gone and str(v) not in {str(g) for g in gone}]
             if kept:
                 new_name, new = (
-                    f"{SHORT[dim]}.{group}",
+                    f"{TECHNIQUES.dim(dim).prefix}.{group}",
                     ({"fixed": kept[0]} if len(kept) == 1 else {"choices": kept}),
                 )
             else:
                 target, new = collapse[dim]
-                new_name = f"{SHORT[target]}.{group}"
+                new_name = f"{TECHNIQUES.dim(target).prefix}.{group}"
             if new_name in domains and domains[new_name] != new:  # a group member removed more already
                 new = _intersect(domains[new_name], new)
             domains[new_name] = new

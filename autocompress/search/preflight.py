@@ -29,9 +29,9 @@ from ..backends import Backend
 from ..config import StudyConfig
 from ..errors import AutoCompressError, ConfigError
 from ..inventory import LayerInfo, build_inventory
+from ..registry import TECHNIQUES
 from ..space import SearchSpace
 from ..tasks import Task
-from ..techniques.lowrank import rank_for
 
 LATENCY_MARGIN = 0.5
 
@@ -136,23 +136,14 @@ def min_artifact_bytes(space: SearchSpace, inventory: list[LayerInfo]) -> int:
     least one element per input and per output channel), times the lowest allowed bit width.
     """
     total = 0.0
+    specs = [t for t in TECHNIQUES.specs() if t.size_floor is not None]
     for info in inventory:
         params = space._layer_params(info.name)
-        bits = min(int(b) for b in params["bits"].values())
-        keep = 1.0
-        kinds = {str(k) for k in params["sparsity_kind"].values()} if "sparsity_kind" in params else set()
-        if "structured" in kinds:
-            keep = 1.0 - max(float(v) for v in params["sparsity"].values())
         fan_in = info.in_features // info.groups * int(torch.tensor(info.kernel).prod())
-        elements = info.out_features * fan_in * keep * keep
-        ratio = min(float(r) for r in params["rank_ratio"].values())
-        modes = {str(m) for m in params["rank_mode"].values()} if "rank_mode" in params else {"ratio"}
-        if modes - {"ratio"}:
-            elements = min(elements, (info.in_features // info.groups + info.out_features) * keep)
-        elif ratio < 1.0:
-            rank = rank_for(ratio, info.full_rank)
-            elements = min(elements, rank * (fan_in + info.out_features) * keep)
-        total += elements * bits / 8
+        floor = {"elements": info.out_features * fan_in, "keep": 1.0, "fan_in": fan_in, "bits": 32}
+        for t in specs:  # pipeline order: structured pruning narrows what low rank then factorizes
+            t.size_floor(params, info, floor)
+        total += floor["elements"] * floor["bits"] / 8
     return int(total)
 
 

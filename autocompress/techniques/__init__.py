@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import sparsity  # noqa: F401 - registers the sparsity family
 from .distill import FeatureHints, distill_loss, kd_loss
 from .fold import fold_batchnorm
 from .lowrank import (

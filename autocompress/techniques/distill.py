@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TechniqueError
+from ..registry import TECHNIQUES, TechniqueSpec
+from ..tasks.data import deployable
 
 
 def kd_loss(
@@ -129,3 +131,36 @@ class FeatureHints:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+# -- the technique: feature hints in the fine-tune (pipeline order 50) ------------------------------
+def hint_step(build) -> None:
+    """Feature KD on the plan's hint layers: a loss term, the adapters' parameters, their rebuild when
+    layers get smaller, and the hooks' removal after the fine-tune."""
+    plan = build.plan
+    if not (plan.hints and plan.hint_weight > 0):
+        return
+    hints = FeatureHints(build.teacher, build.student, list(plan.hints))
+    ts, ds = deployable(build.teacher, build.task.io), deployable(build.student, build.task.io)
+    probe = build.task.example_inputs(2)
+
+    def build_adapters() -> None:  # on one batch, so that the optimizer sees them
+        with torch.no_grad():
+            ts(*probe)
+            ds(*probe)
+            hints.loss()
+
+    def rebuild() -> None:  # widths changed: adapters are rebuilt
+        hints.adapters.clear()
+        build_adapters()
+
+    if build.total:
+        build_adapters()
+    build.loss_terms.append(lambda: plan.hint_weight * hints.loss())
+    build.parameters.append(lambda: list(hints.parameters()))
+    build.changed.append(rebuild)
+    build.trained.append(hints.close)
+
+
+SPEC = TechniqueSpec("distill", steps=((50, hint_step),))
+TECHNIQUES.add(SPEC.name, SPEC)

@@ -6,6 +6,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..registry import TECHNIQUES, TechniqueSpec
 from ._modules import get_module, set_module
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -59,3 +60,12 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
         set_module(model, layer_name, fuse(layer, bn))
         set_module(model, bn_name, nn.Identity())
     return model, [p[0] for p in pairs]
+
+
+def fold_step(build) -> None:
+    """Pipeline order 0: BatchNorm folded into the layer before it."""
+    build.student, _ = fold_batchnorm(build.student)
+
+
+SPEC = TechniqueSpec("fold", steps=((0, fold_step),))
+TECHNIQUES.add(SPEC.name, SPEC)

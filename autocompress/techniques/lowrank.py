@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import MissingDependencyError, TechniqueError
+from ..inventory import compressible_layers
+from ..registry import TECHNIQUES, Dim, Probe, TechniqueSpec
+from ._modules import set_module
 
 
 def rank_for(ratio: float, full_rank: int) -> int:
@@ -258,3 +261,73 @@ def plan_factorization(layer: nn.Module, mode: str, ratio: float) -> tuple[nn.Se
     if macs >= original:
         return None, f"rank {rank}/{full} not applied: factorized MACs {macs} >= original {original}"
     return factorize(layer, rank), f"rank {rank}/{full}" + (f" (energy {ratio})" if mode == "energy" else "")
+
+
+# -- the technique: per-layer fields and the pipeline step ------------------------------------------
+def _ratio_rule(v) -> str | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1
+    return None if ok else "is outside (0, 1]"
+
+
+def factorize_layers(build) -> None:
+    """Apply the plan's ranks (pipeline order 20); ``build.origin``: effective module -> planned layer."""
+    origin: dict[str, str] = {}
+    for name, layer in compressible_layers(build.student):
+        lp = build.plan.layer(name)
+        new, why = plan_factorization(layer, lp.rank_mode, lp.rank_ratio)
+        if new is None:
+            if lp.rank_ratio < 1.0:
+                build.notes[name] = why
+            origin[name] = name
+            continue
+        set_module(build.student, name, new)
+        for i in range(len(new)):
+            origin[f"{name}.{i}"] = name
+        build.notes[name] = why
+    build.origin = origin
+
+
+def probes(params: dict, info, allowed: dict) -> list[Probe]:
+    """Applicability: each rank mode of the space at the lowest rank ratio it allows."""
+    ratio = min(float(v) for v in params["rank_ratio"].values())
+    if ratio >= 1.0:
+        return []
+    return [
+        Probe(
+            ("rank", mode, ratio),
+            f"low rank ({mode})",
+            "rank_mode",
+            mode,
+            f"rank_ratio {ratio:g}",
+            {"rank_ratio": ratio, "rank_mode": str(mode)},
+            skipped=("not factorized", "not applied"),
+        )
+        for mode in dict.fromkeys(params["rank_mode"].values())
+    ]
+
+
+def size_floor(params: dict, info, floor: dict) -> None:
+    """SVD at the lowest rank ratio; with another rank mode, rank 1 (one element per input and output)."""
+    ratio = min(float(r) for r in params["rank_ratio"].values())
+    keep = floor["keep"]
+    if {str(m) for m in params["rank_mode"].values()} - {"ratio"}:
+        floor["elements"] = min(
+            floor["elements"], (info.in_features // info.groups + info.out_features) * keep
+        )
+    elif ratio < 1.0:
+        rank = rank_for(ratio, info.full_rank)
+        floor["elements"] = min(floor["elements"], rank * (floor["fan_in"] + info.out_features) * keep)
+
+
+SPEC = TechniqueSpec(
+    "lowrank",
+    dims=(
+        Dim("rank_ratio", 1.0, short="rank", cast=float, check=_ratio_rule, order=40),
+        Dim("rank_mode", "ratio", choices=RANK_MODES, order=50),
+    ),
+    steps=((20, factorize_layers),),
+    probes=probes,
+    collapse={"rank_mode": ("rank_ratio", 1.0)},  # no rank mode left: not factorized
+    size_floor=size_floor,
+)
+TECHNIQUES.add(SPEC.name, SPEC)

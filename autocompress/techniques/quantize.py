@@ -11,45 +11,36 @@ Granularity ``channel`` gives one scale (and zero point) per output channel, ``t
 whole weight. ``reduce_range`` drops one bit of an 8-bit grid (CPUs without VNNI can saturate the
 int16 accumulation of u8*s8 products; ORT's docs recommend it there).
 
-:func:`record_weight_quant` stores, on the module, the integers, scales and zero points the
-fine-tuned weight sits on (``module.ac_weight_quant``, a :class:`WeightQuant`); a backend writes
-exactly these into its artifact. With LSQ the scale is a trained parameter, which cannot be
+:func:`record_weight_quant` returns the integers, scales and zero points the fine-tuned weight
+sits on (a :class:`~autocompress.lowering.WeightQuant`); the pipeline puts them in the lowering spec
+and a backend writes exactly these into its artifact. With LSQ the scale is a trained parameter, which cannot be
 recomputed from the weight afterwards: the record is the only faithful source.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import TechniqueError
+from ..errors import ConfigError, TechniqueError
+from ..lowering import (  # noqa: F401 - re-exported: the grid helpers live in the neutral lowering module
+    CALIBRATIONS,
+    QUANT_MODES,
+    LayerLowering,
+    WeightQuant,
+    channel_scale,
+    qmax_for,
+    quantize_weight,
+)
+from ..registry import TECHNIQUES, Dim, Probe, TechniqueSpec
 
 GRANULARITIES = ("channel", "tensor")
 SCHEMES = ("symmetric", "asymmetric")
-QUANT_MODES = ("static", "dynamic")  # dynamic: int8 weights, activations quantized at run time
-CALIBRATIONS = ("minmax", "percentile")  # activation ranges of the 8-bit static path
 RECURRENT = (nn.LSTM, nn.GRU)
-QUANT_ATTR = "ac_weight_quant"  # module attribute holding a WeightQuant after finalization
-MODE_ATTR = "ac_quant_mode"  # module attribute: "static" / "dynamic"
-CALIBRATION_ATTR = "ac_calibration"  # attribute of the root model: the activation calibration method
-
-
-def qmax_for(bits: int, reduce_range: bool = False) -> int:
-    """Largest integer of a symmetric signed ``bits`` grid: 127 for 8 bits, 7 for 4.
-
-    ``reduce_range`` drops one bit of an 8-bit grid (63): CPUs without VNNI can saturate the
-    int16 accumulation of u8*s8 products, so ONNX Runtime's own docs recommend it there.
-    """
-    if not (2 <= bits <= 16):
-        raise TechniqueError(f"cannot quantize to {bits} bits (allowed: 2..16)")
-    if reduce_range and bits == 8:
-        bits = 7
-    return 2 ** (bits - 1) - 1
 
 
 def int_range(bits: int, scheme: str = "symmetric", reduce_range: bool = False) -> tuple[int, int]:
@@ -88,45 +79,11 @@ def weight_qparams(
     return _shape(scale, w), _shape(zero, w)
 
 
-def channel_scale(w: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per-output-channel scale ``amax / qmax`` (the rule ONNX Runtime uses for symmetric weights)."""
-    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    return scale.view(-1, *([1] * (w.dim() - 1)))
-
-
-def quantize_weight(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integers in ``[-qmax, qmax]`` and per-channel scales with ``w ~= q * scale``."""
-    scale = channel_scale(w, qmax)
-    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-    return q.to(torch.int32), scale.flatten()
-
-
 def fake_quant(w: torch.Tensor, qmax: int) -> torch.Tensor:
     """``q * scale`` in the forward pass, identity gradient (straight-through estimator)."""
     scale = channel_scale(w, qmax)
     wq = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
     return w + (wq - w).detach()
-
-
-@dataclass
-class WeightQuant:
-    """The integer form of a quantized weight, as the artifact must hold it (``w = (q - zero) * scale``).
-
-    ``scale`` and ``zero_point`` have one entry per output channel (``channel``) or are 0-d (``tensor``).
-    """
-
-    bits: int
-    scheme: str
-    granularity: str
-    q: np.ndarray  # int32, torch layout
-    scale: np.ndarray  # float32
-    zero_point: np.ndarray  # int32
-    lsq: bool = False
-
-    def dequantize(self) -> np.ndarray:
-        shape = (-1, *([1] * (self.q.ndim - 1))) if self.scale.ndim else ()
-        return (self.q - self.zero_point.reshape(shape)) * self.scale.reshape(shape)
 
 
 class FakeQuant(nn.Module):
@@ -249,9 +206,9 @@ def add_fake_quant(
 
 
 def record_weight_quant(module: nn.Module) -> WeightQuant | None:
-    """Store the integer form of a fake-quantized weight on the module (``module.ac_weight_quant``).
+    """The integer form of a fake-quantized weight (None: not integer-quantized).
 
-    Call before the parametrizations are removed. Returns the record (None: not integer-quantized).
+    Call before the parametrizations are removed.
     """
     if not parametrize.is_parametrized(module, "weight"):
         return None
@@ -263,6 +220,181 @@ def record_weight_quant(module: nn.Module) -> WeightQuant | None:
         w = plist.original
         for p in list(plist)[:-1]:
             w = p(w)
-        record = last.integers(w)
-    setattr(module, QUANT_ATTR, record)
-    return record
+        return last.integers(w)
+
+
+# -- the technique: per-layer fields, fake quantization (pipeline order 40), what the backend gets ----
+FLOAT_BITS = 32
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8, 16, FLOAT_BITS)  # 16 = float16; 32 = float
+
+
+def _integer(values: dict) -> bool:  # float and float16 layers have no integer grid: not asked
+    return int(values["bits"]) < 16
+
+
+def check_layer(lp, where: str) -> None:
+    if lp.quant_mode == "dynamic" and lp.bits != 8:
+        raise ConfigError(
+            f"quant_mode 'dynamic' needs bits 8 (int8 weights), got bits {lp.bits}",
+            field=f"{where}.quant_mode",
+        )
+
+
+def check_space(model, source: str) -> None:
+    if set(model.quant_mode.values()) == {"dynamic"} and 8 not in model.bits.values():
+        raise ConfigError(
+            "quant_mode 'dynamic' needs bits 8 (int8 weights)", source=source, field="quant_mode"
+        )
+
+
+def _fake_quantize(build) -> dict[str, str]:
+    """Fake quantization of each layer below float bits (dynamic int8: Linear only; LSTM/GRU apart);
+    returns module -> quant mode."""
+    modes = {}
+    for name, m in build.modules.items():
+        layer = build.origin[name]
+        lp, bits = build.plan.layer(layer), build.precisions[name]
+        if lp.quant_mode == "dynamic" and not isinstance(m, nn.Linear):
+            raise TechniqueError(
+                f"layers.{layer}.quant_mode: dynamic quantization applies to Linear, LSTM and GRU "
+                f"layers, not {type(m).__name__} ({name!r}); use quant_mode 'static'"
+            )
+        if bits < FLOAT_BITS:
+            add_fake_quant(
+                m,
+                bits,
+                reduce_range=build.reduce_range and bits == 8,
+                scheme=lp.quant_scheme,
+                granularity=lp.quant_granularity,
+                lsq=build.plan.lsq,
+            )
+            modes[name] = lp.quant_mode
+    return modes
+
+
+def _recurrent_dynamic(model: nn.Module, plan) -> dict[str, int]:
+    """LSTM/GRU layers the plan quantizes (dynamic int8 only): name -> 8.
+
+    Their weights are not fake-quantized during fine-tuning: the backend quantizes them (post-training).
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, RECURRENT) or name not in plan.layers or plan.layers[name].bits == FLOAT_BITS:
+            continue
+        if plan.layers[name].quant_mode != "dynamic":
+            raise TechniqueError(
+                f"layers.{name}: {type(m).__name__} layers are quantized dynamically only "
+                f"(quant_mode 'dynamic', bits 8) or kept float (bits 32)"
+            )
+        out[name] = 8
+    return out
+
+
+def _note_recurrent_skips(model: nn.Module, plan, notes: dict[str, str]) -> None:
+    """Low rank and sparsity planned on an LSTM/GRU are not applied (its gates take dynamic int8 only):
+    say so in the notes rather than ignore the plan silently."""
+    for name, m in model.named_modules():
+        lp = plan.layers.get(name) if isinstance(m, RECURRENT) else None
+        if lp is None:
+            continue
+        skipped = ["low rank"] if lp.rank_ratio < 1.0 else []
+        if lp.sparsity_kind == "2:4" or lp.sparsity > 0:
+            skipped.append(f"{lp.sparsity_kind} sparsity")
+        if skipped:
+            notes[name] = (
+                f"{' and '.join(skipped)} not applied: {type(m).__name__} layers take dynamic int8 only"
+            )
+
+
+def quantize_step(build) -> None:
+    """Fake quantization for the fine-tune; at the end, the lowering spec of every layer (bits, static or
+    dynamic, the integers the weight was trained on)."""
+    plan = build.plan
+    build.precisions.update({name: plan.layer(layer).bits for name, layer in build.layers().items()})
+    modes = _fake_quantize(build)
+    recurrent = _recurrent_dynamic(build.student, plan)
+    _note_recurrent_skips(build.student, plan, build.notes)
+    build.precisions.update(recurrent)
+    build.calibration = plan.calibration
+
+    def finish() -> None:
+        for name, bits in build.precisions.items():
+            record = record_weight_quant(build.modules[name]) if name in build.modules else None
+            mode = "dynamic" if name in recurrent else modes.get(name, "static")
+            build.lowering[name] = LayerLowering(bits, mode, record)
+
+    build.finish.append(finish)
+
+
+BIT_NAMES = {16: "fp16", 8: "int8"}
+
+
+def probes(params: dict, info, allowed: dict) -> list[Probe]:
+    """Applicability: each bit width below float (on the grid the backend runs), and dynamic int8."""
+    grid = allowed.get("quant_granularity", {}).get(info.kind, ())
+    extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
+    bits = sorted({int(b) for b in params["bits"].values() if int(b) < FLOAT_BITS})
+    out = [
+        Probe(("bits", b), BIT_NAMES.get(b, f"int{b}"), "bits", b, f"bits {b}", {"bits": b, **extra})
+        for b in bits
+    ]
+    if 8 in bits and "dynamic" in [str(v) for v in params["quant_mode"].values()]:
+        layer = {"bits": 8, "quant_mode": "dynamic", **extra}
+        out.append(
+            Probe(("dynamic",), "dynamic int8", "quant_mode", "dynamic", "bits 8, quant_mode dynamic", layer)
+        )
+    return out
+
+
+def size_floor(params: dict, info, floor: dict) -> None:
+    floor["bits"] = min(int(b) for b in params["bits"].values())
+
+
+SPEC = TechniqueSpec(
+    "quantize",
+    dims=(
+        Dim(
+            "bits",
+            FLOAT_BITS,
+            cast=int,
+            choices=SUPPORTED_BITS,
+            space_rule="is not an allowed bit width",
+            order=10,
+        ),
+        Dim(
+            "quant_scheme",
+            "symmetric",
+            short="qscheme",
+            choices=SCHEMES,
+            order=60,
+            asked=_integer,
+            report=False,
+        ),
+        Dim(
+            "quant_granularity",
+            "channel",
+            short="qgranularity",
+            choices=GRANULARITIES,
+            order=70,
+            asked=_integer,
+            report=False,
+        ),
+        Dim(
+            "quant_mode",
+            "static",
+            short="qmode",
+            choices=QUANT_MODES,
+            order=80,
+            asked=lambda values: int(values["bits"]) == 8,  # dynamic needs int8 weights
+            report=False,
+        ),
+    ),
+    settings=(Dim("calibration", "minmax", short="quant.calibration", choices=CALIBRATIONS),),
+    steps=((40, quantize_step),),
+    check_layer=check_layer,
+    check_space=check_space,
+    probes=probes,
+    collapse={"bits": ("bits", FLOAT_BITS), "quant_mode": ("quant_mode", "static")},
+    size_floor=size_floor,
+)
+TECHNIQUES.add(SPEC.name, SPEC)

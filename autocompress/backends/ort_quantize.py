@@ -1,0 +1,203 @@
+"""ONNX Runtime's quantizers driven by a lowering spec: dynamic int8, static QDQ int8, INT4, float16.
+
+:func:`quantize_graph` lowers an exported float graph, layer by layer as the
+:class:`~autocompress.lowering.LoweringSpec` says:
+
+1. ``dynamic`` int8 layers (Linear, LSTM): ORT's ``quantize_dynamic`` restricted to their nodes; the
+   Gemms it rewrites as MatMul + Add without quantizing them are restored;
+2. 5- to 8-bit ``static`` layers: ORT's ``quantize_static`` (QDQ, per-channel weights, activations
+   calibrated by min-max or percentile), with the Relu / pooling / Add / Concat nodes between them
+   (:func:`.qdq.int8_region`) when ``int8_connectors``, so ORT fuses them into int8 kernels;
+3. the integers ORT computed are replaced by the ones the fine-tune trained (:mod:`.onnx_rewrite`);
+4. 2- to 4-bit layers: packed INT4 weight-only DequantizeLinear; 16-bit layers: float16 + Cast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import BackendError, ExportError
+from ..lowering import LoweringSpec, symmetric_grid
+from .onnx_export import INPUT, graph_input_names
+from .onnx_rewrite import (
+    LocatedWeight,
+    half_weight,
+    locate,
+    lstm_nodes,
+    restore_gemms,
+    weight_only_dq,
+    write_dynamic_integers,
+    write_trained_integers,
+)
+from .qdq import int8_region
+
+PERCENTILE = 99.99  # percentile calibration keeps the central 99.99% of each activation's values
+CALIBRATION_METHODS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile}
+RECURRENT = (torch.nn.LSTM, torch.nn.GRU)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence ORT's quantizer (it warns through the root logger and prints calibration stats)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+class _Calibration:
+    """``CalibrationDataReader`` over sample inputs (one array per graph input), 32 samples per batch."""
+
+    def __init__(self, data: tuple[np.ndarray, ...] | np.ndarray, names: list[str] | None = None):
+        data = (data,) if isinstance(data, np.ndarray) else tuple(data)
+        names = names or [INPUT]
+        n = len(data[0])
+        self._batches = iter(
+            [
+                {k: np.ascontiguousarray(a[i : i + 32]) for k, a in zip(names, data, strict=True)}
+                for i in range(0, n, 32)
+            ]
+        )
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self):  # pragma: no cover - not used by MinMax
+        pass
+
+
+def _located(graph, model, spec: LoweringSpec, reduce_range: bool) -> tuple[list[LocatedWeight], list[str]]:
+    """The graph place and integers of every quantized layer; the LSTM layers (quantized by ORT alone)."""
+    modules = dict(model.named_modules())
+    located: list[LocatedWeight] = []
+    recurrent: list[str] = []
+    for layer, bits in spec.quantized().items():
+        module, lay = modules[layer], spec.layer(layer)
+        if isinstance(module, RECURRENT):
+            if isinstance(module, torch.nn.GRU):
+                raise BackendError(
+                    f"onnxruntime backend: layer {layer!r}: dynamic quantization of GRU is not supported "
+                    "(ORT's quantize_dynamic quantizes MatMul/Gemm and LSTM only); keep it at bits 32"
+                )
+            recurrent.append(layer)
+            continue
+        weight = module.weight.detach()
+        zero = None
+        if bits == 16:
+            q, scale = weight.half().numpy(), np.ones(weight.shape[0], np.float32)
+        else:  # the fine-tune's integers; else (not from compress()) the symmetric per-channel grid
+            record = lay.weight if lay.weight is not None and lay.weight.bits == bits else None
+            record = record or symmetric_grid(weight, bits, reduce_range)
+            q, scale = record.q, record.scale.astype(np.float32)
+            zero = record.zero_point if record.scheme == "asymmetric" else None
+        taken = {w.init for w in located}
+        located.append(locate(graph, layer, weight.numpy(), bits, q, scale, taken, zero, lay.mode))
+    return located, recurrent
+
+
+def quantize_graph(
+    model,
+    fp32: Path,
+    target: Path,
+    spec: LoweringSpec,
+    calibration,
+    tmp: Path,
+    *,
+    reduce_range: bool,
+    int8_connectors: bool = True,
+) -> None:
+    """Write to ``target`` the quantized form of the float graph ``fp32`` exported from ``model``."""
+    float_model = onnx.load(str(fp32))
+    if any(b <= 4 for b in spec.quantized().values()):
+        float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
+        onnx.save(float_model, str(fp32))
+    located, recurrent = _located(float_model.graph, model, spec, reduce_range)
+    modules = dict(model.named_modules())
+    qmodel, current = float_model, fp32
+    dynamic = [w for w in located if w.mode == "dynamic"]
+    if dynamic or recurrent:
+        nodes = [n for w in dynamic for n in w.nodes]
+        for layer in recurrent:
+            found = lstm_nodes(float_model.graph, modules[layer])
+            if not found:
+                raise BackendError(f"cannot find the ONNX LSTM node of layer {layer!r} in the exported graph")
+            nodes += found
+        qmodel = quantize_dynamic_nodes(current, tmp / "dynamic.onnx", nodes, reduce_range)
+        restore_gemms(qmodel, float_model, set(nodes))
+        write_dynamic_integers(qmodel, dynamic)
+        current = tmp / "dynamic_restored.onnx"
+        onnx.save(qmodel, str(current))
+    eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static"]
+    if eight:
+        nodes = [n for w in eight for n in w.nodes]
+        if int8_connectors:
+            nodes = int8_region(onnx.load(str(current)).graph, nodes)
+        qmodel = quantize_static_nodes(current, tmp / "qdq.onnx", nodes, calibration, spec.calibration)
+        write_trained_integers(qmodel, float_model, eight)
+    for w in located:
+        if w.bits <= 4:
+            weight_only_dq(qmodel.graph, w)
+        elif w.bits == 16:
+            half_weight(qmodel.graph, w)
+    onnx.save(qmodel, str(target))
+
+
+def quantize_dynamic_nodes(fp32: Path, out: Path, nodes: list[str], reduce_range: bool):
+    """ORT's quantize_dynamic on ``nodes`` only (Gemm nodes are quantized as ``<name>_MatMul``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32)).graph
+    gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
+    targets = [f"{n}_MatMul" if n in gemms else n for n in nodes]
+    with _quiet():
+        try:
+            quantize_dynamic(
+                str(fp32),
+                str(out),
+                per_channel=True,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=targets,
+                op_types_to_quantize=["MatMul", "LSTM"],
+                extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
+            )
+        except Exception as exc:
+            raise ExportError(f"onnxruntime quantize_dynamic failed: {type(exc).__name__}: {exc}") from exc
+    return onnx.load(str(out))
+
+
+def quantize_static_nodes(fp32: Path, out: Path, nodes: list[str], calibration, method: str = "minmax"):
+    """ORT's quantize_static (QDQ, per-channel int8 weights, uint8 activations) on ``nodes`` only."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    if method == "percentile":
+        extra.update(CalibPercentile=PERCENTILE, CalibTensorRangeSymmetric=False)
+    with _quiet():
+        try:
+            quantize_static(
+                str(fp32),
+                str(out),
+                _Calibration(calibration, graph_input_names(fp32)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=nodes,
+                calibrate_method=CALIBRATION_METHODS[method](CalibrationMethod),
+                extra_options=extra,
+            )
+        except Exception as exc:
+            raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
+    return onnx.load(str(out))

@@ -1,0 +1,82 @@
+"""ONNX Runtime sessions: the runtime import, execution providers, session options, CPU/GPU facts.
+
+The lowest layer of the ONNX Runtime backend: :mod:`.onnxruntime`, :mod:`.ort_fusions` and
+:mod:`.ascend` (its CPU checks of fake-quant graphs) open sessions through :func:`make_session`.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import MissingDependencyError, RuntimeLoadError
+from .base import parse_device
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """True when the CPU has VNNI (or AMX) int8 dot-product instructions."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def ort_module():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def providers_for(device: str) -> list:
+    """The execution providers (with options) for ``cpu`` or ``cuda:N``."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    _, idx = parse_device(device)
+    return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+
+
+def make_session(path: str | Path, threads: int, optimized_path: Path | None = None, device: str = "cpu"):
+    """An ORT session with full graph optimizations and ``threads`` intra-op threads."""
+    ort = ort_module()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers_for(device))
+    except Exception as exc:
+        raise RuntimeLoadError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
+
+
+@functools.cache
+def _nvidia_smi_info(idx: int) -> dict:
+    """GPU ``idx``'s name, the GPU count and the driver version, from nvidia-smi (None where absent)."""
+    info = {"name": None, "count": None, "driver": None}
+    if shutil.which("nvidia-smi") is None:
+        return info
+    try:
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return info
+    rows = [[c.strip() for c in line.split(",")] for line in out if line.strip()]
+    if idx < len(rows):
+        info.update(name=rows[idx][0], count=len(rows), driver=rows[idx][1])
+    return info
