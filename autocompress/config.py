@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
@@ -64,16 +65,61 @@ class SamplerConfig(_Strict):
 
 
 class WarmStart(_Strict):
-    """A uniform plan tried before the sampler takes over (only searched dimensions are set)."""
+    """A uniform plan tried before the sampler takes over (only searched dimensions are set).
+
+    Besides the fields below, any per-layer field of a registered technique may be given (e.g.
+    ``quant_mode: dynamic``); its value is checked against the technique's domain.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     bits: int | None = None
     sparsity: float = Field(0.0, ge=0, lt=1)
     sparsity_kind: str | None = None
     rank_ratio: float = Field(1.0, gt=0, le=1)
     # plan-wide settings of the warm start (left to the sampler when absent)
-    schedule: Literal["one_shot", "linear", "cubic", "exponential"] | None = None  # sparsity schedule kind
+    schedule: str | None = None  # sparsity schedule kind
     kd_temperature: float | None = Field(None, ge=1)
     kd_alpha: float | None = Field(None, ge=0, le=1)
+
+    @field_validator("bits", "sparsity_kind", "schedule")
+    @classmethod
+    def _in_domain(cls, value, info):
+        """A value the registered technique allows (``schedule``: a registered schedule kind)."""
+        from .registry import TECHNIQUES
+
+        name = "schedule.kind" if info.field_name == "schedule" else info.field_name
+        dim = {d.name: d for d in [*TECHNIQUES.dims(), *TECHNIQUES.settings()]}.get(name)
+        problem = None if value is None or dim is None else dim.problem(value)
+        if problem is not None:
+            raise PydanticCustomError("warm_start", "{problem}", {"problem": problem})
+        return value
+
+    @model_validator(mode="after")
+    def _registered(self) -> WarmStart:
+        """The extra keys: per-layer fields of registered techniques, with values in their domains."""
+        from .registry import TECHNIQUES
+
+        dims = {d.name: d for d in TECHNIQUES.dims()}
+        for name, value in (self.model_extra or {}).items():
+            if name not in dims:
+                known = sorted({*dims, *type(self).model_fields})
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PydanticCustomError(
+                    "warm_start",
+                    "{key}: unknown key{hint}; allowed: {known}",
+                    {"key": name, "hint": hint, "known": ", ".join(known)},
+                )
+            problem = dims[name].problem(value)
+            if problem is not None:
+                raise PydanticCustomError("warm_start", "{key}: {problem}", {"key": name, "problem": problem})
+        return self
+
+    def layer_values(self) -> dict[str, Any]:
+        """The per-layer fields of the warm start (for ``SearchSpace.params_for``)."""
+        values = {"bits": self.bits, "sparsity": self.sparsity, "sparsity_kind": self.sparsity_kind}
+        return {**values, "rank_ratio": self.rank_ratio, **(self.model_extra or {})}
 
 
 class TrialsConfig(_Strict):

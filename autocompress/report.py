@@ -214,26 +214,17 @@ def plot_projections(study: optuna.Study, run_dir: Path) -> Path:
 
 
 def layer_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per (Pareto trial, layer): the chosen bits, sparsity (and kind) and rank of the layer."""
+    """One row per (Pareto trial, layer): the layer's value of every reported per-layer field of the
+    registered techniques (bits, sparsity and kind, rank ratio and mode, ...) and the pipeline's note."""
+    from .registry import TECHNIQUES
+
+    fields = [d.name for d in TECHNIQUES.dims() if d.report]
     rows = []
     for t in sorted(study.best_trials, key=lambda t: -t.values[0]):
         for layer, lp in sorted((t.user_attrs.get("plan") or {}).get("layers", {}).items()):
-            rows.append(
-                {
-                    "trial": t.number,
-                    "layer": layer,
-                    "bits": lp.get("bits"),
-                    "sparsity": lp.get("sparsity"),
-                    "sparsity_kind": lp.get("sparsity_kind"),
-                    "rank_ratio": lp.get("rank_ratio"),
-                    "rank_mode": lp.get("rank_mode"),
-                    "note": (t.user_attrs.get("notes") or {}).get(layer, ""),
-                }
-            )
-    return pd.DataFrame(
-        rows,
-        columns=["trial", "layer", "bits", "sparsity", "sparsity_kind", "rank_ratio", "rank_mode", "note"],
-    )
+            note = (t.user_attrs.get("notes") or {}).get(layer, "")
+            rows.append({"trial": t.number, "layer": layer, **{f: lp.get(f) for f in fields}, "note": note})
+    return pd.DataFrame(rows, columns=["trial", "layer", *fields, "note"])
 
 
 def plot_layers(study: optuna.Study, run_dir: Path) -> Path:

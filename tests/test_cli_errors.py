@@ -116,7 +116,7 @@ IN_PROCESS_CASES = [
     ),
     (
         _with(trials__warm_start=[{"bits": 8, "schedule": "gradual"}]),
-        r"study.yaml: trials.warm_start.0.schedule: Input should be 'one_shot', 'linear', 'cubic' or 'exponential'",
+        r"study.yaml: trials.warm_start.0.schedule: 'gradual' is not one of \['one_shot', 'linear', 'cubic', 'exponential'\]",
     ),
     (
         _with(trials__trial_timeout_s=-1),

@@ -349,13 +349,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
             _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
         for ws in cfg.trials.warm_start:
-            params = ctx.space.params_for(
-                ctx.inventory,
-                bits=ws.bits,
-                sparsity=ws.sparsity,
-                rank_ratio=ws.rank_ratio,
-                sparsity_kind=ws.sparsity_kind,
-            )
+            params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
             params.update(
                 ctx.space.plan_params(
                     schedule_kind=ws.schedule, kd_temperature=ws.kd_temperature, kd_alpha=ws.kd_alpha
