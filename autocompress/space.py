@@ -2,8 +2,9 @@
 
 No computation happens here: a space only turns trial suggestions into a :class:`Plan`.
 
-Parameter names are stable dotted paths (resumed studies depend on them):
-``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``, ``schedule.start``,
+The per-layer dimensions are the fields of the registered techniques (:data:`~autocompress.registry.TECHNIQUES`),
+asked per layer in their registered sampling order. Parameter names are stable dotted paths (resumed
+studies depend on them): ``<field prefix>.<layer or group>``, built-ins ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``, ``schedule.start``,
 ``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids ``qscheme.<layer>``,
 ``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>`` (only where ``bits``
 is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``, ``quant.lsq``.
@@ -17,8 +18,9 @@ from typing import Any, Literal
 
 import optuna
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from .domain import Param, deep_merge  # noqa: F401 - re-exported
 from .errors import ConfigError
 from .inventory import LayerInfo
 from .plan import LayerPlan, Plan, Schedule
@@ -33,56 +35,6 @@ def __getattr__(name: str):  # the per-layer fields come from the technique regi
     if name in ("SpaceModel", "LayerSpace"):
         return space_model() if name == "SpaceModel" else space_model().model_fields["layers"].annotation
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class Param(BaseModel):
-    """One dimension: ``{fixed: v}``, ``{choices: [...]}`` or ``{low, high, step?, log?}``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    fixed: bool | float | int | str | None = None
-    choices: list[bool | float | int | str] | None = None
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _one_form(self) -> Param:
-        forms = [
-            self.fixed is not None,
-            self.choices is not None,
-            self.low is not None or self.high is not None,
-        ]
-        if sum(forms) != 1:
-            raise ValueError("give exactly one of 'fixed', 'choices', or 'low'+'high'")
-        if self.choices is not None and not self.choices:
-            raise ValueError("'choices' must not be empty")
-        if forms[2]:
-            if self.low is None or self.high is None:
-                raise ValueError("a range needs both 'low' and 'high'")
-            if self.low > self.high:
-                raise ValueError(f"low {self.low} > high {self.high}")
-            if self.log and self.low <= 0:
-                raise ValueError("a log range needs low > 0")
-            if self.log and self.step is not None:
-                raise ValueError("'step' cannot be combined with 'log'")
-        return self
-
-    def values(self) -> list:
-        """The values this dimension can take (a range gives its two ends)."""
-        if self.fixed is not None:
-            return [self.fixed]
-        if self.choices is not None:
-            return list(self.choices)
-        return [self.low, self.high]
-
-    def suggest(self, trial: optuna.Trial, name: str):
-        if self.fixed is not None:
-            return self.fixed
-        if self.choices is not None:
-            return trial.suggest_categorical(name, self.choices)
-        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
 
 class ScheduleSpace(BaseModel):
@@ -143,18 +95,6 @@ def space_model() -> type[BaseModel]:
             "SpaceModel", __base__=_SpaceBase, layers=(dict[str, layer], {}), **top
         )
     return _MODELS[version]
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Recursive dict merge; a Param given in ``over`` replaces the base Param whole."""
-    out = dict(base)
-    for k, v in over.items():
-        is_param = isinstance(v, dict) and {"fixed", "choices", "low", "high"} & set(v)
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not is_param:
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 class SearchSpace:

@@ -20,7 +20,9 @@ outputs as the unfused QDQ graph (a full 8-bit grid saturates there).
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
+import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -44,7 +46,7 @@ from .base import (
 from .onnx_export import INPUT, OUTPUT, default_io, export_onnx, graph_input_names  # noqa: F401 - re-exported
 from .onnx_rewrite import container_bits
 from .ort_quantize import _Calibration, _quiet, quantize_graph  # noqa: F401 - re-exported
-from .ort_session import _nvidia_smi_info, cpu_has_vnni, make_session, ort_module, providers_for  # noqa: F401
+from .ort_session import cpu_has_vnni, make_session, ort_module, providers_for  # noqa: F401 - re-exported
 from .worker import WorkerClient
 
 
@@ -265,3 +267,28 @@ class OnnxRuntimeBackend(Backend):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
             out.append(torch.from_numpy(np.zeros(dims, dtype=dtype)))
         return tuple(out)
+
+
+@functools.cache
+def _nvidia_smi_info(idx: int) -> dict:
+    """GPU ``idx``'s name, the GPU count and the driver version, from nvidia-smi (None where absent)."""
+    info = {"name": None, "count": None, "driver": None}
+    if shutil.which("nvidia-smi") is None:
+        return info
+    try:
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return info
+    rows = [[c.strip() for c in line.split(",")] for line in out if line.strip()]
+    if idx < len(rows):
+        info.update(name=rows[idx][0], count=len(rows), driver=rows[idx][1])
+    return info

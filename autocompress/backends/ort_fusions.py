@@ -145,6 +145,33 @@ def _fuse(path: Path, model_type: str, num_heads: int, hidden_size: int, options
         )
 
 
+def _write_candidates(
+    path, graph, model_type, num_heads, hidden_size, out_dir, feed, threads, report
+) -> dict:
+    """Write each fusion set's distinct result; keep (name -> path) those computing the model's outputs."""
+    before = Counter(n.op_type for n in graph.node)
+    written: dict[str, Path] = {}
+    seen: list[dict[str, int]] = []
+    for k, (name, options) in enumerate(VARIANTS.items()):
+        fused_model = _fuse(path, model_type, num_heads, hidden_size, options)
+        after = Counter(n.op_type for n in fused_model.model.graph.node)
+        stats = fused_model.get_fused_operator_statistics()
+        # an op already in the export (a LayerNormalization) is not a fusion: count what the optimizer added
+        found = {op: int(v) for op, v in stats.items() if v and after[op] > before[op]}
+        if not found or found in seen:
+            continue
+        seen.append(found)
+        target = out_dir / f"{path.stem}.fused-{k}.onnx"
+        fused_model.save_model_to_file(str(target))
+        match = _same_outputs(path, target, feed, threads)
+        report["candidates"][name] = {"fusions": found, "latency_ms": None, "outputs_match": match}
+        if match:
+            written[name] = target
+        else:
+            target.unlink()
+    return written
+
+
 def optimize_float(
     path: str | Path,
     model_type: str | None = None,
@@ -196,27 +223,10 @@ def optimize_float(
         raise ValueError(f"optimize_float: model_type {model_type!r} is not one of {MODEL_TYPES}")
     out_dir = Path(out_dir) if out_dir is not None else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    before = Counter(n.op_type for n in graph.node)
     feed = feed if feed is not None else dummy_feed(path)
-    written: dict[str, Path] = {}
-    seen: list[dict[str, int]] = []
-    for k, (name, options) in enumerate(VARIANTS.items()):
-        fused_model = _fuse(path, model_type, num_heads, hidden_size, options)
-        after = Counter(n.op_type for n in fused_model.model.graph.node)
-        stats = fused_model.get_fused_operator_statistics()
-        # an op already in the export (a LayerNormalization) is not a fusion: count what the optimizer added
-        found = {op: int(v) for op, v in stats.items() if v and after[op] > before[op]}
-        if not found or found in seen:
-            continue
-        seen.append(found)
-        target = out_dir / f"{path.stem}.fused-{k}.onnx"
-        fused_model.save_model_to_file(str(target))
-        match = _same_outputs(path, target, feed, threads)
-        report["candidates"][name] = {"fusions": found, "latency_ms": None, "outputs_match": match}
-        if match:
-            written[name] = target
-        else:
-            target.unlink()
+    written = _write_candidates(
+        path, graph, model_type, num_heads, hidden_size, out_dir, feed, threads, report
+    )
     if not report["candidates"]:
         report["decision"] = "no fusion applies"
         return path, report

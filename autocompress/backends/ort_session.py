@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: the runtime import, execution providers, session options, CPU/GPU facts.
+"""ONNX Runtime sessions: the runtime import, execution providers, session options, CPU facts.
 
 The lowest layer of the ONNX Runtime backend: :mod:`.onnxruntime`, :mod:`.ort_fusions` and
 :mod:`.ascend` (its CPU checks of fake-quant graphs) open sessions through :func:`make_session`.
@@ -7,8 +7,6 @@ The lowest layer of the ONNX Runtime backend: :mod:`.onnxruntime`, :mod:`.ort_fu
 from __future__ import annotations
 
 import functools
-import shutil
-import subprocess
 from pathlib import Path
 
 from ..errors import MissingDependencyError, RuntimeLoadError
@@ -55,28 +53,3 @@ def make_session(path: str | Path, threads: int, optimized_path: Path | None = N
         return ort.InferenceSession(str(path), so, providers=providers_for(device))
     except Exception as exc:
         raise RuntimeLoadError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0]}") from exc
-
-
-@functools.cache
-def _nvidia_smi_info(idx: int) -> dict:
-    """GPU ``idx``'s name, the GPU count and the driver version, from nvidia-smi (None where absent)."""
-    info = {"name": None, "count": None, "driver": None}
-    if shutil.which("nvidia-smi") is None:
-        return info
-    try:
-        out = (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return info
-    rows = [[c.strip() for c in line.split(",")] for line in out if line.strip()]
-    if idx < len(rows):
-        info.update(name=rows[idx][0], count=len(rows), driver=rows[idx][1])
-    return info
