@@ -137,7 +137,8 @@ class LoweringSpec:
 
     def only(self, names) -> LoweringSpec:
         """The spec restricted to ``names`` (e.g. the 8-bit layers a converter takes)."""
-        return replace(self, layers={n: lay for n, lay in self.layers.items() if n in set(names)})
+        keep = set(names)
+        return replace(self, layers={n: lay for n, lay in self.layers.items() if n in keep})
 
     def __bool__(self) -> bool:
         return bool(self.layers)

@@ -195,6 +195,22 @@ class TechniqueRegistry(Registry[TechniqueSpec]):
         super().add(name, obj)
         self.version += 1
 
+    def get(self, name: str) -> TechniqueSpec:
+        self._builtins()
+        return super().get(name)
+
+    def names(self) -> list[str]:
+        self._builtins()
+        return super().names()
+
+    def __contains__(self, name: object) -> bool:
+        self._builtins()
+        return super().__contains__(name)
+
+    def __iter__(self) -> Iterator[str]:
+        self._builtins()
+        return super().__iter__()
+
     def remove(self, name: str) -> None:
         """Unregister ``name`` (plug-ins and tests that register a technique for a while)."""
         self._items.pop(name, None)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..inventory import COMPRESSIBLE, LayerInfo
-from ..plan import FLOAT_BITS
+from ..registry import TECHNIQUES
 from ..space import SearchSpace
 from ..tasks import Task
 from ..tasks.data import deployable
@@ -39,13 +39,12 @@ def _reason(module: nn.Module) -> str:
     return f"free parameters of {type(module).__name__} ({names}): not a layer the search expands over; stays float"
 
 
-def _touchable(space: SearchSpace, layer: str) -> bool:
-    p = space._layer_params(layer)
-    bits = any(int(b) < FLOAT_BITS for b in p["bits"].values())
-    kinds = [str(v) for v in p["sparsity_kind"].values()]
-    sparse = "2:4" in kinds or (max(float(v) for v in p["sparsity"].values()) > 0 and bool(kinds))
-    rank = min(float(v) for v in p["rank_ratio"].values()) < 1.0
-    return bits or sparse or rank
+def _touchable(space: SearchSpace, info: LayerInfo) -> bool:
+    """Whether some registered technique's domains can change the layer (it has an applicability probe)."""
+    params = space._layer_params(info.name)
+    return any(
+        t.probes(params, info, space.allowed_by_kind) for t in TECHNIQUES.specs() if t.probes is not None
+    )
 
 
 def _macs(model: nn.Module, task: Task) -> dict[str, float]:
@@ -119,7 +118,7 @@ def coverage(
     for c in result.excluded if result is not None else []:
         excluded.setdefault(c.layer, []).append(c.technique)
     names = {i.name for i in inventory}
-    touched = {n for n in names if _touchable(space, n)}
+    touched = {i.name for i in inventory if _touchable(space, i)}
     seen: set[int] = set()
     owned: dict[str, int] = {}
     for mname, m in model.named_modules():

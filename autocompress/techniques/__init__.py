@@ -1,4 +1,9 @@
-"""Compression techniques: one module per family. They never import search or backends."""
+"""Compression techniques: one module per family. They never import search or backends.
+
+Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
+(``fold``, ``sparsity``, ``lowrank``, ``quantize``, ``distill``): each module owns its per-layer fields
+(:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
+"""
 
 from __future__ import annotations
 

@@ -35,7 +35,6 @@ class Build:
         precisions: effective module name -> bits.
         lowering: effective module name -> how the backend lowers it.
         calibration: activation calibration method of the 8-bit static layers.
-        extras: per-technique state (keyed by the technique's name).
     """
 
     task: Any
@@ -57,7 +56,6 @@ class Build:
     trained: list[Callable[[], None]] = field(default_factory=list)
     loss_terms: list[Callable[[], Any]] = field(default_factory=list)
     parameters: list[Callable[[], list]] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
     _modules: dict[str, nn.Module] | None = None
 
     @property
