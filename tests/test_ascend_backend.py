@@ -188,15 +188,17 @@ def _int8_plain_cnn():
     from torch.nn.utils import parametrize
 
     from autocompress.inventory import compressible_layers
+    from autocompress.lowering import LayerLowering, LoweringSpec
     from autocompress.techniques import fold_batchnorm
     from autocompress.techniques.quantize import add_fake_quant, record_weight_quant
 
     model = fold_batchnorm(PlainCNN().eval())[0]
-    for _, m in compressible_layers(model):
+    layers = {}
+    for name, m in compressible_layers(model):
         add_fake_quant(m, 8, granularity="tensor" if isinstance(m, nn.Linear) else "channel")
-        record_weight_quant(m)
+        layers[name] = LayerLowering(8, "static", record_weight_quant(m))  # the trained grid, for the backend
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-    return model, {n: 8 for n, _ in compressible_layers(model)}
+    return model, LoweringSpec(layers)
 
 
 class _RecordingAmct:
