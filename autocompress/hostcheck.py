@@ -111,22 +111,24 @@ def _run(cmd: list[str], timeout_s: int) -> tuple[int, str, float]:
 
 
 def _int8_copy(model):
-    """A copy of ``model`` with the QAT integers recorded as a trial's finalize step records them
-    (conv weights per channel, Linear weights per tensor: what the ascend space asks)."""
+    """A copy of ``model`` and its lowering spec with the QAT integers recorded as a trial's finalize step
+    records them (conv weights per channel, Linear weights per tensor: what the ascend space asks)."""
     import copy
 
     from torch import nn
     from torch.nn.utils import parametrize
 
     from .inventory import compressible_layers
+    from .lowering import LayerLowering, LoweringSpec
     from .techniques.quantize import add_fake_quant, record_weight_quant
 
     m = copy.deepcopy(model).eval()
-    for _, mod in compressible_layers(m):
+    layers = {}
+    for name, mod in compressible_layers(m):
         add_fake_quant(mod, 8, granularity="tensor" if isinstance(mod, nn.Linear) else "channel")
-        record_weight_quant(mod)
+        layers[name] = LayerLowering(8, "static", record_weight_quant(mod))
         parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-    return m
+    return m, LoweringSpec(layers)
 
 
 def lower_two_models(workdir: Path) -> list[str]:
@@ -151,9 +153,10 @@ def lower_two_models(workdir: Path) -> list[str]:
         return float(np.abs(out - ref).max())
 
     try:
-        for label, model, bits in (("int8", _int8_copy(base), 8), ("fp16", base, 16)):
-            precisions = {n: bits for n, _ in compressible_layers(model)}
-            art = backend.lower(model, ex, precisions, workdir / label, calibration=x.numpy())
+        int8, int8_spec = _int8_copy(base)
+        fp16_spec = {n: 16 for n, _ in compressible_layers(base)}
+        for label, model, spec in (("int8", int8, int8_spec), ("fp16", base, fp16_spec)):
+            art = backend.lower(model, ex, spec, workdir / label, calibration=x.numpy())
             with torch.no_grad():
                 ref = model(x).numpy()
             diff = backend.evaluate(art, x.numpy(), ref, max_diff)
