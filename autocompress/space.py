@@ -2,11 +2,12 @@
 
 No computation happens here: a space only turns trial suggestions into a :class:`Plan`.
 
-The per-layer dimensions are the fields of the registered techniques (:data:`~autocompress.registry.TECHNIQUES`),
-asked per layer in their registered sampling order. Parameter names are stable dotted paths (resumed
-studies depend on them): ``<field prefix>.<layer or group>``, built-ins ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``, ``schedule.start``,
-``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids ``qscheme.<layer>``,
-``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>`` (only where ``bits``
+The per-layer dimensions are the fields of the registered techniques
+(:data:`~autocompress.registry.TECHNIQUES`), asked per layer in their registered sampling order.
+Parameter names are stable dotted paths (resumed studies depend on them): ``<field prefix>.<layer or
+group>``; built-in ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``,
+``schedule.start``, ``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids
+``qscheme.<layer>``, ``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>`` (only where ``bits``
 is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``, ``quant.lsq``.
 """
 
@@ -32,8 +33,8 @@ def __getattr__(name: str):  # the per-layer fields come from the technique regi
         return tuple(d.name for d in TECHNIQUES.dims())
     if name == "SHORT":
         return {d.name: d.prefix for d in TECHNIQUES.dims()}
-    if name in ("SpaceModel", "LayerSpace"):
-        return space_model() if name == "SpaceModel" else space_model().model_fields["layers"].annotation
+    if name == "SpaceModel":
+        return space_model()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -13,8 +13,8 @@ int16 accumulation of u8*s8 products; ORT's docs recommend it there).
 
 :func:`record_weight_quant` returns the integers, scales and zero points the fine-tuned weight
 sits on (a :class:`~autocompress.lowering.WeightQuant`); the pipeline puts them in the lowering spec
-and a backend writes exactly these into its artifact. With LSQ the scale is a trained parameter, which cannot be
-recomputed from the weight afterwards: the record is the only faithful source.
+and a backend writes exactly these into its artifact. With LSQ the scale is a trained parameter,
+which cannot be recomputed from the weight afterwards: the record is the only faithful source.
 """
 
 from __future__ import annotations
