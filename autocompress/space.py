@@ -7,8 +7,9 @@ The per-layer dimensions are the fields of the registered techniques
 Parameter names are stable dotted paths (resumed studies depend on them): ``<field prefix>.<layer or
 group>``; built-in ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``,
 ``schedule.start``, ``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids
-``qscheme.<layer>``, ``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>`` (only where ``bits``
-is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``, ``quant.lsq``.
+``qscheme.<layer>``, ``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>``
+(only where ``bits`` is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``,
+``quant.lsq``.
 """
 
 from __future__ import annotations
