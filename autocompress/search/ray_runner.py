@@ -44,6 +44,7 @@ from optuna.trial import TrialState
 
 from ..config import StudyConfig
 from ..errors import ConfigError, MissingDependencyError
+from ..optuna_compat import storage_of
 from ..pareto import OBJECTIVES, objectives_for
 from .runner import RECORDED, Progress, RunSummary, open_run, record_success, suggest_plan
 
@@ -294,7 +295,7 @@ def _rounds(cfg: StudyConfig, ctx, study: optuna.Study, n_target: int, run_dir: 
             mode=["max" if s > 0 else "min" for s in objectives_for(ctx.metric.sign).values()],
             sampler=study.sampler,
             study_name=study.study_name,
-            storage=study._storage,
+            storage=storage_of(study),
             config=cfg,
             run_dir=ctx.run_dir,
             progress=progress,

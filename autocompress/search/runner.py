@@ -29,6 +29,7 @@ from ..errors import AutoCompressError, ConfigError, RunFolderUnwritable, failur
 from ..faults import crash_point
 from ..inventory import build_inventory
 from ..objective import RunContext, environment, measure_baseline, run_trial, write_json, write_text_atomic
+from ..optuna_compat import storage_of, trial_id
 from ..pareto import OBJECTIVES, constraint_values, objectives_for
 from ..plan import Plan
 from ..report import write_trials_table
@@ -199,9 +200,9 @@ def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None
     """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
     (and remove what the dead process may have left of their folders)."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it died")
-        storage.set_trial_user_attr(t._trial_id, "fail_category", "interrupted")
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
+        storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
+        storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
         if t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         if run_dir is not None:
@@ -526,7 +527,7 @@ def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:
     """The study's multi-fidelity pruning (None when ``pruner.name`` is ``none``)."""
     if ctx.config.pruner.name == "none":
         return None
-    return Fidelity(ctx.config, study._storage, ctx.task)
+    return Fidelity(ctx.config, storage_of(study), ctx.task)
 
 
 def execute_trial(

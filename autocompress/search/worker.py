@@ -26,10 +26,10 @@ from pathlib import Path
 
 import optuna
 from filelock import FileLock
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 from ..config import StudyConfig
+from ..optuna_compat import fail_stale_trials, heartbeat, storage_of, trial_id
 from .runner import Progress, RunSummary, execute_trial, make_fidelity, open_run
 
 
@@ -55,7 +55,7 @@ def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optu
     """(trial to run or None, whether the study is done). Call holding the ask lock."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fail_stale_trials is experimental; ask warns about heartbeats
-        optuna.storages.fail_stale_trials(study)
+        fail_stale_trials(study)
         _remove_partial_folders(study, run_dir)
         counts = _counts(study)
         if counts[TrialState.COMPLETE] >= n_target:
@@ -98,11 +98,11 @@ def run_worker(
             if trial is None:
                 time.sleep(poll_s)
                 continue
-            with get_heartbeat_thread(trial._trial_id, study._storage):
+            with heartbeat(trial, study):
                 try:
                     state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
                 except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
-                    now = study._storage.get_trial(trial._trial_id).state
+                    now = storage_of(study).get_trial(trial_id(trial)).state
                     if now == TrialState.RUNNING or (
                         isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a")
                     ):
