@@ -97,10 +97,10 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
         raise exc.at(src, "sampler.name") from None
     backend = build_backend(cfg)
     try:
-        make_pruner(cfg.pruner)
-    except ConfigError as exc:
-        raise exc.at(src) from None
-    try:
+        try:
+            make_pruner(cfg.pruner)
+        except ConfigError as exc:
+            raise exc.at(src) from None
         _check_storage_url(cfg)
         check_output(cfg)
         check_storage(cfg)
