@@ -59,8 +59,6 @@ __all__ = [
 
 def load_run(run_dir: str, storage: str | None = None, study: str | None = None):
     """The Optuna study of a run folder (for notebooks: ``load_run('runs/quickstart').trials``)."""
-    from pathlib import Path
+    from .rundir import open_study
 
-    from .cli import _open_run
-
-    return _open_run(Path(run_dir), storage, study)
+    return open_study(run_dir, storage, study)

@@ -22,28 +22,6 @@ def _overrides(pairs: list[str], flag: str = "--set") -> dict:
     return out
 
 
-def _open_run(run_dir: Path, storage: str | None, study_name: str | None):
-    import optuna
-
-    from .search.storage import make_storage, study_names
-
-    if not run_dir.is_dir():
-        raise ConfigError("run folder does not exist", source=str(run_dir))
-    url = storage or f"sqlite:///{run_dir / 'study.db'}"
-    if storage is None and not (run_dir / "study.db").exists():
-        raise ConfigError(
-            "no study.db in the run folder (pass --storage for a shared storage)", source=str(run_dir)
-        )
-    names = study_names(url)
-    if study_name is None:
-        if len(names) != 1:
-            raise ConfigError(f"storage holds studies {names}; choose one with --study", source=url)
-        study_name = names[0]
-    elif study_name not in names:
-        raise ConfigError(f"no study {study_name!r} in the storage (has: {', '.join(names)})", source=url)
-    return optuna.load_study(study_name=study_name, storage=make_storage(url))
-
-
 def cmd_run(args) -> int:
     from .config import load_config
     from .search import run_study
@@ -112,9 +90,10 @@ def cmd_report(args) -> int:
 
     from .export import export_front
     from .report import failures_table, front_table, write_report
+    from .rundir import PARETO, open_study
 
     run_dir = Path(args.run)
-    study = _open_run(run_dir, args.storage, args.study)
+    study = open_study(run_dir, args.storage, args.study)
     export_front(study, run_dir)
     paths = write_report(study, run_dir)
     base = study.user_attrs.get("baseline", {})
@@ -129,16 +108,17 @@ def cmd_report(args) -> int:
         if len(fails):
             print("failed trials by reason:")
             print(fails.to_string(index=False, max_colwidth=90))
-    print(f"wrote {paths['html']}, {paths['trials']}, {paths['plot']}, {run_dir / 'pareto'}/")
+    print(f"wrote {paths['html']}, {paths['trials']}, {paths['plot']}, {run_dir / PARETO}/")
     return 0
 
 
 def cmd_pick(args) -> int:
     from .export import front_records
     from .pareto import pick
+    from .rundir import open_study
 
     run_dir = Path(args.run)
-    study = _open_run(run_dir, args.storage, args.study)
+    study = open_study(run_dir, args.storage, args.study)
     budgets = {
         "max_latency_ms": args.max_latency_ms,
         "max_size_bytes": args.max_size_bytes,
@@ -173,9 +153,9 @@ def cmd_rebuild(args) -> int:
 
 
 def cmd_measure(args) -> int:
-    from .measure import format_stats, measure_artifact
+    from .artifact_timing import format_stats, time_artifact
 
-    stats, env = measure_artifact(
+    stats, env = time_artifact(
         args.artifact,
         args.backend,
         args.device,

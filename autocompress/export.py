@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 
 from .faults import crash_point
-from .objective import write_json
+from .rundir import FRONT, PARETO, pareto_folder_name, write_json
 
 
 def front_records(study: optuna.Study) -> list[dict]:
@@ -22,7 +22,7 @@ def front_records(study: optuna.Study) -> list[dict]:
         records.append(
             {
                 "trial": t.number,
-                "folder": f"pareto/trial-{t.number:05d}",
+                "folder": pareto_folder_name(t.number),
                 "metric": t.values[0],
                 "latency_ms": t.values[1],
                 "size_bytes": int(t.values[2]),
@@ -44,12 +44,12 @@ def export_front(study: optuna.Study, run_dir: Path) -> list[dict]:
     """(Re)build ``run_dir/pareto/``: one folder per Pareto model + ``front.json``, swapped in whole."""
     run_dir = Path(run_dir)
     records = front_records(study)
-    tmp, final, old = run_dir / ".pareto.tmp", run_dir / "pareto", run_dir / ".pareto.old"
+    tmp, final, old = run_dir / f".{PARETO}.tmp", run_dir / PARETO, run_dir / f".{PARETO}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for r in records:
         shutil.copytree(run_dir / r["source"], tmp / Path(r["folder"]).name)
-    write_json(tmp / "front.json", {"front": records, "baseline": study.user_attrs.get("baseline")})
+    write_json(tmp / FRONT, {"front": records, "baseline": study.user_attrs.get("baseline")})
     crash_point("pareto_export")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -60,5 +60,5 @@ def export_front(study: optuna.Study, run_dir: Path) -> list[dict]:
 
 
 def load_front(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "pareto" / "front.json"
+    path = Path(run_dir) / PARETO / FRONT
     return json.loads(path.read_text())["front"]

@@ -1,13 +1,4 @@
-"""Trial deadlines and fault injection (the hooks that the reliability tests drive).
-
-Deadline: ``trials.trial_timeout_s`` is enforced cooperatively. :func:`trial_scope` starts the
-clock when a trial starts; :func:`check_deadline` raises :class:`TrialTimeout` once it has passed.
-It is called at every fine-tuning step (a step of a model this tool fine-tunes takes milliseconds to
-seconds) and between the stages of a trial (after lowering, after evaluation, after timing). A stage
-that cannot be interrupted from Python (``torch.onnx.export``, ONNX Runtime's quantizer, one timing
-session, itself capped by ``timing.max_s``) finishes, and the trial then fails as timed out: its result
-is discarded, never recorded. No thread or signal interrupts code at an arbitrary point, so a timed-out
-trial cannot leave a lock held or a file half written.
+"""Fault injection: the hooks that the reliability tests drive (the trial deadline is in :mod:`.deadline`).
 
 Fault injection (for tests; both variables are read at the moment a hook runs)::
 
@@ -17,7 +8,7 @@ Fault injection (for tests; both variables are read at the moment a hook runs)::
 Crash points: ``finetune`` (second fine-tuning step), ``export`` (inside ``torch.onnx.export``),
 ``measure`` (while the artifact is being timed), ``artifact_write`` (trial folder half written in its
 temp folder), ``renamed`` (folder in place, trial not yet told to the storage), ``told`` (trial
-recorded, tables and pruning not yet done), ``prune`` (a dominated artifact half deleted),
+recorded, tables and pruning not yet done), ``discard`` (a dominated artifact half deleted),
 ``pareto_export`` (``pareto/`` half rebuilt). Fault kinds (each goes through the real code path):
 ``raise`` (an exception), ``nan`` (the fine-tuning loss becomes NaN), ``export`` (the exporter fails on
 the model), ``ort_load`` (the artifact file is corrupted, so the runtime cannot load it), ``hang``
@@ -28,17 +19,14 @@ filesystem cannot be mounted; the tests use a real full tmpfs where they can).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import torch
 
-from .errors import TrialTimeout
+from .deadline import check_deadline, current_trial
 
 CRASH_ENV = "AUTOCOMPRESS_CRASH_AT"
 FAULT_ENV = "AUTOCOMPRESS_FAULT"
@@ -49,43 +37,10 @@ CRASH_POINTS = (
     "artifact_write",
     "renamed",
     "told",
-    "prune",
+    "discard",
     "pareto_export",
 )
 FAULT_KINDS = ("raise", "nan", "export", "ort_load", "hang", "disk_full")
-
-_trial: contextvars.ContextVar[int | None] = contextvars.ContextVar("autocompress_trial", default=None)
-_deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
-    "autocompress_deadline", default=None
-)
-
-
-@contextlib.contextmanager
-def trial_scope(number: int | None, timeout_s: float | None) -> Iterator[None]:
-    """Mark the code inside as trial ``number``, with a wall-time limit of ``timeout_s`` (None: none)."""
-    t1 = _trial.set(number)
-    t2 = _deadline.set((time.monotonic() + timeout_s, timeout_s) if timeout_s else None)
-    try:
-        yield
-    finally:
-        _deadline.reset(t2)
-        _trial.reset(t1)
-
-
-def current_trial() -> int | None:
-    """The number of the trial running in this context (None outside a trial)."""
-    return _trial.get()
-
-
-def check_deadline(stage: str) -> None:
-    """Raise :class:`TrialTimeout` if the current trial has run past its limit.
-
-    Raises:
-        TrialTimeout: naming the limit and the stage that was running.
-    """
-    d = _deadline.get()
-    if d is not None and time.monotonic() > d[0]:
-        raise TrialTimeout(f"exceeded trials.trial_timeout_s = {d[1]:g} s during {stage}")
 
 
 def _matches(env: str, name: str, number: int | None = None) -> bool:
@@ -125,7 +80,8 @@ def fault(kind: str) -> bool:
 
 
 def on_step(step: int, loss: torch.Tensor) -> torch.Tensor:
-    """Hook at every fine-tuning step: deadline check, then injected crash / NaN / hang."""
+    """Hook at every fine-tuning step: deadline check (:func:`.deadline.check_deadline`), then injected
+    crash / NaN / hang."""
     check_deadline(f"fine-tuning (step {step})")
     if step == 1:
         crash_point("finetune")

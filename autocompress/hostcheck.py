@@ -238,7 +238,7 @@ def host_check(report: Path, workdir: Path) -> int:
             print(f"  - {line}")
         print("nothing was run and no report was written")
         return 2
-    from .backends.ascend_cann import npu_smi_text
+    from .backends.device_facts import npu_smi_text
 
     workdir.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "pytest", "-q", "-rs"]

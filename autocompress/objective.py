@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import errno
 import gc
-import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -20,20 +17,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backends import Artifact, Backend, LatencyCache, measure_cached
+from .backends import Artifact, Backend, LatencyCache, timed_or_cached
+from .backends.device_facts import environment
 from .config import StudyConfig
+from .deadline import check_deadline, trial_scope
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
-from .faults import arm_export_hooks, check_deadline, crash_point, fault, trial_scope
+from .faults import arm_export_hooks, crash_point, fault
 from .inventory import LayerInfo
 from .lowering import LoweringSpec
 from .metrics import Metric
 from .pareto import metric_drop, relative_drop
 from .pipeline import compress
 from .plan import Plan
+from .rundir import BASELINE, finalize_dir, trial_tmp_dir, write_json, write_text_atomic
 from .space import SearchSpace
 from .tasks import Task
 from .tasks.data import deployable
-from .techniques import fold_batchnorm
 
 
 @dataclass
@@ -83,7 +82,7 @@ class RunContext:
         base = self.baseline
         if not base:
             return None
-        path = self.run_dir / "baseline" / base.get("artifact", "model.onnx")
+        path = self.run_dir / BASELINE / base.get("artifact", "model.onnx")
         return Artifact(path, self.backend.name, self.backend.device, base["size_bytes"], base["size_bytes"])
 
     def lower(self, model: nn.Module, out_dir: Path, spec: LoweringSpec | None = None) -> Artifact:
@@ -100,34 +99,6 @@ class RunContext:
         )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file atomically (temp file + rename): readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=float))
-
-
-def environment(backend: Backend) -> dict:
-    """Where a trial ran: backend, device (name, count, driver), library versions, capabilities."""
-    dev = backend.device_info()
-    return {
-        "backend": backend.name,
-        "device": backend.device,
-        "device_name": dev.get("name"),
-        "device_count": dev.get("count"),
-        "device_driver": dev.get("driver"),
-        "cpu_count": os.cpu_count(),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "capabilities": backend.capabilities(),
-        **{f"version.{k}": v for k, v in backend.versions().items()},
-    }
-
-
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every tensor contiguous and none sharing memory (safetensors refuses
     shared tensors, e.g. tied embeddings): a tensor seen before is stored as a copy."""
@@ -139,60 +110,6 @@ def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen and v.numel() else v
         seen.add(ptr)
     return out
-
-
-def _finalize_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; an older folder of the same name is replaced."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def measure_baseline(ctx: RunContext) -> dict:
-    """The uncompressed teacher, BN folded, lowered by the same backend: accuracy, latency, size."""
-    out = ctx.run_dir / "baseline"
-    tmp = ctx.run_dir / ".baseline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.perf_counter()
-    model, _ = fold_batchnorm(copy.deepcopy(ctx.teacher))
-    artifact = ctx.lower(model, tmp)
-    tr = time.perf_counter()
-    # the teacher's outputs (fidelity's reference), computed once per run: not part of any evaluation
-    ctx.reference(ctx.eval_limit())
-    if ctx.eval_limit() is not None:
-        ctx.reference(None)
-    t1 = time.perf_counter()
-    acc = ctx.score(artifact)
-    t2 = time.perf_counter()
-    full = ctx.score(artifact, full=True) if ctx.eval_limit() is not None else acc
-    t3 = time.perf_counter()
-    lat, _, cached = measure_cached(ctx.backend, ctx.latency_cache, artifact, None, ctx.task.example_inputs())
-    seconds = {
-        "lower": tr - t0,
-        "teacher_evaluate": t1 - tr,
-        "evaluate": t2 - t1,
-        "evaluate_full": t3 - t2,
-        "measure": time.perf_counter() - t3,
-    }
-    metrics = {
-        "artifact": artifact.path.name,
-        "latency_cached": cached,
-        "metric": acc,
-        "metric_full": full,
-        "metric_name": ctx.metric.name,
-        "metric_sign": ctx.metric.sign,
-        "eval_samples": ctx.eval_limit(),
-        "latency_ms": lat.median_ms,
-        "latency_p90_ms": lat.p90_ms,
-        "latency": lat.to_dict(),
-        "size_bytes": artifact.size_bytes,
-        "kernels": artifact.meta.get("kernels", {}),
-        "environment": environment(ctx.backend),
-        "seconds": seconds,
-    }
-    write_json(tmp / "metrics.json", metrics)
-    _finalize_dir(tmp, out)
-    return metrics
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -222,7 +139,7 @@ def run_trial(
 ) -> dict:
     """Compress, lower, evaluate and time one plan; write its folder atomically; return metrics.
 
-    The trial runs under ``trials.trial_timeout_s`` (see :mod:`autocompress.faults`); its number is
+    The trial runs under ``trials.trial_timeout_s`` (see :mod:`autocompress.deadline`); its number is
     the folder name (``trials/00012``). ``on_epoch`` is passed to :func:`~autocompress.pipeline.compress` (multi-fidelity pruning).
 
     Raises:
@@ -268,10 +185,37 @@ def _against_baseline(ctx: RunContext, value: float, lat, base_lat, size_bytes: 
     }
 
 
+def _trial_metrics(
+    ctx: RunContext, acc: float, lat, base_lat, cached: bool, artifact: Artifact, result
+) -> dict:
+    """What a trial records: the metric, latency, size and what the pipeline and backend did."""
+    metrics = {
+        "metric": acc,
+        "metric_name": ctx.metric.name,
+        "latency_ms": lat.median_ms,
+        "latency_p90_ms": lat.p90_ms,
+        "latency": lat.to_dict(),
+        "latency_cached": cached,
+        "size_bytes": artifact.size_bytes,
+        "packed_size_bytes_theoretical": artifact.packed_size_bytes,
+        "precisions": artifact.precisions,
+        "sparsity": result.sparsity,
+        "kernels": artifact.meta.get("kernels", {}),
+        "measured_on": artifact.meta.get("measured", {}),  # e.g. ascend: .om on the NPU or fake-quant
+        "notes": result.notes,
+        "finetune_losses": result.losses,
+        "artifact": artifact.path.name,
+        "environment": environment(ctx.backend),
+    }
+    if ctx.baseline:
+        metrics.update(_against_baseline(ctx, acc, lat, base_lat, artifact.size_bytes))
+    return metrics
+
+
 def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:
     t0 = time.perf_counter()
-    cfg, task, backend, base = ctx.config, ctx.task, ctx.backend, ctx.baseline
-    tmp = trial_dir.with_name(f".{trial_dir.name}.tmp")
+    cfg, task, backend = ctx.config, ctx.task, ctx.backend
+    tmp = trial_tmp_dir(trial_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -300,7 +244,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         crash_point("measure", after_s=0.1)  # dies while the artifact is being timed
         # timed side by side with the baseline artifact (the speedup is a measured ratio), or taken from
         # the latency cache when this structure was timed before
-        lat, base_lat, cached = measure_cached(
+        lat, base_lat, cached = timed_or_cached(
             backend, ctx.latency_cache, artifact, ctx.baseline_artifact(), task.example_inputs()
         )
         t4 = time.perf_counter()
@@ -312,26 +256,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         if fault("disk_full"):  # the disk fills up while the folder is written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "plan.json"))
         write_text_atomic(tmp / "plan.json", plan.to_json())
-        metrics = {
-            "metric": acc,
-            "metric_name": ctx.metric.name,
-            "latency_ms": lat.median_ms,
-            "latency_p90_ms": lat.p90_ms,
-            "latency": lat.to_dict(),
-            "latency_cached": cached,
-            "size_bytes": artifact.size_bytes,
-            "packed_size_bytes_theoretical": artifact.packed_size_bytes,
-            "precisions": artifact.precisions,
-            "sparsity": result.sparsity,
-            "kernels": artifact.meta.get("kernels", {}),
-            "measured_on": artifact.meta.get("measured", {}),  # e.g. ascend: .om on the NPU or fake-quant
-            "notes": result.notes,
-            "finetune_losses": result.losses,
-            "artifact": artifact.path.name,
-            "environment": environment(backend),
-        }
-        if base:
-            metrics.update(_against_baseline(ctx, acc, lat, base_lat, artifact.size_bytes))
+        metrics = _trial_metrics(ctx, acc, lat, base_lat, cached, artifact, result)
         metrics["seconds"] = {
             "finetune": t1 - t0,  # compress(): technique set-up + the training loop
             "train": result.train_s,  # the training loop alone
@@ -342,7 +267,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         }
         metrics["disk_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         write_json(tmp / "metrics.json", metrics)
-        _finalize_dir(tmp, trial_dir)
+        finalize_dir(tmp, trial_dir)
         crash_point("renamed")
         metrics["artifact"] = str(trial_dir / artifact.path.name)
         return metrics

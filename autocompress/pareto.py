@@ -100,9 +100,9 @@ def hypervolume_history(
 
     ``points`` are normalized objectives (:func:`normalized_objectives`), in trial order; points outside
     the reference box (e.g. more than 10 points of accuracy lost) add nothing. Optuna's own
-    hypervolume (``optuna._hypervolume.compute_hypervolume``) does the geometry.
+    hypervolume (:func:`autocompress.optuna_compat.hypervolume`) does the geometry.
     """
-    from optuna._hypervolume import compute_hypervolume
+    from .optuna_compat import hypervolume
 
     ref = np.asarray(reference, dtype=float)
     box = float(np.prod(ref))
@@ -111,5 +111,5 @@ def hypervolume_history(
     for p in points:
         if p is not None and all(v < r for v, r in zip(p, ref, strict=True)):
             seen.append(p)
-        out.append(float(compute_hypervolume(np.asarray(seen, dtype=float), ref)) / box if seen else 0.0)
+        out.append(hypervolume(seen, ref) / box if seen else 0.0)
     return out

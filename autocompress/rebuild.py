@@ -10,19 +10,19 @@ side by side with the baseline artifact, and compared with the stored measuremen
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 
-from .backends import BACKENDS
+from .backends.device_facts import environment
 from .config import StudyConfig, load_config
 from .errors import ConfigError
-from .inventory import build_inventory
-from .objective import RunContext, environment, run_trial, write_json
+from .objective import run_trial
 from .plan import Plan
-from .search.teacher import load_teacher
+from .rundir import STUDY_YAML, build_backend, open_study, rebuilt_dir, write_json
+from .search.run_setup import context_from_folder
 from .tasks import load_task
 
 
@@ -33,10 +33,35 @@ def _sha256(path: Path) -> str | None:
 def _config(study, run_dir: Path) -> StudyConfig:
     data = study.user_attrs.get("config")
     if data is None:  # runs recorded before the effective config was stored
-        return load_config(run_dir / "study.yaml")
+        return load_config(run_dir / STUDY_YAML)
     cfg = StudyConfig.model_validate(data, strict=False)
-    cfg.source = str(run_dir / "study.yaml")
+    cfg.source = str(run_dir / STUDY_YAML)
     return cfg
+
+
+def _completed_trial(study: optuna.Study, number: int, run_dir: Path) -> optuna.trial.FrozenTrial:
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise ConfigError(
+            f"no trial {number} (the study has trials 0..{len(trials) - 1})", source=str(run_dir)
+        )
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
+        raise ConfigError(
+            f"trial {number} is {trial.state.name}: only completed trials have an artifact to rebuild",
+            source=str(run_dir),
+        )
+    return trial
+
+
+def _environment_changes(stored_env: dict, now_env: dict) -> dict:
+    """Library versions, device and backend that differ between the trial's run and now."""
+    return {
+        k: (stored_env.get(k), now_env.get(k))
+        for k in sorted(set(stored_env) | set(now_env))
+        if k.startswith("version.") or k in ("device", "backend", "device_name")
+        if stored_env.get(k) != now_env.get(k)
+    }
 
 
 def rebuild_trial(
@@ -56,63 +81,41 @@ def rebuild_trial(
     Raises:
         ConfigError: no such trial, it did not complete, or the run folder lacks its teacher.
     """
-    from .cli import _open_run
-
     run_dir = Path(run_dir)
-    study = _open_run(run_dir, storage, study_name)
-    trials = study.get_trials(deepcopy=False)
-    if not 0 <= number < len(trials):
-        raise ConfigError(
-            f"no trial {number} (the study has trials 0..{len(trials) - 1})", source=str(run_dir)
-        )
-    trial = trials[number]
-    if trial.state != TrialState.COMPLETE or "plan" not in trial.user_attrs:
-        raise ConfigError(
-            f"trial {number} is {trial.state.name}: only completed trials have an artifact to rebuild",
-            source=str(run_dir),
-        )
+    study = open_study(run_dir, storage, study_name)
+    trial = _completed_trial(study, number, run_dir)
     cfg = _config(study, run_dir)
     threads = trial.user_attrs.get("finetune_threads", cfg.finetune.threads)
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"threads": threads})})
     task = load_task(cfg.task.name, cfg.task.options)
-    teacher = load_teacher(task, run_dir, str(run_dir))
-    backend = BACKENDS.get(cfg.backend.name)(
-        device=cfg.backend.device,
-        batch_size=cfg.backend.batch_size,
-        threads=cfg.backend.threads,
-        **cfg.backend.options,
-    )
-    baseline = json.loads((run_dir / "baseline" / "metrics.json").read_text())
-    ctx = RunContext(
-        cfg, run_dir, task, teacher, build_inventory(teacher, task.example_inputs()), None, backend
-    )
-    ctx.baseline = baseline
-    out = Path(out) if out else run_dir / "rebuilt" / f"trial-{number:05d}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plan = Plan.from_dict(trial.user_attrs["plan"])
-    stored_env = trial.user_attrs.get("environment", {})
-    now_env = environment(backend)
-    changed = {
-        k: (stored_env.get(k), now_env.get(k))
-        for k in sorted(set(stored_env) | set(now_env))
-        if k.startswith("version.") or k in ("device", "backend", "device_name")
-        if stored_env.get(k) != now_env.get(k)
-    }
-    if changed and stored_env:
-        log(f"warning: the environment differs from the trial's: {changed}")
-    log(f"rebuilding trial {number} into {out} ({threads} fine-tuning threads, seed {plan.seed})")
+    backend = build_backend(cfg)
     try:
+        ctx = context_from_folder(cfg, run_dir, task, None, backend)
+        out = Path(out) if out else rebuilt_dir(run_dir, number)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plan = Plan.from_dict(trial.user_attrs["plan"])
+        stored_env = trial.user_attrs.get("environment", {})
+        changed = _environment_changes(stored_env, environment(backend))
+        if changed and stored_env:
+            log(f"warning: the environment differs from the trial's: {changed}")
+        log(f"rebuilding trial {number} into {out} ({threads} fine-tuning threads, seed {plan.seed})")
         metrics = run_trial(ctx, plan, out)
     finally:
         backend.close()
+    report = _report(trial, metrics, run_dir, out, changed)
+    write_json(out / "rebuild.json", report)
+    return report
+
+
+def _report(trial: optuna.trial.FrozenTrial, metrics: dict, run_dir: Path, out: Path, changed: dict) -> dict:
     ua = trial.user_attrs
     stored_lat = ua.get("latency", {})
     spread = max(stored_lat.get("iqr_ms", 0.0), metrics["latency"]["iqr_ms"])
     # the machine's load drifts between sessions; the objective is already drift-free: the ratio to the
     # baseline timed side by side, in the run's reference milliseconds (the key below is kept for readers)
     stored_folder = run_dir / ua["artifact"]
-    report = {
-        "trial": number,
+    return {
+        "trial": trial.number,
         "folder": str(out),
         "metric_stored": trial.values[0],
         "metric_rebuilt": metrics["metric"],
@@ -132,8 +135,6 @@ def rebuild_trial(
         ),
         "environment_changes": changed,
     }
-    write_json(out / "rebuild.json", report)
-    return report
 
 
 def format_report(r: dict) -> list[str]:

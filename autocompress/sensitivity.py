@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .objective import RunContext, write_json
+from .objective import RunContext
 from .pipeline import compress
 from .plan import LayerPlan, Plan
+from .rundir import SENSITIVITY, write_json
 
 # (dimension, value): what one layer is set to, everything else untouched
 SETTINGS: tuple[tuple[str, float], ...] = (
@@ -50,7 +51,7 @@ def analyze(
     ctx: RunContext, settings=SETTINGS, log: Callable[[str], None] = print, use_cache: bool = True
 ) -> pd.DataFrame:
     """One row per (layer, setting): the artifact's accuracy and its drop against the baseline."""
-    cache = ctx.run_dir / "sensitivity.json"
+    cache = ctx.run_dir / SENSITIVITY
     key = _key(ctx, settings)
     if use_cache and cache.exists():
         data = json.loads(cache.read_text())

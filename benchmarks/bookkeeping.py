@@ -3,7 +3,7 @@
 1. The full garbage collection after every trial (``autocompress.objective.release_memory``), over the
    heap of a set-up run (the quickstart study prepared: torch, ONNX Runtime, Optuna, pandas and
    matplotlib loaded, the task's data, backend and search space built): as it is, and with that heap frozen as
-   ``autocompress.search.runner.frozen_heap`` does for a run. This is the set-up heap's share only;
+   ``autocompress.search.run_setup.frozen_heap`` does for a run. This is the set-up heap's share only;
    in a run the collection also walks what the trials created.
 2. One trial user attribute written to a SQLite storage (each is its own transaction): with Optuna's
    default (SQLite's rollback journal) and through ``make_storage`` (write-ahead log,
@@ -42,7 +42,7 @@ def collection(repeats: int) -> tuple[float, float]:
     import matplotlib.pyplot  # noqa: F401  (the report's plots are loaded in a run)
 
     from autocompress.config import load_config
-    from autocompress.search.runner import frozen_heap, prepare
+    from autocompress.search.run_setup import frozen_heap, prepare
 
     prep = prepare(load_config(ROOT / "studies/quickstart.yaml"))
     try:

@@ -31,7 +31,7 @@ def best_within(study_file: Path, max_rel_drop: float, candidates: int, log) -> 
     from autocompress.config import load_config
     from autocompress.export import front_records
     from autocompress.search import run_study
-    from autocompress.search.runner import prepare
+    from autocompress.search.run_setup import prepare
 
     cfg = load_config(study_file)
     summary = run_study(cfg, log=log)

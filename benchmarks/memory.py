@@ -5,7 +5,7 @@ Runs the quickstart study (or another) for ``--trials`` trials (default 50) into
 and, after every trial, reads the process's resident memory (VmRSS), its peak (VmHWM) and the
 number of live ``torch.nn.Module`` and ONNX Runtime session objects created since the run was set
 up (what was alive then, teacher included, is frozen out of the collector's view: see
-``autocompress.search.runner.frozen_heap``). Every trial builds a student, an optimizer, an ONNX
+``autocompress.search.run_setup.frozen_heap``). Every trial builds a student, an optimizer, an ONNX
 artifact and an inference session; if any of them outlived its trial, the counts and the memory
 would climb with the trial number.
 

@@ -76,16 +76,16 @@ def main() -> int:
 
     from _shared import fresh_run
 
-    from autocompress.search import runner
+    from autocompress.search import run_setup, runner
 
     timed: list[TimedSampler] = []
-    make_sampler = runner.make_sampler
+    make_sampler = run_setup.make_sampler
 
     def make_timed(*a, **kw):
         timed.append(TimedSampler(make_sampler(*a, **kw)))
         return timed[-1]
 
-    runner.make_sampler = make_timed  # instrumentation only: the study runs unchanged otherwise
+    run_setup.make_sampler = make_timed  # instrumentation only: the study runs unchanged otherwise
 
     cfg, folder = fresh_run(args.study, "ac-overhead-")
     t0 = time.perf_counter()

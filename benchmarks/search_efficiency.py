@@ -17,7 +17,7 @@ minimized: accuracy drop (baseline accuracy - accuracy, in points of 1), latency
 side-by-side speedup) and size ratio (size / baseline size). Reference point (fixed, the same as the
 HTML report's, ``autocompress.pareto.HV_REFERENCE``): (0.10, 1.0, 1.0): a model counts only when it
 loses less than 10 points and is both faster and smaller than the baseline. Hypervolume is Optuna's
-own (``optuna._hypervolume``), divided by the reference box's volume (0.1): 1.0 would be a lossless
+own (through ``autocompress.optuna_compat.hypervolume``), divided by the reference box's volume (0.1): 1.0 would be a lossless
 model that takes no time and no bytes.
 
 Prints, per study, the median (and min-max over seeds) hypervolume at the full budget for every

@@ -17,7 +17,7 @@ from autocompress.config import load_config
 from autocompress.inventory import build_inventory
 from autocompress.pipeline import compress
 from autocompress.plan import LayerPlan, Plan
-from autocompress.report import write_html
+from autocompress.report_html import write_html
 from autocompress.search.applicability import Applicability, check_applicability
 from autocompress.search.coverage import coverage
 from autocompress.search.runner import run_study

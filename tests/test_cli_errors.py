@@ -243,7 +243,7 @@ def test_a_budget_at_the_reachable_bound_is_accepted_and_one_below_refused(tmp_p
     from autocompress.config import load_config
     from autocompress.errors import ConfigError
     from autocompress.search.preflight import check_budgets, latency_floor_ms
-    from autocompress.search.runner import prepare
+    from autocompress.search.run_setup import prepare
 
     float_space = {"bits": {"fixed": 32}, "sparsity": {"fixed": 0.0}, "rank_ratio": {"fixed": 1.0}}
 

@@ -46,7 +46,7 @@ def test_holdout_is_a_disjoint_part_of_the_training_split(digits_task):
 
 
 def test_bad_pruner_option_is_a_config_error(tmp_path):
-    from autocompress.search.runner import prepare
+    from autocompress.search.run_setup import prepare
 
     cfg = _cfg(tmp_path, pruner={"name": "hyperband", "options": {"no_such_option": 1}})
     with pytest.raises(ConfigError, match=r"fid.yaml: pruner.options: bad option for pruner 'hyperband'"):

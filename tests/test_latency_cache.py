@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT, cli_env
 from torch import nn
 
-from autocompress.backends import LatencyCache, OnnxRuntimeBackend, measure_cached
+from autocompress.backends import LatencyCache, OnnxRuntimeBackend, timed_or_cached
 from autocompress.backends.cache import cache_path
 
 
@@ -53,16 +53,16 @@ def test_same_structure_is_measured_once_with_its_side_by_side_ratio(tmp_path, b
     a = backend.lower(_net(16, 1), (X,), {}, tmp_path / "a")
     b = backend.lower(_net(16, 2), (X,), {}, tmp_path / "b")  # other weights, same graph
     c = backend.lower(_net(24, 1), (X,), {}, tmp_path / "c")  # another structure
-    lat_a, ref_a, cached_a = measure_cached(backend, cache, a, base, (X,))
-    lat_b, ref_b, cached_b = measure_cached(backend, cache, b, base, (X,))
+    lat_a, ref_a, cached_a = timed_or_cached(backend, cache, a, base, (X,))
+    lat_b, ref_b, cached_b = timed_or_cached(backend, cache, b, base, (X,))
     assert (cached_a, cached_b) == (False, True)
     assert lat_b == lat_a and ref_b == ref_a  # the pair (and so the ratio) measured at the time
-    _, _, cached_c = measure_cached(backend, cache, c, base, (X,))
+    _, _, cached_c = timed_or_cached(backend, cache, c, base, (X,))
     assert not cached_c
     assert (cache.hits, cache.misses, len(cache)) == (1, 2, 2)
     other = OnnxRuntimeBackend(threads=2, **FAST)  # other settings: another key
     try:
-        assert not measure_cached(other, cache, b, base, (X,))[2]
+        assert not timed_or_cached(other, cache, b, base, (X,))[2]
     finally:
         other.close()
 

@@ -21,7 +21,7 @@ from autocompress.backends import TorchBackend
 from autocompress.backends.torch_backend import native_dtype_problem, safe_load_program
 from autocompress.config import load_config
 from autocompress.errors import BackendError, ConfigError, MissingDependencyError
-from autocompress.search.runner import prepare
+from autocompress.search.run_setup import prepare
 
 
 def _model():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..registry import Registry
 from .ascend import AscendBackend
 from .base import Artifact, Backend, LatencyStats, device_lock, time_callable, time_callables
-from .cache import LatencyCache, measure_cached
+from .cache import LatencyCache, timed_or_cached
 from .onnxruntime import OnnxRuntimeBackend
 from .torch_backend import TorchBackend
 
@@ -24,7 +24,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TorchBackend",
     "device_lock",
-    "measure_cached",
+    "timed_or_cached",
     "time_callable",
     "time_callables",
 ]

@@ -42,15 +42,14 @@ from .ascend_cann import (
     cann_version,
     check_atc_output,
     keep_dtype_nodes,
-    npu_smi_facts,
-    npu_smi_text,
     parse_ais_bench_summary,
     parse_msame_output,
-    parse_npu_smi,
     soc_version_for,
 )
 from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables
+from .device_facts import npu_smi_facts, npu_smi_text, parse_npu_smi
 from .onnx_export import export_onnx
+from .timing import TimedInRounds
 
 __all__ = [
     "AscendBackend",
@@ -161,7 +160,7 @@ class _NpuCall:
         return _exec_ms(times[-1]) / 1e3
 
 
-class AscendBackend(Backend):
+class AscendBackend(TimedInRounds, Backend):
     """CANN offline model (.om) on an Ascend NPU: int8 layers through AMCT, then ATC; run by ais_bench."""
 
     name = "ascend"
@@ -331,13 +330,6 @@ class AscendBackend(Backend):
                 timer=timer,
                 **self.options.get("timing", {}),
             )
-
-    def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
-        return self._time([artifact], example_inputs)[0]
-
-    def measure_pair(self, artifact: Artifact, reference: Artifact, example_inputs):
-        a, b = self._time([artifact, reference], example_inputs)
-        return a, b
 
     def close(self) -> None:
         sessions, self._sessions = self._sessions, {}

@@ -18,14 +18,12 @@ Documentation followed (read, not copied):
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 from ..errors import BackendError
+from .device_facts import parse_npu_smi
 from .onnx_export import INPUT
 
 FP16_MODE = "force_fp16"  # ATC's inference default: float layers on the Cube unit in fp16
@@ -179,19 +177,6 @@ def parse_msame_output(text: str) -> dict[str, float]:
     return out
 
 
-_NPU_SMI_VERSION = re.compile(r"npu-smi\s+\S+\s+Version:\s*(\S+)")
-_NPU_SMI_CHIP = re.compile(
-    r"^\|\s*(\d+)\s+([0-9A-Za-z_]+)\s*\|\s*(OK|Warning|Alarm|Critical|\w+)\s*\|", re.MULTILINE
-)
-
-
-def parse_npu_smi(text: str) -> dict:
-    """Driver version and chips from ``npu-smi info``: ``{"driver": "23.0.6", "chips": [(0, "910B4")]}``."""
-    m = _NPU_SMI_VERSION.search(text)
-    chips = [(int(c.group(1)), c.group(2)) for c in _NPU_SMI_CHIP.finditer(text)]
-    return {"driver": m.group(1) if m else None, "chips": chips}
-
-
 def soc_version_for(npu_smi_text: str, device_index: int) -> str:
     """ATC's ``--soc_version`` for NPU ``device_index``: "Ascend" + its Name column (the documented rule
     for Atlas training/inference/A2 products; A3 needs ``npu-smi info -t board``: pass it explicitly)."""
@@ -201,21 +186,6 @@ def soc_version_for(npu_smi_text: str, device_index: int) -> str:
     names = dict(chips)
     name = names.get(device_index, chips[min(device_index, len(chips) - 1)][1])
     return name if name.startswith("Ascend") else f"Ascend{name}"
-
-
-@functools.cache
-def npu_smi_text() -> str:
-    if shutil.which("npu-smi") is None:
-        return ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=30).stdout
-    return ""
-
-
-def npu_smi_facts() -> dict:
-    """Driver and chips of this machine's NPUs (empty when npu-smi is absent)."""
-    text = npu_smi_text()
-    return parse_npu_smi(text) if text else {}
 
 
 def cann_version() -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ import torch
 
 from ..errors import BackendError
 from ..lowering import LoweringSpec
+from .device_facts import cpu_info  # noqa: F401 - re-exported: backends import it from here
 from .timing import (  # noqa: F401 - re-exported: backends and tests import them from here
     MIN_CALLS,
     LatencyStats,
@@ -245,23 +244,6 @@ class Backend(ABC):
     def example_inputs_for(self, artifact: Artifact) -> tuple[torch.Tensor, ...]:
         """Inputs of the artifact's shape (batch 1, zeros), read from the artifact itself."""
         raise BackendError(f"backend {self.name!r} cannot read input shapes from {artifact.path.name}")
-
-
-def cpu_info() -> dict:
-    """Name of the CPU, logical cores this process may use, no driver."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        count = os.cpu_count()
-    return {"name": name, "count": count, "driver": None}
 
 
 def stable_hash(obj: object) -> str:

@@ -118,7 +118,7 @@ class LatencyCache:
             return db.execute("SELECT COUNT(*) FROM latency").fetchone()[0]
 
 
-def measure_cached(
+def timed_or_cached(
     backend: Backend,
     cache: LatencyCache | None,
     artifact: Artifact,

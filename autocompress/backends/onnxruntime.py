@@ -20,9 +20,7 @@ outputs as the unfused QDQ graph (a full 8-bit grid saturates there).
 from __future__ import annotations
 
 import contextlib
-import functools
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -37,12 +35,12 @@ from .base import (
     Artifact,
     Backend,
     LatencyStats,
-    cpu_info,
     device_lock,
     parse_device,
     repeat_to_batch,
     time_callables,
 )
+from .device_facts import cpu_info, nvidia_smi_info
 from .onnx_export import INPUT, OUTPUT, default_io, export_onnx, graph_input_names  # noqa: F401 - re-exported
 from .onnx_rewrite import container_bits
 from .ort_quantize import _Calibration, _quiet, quantize_graph  # noqa: F401 - re-exported
@@ -240,7 +238,7 @@ class OnnxRuntimeBackend(Backend):
         return {**super().versions(), "onnxruntime": ort_module().__version__, "onnx": onnx.__version__}
 
     def device_info(self) -> dict:
-        return cpu_info() if self.device == "cpu" else _nvidia_smi_info(parse_device(self.device)[1])
+        return cpu_info() if self.device == "cpu" else nvidia_smi_info(parse_device(self.device)[1])
 
     def fingerprint(self, artifact: Artifact) -> str | None:
         from .cache import onnx_fingerprint
@@ -267,28 +265,3 @@ class OnnxRuntimeBackend(Backend):
             dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
             out.append(torch.from_numpy(np.zeros(dims, dtype=dtype)))
         return tuple(out)
-
-
-@functools.cache
-def _nvidia_smi_info(idx: int) -> dict:
-    """GPU ``idx``'s name, the GPU count and the driver version, from nvidia-smi (None where absent)."""
-    info = {"name": None, "count": None, "driver": None}
-    if shutil.which("nvidia-smi") is None:
-        return info
-    try:
-        out = (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return info
-    rows = [[c.strip() for c in line.split(",")] for line in out if line.strip()]
-    if idx < len(rows):
-        info.update(name=rows[idx][0], count=len(rows), driver=rows[idx][1])
-    return info

@@ -6,21 +6,11 @@ The lowest layer of the ONNX Runtime backend: :mod:`.onnxruntime`, :mod:`.ort_fu
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from ..errors import MissingDependencyError, RuntimeLoadError
 from .base import parse_device
-
-
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """True when the CPU has VNNI (or AMX) int8 dot-product instructions."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+from .device_facts import cpu_has_vnni  # noqa: F401 - re-exported
 
 
 def ort_module():

@@ -41,6 +41,22 @@ class LatencyStats:
         return asdict(self)
 
 
+class TimedInRounds:
+    """``Backend.measure`` / ``measure_pair`` for a backend whose ``_time(artifacts, example_inputs)``
+    times a list of artifacts side by side (one :func:`time_callables` call) and returns their stats.
+    Put it before ``Backend`` in the bases."""
+
+    def _time(self, artifacts: list, example_inputs) -> list[LatencyStats]:
+        raise NotImplementedError
+
+    def measure(self, artifact, example_inputs) -> LatencyStats:
+        return self._time([artifact], example_inputs)[0]
+
+    def measure_pair(self, artifact, reference, example_inputs) -> tuple[LatencyStats, LatencyStats]:
+        a, b = self._time([artifact, reference], example_inputs)
+        return a, b
+
+
 def lock_dir() -> Path:
     d = Path(os.environ.get("AUTOCOMPRESS_LOCK_DIR", Path(tempfile.gettempdir()) / "autocompress-locks"))
     d.mkdir(parents=True, exist_ok=True)
@@ -131,7 +147,7 @@ def time_callables(
     """
     sync = sync or (lambda: None)
     per_call = [_warm_up(fn, sync, warmup_s / len(fns), warmup_min) for fn in fns]
-    block = max(min_block, min(block, int(block_s / max(max(per_call), 1e-9))))
+    block = _block_size(per_call, block, block_s, min_block)
     need = [min(min_repeats, max(MIN_CALLS, math.ceil(min_s / max(t, 1e-9)))) for t in per_call]
     min_kept = math.ceil(min(MIN_CALLS, min_repeats) / block)  # rounds kept however disturbed
     rounds: list[list[list[float]]] = []  # rounds[r][f] = one block of callable f
@@ -139,28 +155,16 @@ def time_callables(
     start = time.perf_counter()
     deadline = start + max_s
     while True:
-        this_round = []
-        for fn in fns:
-            out: list[float] = []
-            for _ in range(block):
-                if timer is not None:
-                    out.append(timer(fn))
-                    continue
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                out.append(time.perf_counter() - t0)
-            this_round.append(out)
+        this_round = [_time_block(fn, block, sync, timer) for fn in fns]
         rounds.append(this_round)
         summaries.append(_block_summary(this_round))  # once per round: the statistics reuse it
         stats = _round_stats(rounds, len(fns), device, batch_size, disturbed_above, min_kept, summaries)
-        n_total = len(rounds) * block
         long_enough = time.perf_counter() - start >= min_s
         if long_enough and all(
             st.n >= n and st.rel_ci <= target_rel_ci for st, n in zip(stats, need, strict=True)
         ):
             return stats
-        if n_total >= max_repeats or time.perf_counter() > deadline:
+        if len(rounds) * block >= max_repeats or time.perf_counter() > deadline:
             return stats
 
 
@@ -175,9 +179,31 @@ def timing_bound_s(
 ) -> float:
     """The most seconds :func:`time_callables` takes for callables of ``call_s`` seconds per call
     (same limits): ``2 * warmup_s + max_s + (3 + b) * T``, ``T = sum(call_s)``, ``b`` the block size."""
-    total = sum(call_s)
-    b = max(min_block, min(block, int(block_s / max(max(call_s), 1e-9))))
-    return 2 * warmup_s + max_s + (3 + b) * total
+    return 2 * warmup_s + max_s + (3 + _block_size(call_s, block, block_s, min_block)) * sum(call_s)
+
+
+def _block_size(call_s: list[float], block: int, block_s: float, min_block: int) -> int:
+    """Calls per block: ``block``, or as many as take ``block_s`` seconds of the slowest callable (at least
+    ``min_block``)."""
+    return max(min_block, min(block, int(block_s / max(max(call_s), 1e-9))))
+
+
+def _time_block(
+    fn: Callable[[], object],
+    block: int,
+    sync: Callable[[], None],
+    timer: Callable[[Callable[[], object]], float] | None,
+) -> list[float]:
+    """Seconds of each of ``block`` consecutive calls of ``fn`` (by ``timer`` when given)."""
+    if timer is not None:
+        return [timer(fn) for _ in range(block)]
+    out: list[float] = []
+    for _ in range(block):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def _warm_up(fn: Callable[[], object], sync: Callable[[], None], share_s: float, calls: int) -> float:

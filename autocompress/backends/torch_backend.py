@@ -28,8 +28,6 @@ import copy
 import functools
 import json
 import os
-import shutil
-import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +48,8 @@ from .base import (
     stable_hash,
     time_callables,
 )
+from .device_facts import cpu_has_any, npu_smi_facts, nvidia_smi_info
+from .timing import TimedInRounds
 from .worker import WorkerClient, pin_to
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,21 +69,13 @@ def import_torch_npu():
     return torch_npu
 
 
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # pragma: no cover - not Linux
-        return ""
-
-
 def native_dtype_problem(kind: str, dtype: str) -> str | None:
     """Why ``dtype`` does not run natively on a ``kind`` device, or None when it does."""
     if dtype == "float32":
         return None
     if kind == "cpu":
         need = {"float16": ("avx512_fp16", "amx_fp16"), "bfloat16": ("avx512_bf16", "amx_bf16")}[dtype]
-        flags = _cpu_flags()
-        return None if any(f in flags for f in need) else f"this CPU has none of {', '.join(need)}"
+        return None if cpu_has_any(need) else f"this CPU has none of {', '.join(need)}"
     if kind == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         return "this GPU has no native bfloat16"
     if kind == "npu" and dtype == "bfloat16" and not getattr(torch.npu, "is_bf16_supported", lambda: False)():
@@ -134,7 +126,7 @@ def describe_program(ep: torch.export.ExportedProgram) -> list:
     ]
 
 
-class TorchBackend(Backend):
+class TorchBackend(TimedInRounds, Backend):
     """Eager torch (optionally ``torch.compile``) on cpu, cuda:N or npu:N."""
 
     name = "torch"
@@ -323,13 +315,6 @@ class TorchBackend(Backend):
             options = {k: v for k, v in self.options.items() if k in ("compile", "dtype")}
             return self._worker.time(self, [a.path for a in artifacts], x, limits, options)
 
-    def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
-        return self._time([artifact], example_inputs)[0]
-
-    def measure_pair(self, artifact: Artifact, reference: Artifact, example_inputs):
-        a, b = self._time([artifact, reference], example_inputs)
-        return a, b
-
     def close(self) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
@@ -388,24 +373,9 @@ def _pinned(cores):
 def _device_info(device: str) -> dict:
     kind, idx = parse_device(device)
     if kind == "cuda":
-        driver = None
-        if shutil.which("nvidia-smi"):
-            with contextlib.suppress(Exception):
-                driver = (
-                    subprocess.run(
-                        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                        capture_output=True,
-                        text=True,
-                        timeout=20,
-                    )
-                    .stdout.split("\n")[0]
-                    .strip()
-                    or None
-                )
+        driver = nvidia_smi_info(idx)["driver"] or nvidia_smi_info(0)["driver"]
         return {"name": torch.cuda.get_device_name(idx), "count": torch.cuda.device_count(), "driver": driver}
     if kind == "npu":
-        from .ascend import npu_smi_facts
-
         facts = npu_smi_facts()
         return {
             "name": torch.npu.get_device_name(idx),

@@ -3,7 +3,8 @@ extra) Ray Tune, all on the same objective and runner seams."""
 
 from __future__ import annotations
 
-from .runner import RunSummary, open_run, prepare, record_failure, record_success, run_study, suggest_plan
+from .run_setup import open_run, prepare
+from .runner import RunSummary, record_failure, record_success, run_study, suggest_plan
 from .samplers import SAMPLERS, make_sampler
 from .worker import run_worker
 

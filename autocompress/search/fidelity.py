@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import PrunerConfig, StudyConfig
 from ..errors import ConfigError
+from ..optuna_compat import trial_id
 from ..tasks import Task
 from .storage import FIDELITY_SUFFIX
 
@@ -95,7 +96,7 @@ class Fidelity:
             acc = holdout_accuracy(model, self.task, self.holdout)
             trial.set_user_attr("val_accuracy", acc)
             trial.set_user_attr("epochs_done", epoch + 1)
-            self._storage.set_trial_intermediate_value(trial._trial_id, epoch, acc)
+            self._storage.set_trial_intermediate_value(trial_id(trial), epoch, acc)
             twin.report(acc, epoch)
             if twin.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: held-out accuracy {acc:.4f}")
@@ -107,7 +108,7 @@ class Fidelity:
         twin = self._twins.pop(trial.number, None)
         if twin is None:
             return
-        values = self._storage.get_trial(twin._trial_id).intermediate_values
+        values = self._storage.get_trial(trial_id(twin)).intermediate_values
         if state == TrialState.COMPLETE and values:
             self.twin.tell(twin, values[max(values)])
         elif state == TrialState.COMPLETE:

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..faults import crash_point
+from ..rundir import PARETO, TRIALS
 
 TRIAL_FILES = ("model.onnx", "plan.json", "metrics.json", "weights.safetensors")
 
@@ -36,11 +37,11 @@ def clean_run_dir(run_dir: Path, study: optuna.Study, log: Callable[[str], None]
     """
     run_dir = Path(run_dir)
     removed: list[str] = []
-    pareto, old = run_dir / "pareto", run_dir / ".pareto.old"
+    pareto, old = run_dir / PARETO, run_dir / f".{PARETO}.old"
     if old.is_dir() and not pareto.exists():
         os.replace(old, pareto)
     debris = [p for p in run_dir.glob(".*") if p.name.endswith((".tmp", ".old")) or ".tmp." in p.name]
-    trials_dir = run_dir / "trials"
+    trials_dir = run_dir / TRIALS
     if trials_dir.is_dir():
         complete = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
         for p in trials_dir.iterdir():
@@ -59,7 +60,9 @@ def clean_run_dir(run_dir: Path, study: optuna.Study, log: Callable[[str], None]
     return removed
 
 
-def prune_dominated(study: optuna.Study, run_dir: Path, log: Callable[[str], None] = print) -> list[int]:
+def discard_dominated_folders(
+    study: optuna.Study, run_dir: Path, log: Callable[[str], None] = print
+) -> list[int]:
     """``trials.keep: pareto``: delete the artifact folders of completed trials not on the front.
 
     Their records stay in the storage (plan, metrics); ``autocompress rebuild`` re-creates them.
@@ -75,7 +78,7 @@ def prune_dominated(study: optuna.Study, run_dir: Path, log: Callable[[str], Non
             continue
         doomed = folder.with_name(f".{folder.name}.del")
         os.replace(folder, doomed)
-        crash_point("prune")
+        crash_point("discard")
         shutil.rmtree(doomed, ignore_errors=True)
         deleted.append(t.number)
     if deleted:

@@ -44,8 +44,12 @@ from optuna.trial import TrialState
 
 from ..config import StudyConfig
 from ..errors import ConfigError, MissingDependencyError
+from ..optuna_compat import storage_of
 from ..pareto import OBJECTIVES, objectives_for
-from .runner import RECORDED, Progress, RunSummary, open_run, record_success, suggest_plan
+from ..rundir import RAY, TEACHER_META, baseline_metrics_file, trial_dir
+from .progress import Progress
+from .run_setup import open_run
+from .runner import RECORDED, RunSummary, complete_count, finish_run, record_success, suggest_plan
 
 try:
     import ray
@@ -135,17 +139,13 @@ _WORKER_CTX: dict[str, object] = {}
 
 def _worker_context(cfg: StudyConfig):
     """The RunContext on a Ray worker: teacher and baseline loaded from the (shared) run folder."""
-    from ..inventory import build_inventory
-    from ..objective import RunContext
-    from .runner import prepare
-    from .teacher import load_teacher
+    from .run_setup import context_from_folder, prepare
 
     key = str(cfg.output_dir().resolve())
     if key in _WORKER_CTX:
         return _WORKER_CTX[key]
     run_dir = cfg.output_dir()
-    base_file, teacher_file = run_dir / "baseline" / "metrics.json", run_dir / "teacher.json"
-    if not (base_file.exists() and teacher_file.exists()):
+    if not (baseline_metrics_file(run_dir).exists() and (run_dir / TEACHER_META).exists()):
         raise ConfigError(
             f"run folder {run_dir.resolve()} is not visible on this node ({os.uname().nodename}): "
             "put the study's output on a filesystem every Ray node mounts at the same path",
@@ -153,10 +153,7 @@ def _worker_context(cfg: StudyConfig):
             field="output",
         )
     prep = prepare(cfg)
-    teacher = load_teacher(prep.task, run_dir, cfg.source)
-    inventory = build_inventory(teacher, prep.task.example_inputs())
-    ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
-    ctx.baseline = json.loads(base_file.read_text())
+    ctx = context_from_folder(cfg, run_dir, prep.task, prep.space, prep.backend)
     _WORKER_CTX[key] = ctx
     return ctx
 
@@ -190,9 +187,7 @@ def _trainable(config: dict, study: dict, source: str, cwd: str) -> None:
                 last.update({VAL_KEY: holdout_accuracy(model, train_task, holdout), "epoch": epoch + 1})
                 tune.report(dict(last))
 
-        metrics = run_trial(
-            ctx, Plan.from_dict(config["plan"]), ctx.run_dir / "trials" / f"{number:05d}", hook
-        )
+        metrics = run_trial(ctx, Plan.from_dict(config["plan"]), trial_dir(ctx.run_dir, number), hook)
     except Exception as exc:  # a bad plan is recorded as failed, not retried (retries are for dead workers)
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
         failed = {"reason": reason, "traceback": traceback.format_exc()[-4000:]}
@@ -237,9 +232,6 @@ def run_study_ray(
     """
     if ray is None:
         raise MissingDependencyError('--ray needs Ray Tune: pip install "autocompress[ray]"')
-    from ..export import export_front
-    from ..report import write_report
-
     n_target = n_trials or cfg.trials.n
     if cfg.pruner.name != "none":
         # per-epoch reports carry only the scheduler's metric; the searcher reads the objectives from the
@@ -256,22 +248,12 @@ def run_study_ray(
             stopped = _rounds(cfg, ctx, study, n_target, run_dir, log)
         finally:
             ray.shutdown()
-        export_front(study, ctx.run_dir)
-        write_report(study, ctx.run_dir)
-        completed = _complete(study)
-        log(
-            f"{completed}/{n_target} trials completed; results in {ctx.run_dir}/ (trials.csv, pareto.png, pareto/)"
-        )
-        return RunSummary(study, completed, n_target, stopped)
-
-
-def _complete(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return finish_run(ctx, study, n_target, stopped, log)
 
 
 def _rounds(cfg: StudyConfig, ctx, study: optuna.Study, n_target: int, run_dir: Path, log) -> str:
     """Tune runs of the missing trials until the study has ``n_target`` (failed trials leave gaps)."""
-    done = _complete(study)
+    done = complete_count(study)
     if done >= n_target:
         log(f"study already has {done} completed trials (asked for {n_target}): nothing to run")
         return "done"
@@ -294,7 +276,7 @@ def _rounds(cfg: StudyConfig, ctx, study: optuna.Study, n_target: int, run_dir: 
             mode=["max" if s > 0 else "min" for s in objectives_for(ctx.metric.sign).values()],
             sampler=study.sampler,
             study_name=study.study_name,
-            storage=study._storage,
+            storage=storage_of(study),
             config=cfg,
             run_dir=ctx.run_dir,
             progress=progress,
@@ -311,14 +293,14 @@ def _rounds(cfg: StudyConfig, ctx, study: optuna.Study, n_target: int, run_dir: 
             ),
             run_config=tune.RunConfig(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(run_dir / "ray"),
+                storage_path=str(run_dir / RAY),
                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                 verbose=0,
             ),
         )
         tuner.fit()
         failures += searcher.failed
-        done = _complete(study)
+        done = complete_count(study)
         if failures > cfg.trials.max_failures:
             log(f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})")
             return "failures"

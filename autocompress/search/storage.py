@@ -5,7 +5,8 @@ records a heartbeat every ``heartbeat_interval_s``; a trial whose heartbeat is o
 belongs to a dead worker, and :func:`optuna.storages.fail_stale_trials` marks it failed and runs
 :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`, which queues a copy of it (same parameters) for
 the next ``ask``. RDB storages implement the heartbeat themselves; Optuna's ``JournalStorage`` does not, so
-:class:`HeartbeatJournalStorage` adds the same :class:`~optuna.storages._heartbeat.BaseHeartbeat` protocol
+:class:`HeartbeatJournalStorage` adds the same heartbeat protocol (Optuna's private ``BaseHeartbeat``,
+through :mod:`autocompress.optuna_compat`)
 on top of it (heartbeat time kept as a trial system attribute), and Optuna's own ``fail_stale_trials`` and
 retry callback do the rest.
 
@@ -31,13 +32,13 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
 from ..errors import ConfigError, StorageUnavailable
+from ..optuna_compat import CACHED_STORAGE_CALLS, BaseHeartbeat, trial_id
 
 JOURNAL_PREFIX = "journal://"
 _HEARTBEAT_ATTR = "autocompress:heartbeat"
@@ -82,7 +83,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             if beat is None and t.datetime_start is not None:
                 beat = t.datetime_start.timestamp()
             if beat is not None and now - beat > self._grace:
-                stale.append(t._trial_id)
+                stale.append(trial_id(t))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:
@@ -139,12 +140,7 @@ _RETRIED = (
     "get_trial_number_from_id",
     "check_trial_is_updatable",
     "record_heartbeat",
-    "_get_stale_trial_ids",
-    # what Optuna's _CachedStorage (which wraps every RDB storage a study opens) calls directly
-    "_create_new_trial",
-    "_get_best_trial_id",
-    "_get_trials",
-    "_set_trial_param",
+    *CACHED_STORAGE_CALLS,
 )
 
 

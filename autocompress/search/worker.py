@@ -26,11 +26,14 @@ from pathlib import Path
 
 import optuna
 from filelock import FileLock
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 from ..config import StudyConfig
-from .runner import Progress, RunSummary, execute_trial, make_fidelity, open_run
+from ..optuna_compat import fail_stale_trials, heartbeat, storage_of, trial_id
+from ..rundir import ASK_LOCK, SETUP_LOCK, TRIALS, trial_dir
+from .progress import Progress
+from .run_setup import open_run
+from .runner import RunSummary, execute_trial, make_fidelity
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -42,7 +45,7 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
 
 def _remove_partial_folders(study: optuna.Study, run_dir: Path) -> None:
     """The half-written folders of trials whose worker died (their retries get new numbers)."""
-    trials_dir = run_dir / "trials"
+    trials_dir = run_dir / TRIALS
     if not trials_dir.is_dir():
         return
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
@@ -55,7 +58,7 @@ def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optu
     """(trial to run or None, whether the study is done). Call holding the ask lock."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fail_stale_trials is experimental; ask warns about heartbeats
-        optuna.storages.fail_stale_trials(study)
+        fail_stale_trials(study)
         _remove_partial_folders(study, run_dir)
         counts = _counts(study)
         if counts[TrialState.COMPLETE] >= n_target:
@@ -80,7 +83,7 @@ def run_worker(
     n_target = n_trials or cfg.trials.n
     with open_run(cfg, log, exclusive=False) as (ctx, study):
         fidelity = make_fidelity(ctx, study)
-        gate = FileLock(str(ctx.run_dir / "ask.lock"))
+        gate = FileLock(str(ctx.run_dir / ASK_LOCK))
         done = _counts(study)[TrialState.COMPLETE]
         progress = Progress(n_target, done, log)
         deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
@@ -98,11 +101,11 @@ def run_worker(
             if trial is None:
                 time.sleep(poll_s)
                 continue
-            with get_heartbeat_thread(trial._trial_id, study._storage):
+            with heartbeat(trial, study):
                 try:
                     state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
                 except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
-                    now = study._storage.get_trial(trial._trial_id).state
+                    now = storage_of(study).get_trial(trial_id(trial)).state
                     if now == TrialState.RUNNING or (
                         isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a")
                     ):
@@ -110,7 +113,7 @@ def run_worker(
                     if now == TrialState.FAIL:
                         # another worker failed it (its heartbeats did not reach the storage, e.g. while
                         # the database was away) and queued a copy: that copy counts, this result does not
-                        shutil.rmtree(ctx.run_dir / "trials" / f"{trial.number:05d}", ignore_errors=True)
+                        shutil.rmtree(trial_dir(ctx.run_dir, trial.number), ignore_errors=True)
                         log(f"trial {trial.number} was failed by another worker meanwhile (heartbeats lost)")
                     # else: told once already (a retried call whose first answer was lost): it counts as is
                     continue
@@ -124,7 +127,7 @@ def run_worker(
                         f"stopping: {failures} failed trials (trials.max_failures = {cfg.trials.max_failures})"
                     )
                     break
-        with FileLock(str(ctx.run_dir / "setup.lock")):
+        with FileLock(str(ctx.run_dir / SETUP_LOCK)):
             export_front(study, ctx.run_dir)
             write_report(study, ctx.run_dir)
         completed = _counts(study)[TrialState.COMPLETE]

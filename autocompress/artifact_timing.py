@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .backends import BACKENDS, LatencyStats
+from .backends.device_facts import environment
 from .errors import AutoCompressError, BackendError, ConfigError
 
 
-def measure_artifact(
+def time_artifact(
     path: str | Path,
     backend: str,
     device: str = "cpu",
@@ -25,8 +26,6 @@ def measure_artifact(
         ConfigError: unknown backend, unusable device or option, missing or foreign artifact.
         BackendError: the artifact could not be loaded or timed.
     """
-    from .objective import environment
-
     try:
         cls = BACKENDS.get(backend)
     except ConfigError as exc:

@@ -1,0 +1,363 @@
+"""Setting a run up: validate the study (nothing written when it is wrong), prepare the run folder
+(teacher, baseline, study, applicability, sensitivity narrowing, warm starts), and load the context of
+an existing run folder (Ray workers, ``autocompress rebuild``)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from filelock import FileLock, Timeout
+from optuna.trial import TrialState
+
+from ..backends import Backend, LatencyCache
+from ..backends.cache import cache_path
+from ..backends.device_facts import environment
+from ..config import StudyConfig, resolve_space_file
+from ..errors import ConfigError
+from ..inventory import build_inventory
+from ..objective import RunContext
+from ..optuna_compat import trial_id
+from ..pareto import OBJECTIVES, objectives_for
+from ..rundir import (
+    APPLICABILITY,
+    COVERAGE,
+    RUN_LOCK,
+    SETUP_LOCK,
+    STUDY_YAML,
+    TRIALS,
+    backend_class,
+    baseline_for_run,
+    build_backend,
+    load_teacher,
+    read_baseline,
+    teacher_for_run,
+    write_json,
+    write_text_atomic,
+)
+from ..space import SearchSpace
+from ..tasks import Task, load_task, validate_task
+from .costs import estimate_trial_s
+from .fidelity import make_pruner
+from .housekeeping import clean_run_dir, discard_dominated_folders
+from .preflight import check_budgets, check_output, check_storage
+from .samplers import make_sampler
+from .storage import check_storage_url, make_storage
+
+
+def directions_for(task: Task) -> list[str]:
+    """Optuna directions of a study on ``task``: its metric's direction, then latency and size (min)."""
+    return ["maximize" if s > 0 else "minimize" for s in objectives_for(task.metric_obj.sign).values()]
+
+
+@dataclass
+class Prepared:
+    """Everything validated before the run folder is touched."""
+
+    config: StudyConfig
+    task: Task
+    space: SearchSpace
+    backend: Backend
+    sampler: optuna.samplers.BaseSampler
+
+
+def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
+    """Validate every part of a study that can be checked without writing anything.
+
+    ``task``: a live :class:`~autocompress.Task` (from Python) instead of the study file's ``task.name``.
+
+    Raises:
+        ConfigError: naming the study file, the field and the rule.
+    """
+    src = cfg.source
+    backend_cls = backend_class(cfg)
+    space_file = resolve_space_file(cfg)
+    space = SearchSpace.from_file(space_file, cfg.space.overrides, src)
+    bad = sorted(space.bit_widths() - set(backend_cls.stored_bits))
+    if bad:
+        raise ConfigError(
+            f"{bad[0]} is not allowed by backend {backend_cls.name!r} "
+            f"(native: {', '.join(map(str, backend_cls.native_bits))}; "
+            f"stored: {', '.join(map(str, backend_cls.stored_bits))})",
+            source=space.source,  # the space file, and the study whose overrides asked for these bits
+            field="bits",
+        )
+    space.granularity_by_kind = dict(getattr(backend_cls, "weight_granularity", {}))
+    try:
+        sampler = make_sampler(cfg.sampler.name, cfg.sampler_seed, cfg.sampler.options)
+    except ConfigError as exc:
+        raise exc.at(src, "sampler.name") from None
+    backend = build_backend(cfg)
+    try:
+        try:
+            make_pruner(cfg.pruner)
+        except ConfigError as exc:
+            raise exc.at(src) from None
+        _check_storage_url(cfg)
+        check_output(cfg)
+        check_storage(cfg)
+        try:
+            if task is not None:
+                task = validate_task(task, "task")
+            elif cfg.task.name is None:
+                raise ConfigError("task.name is required (or pass a Task to run_study)", field="task.name")
+            else:
+                task = load_task(cfg.task.name, cfg.task.options, where="task")
+        except ConfigError as exc:
+            raise exc.at(src) from None
+        if cfg.pruner.name != "none" and (
+            task.train_split.tensors is None or task.metric_obj.needs_reference
+        ):
+            raise ConfigError(
+                "multi-fidelity pruning holds out part of a training split of (inputs, labels) tensors and "
+                "scores it without teacher outputs; this task has neither: use pruner.name: none",
+                source=src,
+                field="pruner.name",
+            )
+        check_budgets(cfg, task, space, backend)
+    except BaseException:
+        backend.close()
+        raise
+    return Prepared(cfg, task, space, backend, sampler)
+
+
+def _check_storage_url(cfg: StudyConfig) -> None:
+    try:
+        check_storage_url(cfg.storage_url())
+    except ConfigError as exc:
+        raise exc.at(cfg.source, "storage") from None
+
+
+def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
+    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
+    (and remove what the dead process may have left of their folders)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
+        storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
+        storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if run_dir is not None:
+            for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
+                shutil.rmtree(run_dir / TRIALS / name, ignore_errors=True)
+        log(f"trial {t.number} was interrupted; marked failed and queued again")
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Keep what is alive once the run is set up (libraries, data, teacher, baseline) out of the
+    garbage collector's scans while trials run.
+
+    Every trial ends with a full collection, so that the cycles of its model, optimizer and session
+    are freed before the next one (memory stays flat over hours). Without the freeze, that collection
+    walks the whole heap of torch, pandas and matplotlib each time (about 0.1 s per trial for the
+    set-up heap alone: ``python benchmarks/bookkeeping.py``); frozen, it walks only what the trials
+    created.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def open_run(
+    cfg: StudyConfig, log: Callable[[str], None] = print, *, exclusive: bool = True, task: Task | None = None
+):
+    """Validate, then prepare the run folder (teacher, baseline, study, warm starts) and yield the
+    :class:`RunContext` and the Optuna study. Nothing is written if validation fails.
+
+    ``exclusive`` holds the run-folder lock (one local runner per folder); workers that share a
+    storage on purpose pass ``False``.
+    """
+    prep = prepare(cfg, task)
+    run_dir = cfg.output_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        prep.backend.close()
+        raise ConfigError(
+            f"cannot create run folder {str(run_dir)!r}: {exc.strerror}", source=cfg.source, field="output"
+        ) from None
+    lock = FileLock(str(run_dir / RUN_LOCK))
+    if exclusive:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(
+                f"another process is running this study in {run_dir}", source=cfg.source, field="output"
+            ) from None
+    try:
+        torch.set_num_threads(cfg.finetune.threads)
+        # workers starting together: the first one trains the teacher, measures the baseline and creates
+        # the study; the others wait here, then load them
+        with FileLock(str(run_dir / SETUP_LOCK)):
+            if Path(cfg.source).exists():
+                write_text_atomic(run_dir / STUDY_YAML, Path(cfg.source).read_text())
+            try:
+                teacher = teacher_for_run(prep.task, cfg, run_dir, log)
+            except ConfigError as exc:
+                raise exc.at(cfg.source) from None
+            inventory = build_inventory(teacher, prep.task.example_inputs())
+            ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
+            where = cache_path(cfg.backend.latency_cache, run_dir)
+            ctx.latency_cache = LatencyCache(where) if where is not None else None
+            ctx.baseline = baseline_for_run(ctx, log)
+            study = _study(ctx, prep.sampler, log, shared=not exclusive)
+            estimate_trial_s(ctx, log)
+        if exclusive:  # no other runner writes here: what is half written is debris of a killed run
+            clean_run_dir(run_dir, study, log)
+            if cfg.trials.keep == "pareto":
+                discard_dominated_folders(study, run_dir, log)
+        with frozen_heap():
+            yield ctx, study
+    finally:
+        prep.backend.close()
+        if exclusive:
+            lock.release()
+
+
+def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = False) -> optuna.Study:
+    """Create or load the study; on creation store the run's facts and enqueue the warm starts.
+
+    ``shared``: other workers run trials of this study right now, so RUNNING trials are not ours to
+    recover; Optuna's heartbeat finds the dead ones instead (see :mod:`.storage`).
+    """
+    cfg, b = ctx.config, ctx.baseline
+    w = cfg.workers
+    beat = (
+        {"heartbeat_interval_s": w.heartbeat_interval_s, "grace_period_s": w.grace_period_s} if shared else {}
+    )
+    storage = make_storage(cfg.storage_url(), max_retry=w.max_retry, **beat)
+    study = optuna.create_study(
+        study_name=cfg.name,
+        storage=storage,
+        directions=directions_for(ctx.task),
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    existing = study.get_trials(deepcopy=False)
+    if "narrowed_domains" in study.user_attrs:  # Optuna needs the domains a study was created with
+        ctx.space.narrow(study.user_attrs["narrowed_domains"])
+    if existing:  # a resumed run: a sampler seeded as before would propose the same plans again
+        study.sampler = make_sampler(
+            cfg.sampler.name, resume_seed(cfg.sampler_seed, len(existing)), cfg.sampler.options
+        )
+    else:
+        with warnings.catch_warnings():  # experimental in Optuna, stable enough for labels
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
+        study.set_user_attr("config", cfg.model_dump(mode="json"))
+        study.set_user_attr(
+            "baseline", {k: b[k] for k in ("metric", "latency_ms", "size_bytes", "metric_name")}
+        )
+        study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
+        study.set_user_attr("environment", environment(ctx.backend))
+        _applicability(ctx, study, log)
+        sensitivity = None
+        if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
+            from ..sensitivity import analyze
+
+            sensitivity = analyze(ctx, log=log)
+        if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
+            _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
+        for ws in cfg.trials.warm_start:
+            params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
+            params.update(
+                ctx.space.plan_params(
+                    schedule_kind=ws.schedule, kd_temperature=ws.kd_temperature, kd_alpha=ws.kd_alpha
+                )
+            )
+            study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
+        if cfg.trials.sensitivity_start is not None:
+            from ..sensitivity import gentle_plan
+
+            gentle = gentle_plan(sensitivity, cfg.trials.sensitivity_start)
+            study.enqueue_trial(
+                ctx.space.params_from_layers(ctx.inventory, gentle),
+                user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
+            )
+    if not shared:
+        _recover_interrupted(study, storage, log, ctx.run_dir)
+    return study
+
+
+def _applicability(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Check every (technique, layer) pair of the space on the teacher, remove what cannot work from
+    the domains (kept in the study's user attrs, like every narrowing), state the coverage; both also
+    go to the run folder (``applicability.json``, ``coverage.json``)."""
+    from .applicability import Applicability, check_applicability, summary_lines
+    from .coverage import coverage, coverage_lines
+
+    if "applicability" in study.user_attrs:  # another worker made the study: the same verdicts
+        result = Applicability.from_dict(study.user_attrs["applicability"])
+        for line in summary_lines(result) + coverage_lines(study.user_attrs["coverage"]):
+            log(line)
+        return
+    result = check_applicability(
+        ctx.task, ctx.teacher, ctx.inventory, ctx.space, ctx.backend, seed=ctx.config.seed, log=log
+    )
+    narrowed = {**study.user_attrs.get("narrowed_domains", {}), **result.domains}
+    ctx.space.narrow(narrowed)
+    cov = coverage(ctx.teacher, ctx.task, ctx.inventory, ctx.space, result)
+    for line in coverage_lines(cov):
+        log(line)
+    write_json(ctx.run_dir / APPLICABILITY, result.to_dict())
+    write_json(ctx.run_dir / COVERAGE, cov)
+    study.set_user_attr("narrowed_domains", narrowed)
+    study.set_user_attr("applicability", result.to_dict())
+    study.set_user_attr("coverage", cov)
+
+
+def _narrow(ctx: RunContext, study: optuna.Study, sensitivity, max_drop: float, log) -> None:
+    """Narrow the space's per-layer domains by the sensitivity table; the study keeps them (resumes
+    and workers read them back from its user attrs)."""
+    from ..sensitivity import narrow_domains, narrowing_summary
+
+    narrowed = narrow_domains(ctx.space, ctx.inventory, sensitivity, max_drop)
+    log(narrowing_summary(ctx.space, ctx.inventory, narrowed, max_drop))
+    narrowed = {**study.user_attrs.get("narrowed_domains", {}), **narrowed}  # within the applicable ones
+    ctx.space.narrow(narrowed)
+    study.set_user_attr("narrowed_domains", narrowed)
+    study.set_user_attr("sensitivity_narrow", max_drop)
+
+
+def resume_seed(seed: int, n_trials: int) -> int:
+    """The sampler seed for a run resumed with ``n_trials`` already in the storage.
+
+    Deterministic (the same resume gives the same plans) and different from the first run's seed
+    (Optuna's seeded samplers would otherwise repeat the plans of the first trials).
+    """
+    if n_trials == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, n_trials]).generate_state(1)[0])
+
+
+def context_from_folder(
+    cfg: StudyConfig, run_dir: Path, task: Task, space: SearchSpace | None, backend: Backend
+) -> RunContext:
+    """The :class:`RunContext` of a run folder set up before: its teacher and baseline loaded from it.
+
+    Raises:
+        ConfigError: the folder has no teacher for ``task`` or no measured baseline.
+    """
+    teacher = load_teacher(task, run_dir, cfg.source)
+    ctx = RunContext(
+        cfg, run_dir, task, teacher, build_inventory(teacher, task.example_inputs()), space, backend
+    )
+    ctx.baseline = read_baseline(run_dir)
+    if ctx.baseline is None:
+        raise ConfigError(
+            f"the run folder {run_dir} has no measured baseline", source=cfg.source, field="output"
+        )
+    return ctx
