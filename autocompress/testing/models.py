@@ -1,7 +1,8 @@
 """Tiny reference models for tests and examples, each with ``example_inputs()``.
 
 They cover the architectures a compression tool meets in practice: a plain CNN, residual blocks,
-depthwise-separable blocks, a Linear-heavy transformer encoder and an LSTM classifier.
+depthwise-separable blocks, a Linear-heavy transformer encoder (plain Linear layers, and one built from
+torch's ``nn.TransformerEncoder``) and an LSTM classifier.
 """
 
 from __future__ import annotations
@@ -11,17 +12,6 @@ import math
 
 import torch
 from torch import nn
-
-__all__ = [
-    "REFERENCE_MODELS",
-    "LSTMClassifier",
-    "MobileNetStyle",
-    "PlainCNN",
-    "ResNetStyle",
-    "TinyTransformer",
-    "TorchTransformer",
-    "live_objects",
-]
 
 
 class PlainCNN(nn.Module):
@@ -155,8 +145,12 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TinyTransformer(nn.Module):
-    """A small transformer encoder over a 1-D signal cut into patches (Linear-heavy)."""
+class _PatchEncoder(nn.Module):
+    """A 1-D signal cut into patches, embedded, encoded and pooled into class logits.
+
+    Subclasses build the encoder in :meth:`_build_encoder` (between the embedding and the head, so
+    that each module's weights are drawn in that order from the seed).
+    """
 
     def __init__(
         self,
@@ -170,37 +164,39 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.patch = patch
         self.embed = nn.Linear(patch, dim)
-        self.pos = nn.Parameter(torch.zeros(1, length // patch, dim))
-        self.layers = nn.Sequential(*[EncoderLayer(dim, heads, 2 * dim) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self._build_encoder(length, dim, depth, heads)
         self.head = nn.Linear(dim, classes)
 
-    def forward(self, x):  # x: [batch, length]
-        tokens = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos
-        return self.head(self.norm(self.layers(tokens)).mean(dim=1))
+    def _build_encoder(self, length: int, dim: int, depth: int, heads: int) -> None:
+        raise NotImplementedError
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:  # [batch, length] -> [batch, tokens, patch]
+        return x.reshape(x.shape[0], -1, self.patch)
 
     @staticmethod
     def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
         return (torch.randn(batch, 40),)
 
 
-class TorchTransformer(nn.Module):
+class TinyTransformer(_PatchEncoder):
+    """A small transformer encoder over a 1-D signal cut into patches (Linear-heavy)."""
+
+    def _build_encoder(self, length: int, dim: int, depth: int, heads: int) -> None:
+        self.pos = nn.Parameter(torch.zeros(1, length // self.patch, dim))
+        self.layers = nn.Sequential(*[EncoderLayer(dim, heads, 2 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # x: [batch, length]
+        tokens = self.embed(self._patches(x)) + self.pos
+        return self.head(self.norm(self.layers(tokens)).mean(dim=1))
+
+
+class TorchTransformer(_PatchEncoder):
     """A transformer encoder built from torch's own ``nn.TransformerEncoder`` (``nn.MultiheadAttention``
     reads ``out_proj.weight`` by attribute, and the encoder layer's inference fast path reads
     ``linear1.weight`` / ``linear2.weight``: a technique that replaces those modules breaks them)."""
 
-    def __init__(
-        self,
-        length: int = 40,
-        patch: int = 4,
-        dim: int = 32,
-        depth: int = 2,
-        heads: int = 4,
-        classes: int = 10,
-    ):
-        super().__init__()
-        self.patch = patch
-        self.embed = nn.Linear(patch, dim)
+    def _build_encoder(self, length: int, dim: int, depth: int, heads: int) -> None:
         layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         for m in self.encoder.modules():  # the encoder clones one layer: give each its own weights
@@ -208,14 +204,9 @@ class TorchTransformer(nn.Module):
                 m.reset_parameters()
             elif isinstance(m, nn.MultiheadAttention):
                 m._reset_parameters()
-        self.head = nn.Linear(dim, classes)
 
     def forward(self, x):  # x: [batch, length]
-        return self.head(self.encoder(self.embed(x.reshape(x.shape[0], -1, self.patch))).mean(dim=1))
-
-    @staticmethod
-    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(batch, 40),)
+        return self.head(self.encoder(self.embed(self._patches(x))).mean(dim=1))
 
 
 class LSTMClassifier(nn.Module):
@@ -231,6 +222,40 @@ class LSTMClassifier(nn.Module):
     @staticmethod
     def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
         return (torch.randn(batch, 12, 8),)
+
+
+# the backend conformance suite's models (autocompress.testing.backend_suite)
+
+
+class Tiny(nn.Module):
+    """Conv + ReLU + pooling + Linear on 1x8x8 inputs (every backend must run this)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.fc = nn.Linear(width * 16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = nn.functional.max_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+class Heavy(nn.Module):
+    """Three 128-channel 3x3 convolutions on 1x8x8 inputs (19M MACs): much slower than Tiny on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(128, 128, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return self.convs(x).mean((2, 3))
 
 
 REFERENCE_MODELS: dict[str, type[nn.Module]] = {
