@@ -89,7 +89,8 @@ def cmd_report(args) -> int:
     import pandas as pd
 
     from .export import export_front
-    from .report import failures_table, front_table, write_report
+    from .report import failures_table, front_table
+    from .report_html import write_report
     from .rundir import PARETO, open_study
 
     run_dir = Path(args.run)

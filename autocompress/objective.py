@@ -9,94 +9,22 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .backends import Artifact, Backend, LatencyCache, timed_or_cached
+from .backends import Artifact, timed_or_cached
 from .backends.device_facts import environment
-from .config import StudyConfig
+from .context import RunContext  # noqa: F401 - re-exported: the trial's context
 from .deadline import check_deadline, trial_scope
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, crash_point, fault
-from .inventory import LayerInfo
-from .lowering import LoweringSpec
-from .metrics import Metric
 from .pareto import metric_drop, relative_drop
 from .pipeline import compress
 from .plan import Plan
-from .rundir import BASELINE, finalize_dir, trial_tmp_dir, write_json, write_text_atomic
-from .space import SearchSpace
-from .tasks import Task
-from .tasks.data import deployable
-
-
-@dataclass
-class RunContext:
-    """What every trial of a run shares (built once by the runner)."""
-
-    config: StudyConfig
-    run_dir: Path
-    task: Task
-    teacher: nn.Module
-    inventory: list[LayerInfo]
-    space: SearchSpace
-    backend: Backend
-    baseline: dict | None = None
-    latency_cache: LatencyCache | None = None
-    references: dict = field(default_factory=dict)  # eval limit -> the teacher's outputs per batch
-
-    @property
-    def metric(self) -> Metric:
-        return self.task.metric_obj
-
-    def eval_limit(self, full: bool = False) -> int | None:
-        """Samples each evaluation reads: ``trials.eval_samples`` during the search, all when ``full``."""
-        return None if full else self.config.trials.eval_samples
-
-    def reference(self, limit: int | None) -> list[np.ndarray] | None:
-        """The teacher's outputs on the eval batches (only for metrics that compare to the teacher)."""
-        if not self.metric.needs_reference:
-            return None
-        if limit not in self.references:
-            ts = deployable(self.teacher, self.task.io)
-            with torch.no_grad():
-                self.references[limit] = [
-                    ts(*inputs).float().numpy() for inputs, _ in self.task.eval_split.batches(limit)
-                ]
-        return self.references[limit]
-
-    def score(self, artifact: Artifact, full: bool = False) -> float:
-        """The task's metric of ``artifact``, streamed over the eval split (a subset unless ``full``)."""
-        limit = self.eval_limit(full)
-        return self.backend.evaluate(
-            artifact, self.task.eval_split.batches(limit), self.metric, self.reference(limit)
-        )
-
-    def baseline_artifact(self) -> Artifact | None:
-        """The run's baseline artifact (None before it is measured)."""
-        base = self.baseline
-        if not base:
-            return None
-        path = self.run_dir / BASELINE / base.get("artifact", "model.onnx")
-        return Artifact(path, self.backend.name, self.backend.device, base["size_bytes"], base["size_bytes"])
-
-    def lower(self, model: nn.Module, out_dir: Path, spec: LoweringSpec | None = None) -> Artifact:
-        """``model`` (the task's calling convention) lowered by the run's backend as ``spec`` says."""
-        task = self.task
-        spec = LoweringSpec.coerce(spec)
-        return self.backend.lower(
-            deployable(model, task.io),
-            task.example_inputs(),
-            spec,
-            out_dir,
-            calibration=task.calibration_inputs() if spec else None,
-            io=task.io,
-        )
+from .rundir import finalize_dir, trial_tmp_dir, write_json, write_text_atomic
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:

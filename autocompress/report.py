@@ -95,17 +95,6 @@ def failures_table(study: optuna.Study) -> pd.DataFrame:
     )
 
 
-def write_report(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
-    """trials.csv, pareto.png and report.html (with projections.png, layers.png, hypervolume.png)."""
-    from .report_html import plot_pareto, write_html
-
-    return {
-        "trials": write_trials_table(study, run_dir),
-        "plot": plot_pareto(study, run_dir),
-        "html": write_html(study, run_dir),
-    }
-
-
 def layer_table(study: optuna.Study) -> pd.DataFrame:
     """One row per (Pareto trial, layer): the layer's value of every reported per-layer field of the
     registered techniques (bits, sparsity and kind, rank ratio and mode, ...) and the pipeline's note."""

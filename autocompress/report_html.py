@@ -18,6 +18,7 @@ from .report import (
     metric_sign,
     study_hypervolume,
     trials_frame,
+    write_trials_table,
 )
 from .rundir import PARETO_PNG, REPORT_HTML, write_atomic
 
@@ -272,3 +273,12 @@ dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></hea
     path = run_dir / REPORT_HTML
     write_atomic(path, lambda p: p.write_text(body))
     return path
+
+
+def write_report(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
+    """trials.csv, pareto.png and report.html (with projections.png, layers.png, hypervolume.png)."""
+    return {
+        "trials": write_trials_table(study, run_dir),
+        "plot": plot_pareto(study, run_dir),
+        "html": write_html(study, run_dir),
+    }

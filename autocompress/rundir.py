@@ -19,11 +19,9 @@ and renamed into place whole; every file is written to a temp name and renamed.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +29,6 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backends.device_facts import environment
 from .errors import AutoCompressError, ConfigError
 from .tasks import Task
 from .tasks.base import weights_hash
@@ -41,7 +38,6 @@ if TYPE_CHECKING:
 
     from .backends import Backend
     from .config import StudyConfig
-    from .objective import RunContext
 
 STUDY_YAML = "study.yaml"
 STUDY_DB = "study.db"
@@ -184,79 +180,6 @@ def build_backend(cfg: StudyConfig) -> Backend:
 
 
 # --- the baseline ---------------------------------------------------------------------------------------
-
-
-def build_baseline(ctx: RunContext) -> dict:
-    """The uncompressed teacher, BN folded, lowered by the same backend: accuracy, latency, size."""
-    from .backends import timed_or_cached
-    from .techniques import fold_batchnorm
-
-    out = ctx.run_dir / BASELINE
-    tmp = ctx.run_dir / f".{BASELINE}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.perf_counter()
-    model, _ = fold_batchnorm(copy.deepcopy(ctx.teacher))
-    artifact = ctx.lower(model, tmp)
-    tr = time.perf_counter()
-    # the teacher's outputs (fidelity's reference), computed once per run: not part of any evaluation
-    ctx.reference(ctx.eval_limit())
-    if ctx.eval_limit() is not None:
-        ctx.reference(None)
-    t1 = time.perf_counter()
-    acc = ctx.score(artifact)
-    t2 = time.perf_counter()
-    full = ctx.score(artifact, full=True) if ctx.eval_limit() is not None else acc
-    t3 = time.perf_counter()
-    lat, _, cached = timed_or_cached(
-        ctx.backend, ctx.latency_cache, artifact, None, ctx.task.example_inputs()
-    )
-    seconds = {
-        "lower": tr - t0,
-        "teacher_evaluate": t1 - tr,
-        "evaluate": t2 - t1,
-        "evaluate_full": t3 - t2,
-        "measure": time.perf_counter() - t3,
-    }
-    metrics = {
-        "artifact": artifact.path.name,
-        "latency_cached": cached,
-        "metric": acc,
-        "metric_full": full,
-        "metric_name": ctx.metric.name,
-        "metric_sign": ctx.metric.sign,
-        "eval_samples": ctx.eval_limit(),
-        "latency_ms": lat.median_ms,
-        "latency_p90_ms": lat.p90_ms,
-        "latency": lat.to_dict(),
-        "size_bytes": artifact.size_bytes,
-        "kernels": artifact.meta.get("kernels", {}),
-        "environment": environment(ctx.backend),
-        "seconds": seconds,
-    }
-    write_json(tmp / METRICS, metrics)
-    finalize_dir(tmp, out)
-    return metrics
-
-
-def baseline_for_run(ctx: RunContext, log: Callable[[str], None]) -> dict:
-    """The run's baseline: read from ``baseline/metrics.json``, or built and measured the first time.
-
-    Raises:
-        ConfigError: the uncompressed model could not be lowered, scored or timed.
-    """
-    b = read_baseline(ctx.run_dir)
-    if b is None:
-        log("measuring the baseline (uncompressed teacher through the same backend)")
-        try:
-            b = build_baseline(ctx)
-        except AutoCompressError as exc:
-            raise ConfigError(
-                f"the baseline (uncompressed model) failed: {exc}", source=ctx.config.source, field="task"
-            ) from exc
-    log(
-        f"baseline: {b.get('metric_name', 'metric')} {b['metric']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB"
-    )
-    return b
 
 
 # --- the teacher --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .objective import RunContext
+from .context import RunContext
 from .pipeline import compress
 from .plan import LayerPlan, Plan
 from .rundir import SENSITIVITY, write_json

@@ -6,7 +6,8 @@ import optuna
 import pytest
 
 from autocompress.pareto import HV_REFERENCE, hypervolume_history, normalized_objectives
-from autocompress.report import layer_table, study_hypervolume, write_report
+from autocompress.report import layer_table, study_hypervolume
+from autocompress.report_html import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BASE = {"metric": 0.95, "latency_ms": 0.2, "size_bytes": 100_000}

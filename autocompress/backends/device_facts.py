@@ -16,10 +16,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .base import Backend
 
 # --- CPU ----------------------------------------------------------------------------------------------
 
@@ -121,8 +117,8 @@ def npu_smi_facts() -> dict:
 # --- what a run records -------------------------------------------------------------------------------
 
 
-def environment(backend: Backend) -> dict:
-    """Where a trial ran: backend, device (name, count, driver), library versions, capabilities."""
+def environment(backend) -> dict:
+    """Where a trial ran (``backend``: any :class:`~autocompress.backends.base.Backend`): backend, device (name, count, driver), library versions, capabilities."""
     dev = backend.device_info()
     return {
         "backend": backend.name,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import optuna
 
-from ..objective import RunContext
+from ..context import RunContext
 from ..pareto import metric_drop
 from ..plan import Plan
 

@@ -22,9 +22,9 @@ from ..backends import Backend, LatencyCache
 from ..backends.cache import cache_path
 from ..backends.device_facts import environment
 from ..config import StudyConfig, resolve_space_file
+from ..context import RunContext, baseline_for_run
 from ..errors import ConfigError
 from ..inventory import build_inventory
-from ..objective import RunContext
 from ..optuna_compat import trial_id
 from ..pareto import OBJECTIVES, objectives_for
 from ..rundir import (
@@ -35,7 +35,6 @@ from ..rundir import (
     STUDY_YAML,
     TRIALS,
     backend_class,
-    baseline_for_run,
     build_backend,
     load_teacher,
     read_baseline,

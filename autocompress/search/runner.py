@@ -135,7 +135,7 @@ def run_study(
 def finish_run(ctx: RunContext, study: optuna.Study, n_target: int, stopped: str, log) -> RunSummary:
     """After the last trial: export the front, write the report, say where the results are."""
     from ..export import export_front
-    from ..report import write_report
+    from ..report_html import write_report
 
     export_front(study, ctx.run_dir)
     write_report(study, ctx.run_dir)

@@ -78,7 +78,7 @@ def run_worker(
     has ``n_trials`` completed trials, then writes the report.
     """
     from ..export import export_front
-    from ..report import write_report
+    from ..report_html import write_report
 
     n_target = n_trials or cfg.trials.n
     with open_run(cfg, log, exclusive=False) as (ctx, study):
