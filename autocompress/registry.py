@@ -178,14 +178,21 @@ class TechniqueRegistry(Registry[TechniqueSpec]):
     """The registry of techniques; the built-ins (``autocompress.techniques``) load on first use."""
 
     def __init__(self):
-        super().__init__("technique")
         self._loading = False
+        super().__init__("technique")
         self.version = 0  # bumped at every change: schema caches rebuild
 
-    def _builtins(self) -> None:
+    @property
+    def _items(self) -> dict[str, TechniqueSpec]:
+        """The registered techniques; every lookup loads the built-ins first."""
         if not self._loading:
             self._loading = True
             importlib.import_module("autocompress.techniques")  # registers the built-ins
+        return self._store
+
+    @_items.setter
+    def _items(self, value: dict[str, TechniqueSpec]) -> None:
+        self._store = value
 
     def add(self, name: str, obj: TechniqueSpec) -> None:
         taken = {d.name: t.name for t in self._items.values() if t.name != name for d in t.dims}
@@ -195,22 +202,6 @@ class TechniqueRegistry(Registry[TechniqueSpec]):
         super().add(name, obj)
         self.version += 1
 
-    def get(self, name: str) -> TechniqueSpec:
-        self._builtins()
-        return super().get(name)
-
-    def names(self) -> list[str]:
-        self._builtins()
-        return super().names()
-
-    def __contains__(self, name: object) -> bool:
-        self._builtins()
-        return super().__contains__(name)
-
-    def __iter__(self) -> Iterator[str]:
-        self._builtins()
-        return super().__iter__()
-
     def remove(self, name: str) -> None:
         """Unregister ``name`` (plug-ins and tests that register a technique for a while)."""
         self._items.pop(name, None)
@@ -218,7 +209,6 @@ class TechniqueRegistry(Registry[TechniqueSpec]):
 
     def specs(self) -> list[TechniqueSpec]:
         """The registered techniques, in pipeline order (a technique without steps last)."""
-        self._builtins()
         return sorted(self._items.values(), key=lambda t: t.order)
 
     def dims(self) -> list[Dim]:
