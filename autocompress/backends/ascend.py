@@ -46,7 +46,7 @@ from .ascend_cann import (
     parse_msame_output,
     soc_version_for,
 )
-from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables
+from .base import Artifact, Backend, LatencyStats, device_lock, parse_device, time_callables, wrong_device
 from .device_facts import npu_smi_facts, npu_smi_text, parse_npu_smi
 from .onnx_export import export_onnx
 from .timing import TimedInRounds
@@ -164,6 +164,7 @@ class AscendBackend(TimedInRounds, Backend):
     """CANN offline model (.om) on an Ascend NPU: int8 layers through AMCT, then ATC; run by ais_bench."""
 
     name = "ascend"
+    artifact_suffix = ".om"
     stored_bits = (8, 16, 32)
     native_bits = (8, 16, 32)  # int8 and fp16 on the Cube unit; 32: kept in fp32 through --keep_dtype
     # per operator type: which weight grids AMCT adapts (Gemm / MatMul: per tensor only)
@@ -171,7 +172,6 @@ class AscendBackend(TimedInRounds, Backend):
     sparsity_kinds = ("unstructured",)
     preferred_channel_multiple = 16  # the Cube unit works on 16x16 fractal tiles (fp16)
     devices = ("npu:0",)
-    artifact_suffix = ".om"
 
     @classmethod
     def capabilities(cls) -> dict:
@@ -182,12 +182,9 @@ class AscendBackend(TimedInRounds, Backend):
 
     @classmethod
     def unavailable_reason(cls, device: str) -> str | None:
-        try:
-            kind, _ = parse_device(device)
-        except BackendError as exc:
-            return str(exc)
-        if kind != "npu":
-            return f"the ascend backend runs on npu:N, not {device!r}"
+        reason = wrong_device(device, "npu", f"the ascend backend runs on npu:N, not {device!r}")
+        if reason:
+            return reason
         if shutil.which("atc") is None:
             return f"`atc` (CANN's model converter) is not on PATH: {ATC_HINT}"
         try:
@@ -259,14 +256,11 @@ class AscendBackend(TimedInRounds, Backend):
             "keep_fp32": keep_nodes,
             "measured": measured_on(self.device, self.options, src["fake_quant"] is not None),
         }
-        return Artifact(
-            path=target,
-            backend=self.name,
-            device=self.device,
-            size_bytes=target.stat().st_size,
-            packed_size_bytes=round(packed),
-            precisions=dict(precisions),
-            meta=meta,
+        return self.artifact_at(
+            target,
+            packed,
+            dict(precisions),
+            meta,
         )
 
     # -- running --------------------------------------------------------------------------------
@@ -357,12 +351,6 @@ class AscendBackend(TimedInRounds, Backend):
     def example_inputs_for(self, artifact: Artifact) -> tuple[torch.Tensor, ...]:
         shapes = [list(i.shape) for i in self.session(artifact.path).get_inputs()]
         return tuple(torch.zeros([max(1, int(d)) for d in s]) for s in shapes)
-
-    def load_artifact(self, path: Path) -> Artifact:
-        art = super().load_artifact(path)
-        if Path(path).suffix != ".om":
-            raise BackendError(f"ascend backend: {path} is not an .om file")
-        return art
 
     def versions(self) -> dict[str, str]:
         v = {**super().versions(), "cann": cann_version()}

@@ -61,6 +61,16 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(idx) if sep else 0
 
 
+def wrong_device(device: str, kind: str, reason: str) -> str | None:
+    """``reason`` when ``device`` is not of ``kind`` (the parse error when it is no device at all), else
+    None: the shared first step of a backend's :meth:`Backend.unavailable_reason`."""
+    try:
+        got, _ = parse_device(device)
+    except BackendError as exc:
+        return str(exc)
+    return None if got == kind else reason
+
+
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
@@ -233,11 +243,25 @@ class Backend(ABC):
         """
         return None
 
+    def artifact_at(self, target: Path, packed_bytes: float, precisions: dict, meta: dict) -> Artifact:
+        """The :class:`Artifact` for the file ``target`` this backend just wrote (its size read from disk)."""
+        return Artifact(
+            path=target,
+            backend=self.name,
+            device=self.device,
+            size_bytes=target.stat().st_size,
+            packed_size_bytes=round(packed_bytes),
+            precisions=dict(precisions),
+            meta=meta,
+        )
+
     def load_artifact(self, path: Path) -> Artifact:
         """An :class:`Artifact` for a file this backend wrote earlier (for ``autocompress measure``)."""
         path = Path(path)
         if not path.is_file():
             raise BackendError(f"artifact {path} does not exist")
+        if self.artifact_suffix and path.suffix != self.artifact_suffix:
+            raise BackendError(f"{self.name} backend: {path} is not a {self.artifact_suffix} file")
         size = path.stat().st_size
         return Artifact(path, self.name, self.device, size, size)
 

@@ -39,6 +39,7 @@ from .base import (
     parse_device,
     repeat_to_batch,
     time_callables,
+    wrong_device,
 )
 from .device_facts import cpu_info, nvidia_smi_info
 from .onnx_export import INPUT, OUTPUT, default_io, export_onnx, graph_input_names  # noqa: F401 - re-exported
@@ -69,12 +70,13 @@ class OnnxRuntimeBackend(Backend):
     def unavailable_reason(cls, device: str) -> str | None:
         if device == "cpu":
             return None
-        try:
-            kind, _ = parse_device(device)
-        except BackendError as exc:
-            return str(exc)
-        if kind != "cuda":
-            return f"device {device!r} is not supported (cpu, or cuda:N with the CUDA execution provider)"
+        reason = wrong_device(
+            device,
+            "cuda",
+            f"device {device!r} is not supported (cpu, or cuda:N with the CUDA execution provider)",
+        )
+        if reason:
+            return reason
         ort = ort_module()
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available:
@@ -135,14 +137,11 @@ class OnnxRuntimeBackend(Backend):
             bits = quantized.get(owner, 32) if kind.startswith("weight") else 32  # LSTM: weight_ih_l0
             packed += p.numel() * bits / 8
             stored += p.numel() * container_bits(bits) / 8
-        return Artifact(
-            path=target,
-            backend=self.name,
-            device=self.device,
-            size_bytes=target.stat().st_size,
-            packed_size_bytes=round(packed),
-            precisions=spec.precisions(),
-            meta={
+        return self.artifact_at(
+            target,
+            packed,
+            spec.precisions(),
+            {
                 "kernels": kernels,
                 "transformer_fusions": fusions.get("transformer_fusions", {}),
                 "float_optimization": {k: fusions.get(k) for k in ("variant", "decision", "unfused_ms")},
@@ -244,12 +243,6 @@ class OnnxRuntimeBackend(Backend):
         from .cache import onnx_fingerprint
 
         return onnx_fingerprint(artifact.path)
-
-    def load_artifact(self, path: Path) -> Artifact:
-        art = super().load_artifact(path)
-        if Path(path).suffix != ".onnx":
-            raise BackendError(f"onnxruntime backend: {path} is not an .onnx file")
-        return art
 
     def example_inputs_for(self, artifact: Artifact) -> tuple[torch.Tensor, ...]:
         model = onnx.load(str(artifact.path), load_external_data=False)

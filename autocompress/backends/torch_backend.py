@@ -130,12 +130,12 @@ class TorchBackend(TimedInRounds, Backend):
     """Eager torch (optionally ``torch.compile``) on cpu, cuda:N or npu:N."""
 
     name = "torch"
+    artifact_suffix = ".pt2"
     stored_bits = (32,)
     native_bits = (32,)
     sparsity_kinds = ("unstructured",)  # dense kernels: zeros save neither bytes nor time
     preferred_channel_multiple = 8  # AVX2 lanes (fp32) and tensor-core tiles (fp16) both like 8
     devices = ("cpu", "cuda:0", "npu:0")
-    artifact_suffix = ".pt2"
 
     @classmethod
     def unavailable_reason(cls, device: str) -> str | None:
@@ -222,14 +222,11 @@ class TorchBackend(TimedInRounds, Backend):
         os.replace(tmp, target)
         bits = torch.finfo(self.dtype).bits
         packed = sum(p.numel() * bits // 8 for p in model.parameters())
-        return Artifact(
-            path=target,
-            backend=self.name,
-            device=self.device,
-            size_bytes=target.stat().st_size,
-            packed_size_bytes=int(packed),
-            precisions=dict(precisions),
-            meta={
+        return self.artifact_at(
+            target,
+            packed,
+            dict(precisions),
+            {
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "compile": bool(self.options.get("compile")),
             },
@@ -337,12 +334,6 @@ class TorchBackend(TimedInRounds, Backend):
             v = nodes[name].meta["val"]
             out.append(torch.zeros([d if isinstance(d, int) else 1 for d in v.shape], dtype=torch.float32))
         return tuple(out)
-
-    def load_artifact(self, path: Path) -> Artifact:
-        art = super().load_artifact(path)
-        if Path(path).suffix != ".pt2":
-            raise BackendError(f"torch backend: {path} is not a .pt2 file (torch.export program)")
-        return art
 
     def versions(self) -> dict[str, str]:
         v = {"torch": torch.__version__}
