@@ -30,9 +30,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = (
-    "tests/test_backend_conformance.py",
-    "tests/test_ascend_backend.py",
-    "tests/test_torch_backend.py",
+    "tests/backends/test_conformance.py",
+    "tests/backends/test_ascend.py",
+    "tests/backends/test_torch_backend.py",
 )
 
 

@@ -139,3 +139,14 @@ def test_the_checker_sees_relative_and_function_level_imports(tmp_path):
     assert "autocompress.registry" in imports and "autocompress.space" in imports  # relative, module level
     inner = _imports("autocompress.backends.amct", PACKAGE / "backends" / "amct.py")
     assert "autocompress.backends.onnxruntime" in inner  # imported inside a function
+
+
+def test_tests_mirror_the_package():
+    """Every folder of tests/ is a subpackage of autocompress/ (tests/backends/ for autocompress/backends/)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders, "tests/ has no subfolders: it does not mirror the package"
+    assert folders <= subpackages, (
+        f"tests/ folders without an autocompress subpackage: {folders - subpackages}"
+    )

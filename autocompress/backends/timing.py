@@ -138,7 +138,7 @@ def time_callables(
     ``2 * warmup_s + max_s + (3 + b) * T`` seconds (:func:`timing_bound_s`), ``T`` the time of one call
     of every callable and ``b`` the block size (``min_block`` = 3 for calls over ``block_s / 3``): with
     the defaults, a 26 ms artifact timed beside a 40 ms baseline within 3.8 s, two 100 ms artifacts
-    within 4.6 s (``tests/test_timing.py`` checks it on a real ORT artifact). On a calm machine such a
+    within 4.6 s (``tests/backends/test_timing.py`` checks it on a real ORT artifact). On a calm machine such a
     pair reaches the 2% CI in about 1.6 s (20 calls of the 26 ms one); before, the fixed 100-call
     minimum could not be met within ``max_s`` and every slow artifact ran to the cap.
 

@@ -30,7 +30,7 @@ from autocompress.techniques import (
 )
 from autocompress.testing import REFERENCE_MODELS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRIDS = [(s, g) for s in ("symmetric", "asymmetric") for g in ("channel", "tensor")]
 
 

@@ -5,8 +5,8 @@ By default every registered backend runs on each device kind it declares (``Back
 those unavailable here are skipped with the reason. Select with ``--backend NAME[:DEVICE]``
 (repeatable), or a device kind alone (``--backend npu`` = every backend that targets npu:0)::
 
-    python -m pytest tests/test_backend_conformance.py --backend torch:cuda:0 --backend onnxruntime:cuda:0
-    python -m pytest tests/test_backend_conformance.py --backend npu
+    python -m pytest tests/backends/test_conformance.py --backend torch:cuda:0 --backend onnxruntime:cuda:0
+    python -m pytest tests/backends/test_conformance.py --backend npu
 """
 
 from __future__ import annotations
