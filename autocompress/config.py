@@ -164,6 +164,10 @@ class WorkersConfig(_Strict):
     heartbeat_interval_s: int = Field(5, ge=1)
     grace_period_s: int | None = Field(None, ge=1)  # default: 3 x heartbeat_interval_s
     max_retry: int = Field(3, ge=0)
+    # a database server (PostgreSQL, MySQL) that went away: each storage call is retried on a fresh
+    # connection for this long, then the worker stops with one line (env AUTOCOMPRESS_STORAGE_RETRY_S
+    # overrides it)
+    storage_retry_s: float = Field(120.0, ge=0)
 
 
 class StudyConfig(_Strict):

@@ -21,14 +21,17 @@ def copy_teacher(src: Path, dst: Path) -> bool:
     return True
 
 
-def fresh_run(study: str, prefix: str):
+def fresh_run(study: str, prefix: str, overrides: dict | None = None):
     """``(config, folder)``: the study (a path relative to the repository) writing into a new temporary
-    folder, without its wall-time budget, with the teacher of the study's own run folder when it has
-    one (training it is not a trial's cost). The caller removes ``folder``."""
+        folder, without its wall-time budget, with the teacher of the study's own run folder when it has
+        one (training it is not a trial's cost); ``overrides`` (dotted keys, as ``load_config`` takes) change
+    other fields. The caller removes ``folder``."""
     from autocompress.config import load_config
 
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     study_file = ROOT / study
-    cfg = load_config(study_file, {"output": str(folder / "run"), "trials.timeout_s": None})
+    cfg = load_config(
+        study_file, {"output": str(folder / "run"), "trials.timeout_s": None, **(overrides or {})}
+    )
     copy_teacher(ROOT / load_config(study_file).output, folder / "run")
     return cfg, folder

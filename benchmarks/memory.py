@@ -15,10 +15,18 @@ above the peak after trial 10, when the trend would add more than that over the 
 module or session counts grew. The peak can step up once when a trial's plan allocates more than
 any before it (a wider layer, a bigger factorization); a leak shows as a trend.
 
+A study whose trials take minutes can be made cheaper per trial without touching the model or the
+compression it searches: ``--eval-samples N`` scores each trial on N eval samples (``trials.eval_samples``;
+the front's final re-scoring still reads all of them), ``--timing-max-s S`` caps the timed rounds of each
+latency measurement at S seconds (``backend.options.timing.max_s``), ``--calibration-samples N`` feeds N
+calibration samples to static quantization (``task.options.calibration_samples``, for tasks that take
+it). Every change is printed with the figures.
+
 Usage::
 
     python benchmarks/memory.py                       # quickstart, 50 trials (about 3 minutes)
     python benchmarks/memory.py studies/mnist1d_cnn.yaml --trials 30
+    python benchmarks/memory.py studies/bert_encoder.yaml --trials 50 --eval-samples 16 --timing-max-s 0.5
 """
 
 from __future__ import annotations
@@ -57,11 +65,31 @@ def main() -> int:
     p.add_argument(
         "--max-growth", type=float, default=0.05, help="largest acceptable peak growth after trial 10"
     )
+    p.add_argument(
+        "--eval-samples", type=int, help="trials.eval_samples for the search (default: the study's)"
+    )
+    p.add_argument("--timing-max-s", type=float, help="backend.options.timing.max_s (default: the backend's)")
+    p.add_argument(
+        "--calibration-samples", type=int, help="task.options.calibration_samples (default: the task's)"
+    )
+    p.add_argument("--progress", action="store_true", help="one line per trial on stderr")
     args = p.parse_args()
     if args.trials < 11:
         p.error("--trials must be above 10 (growth is measured from trial 10)")
 
     from _shared import fresh_run
+
+    from autocompress.config import load_config
+
+    study_cfg = load_config(ROOT / args.study)
+    overrides: dict = {}
+    if args.eval_samples is not None:
+        overrides["trials.eval_samples"] = args.eval_samples
+    if args.timing_max_s is not None:
+        timing = dict(study_cfg.backend.options.get("timing", {}), max_s=args.timing_max_s)
+        overrides["backend.options"] = dict(study_cfg.backend.options, timing=timing)
+    if args.calibration_samples is not None:
+        overrides["task.options"] = dict(study_cfg.task.options, calibration_samples=args.calibration_samples)
 
     from autocompress.search import runner
     from autocompress.testing import live_objects
@@ -85,11 +113,18 @@ def main() -> int:
                 "s": time.perf_counter() - t0,
             }
         )
+        if args.progress:
+            print(
+                f"trial {len(samples)}: {out[0].name} rss {rss:.0f} MB peak {peak:.0f} MB modules {modules} "
+                f"sessions {sessions} at {samples[-1]['s']:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
         return out
 
     runner.execute_trial = measured  # instrumentation only: the study runs unchanged otherwise
 
-    cfg, folder = fresh_run(args.study, "ac-memory-")
+    cfg, folder = fresh_run(args.study, "ac-memory-", overrides)
     try:
         runner.run_study(cfg, n_trials=args.trials, log=lambda line: None)
     finally:
@@ -98,7 +133,18 @@ def main() -> int:
         print(f"only {len(samples)} trials ran (failures stop a study after trials.max_failures)")
         return 1
 
-    print(f"{args.study}: {len(samples)} trials, one process")
+    print(f"{args.study}: {len(samples)} trials, one process, {time.perf_counter() - t0:.0f} s")
+    shown = {
+        "trials.eval_samples": (study_cfg.trials.eval_samples, cfg.trials.eval_samples),
+        "backend.options": (study_cfg.backend.options, cfg.backend.options),
+        "task.options": (study_cfg.task.options, cfg.task.options),
+    }
+    changes = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in shown.items() if a != b]
+    print(
+        "changed from the study file (model and search space unchanged): " + "; ".join(changes)
+        if changes
+        else "study file as shipped (only output and trials.timeout_s changed)"
+    )
     print(
         f"{'after trial':>11}{'state':>10}{'RSS MB':>9}{'peak MB':>9}{'modules':>9}{'sessions':>10}{'elapsed':>9}"
     )

@@ -16,10 +16,14 @@ from conftest import ROOT, cli_env
 from optuna.trial import TrialState
 
 TRIAL_FILES = {"model.onnx", "plan.json", "metrics.json", "weights.safetensors"}
+# latency measurement cut short: what these tests check (trials recorded once, folders whole, resumes) does
+# not depend on how tight a latency's confidence interval is, and a machine-wide device lock serializes
+# every timing on the host (the default rounds run 0.5-3 s per trial and baseline)
+QUICK_TIMING = {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}
 
 
 def study_file(tmp_path: Path, name: str = "rel", **changes) -> tuple[Path, Path]:
-    """A tiny study (digits width 8, 2 teacher epochs, 1 fine-tune epoch, random sampler)."""
+    """A tiny study (digits width 8, 2 teacher epochs, 1 fine-tune epoch, random sampler, short timing)."""
     data = {
         "name": name,
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 2}},
@@ -28,6 +32,7 @@ def study_file(tmp_path: Path, name: str = "rel", **changes) -> tuple[Path, Path
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 1, "threads": 1},
+        "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "sampler": {"name": "random"},
         "trials": {"n": 4},
         "output": str(tmp_path / "run"),

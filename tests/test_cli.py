@@ -123,6 +123,10 @@ IN_PROCESS_CASES = [
         r"study.yaml: trials.trial_timeout_s: Input should be greater than 0",
     ),
     (_with(trials__keep="everything"), r"study.yaml: trials.keep: Input should be 'all' or 'pareto'"),
+    (
+        _with(workers__storage_retry_s=-1),
+        r"study.yaml: workers.storage_retry_s: Input should be greater than or equal to 0",
+    ),
     # unknown keys below the top level, in the study file and in the space
     (_with(finetune={"epoch": 1}), r"study.yaml: finetune.epoch: unknown key \(did you mean 'epochs'\?\)"),
     (

@@ -237,7 +237,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
     beat = (
         {"heartbeat_interval_s": w.heartbeat_interval_s, "grace_period_s": w.grace_period_s} if shared else {}
     )
-    storage = make_storage(cfg.storage_url(), max_retry=w.max_retry, **beat)
+    storage = make_storage(cfg.storage_url(), max_retry=w.max_retry, retry_s=w.storage_retry_s, **beat)
     study = optuna.create_study(
         study_name=cfg.name,
         storage=storage,

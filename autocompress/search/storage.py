@@ -12,7 +12,8 @@ retry callback do the rest.
 
 A database server (PostgreSQL, MySQL) may go away for a while: restarted, fail-over, a network cut.
 :class:`ReconnectingRDBStorage` retries every storage call whose connection was lost for up to
-``AUTOCOMPRESS_STORAGE_RETRY_S`` seconds (default 120), reconnecting through a fresh pooled connection;
+``workers.storage_retry_s`` seconds of the study file (default 120; the environment variable
+``AUTOCOMPRESS_STORAGE_RETRY_S`` overrides it), reconnecting through a fresh pooled connection;
 past that it raises :class:`StorageUnavailable`, one line that says so. A call retried after a lost
 connection is safe: the transaction that was cut was rolled back by the server. After an outage, a
 worker does not judge other workers' heartbeats stale until a grace period has passed again, so a
@@ -256,21 +257,30 @@ def make_url_safe(url: str) -> str:
         return "<storage URL>"
 
 
-def _retry_s() -> float:
+def retry_window_s(configured: float | None = None) -> float:
+    """The retry window: ``AUTOCOMPRESS_STORAGE_RETRY_S`` when set, else ``configured`` (the study's
+    ``workers.storage_retry_s``), else the default (120 s).
+
+    Raises:
+        ConfigError: the environment variable is not a number of seconds >= 0.
+    """
     raw = os.environ.get(RETRY_ENV)
     if raw is None:
-        return DEFAULT_RETRY_S
+        return DEFAULT_RETRY_S if configured is None else float(configured)
     try:
-        return max(0.0, float(raw))
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"{RETRY_ENV}={raw!r}: not a number of seconds") from None
+    if not value >= 0:
+        raise ConfigError(f"{RETRY_ENV}={raw!r}: must be a number of seconds >= 0")
+    return value
 
 
-def _rdb(url: str, **kwargs) -> RDBStorage:
+def _rdb(url: str, retry_s: float | None = None, **kwargs) -> RDBStorage:
     """Optuna's RDB storage; a database server's one reconnects (see :class:`ReconnectingRDBStorage`)."""
     if url.startswith("sqlite"):
         return RDBStorage(url, **kwargs)
-    return ReconnectingRDBStorage(url, retry_s=_retry_s(), **kwargs)
+    return ReconnectingRDBStorage(url, retry_s=retry_window_s(retry_s), **kwargs)
 
 
 def make_storage(
@@ -279,8 +289,12 @@ def make_storage(
     heartbeat_interval_s: int | None = None,
     grace_period_s: int | None = None,
     max_retry: int | None = None,
+    retry_s: float | None = None,
 ) -> BaseStorage:
     """The Optuna storage of ``url``; with ``heartbeat_interval_s``, stale trials are failed and retried.
+
+    ``retry_s``: how long a database server's storage retries a lost connection (the study's
+    ``workers.storage_retry_s``; see :func:`retry_window_s`).
 
     Raises:
         ConfigError: the URL is neither a database URL nor a journal file URL.
@@ -299,12 +313,13 @@ def make_storage(
             return HeartbeatJournalStorage(path, heartbeat_interval_s, grace, callback)
         return JournalStorage(JournalFileBackend(str(path)))
     if not heartbeat_interval_s:
-        return optuna.storages.get_storage(_sqlite_wal(_rdb(url)))  # Optuna's cached wrapper
+        return optuna.storages.get_storage(_sqlite_wal(_rdb(url, retry_s)))  # Optuna's cached wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _sqlite_wal(
             _rdb(
                 url,
+                retry_s,
                 heartbeat_interval=heartbeat_interval_s,
                 grace_period=grace,
                 heartbeat_stale_trial_callback=callback,

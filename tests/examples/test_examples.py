@@ -100,6 +100,7 @@ def test_tiny_bert_study_runs_from_python_and_times_the_teacher_apart(tmp_path):
 
     import yaml
     from conftest import ROOT
+    from reliability_helpers import QUICK_TIMING
 
     import autocompress
     from autocompress.examples.bert_encoder import bert_encoder
@@ -113,6 +114,7 @@ def test_tiny_bert_study_runs_from_python_and_times_the_teacher_apart(tmp_path):
         "task": {},
         "space": {"file": str(ROOT / "search_spaces/int8_linear.yaml"), "overrides": {"groups": "global"}},
         "finetune": {"steps": 0, "threads": 1},
+        "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "trials": {"n": 1, "warm_start": [{"bits": 8}], "eval_samples": 8, "keep": "pareto"},
         "budgets": {"max_metric_drop": 0.05},
         "output": str(tmp_path / "run"),

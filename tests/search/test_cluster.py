@@ -24,6 +24,7 @@ import pytest
 import yaml
 from conftest import ROOT, cli_env
 from optuna.trial import TrialState
+from reliability_helpers import QUICK_TIMING
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,7 @@ def _study_file(tmp_path: Path, name: str, n: int, **changes) -> tuple[Path, Pat
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 2, "threads": 1},
+        "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "budgets": {"max_metric_drop": 0.2},
         "sampler": {"name": "random"},
         "trials": {"n": n, "warm_start": []},

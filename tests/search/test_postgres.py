@@ -1,6 +1,6 @@
 """Shared-storage workers on a real PostgreSQL server: a worker SIGKILLed mid-trial, and the database
-going away mid-study (back within the retry window: the workers go on; gone for longer: they stop with
-one line, and the same command resumes).
+going away mid-study (back within the retry window, ``workers.storage_retry_s``: the workers go on; gone
+for longer: they stop with one line, and the same command resumes).
 
 The server is ``AUTOCOMPRESS_TEST_POSTGRES_URL`` (``.ci/run`` starts one) or a throwaway one started
 here from the distribution's binaries; the restart test always starts its own. Where neither can be had
@@ -27,6 +27,8 @@ from reliability_helpers import check_referenced_folders, study_file
 pytestmark = pytest.mark.slow
 ray_cluster = test_cluster.ray_cluster  # the local two-node Ray cluster fixture
 IN_CI = os.environ.get("CI", "").lower() == "true"
+RETRY_S = 30  # workers.storage_retry_s of the restart test's study
+OUTAGE_S = 10  # the database down within that window
 
 
 def _unavailable(why: str):
@@ -170,11 +172,12 @@ def test_database_restart_mid_study(tmp_path, own_server):
         "pgrestart",
         trials={"n": n},
         storage=url,
-        workers={"heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 3},
+        # the retry window from the study file (workers.storage_retry_s); outages are scaled to it
+        workers={"heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 3, "storage_retry_s": RETRY_S},
     )
-    # 1. down for 30 s, within the retry window: both workers wait, reconnect and go on
-    env = {"AUTOCOMPRESS_STORAGE_RETRY_S": "120"}
-    workers = [_worker(path, tmp_path / f"a{i}.log", env) for i in range(2)]
+    # 1. down for a third of the retry window (10 s of 30 s: ten heartbeat intervals, several retries):
+    # both workers wait, reconnect and go on
+    workers = [_worker(path, tmp_path / f"a{i}.log") for i in range(2)]
     try:
         _wait_for(
             lambda: (
@@ -188,7 +191,7 @@ def test_database_restart_mid_study(tmp_path, own_server):
         )
         before = set(_states(url, "pgrestart")[TrialState.COMPLETE])
         own_server.stop()
-        time.sleep(30)
+        time.sleep(OUTAGE_S)
         assert all(w.poll() is None for w in workers), "a worker gave up within the retry window"
         own_server.start()
         rcs = [w.wait(timeout=300) for w in workers]
@@ -201,11 +204,13 @@ def test_database_restart_mid_study(tmp_path, own_server):
     assert rcs == [0, 0], [log[0][-2000:] + log[1][-2000:] for log in logs]
     for out, err in logs:
         assert "unreachable" in out and "reachable again after" in out, out[-3000:]
+        assert f"retrying for up to {RETRY_S} s" in out, out[-3000:]  # the study file's window
         assert "Traceback" not in err, err[-3000:]
     study = _check_final(run, url, "pgrestart", n)
     assert before <= {t.number for t in study.get_trials(states=(TrialState.COMPLETE,))}  # none lost
 
-    # 2. gone for longer than the retry window: each worker stops with one line; the command resumes
+    # 2. gone for longer than the retry window (4 s here: the environment variable overrides the study
+    # file's 30 s): each worker stops with one line; the command resumes
     n2 = n + 3
     env = {"AUTOCOMPRESS_STORAGE_RETRY_S": "4"}
     workers = [_worker(path, tmp_path / f"b{i}.log", env, "--n-trials", n2) for i in range(2)]
@@ -232,7 +237,7 @@ def test_database_restart_mid_study(tmp_path, own_server):
         assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
         assert errors[0].startswith("error: StorageUnavailable: the storage postgresql+psycopg2://")
         assert "has been unreachable for" in errors[0] and "run the same command again" in errors[0]
-    again = _worker(path, tmp_path / "c.log", {"AUTOCOMPRESS_STORAGE_RETRY_S": "60"}, "--n-trials", n2)
+    again = _worker(path, tmp_path / "c.log", None, "--n-trials", n2)
     rc = again.wait(timeout=400)
     out, err = _logs(tmp_path, "c")
     assert rc == 0, out[-3000:] + err[-3000:]
