@@ -6,6 +6,7 @@ Split out of :mod:`.base` (which re-exports every name here); backends call :fun
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import tempfile
@@ -168,18 +169,17 @@ def time_callables(
             return stats
 
 
-def timing_bound_s(
-    call_s: list[float],
-    *,
-    warmup_s: float = 0.2,
-    max_s: float = 3.0,
-    block: int = 50,
-    block_s: float = 0.02,
-    min_block: int = 3,
-) -> float:
-    """The most seconds :func:`time_callables` takes for callables of ``call_s`` seconds per call
-    (same limits): ``2 * warmup_s + max_s + (3 + b) * T``, ``T = sum(call_s)``, ``b`` the block size."""
-    return 2 * warmup_s + max_s + (3 + _block_size(call_s, block, block_s, min_block)) * sum(call_s)
+def timing_bound_s(call_s: list[float], **limits: float) -> float:
+    """The most seconds :func:`time_callables` takes for callables of ``call_s`` seconds per call under
+    the same ``limits`` (its keyword arguments ``warmup_s``, ``max_s``, ``block``, ``block_s``,
+    ``min_block``; its defaults where not given): ``2 * warmup_s + max_s + (3 + b) * T``,
+    ``T = sum(call_s)``, ``b`` the block size."""
+    defaults = inspect.signature(time_callables).parameters
+    lim = {
+        k: limits.get(k, defaults[k].default) for k in ("warmup_s", "max_s", "block", "block_s", "min_block")
+    }
+    b = _block_size(call_s, int(lim["block"]), lim["block_s"], int(lim["min_block"]))
+    return 2 * lim["warmup_s"] + lim["max_s"] + (3 + b) * sum(call_s)
 
 
 def _block_size(call_s: list[float], block: int, block_s: float, min_block: int) -> int:
