@@ -109,7 +109,7 @@ def technique_plan(model: nn.Module, task: Task, technique: str | LayerPlanFn) -
             layers[name] = LayerPlan(bits=8, quant_mode="dynamic", rank_ratio=lp.rank_ratio)
         elif lp.bits == 32:
             layers[name] = lp
-        # other bit widths on an LSTM are an error (test_quant_depth.py): left unplanned
+        # other bit widths on an LSTM are an error (tests/techniques/test_quantize.py): left unplanned
     return Plan(layers=layers, schedule=Schedule("cubic", 0.0, 0.5), epochs=1)
 
 
