@@ -5,7 +5,10 @@ The public API; see the README for the command line.
 
 from __future__ import annotations
 
-from . import metrics
+from . import (
+    metrics,
+    techniques,  # noqa: F401, I001 - first: the built-in techniques fill the registry
+)
 from .backends import BACKENDS, Artifact, Backend, LatencyStats
 from .config import StudyConfig, load_config
 from .errors import (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -175,24 +174,12 @@ class TechniqueSpec:
 
 
 class TechniqueRegistry(Registry[TechniqueSpec]):
-    """The registry of techniques; the built-ins (``autocompress.techniques``) load on first use."""
+    """The registry of techniques. The built-ins register themselves when ``autocompress.techniques`` is
+    imported, which the package does first (``autocompress/__init__.py``): the registry imports no technique."""
 
     def __init__(self):
-        self._loading = False
         super().__init__("technique")
         self.version = 0  # bumped at every change: schema caches rebuild
-
-    @property
-    def _items(self) -> dict[str, TechniqueSpec]:
-        """The registered techniques; every lookup loads the built-ins first."""
-        if not self._loading:
-            self._loading = True
-            importlib.import_module("autocompress.techniques")  # registers the built-ins
-        return self._store
-
-    @_items.setter
-    def _items(self, value: dict[str, TechniqueSpec]) -> None:
-        self._store = value
 
     def add(self, name: str, obj: TechniqueSpec) -> None:
         taken = {d.name: t.name for t in self._items.values() if t.name != name for d in t.dims}
