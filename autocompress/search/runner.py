@@ -25,7 +25,6 @@ from ..objective import RunContext, run_trial
 from ..optuna_compat import storage_of
 from ..pareto import OBJECTIVES, constraint_values
 from ..plan import Plan
-from ..report import write_trials_table
 from ..rundir import trial_dir
 from ..tasks import Task
 from .costs import score_front_fully
@@ -227,6 +226,8 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         done += 1
         progress.trial(study, done, trial.number, metrics)
         try:
+            from ..report import write_trials_table  # pandas: imported when the first table is written
+
             write_trials_table(study, ctx.run_dir)
         except OSError as exc:  # a full disk must not end a long run; the final report retries
             log(f"warning: could not update trials.csv: {exc}")
