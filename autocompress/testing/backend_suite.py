@@ -44,6 +44,7 @@ from ..backends.base import Artifact, Backend, lock_dir
 from ..lowering import LoweringSpec
 from ..plan import SUPPORTED_BITS
 from ..registry import Registry
+from ._check import check
 from .models import Heavy, Tiny
 
 __all__ = [
@@ -118,14 +119,14 @@ def default_tolerance(backend: Backend) -> float:
 
 def check_capabilities_are_declared(backend: Backend) -> None:
     caps = backend.capabilities()
-    assert 32 in caps["stored_bits"] and set(caps["stored_bits"]) <= set(SUPPORTED_BITS), caps
-    assert set(caps["native_bits"]) <= set(caps["stored_bits"]), caps
-    assert caps["sparsity_kinds"] and isinstance(caps["preferred_channel_multiple"], int), caps
-    assert caps["preferred_channel_multiple"] >= 1, caps
+    check(32 in caps["stored_bits"] and set(caps["stored_bits"]) <= set(SUPPORTED_BITS), caps)
+    check(set(caps["native_bits"]) <= set(caps["stored_bits"]), caps)
+    check(caps["sparsity_kinds"] and isinstance(caps["preferred_channel_multiple"], int), caps)
+    check(caps["preferred_channel_multiple"] >= 1, caps)
     dev = backend.device_info()
-    assert {"name", "count", "driver"} <= set(dev) and dev["name"], dev
+    check({"name", "count", "driver"} <= set(dev) and dev["name"], dev)
     versions = backend.versions()
-    assert versions and all(isinstance(v, str) for v in versions.values()), versions
+    check(versions and all(isinstance(v, str) for v in versions.values()), versions)
 
 
 def check_artifact_agrees_with_torch(case: BackendCase, tolerance: float | None = None) -> None:
@@ -140,18 +141,18 @@ def check_artifact_agrees_with_torch(case: BackendCase, tolerance: float | None 
     acc = case.backend.evaluate(case.artifact, case.x.numpy(), case.y.numpy(), capture)
     with torch.no_grad():
         ref = case.model(case.x).numpy()
-    assert seen and seen[0].shape == ref.shape, (None if not seen else seen[0].shape, ref.shape)
+    check(seen and seen[0].shape == ref.shape, (None if not seen else seen[0].shape, ref.shape))
     tol = default_tolerance(case.backend) if tolerance is None else tolerance
     np.testing.assert_allclose(seen[0], ref, atol=tol * max(1.0, float(np.abs(ref).max())), rtol=tol)
     expected = float((ref.argmax(1) == case.y.numpy()).mean())
-    assert abs(acc - expected) <= 1 / len(case.y) + 1e-9, (acc, expected)
+    check(abs(acc - expected) <= 1 / len(case.y) + 1e-9, (acc, expected))
 
 
 def check_artifact_size_is_its_bytes_on_disk(case: BackendCase) -> None:
     art = case.artifact
-    assert art.path.is_file(), art.path
-    assert art.size_bytes == art.path.stat().st_size > 0, (art.size_bytes, art.path.stat().st_size)
-    assert art.packed_size_bytes > 0, art.packed_size_bytes
+    check(art.path.is_file(), art.path)
+    check(art.size_bytes == art.path.stat().st_size > 0, (art.size_bytes, art.path.stat().st_size))
+    check(art.packed_size_bytes > 0, art.packed_size_bytes)
 
 
 @contextlib.contextmanager
@@ -206,15 +207,15 @@ def check_latency_stats_are_sane_and_timed_under_the_device_lock(
         thread.join()
         if "error" in result:
             raise result["error"]
-        assert held > 0, "the device lock was never held while measuring"
+        check(held > 0, "the device lock was never held while measuring")
         probe.acquire(timeout=0)  # released afterwards (raises Timeout if not)
         probe.release()
     st = result["stats"]
-    assert st.n >= 100 and st.median_ms > 0, (st.n, st.median_ms)
+    check(st.n >= 100 and st.median_ms > 0, (st.n, st.median_ms))
     # the reported CI is the notch rule's on the reported spread and count
     expected = 1.57 * st.iqr_ms / st.n**0.5 / st.median_ms
-    assert math.isclose(st.rel_ci, expected, rel_tol=1e-6, abs_tol=1e-12), (st.rel_ci, expected)
-    assert st.batch_size == 1 and st.device == backend.device, (st.batch_size, st.device, backend.device)
+    check(math.isclose(st.rel_ci, expected, rel_tol=1e-6, abs_tol=1e-12), (st.rel_ci, expected))
+    check(st.batch_size == 1 and st.device == backend.device, (st.batch_size, st.device, backend.device))
 
 
 def check_measure_pair_times_both_side_by_side(case: BackendCase, out_dir: Path) -> None:
@@ -230,9 +231,9 @@ def check_measure_pair_times_both_side_by_side(case: BackendCase, out_dir: Path)
     heavy = lower(backend, Heavy().eval(), case.example_inputs, out_dir)
     a, b = backend.measure_pair(heavy, case.artifact, case.example_inputs)
     # (no minimum count: on a busy machine most rounds may be set aside as disturbed, for both alike)
-    assert a.n == b.n > 0 and a.disturbed == b.disturbed, (a.n, b.n, a.disturbed, b.disturbed)
+    check(a.n == b.n > 0 and a.disturbed == b.disturbed, (a.n, b.n, a.disturbed, b.disturbed))
     if backend.device == "cpu":  # in argument order: the heavy artifact first (measured: about 30x slower)
-        assert a.median_ms > 5 * b.median_ms, (a.median_ms, b.median_ms)
+        check(a.median_ms > 5 * b.median_ms, (a.median_ms, b.median_ms))
 
 
 def check_fingerprint_is_structural(case: BackendCase, out_dir: Path) -> None:
@@ -245,15 +246,15 @@ def check_fingerprint_is_structural(case: BackendCase, out_dir: Path) -> None:
     fp = backend.fingerprint(case.artifact)
     if fp is None:
         pytest.skip(f"backend {backend.name!r} does not fingerprint artifacts (no latency cache)")
-    assert backend.fingerprint(other_weights) == fp, "other weights changed the fingerprint"
-    assert backend.fingerprint(wider) != fp, "a wider layer kept the fingerprint"
+    check(backend.fingerprint(other_weights) == fp, "other weights changed the fingerprint")
+    check(backend.fingerprint(wider) != fp, "a wider layer kept the fingerprint")
 
 
 def check_artifact_reloads_with_its_input_shape(case: BackendCase) -> None:
     again = case.backend.load_artifact(case.artifact.path)
-    assert again.size_bytes == case.artifact.size_bytes, (again.size_bytes, case.artifact.size_bytes)
+    check(again.size_bytes == case.artifact.size_bytes, (again.size_bytes, case.artifact.size_bytes))
     (x,) = case.backend.example_inputs_for(again)
-    assert tuple(x.shape) == tuple(case.example_inputs[0].shape), tuple(x.shape)
+    check(tuple(x.shape) == tuple(case.example_inputs[0].shape), tuple(x.shape))
 
 
 # name -> (check, whether it takes a scratch folder), in the order run_backend_suite runs them

@@ -38,6 +38,7 @@ from ..pipeline import Compressed, compress
 from ..plan import LayerPlan, Plan, Schedule
 from ..tasks import Task
 from ..techniques._modules import get_module
+from ._check import check
 from .backend_suite import lower
 from .models import REFERENCE_MODELS
 
@@ -130,7 +131,7 @@ class TechniqueCase:
 
 
 def check_plan_round_trips(plan: Plan) -> None:
-    assert Plan.from_json(plan.to_json()) == plan, plan
+    check(Plan.from_json(plan.to_json()) == plan, plan)
 
 
 def compress_and_lower(
@@ -147,32 +148,32 @@ def compress_and_lower(
 
 def check_output_shape_kept(case: TechniqueCase) -> None:
     x = case.task.test[0][:8]
-    assert case.model(x).shape == case.teacher(x).shape, (case.model(x).shape, case.teacher(x).shape)
+    check(case.model(x).shape == case.teacher(x).shape, (case.model(x).shape, case.teacher(x).shape))
 
 
 def check_unstructured(case: TechniqueCase) -> None:
     """Each unstructured layer has exactly its planned share of zero weights."""
     for name, m in compressible_layers(case.model):
         target = case.plan.layer(name).sparsity
-        assert case.out.sparsity[name] >= target - 1e-9, (name, case.out.sparsity[name], target)
-        assert int((m.weight == 0).sum()) == round(target * m.weight.numel()), name
+        check(case.out.sparsity[name] >= target - 1e-9, (name, case.out.sparsity[name], target))
+        check(int((m.weight == 0).sum()) == round(target * m.weight.numel()), name)
 
 
 def check_two_four(case: TechniqueCase) -> None:
     """Two of every four consecutive input weights are zero, or the note says (truly) why not."""
     for name, m in compressible_layers(case.model):
         if name in case.out.notes:
-            assert "not a multiple of 4" in case.out.notes[name], (name, case.out.notes[name])
+            check("not a multiple of 4" in case.out.notes[name], (name, case.out.notes[name]))
             continue
         w = m.weight.detach()
         w = w.movedim(1, -1) if w.dim() > 2 else w
-        assert bool(((w.reshape(-1, 4) == 0).sum(1) >= 2).all()), name
+        check(bool(((w.reshape(-1, 4) == 0).sum(1) >= 2).all()), name)
     for name, layer in compressible_layers(case.teacher):
         note = case.out.notes.get(name)
         if note is not None:
             w = layer.weight
             m = re.fullmatch(r"2:4 not applied to .*: (\d+) input channels are not a multiple of 4", note)
-            assert m and int(m[1]) == w.shape[1] and w.shape[1] % 4, (name, note)
+            check(m and int(m[1]) == w.shape[1] and w.shape[1] % 4, (name, note))
 
 
 def check_structured(case: TechniqueCase) -> None:
@@ -182,20 +183,20 @@ def check_structured(case: TechniqueCase) -> None:
     names = [n for n, _ in compressible_layers(teacher)]
     if _recurrent(teacher):  # its only inventory layers produce the output: nothing may be removed
         for name in names:
-            assert "produces the model output" in notes.get(name, ""), (name, notes.get(name))
+            check("produces the model output" in notes.get(name, ""), (name, notes.get(name)))
     else:
         before = sum(p.numel() for p in teacher.parameters())
-        assert sum(p.numel() for p in model.parameters()) < 0.6 * before
+        check(sum(p.numel() for p in model.parameters()) < 0.6 * before)
     classes = teacher(case.task.test[0][:1]).shape[-1]
     for name, layer in compressible_layers(teacher):
         w, now, note = layer.weight, get_module(model, name), notes.get(name)
         width = now.out_channels if isinstance(now, nn.Conv2d) else now.out_features
         if note and "produces the model output" in note:
-            assert width == classes, (name, note)  # the logits
+            check(width == classes, (name, note))  # the logits
             continue
         m = re.fullmatch(r"structured(?: \(.*\))?: output channels (\d+) -> (\d+)", note or "")
-        assert m, (name, note)
-        assert int(m[1]) == w.shape[0] and int(m[2]) == width < w.shape[0], (name, note, width)
+        check(m, (name, note))
+        check(int(m[1]) == w.shape[0] and int(m[2]) == width < w.shape[0], (name, note, width))
 
 
 def check_factorized(case: TechniqueCase, mode: str) -> None:
@@ -204,21 +205,21 @@ def check_factorized(case: TechniqueCase, mode: str) -> None:
         w = layer.weight
         original_macs = w.shape[0] * w[0].numel()  # per output position
         now, note = get_module(case.model, name), case.out.notes.get(name)
-        assert note, f"{mode}: {name} was neither factorized nor noted"
+        check(note, f"{mode}: {name} was neither factorized nor noted")
         if isinstance(now, nn.Sequential):  # applied: fewer weights, the mode's factor count
-            assert len(now) == (3 if mode == "tucker" else 2), (name, now)
-            assert sum(f.weight.numel() for f in now) < w.numel(), (name, note)
-            assert "not" not in note, (name, note)
+            check(len(now) == (3 if mode == "tucker" else 2), (name, now))
+            check(sum(f.weight.numel() for f in now) < w.numel(), (name, note))
+            check("not" not in note, (name, note))
             continue
         needs_conv = f"not factorized: {mode} needs a Conv2d with a kernel larger than 1x1"
         if note == needs_conv:
-            assert not (isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1), (name, note)
+            check(not (isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1), (name, note))
         elif note.startswith("not factorized: depthwise/grouped conv"):
-            assert note == f"not factorized: depthwise/grouped conv (groups={layer.groups})"
-            assert layer.groups > 1
+            check(note == f"not factorized: depthwise/grouped conv (groups={layer.groups})")
+            check(layer.groups > 1)
         else:  # the factorization would not pay: its MACs are stated against the layer's own
             m = re.search(r"(?:MACs (\d+)|(\d+) MACs) >= original (\d+)$", note)
-            assert m and int(m[1] or m[2]) >= int(m[3]) == original_macs, (name, note, original_macs)
+            check(m and int(m[1] or m[2]) >= int(m[3]) == original_macs, (name, note, original_macs))
 
 
 # built-in technique -> its own checks (run after the common ones)
@@ -242,20 +243,23 @@ def check_recurrent_layers(case: TechniqueCase) -> None:
     ops = [n.op_type for n in onnx.load(str(case.artifact.path)).graph.node] if is_onnx else []
     for name, lstm in _recurrent(case.teacher).items():
         now = get_module(case.model, name)
-        assert name not in inventory and isinstance(now, nn.LSTM), name
-        assert [p.shape for p in now.parameters()] == [p.shape for p in lstm.parameters()], name
+        check(name not in inventory and isinstance(now, nn.LSTM), name)
+        check([p.shape for p in now.parameters()] == [p.shape for p in lstm.parameters()], name)
         lp = case.plan.layers.get(name)
         if lp is not None and lp.bits == 8:
-            assert case.out.precisions[name] == 8, case.out.precisions
-            assert not is_onnx or ("DynamicQuantizeLSTM" in ops and "LSTM" not in ops), ops
+            check(case.out.precisions[name] == 8, case.out.precisions)
+            check(not is_onnx or ("DynamicQuantizeLSTM" in ops and "LSTM" not in ops), ops)
         else:
-            assert name not in case.out.precisions and (not is_onnx or "LSTM" in ops), ops
+            check(name not in case.out.precisions and (not is_onnx or "LSTM" in ops), ops)
         if lp is not None and (lp.rank_ratio < 1.0 or lp.sparsity > 0 or lp.sparsity_kind == "2:4"):
-            assert re.fullmatch(
-                r"(low rank|(unstructured|structured|2:4) sparsity) not applied: LSTM layers take dynamic "
-                r"int8 only",
-                case.out.notes.get(name, ""),
-            ), case.out.notes.get(name)
+            check(
+                re.fullmatch(
+                    r"(low rank|(unstructured|structured|2:4) sparsity) not applied: LSTM layers take dynamic "
+                    r"int8 only",
+                    case.out.notes.get(name, ""),
+                ),
+                case.out.notes.get(name),
+            )
 
 
 def check_stored_precisions(case: TechniqueCase) -> None:
@@ -271,7 +275,7 @@ def check_stored_precisions(case: TechniqueCase) -> None:
             continue
         for m in now if isinstance(now, nn.Sequential) else [now]:
             wanted[(container.get(lp.bits, TensorProto.FLOAT), m.weight.numel())] += 1
-    assert not wanted - stored, (wanted - stored, stored)
+    check(not wanted - stored, (wanted - stored, stored))
 
 
 def check_artifact_agrees(case: TechniqueCase, atol: float | None = None) -> None:
@@ -284,10 +288,13 @@ def check_artifact_agrees(case: TechniqueCase, atol: float | None = None) -> Non
     ref = case.model(x).detach().numpy()
     lps = case.plan.layers.values()
     if any(5 <= lp.bits <= 8 and lp.quant_mode == "static" for lp in lps):
-        assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9, np.mean(got.argmax(1) == ref.argmax(1))
-        assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max(), (
-            np.abs(got - ref).max(),
-            np.abs(ref).max(),
+        check(np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9, np.mean(got.argmax(1) == ref.argmax(1)))
+        check(
+            np.abs(got - ref).max() <= 0.05 * np.abs(ref).max(),
+            (
+                np.abs(got - ref).max(),
+                np.abs(ref).max(),
+            ),
         )
         return
     if atol is None:
@@ -311,8 +318,8 @@ def run_technique_suite(
     case = compress_and_lower(task, plan, backend, Path(workdir), teacher)
     check_output_shape_kept(case)
     own = TECHNIQUE_CHECKS.get(technique) if isinstance(technique, str) else None
-    for check in (*((own,) if own else ()), *extra_checks):
-        check(case)
+    for extra in (*((own,) if own else ()), *extra_checks):
+        extra(case)
     check_recurrent_layers(case)
     if case.artifact.path.suffix == ".onnx" and any(lp.bits < 32 for lp in plan.layers.values()):
         check_stored_precisions(case)
