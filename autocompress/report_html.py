@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from .report import (
     trials_frame,
     write_trials_table,
 )
-from .rundir import PARETO_PNG, REPORT_HTML, write_atomic
+from .rundir import PARETO_PNG, REPORT_HTML, TRIALS_CSV, write_atomic
 
 
 def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
@@ -220,7 +222,7 @@ def _applicability_html(study: optuna.Study) -> str:
     return out
 
 
-def write_html(study: optuna.Study, run_dir: Path) -> Path:
+def write_html(study: optuna.Study, run_dir: Path, first_line: str = "") -> Path:
     """``report.html``: summary, projections, per-layer view, trials, failures, hypervolume (PNGs beside it)."""
     from html import escape
 
@@ -271,14 +273,43 @@ dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></hea
 <h2>All trials</h2>{_table(df[cols] if len(df) else df, "no trial yet")}
 </body></html>"""
     path = run_dir / REPORT_HTML
-    write_atomic(path, lambda p: p.write_text(body))
+    write_atomic(path, lambda p: p.write_text(first_line + body))
     return path
 
 
+def report_digest(study: optuna.Study, run_dir: Path) -> str:
+    """What the report is drawn from: every trial's state, values and attributes, the study's attributes,
+    the run folder's JSON files (their size and time) and this package's version."""
+    from . import __version__
+
+    trials = [
+        (t.number, t.state.name, t.values, t.params, t.user_attrs, str(t.datetime_complete))
+        for t in study.get_trials(deepcopy=False)
+    ]
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(run_dir).glob("*.json"))
+    code = Path(__file__).stat().st_mtime_ns  # a changed report module draws again
+    blob = json.dumps([__version__, code, trials, study.user_attrs, files], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+_DIGEST_LINE = "<!-- autocompress report of {} -->\n"
+
+
 def write_report(study: optuna.Study, run_dir: Path) -> dict[str, Path]:
-    """trials.csv, pareto.png and report.html (with projections.png, layers.png, hypervolume.png)."""
+    """trials.csv, pareto.png and report.html (with projections.png, layers.png, hypervolume.png).
+
+    Drawn again only when something it shows changed (report.html's first line holds the digest of what
+    it was drawn from): a finished study run again, or reported twice, costs no plotting."""
+    run_dir = Path(run_dir)
+    paths = {"trials": run_dir / TRIALS_CSV, "plot": run_dir / PARETO_PNG, "html": run_dir / REPORT_HTML}
+    digest = report_digest(study, run_dir)
+    first_line = _DIGEST_LINE.format(digest)
+    if all(p.exists() for p in paths.values()):
+        with paths["html"].open() as f:
+            if f.readline() == first_line:
+                return paths
     return {
         "trials": write_trials_table(study, run_dir),
         "plot": plot_pareto(study, run_dir),
-        "html": write_html(study, run_dir),
+        "html": write_html(study, run_dir, first_line),
     }

@@ -131,3 +131,25 @@ def test_report_of_a_run_stopped_before_its_first_trial(tmp_path):
     assert len(out["trials"].read_text().splitlines()) == 1  # the header alone
     assert "no Pareto model yet" in out["html"].read_text()
     assert study_hypervolume(study) == []
+
+
+def test_report_is_drawn_again_only_when_what_it_shows_changed(tmp_path):
+    study = _study(tmp_path, [(0.95, 1.2, 3.5, 8, 0.0, 1.0)])
+    paths = write_report(study, tmp_path)
+    stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    assert paths["html"].read_text().startswith("<!-- autocompress report of ")
+    assert write_report(study, tmp_path) == paths  # nothing changed: nothing rewritten
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamps
+    t = study.ask()  # a new trial (even a failed one) is shown: everything is drawn again
+    t.suggest_categorical("bits.features.0", [4, 8, 32])
+    t.set_user_attr("fail_reason", "exception: RuntimeError: late")
+    study.tell(t, state=optuna.trial.TrialState.FAIL)
+    html = write_report(study, tmp_path)["html"].read_text()
+    assert "RuntimeError: late" in html and paths["plot"].stat().st_mtime_ns > stamps["plot"]
+    (tmp_path / "coverage.json").write_text("{}")  # a run-folder file the report may show
+    before = paths["html"].read_text().splitlines()[0]
+    write_report(study, tmp_path)
+    assert paths["html"].read_text().splitlines()[0] != before
+    paths["plot"].unlink()  # a missing output is drawn again
+    write_report(study, tmp_path)
+    assert paths["plot"].read_bytes()[:8] == PNG

@@ -113,17 +113,17 @@ def resnet18(num_classes: int = 1000, width: int = 64) -> ResNet:
 def tinted_digits(image_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 digits as [N, 3, image_size, image_size] float images (per-image colours,
     normalized per channel) and [N] int64 labels."""
-    from sklearn.datasets import load_digits
+    from ..tasks.digits import load_digits_arrays
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images, labels = load_digits_arrays()
+    x = images.unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
     rng = np.random.default_rng(seed)
     fg = torch.tensor(rng.uniform(0.5, 1.0, (len(x), 3, 1, 1)), dtype=torch.float32)
     bg = torch.tensor(rng.uniform(0.0, 0.4, (len(x), 3, 1, 1)), dtype=torch.float32)
     x = fg * x + bg * (1 - x)
     x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
-    return x.contiguous(), torch.tensor(d.target, dtype=torch.int64)
+    return x.contiguous(), labels
 
 
 def splits(image_size: int, seed: int = 0, eval_fraction: float = 0.2, samples: int | None = None):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,16 +36,38 @@ class DigitsCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def _split(seed: int):
-    from sklearn.datasets import load_digits
+def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 digits as [N, 8, 8] float images (0..16) and [N] int64 labels, read from the
+    CSV that ships inside scikit-learn without importing it (``sklearn.datasets`` takes ~2 s to import,
+    in every process that loads this task: each CLI run, each worker)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the digits tasks need scikit-learn (its digits CSV ships with it): pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    table = np.loadtxt(path, delimiter=",")
+    images = torch.tensor(table[:, :-1], dtype=torch.float32).reshape(-1, 8, 8)
+    return images, torch.tensor(table[:, -1], dtype=torch.long)
+
+
+# the default split, computed once with scikit-learn (the file says how); tests/tasks checks it still
+# equals what scikit-learn computes
+_SHIPPED_SPLITS = {0: Path(__file__).with_name("digits_split_seed0.json")}
+
+
+def split_indices(seed: int, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: scikit-learn's stratified 80/20 ``train_test_split`` with ``seed``."""
+    if seed in _SHIPPED_SPLITS:
+        data = json.loads(_SHIPPED_SPLITS[seed].read_text())
+        return np.asarray(data["train"]), np.asarray(data["test"])
     from sklearn.model_selection import train_test_split
 
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=0.2, random_state=seed, stratify=y.numpy()
-    )
+    return train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels.numpy())
+
+
+def _split(seed: int):
+    images, y = load_digits_arrays()
+    x = images.unsqueeze(1) / 16.0
+    idx_train, idx_test = split_indices(seed, y)
     return (x[idx_train], y[idx_train]), (x[idx_test], y[idx_test])
 
 

@@ -232,8 +232,10 @@ def check_measure_pair_times_both_side_by_side(case: BackendCase, out_dir: Path)
     a, b = backend.measure_pair(heavy, case.artifact, case.example_inputs)
     # (no minimum count: on a busy machine most rounds may be set aside as disturbed, for both alike)
     check(a.n == b.n > 0 and a.disturbed == b.disturbed, (a.n, b.n, a.disturbed, b.disturbed))
-    if backend.device == "cpu":  # in argument order: the heavy artifact first (measured: about 30x slower)
-        check(a.median_ms > 5 * b.median_ms, (a.median_ms, b.median_ms))
+    if backend.device == "cpu":
+        # in argument order: the heavy artifact first. Measured 4.6x (CI) to 30x (here) slower; swapped
+        # results would read the other way round, so 2x separates the two without timing the machine
+        check(a.median_ms > 2 * b.median_ms, (a.median_ms, b.median_ms))
 
 
 def check_fingerprint_is_structural(case: BackendCase, out_dir: Path) -> None:

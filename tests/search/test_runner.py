@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, cli_env
+from reliability_helpers import QUICK_TIMING
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,8 @@ def _study(tmp_path, name="tiny", **changes) -> tuple:
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 1},
+        # short timing rounds: these tests check the run folder, resumes and budgets, not latencies
+        "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "sampler": {"name": "random"},
         "trials": {"n": 4},
         "output": str(tmp_path / "run"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +59,24 @@ def test_bad_task_option_is_one_clear_error():
         ConfigError, match=r"task factory 'mnist1d_cnn' raised TypeError: .*unexpected keyword"
     ):
         load_task("mnist1d_cnn", {"widht": 16})
+
+
+def test_digits_read_without_sklearn_and_split_as_sklearn_does():
+    """The digits are read from scikit-learn's CSV without importing it; the shipped seed-0 split is the one
+    scikit-learn's stratified train_test_split computes (any other seed is computed by it)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from autocompress.tasks.digits import load_digits_arrays, split_indices
+
+    images, labels = load_digits_arrays()
+    ref = load_digits()
+    assert torch.equal(images, torch.tensor(ref.images, dtype=torch.float32))
+    assert torch.equal(labels, torch.tensor(ref.target))
+    for seed in (0, 3):
+        train, test = split_indices(seed, labels)
+        want_train, want_test = train_test_split(
+            np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=ref.target
+        )
+        assert np.array_equal(train, want_train) and np.array_equal(test, want_test), seed
+    assert len(set(train) | set(test)) == 1797 and not set(train) & set(test)
