@@ -42,7 +42,9 @@ def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     in every process that loads this task: each CLI run, each worker)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the digits tasks need scikit-learn (its digits CSV ships with it): pip install scikit-learn")
+        raise ImportError(
+            "the digits tasks need scikit-learn (its digits CSV ships with it): pip install scikit-learn"
+        )
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     table = np.loadtxt(path, delimiter=",")
     images = torch.tensor(table[:, :-1], dtype=torch.float32).reshape(-1, 8, 8)

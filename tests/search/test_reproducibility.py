@@ -72,7 +72,9 @@ def test_same_seed_same_plans_rebuild_and_keep_pareto(tmp_path):
     assert not (b_run / "trials" / f"{dominated[0]:05d}").exists()  # rebuild writes a new folder
 
     bad = cli("rebuild", b_run, 99)
-    assert bad.returncode == 2 and bad.stderr.strip().endswith(f"no trial 99 (the study has trials 0..{n - 1})")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(
+        f"no trial 99 (the study has trials 0..{n - 1})"
+    )
 
 
 def test_size_floor_is_a_lower_bound_of_real_artifacts(digits_task, digits_teacher, tmp_path):
