@@ -1,15 +1,17 @@
 """Compression techniques: one module per family. They never import search or backends.
 
 Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
-(``fold``, ``sparsity``, ``lowrank``, ``quantize``, ``distill``): each module owns its per-layer fields
+(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``distill``): each module owns its per-layer fields
 (:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
 """
 
 from __future__ import annotations
 
-from . import sparsity  # noqa: F401 - registers the sparsity family
+from . import layerdrop, sparsity  # noqa: F401 - register the layer dropping and sparsity families
 from .distill import FeatureHints, distill_loss, kd_loss
 from .fold import fold_batchnorm
+from .heads import HeadAttention, attention_of, head_scores, heads_to_keep, prune_heads
+from .layerdrop import KeptLayers, block_of, drop_blocks
 from .lowrank import (
     RANK_MODES,
     cp_macs,
@@ -52,6 +54,14 @@ from .structured import (
 )
 
 __all__ = [
+    "HeadAttention",
+    "KeptLayers",
+    "attention_of",
+    "block_of",
+    "drop_blocks",
+    "head_scores",
+    "heads_to_keep",
+    "prune_heads",
     "FeatureHints",
     "RANK_MODES",
     "factorize_spatial",

@@ -58,6 +58,10 @@ class Build:
     parameters: list[Callable[[], list]] = field(default_factory=list)
     _modules: dict[str, nn.Module] | None = None
 
+    def note(self, layer: str, text: str) -> None:
+        """Add ``text`` to the layer's note (after what an earlier step wrote there, ``; `` between)."""
+        self.notes[layer] = f"{self.notes[layer]}; {text}" if self.notes.get(layer) else text
+
     @property
     def iterative(self) -> bool:
         """Structured pruning follows the sparsity schedule (else it happens once, before low rank)."""

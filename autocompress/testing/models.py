@@ -1,8 +1,8 @@
 """Tiny reference models for tests and examples, each with ``example_inputs()``.
 
 They cover the architectures a compression tool meets in practice: a plain CNN, residual blocks,
-depthwise-separable blocks, a Linear-heavy transformer encoder (plain Linear layers, and one built from
-torch's ``nn.TransformerEncoder``) and an LSTM classifier.
+depthwise-separable blocks, a Linear-heavy transformer encoder (plain Linear layers, one built from
+torch's ``nn.TransformerEncoder``, a tiny transformers BERT) and an LSTM classifier.
 """
 
 from __future__ import annotations
@@ -209,6 +209,35 @@ class TorchTransformer(_PatchEncoder):
         return self.head(self.encoder(self.embed(self._patches(x))).mean(dim=1))
 
 
+class BertClassifier(nn.Module):
+    """A tiny transformers ``BertModel`` (built from a ``BertConfig``: nothing downloads; eager attention)
+    over token ids, mean-pooled into class logits: BERT's ``attention.self.query/key/value`` and
+    ``attention.output.dense`` layers, its ``encoder.layer`` list. Needs ``transformers`` (``[hf]``)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, depth: int = 2, heads: int = 4, classes: int = 10):
+        super().__init__()
+        import transformers
+
+        config = transformers.BertConfig(
+            vocab_size=vocab,
+            hidden_size=dim,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            intermediate_size=2 * dim,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+        self.bert = transformers.BertModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):  # ids: [batch, tokens] int64
+        return self.head(self.bert(input_ids=ids).last_hidden_state.mean(dim=1))
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, 64, (batch, 12)),)
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self, features: int = 8, hidden: int = 32, classes: int = 10):
         super().__init__()
@@ -264,6 +293,7 @@ REFERENCE_MODELS: dict[str, type[nn.Module]] = {
     "mobilenet": MobileNetStyle,
     "transformer": TinyTransformer,
     "torch_transformer": TorchTransformer,
+    "bert": BertClassifier,
     "lstm": LSTMClassifier,
 }
 

@@ -41,10 +41,14 @@ from ..techniques._modules import get_module
 from ._check import check
 from .backend_suite import lower
 from .models import REFERENCE_MODELS
+from .transformer_checks import TRANSFORMER_TECHNIQUES, check_heads_pruned, check_layers_dropped
 
 __all__ = [
     "TECHNIQUES",
     "TECHNIQUE_CHECKS",
+    "TRANSFORMER_TECHNIQUES",
+    "check_heads_pruned",
+    "check_layers_dropped",
     "TechniqueCase",
     "TechniqueConformance",
     "check_artifact_agrees",
@@ -97,10 +101,12 @@ def _recurrent(model: nn.Module) -> dict[str, nn.LSTM]:
 
 
 def technique_plan(model: nn.Module, task: Task, technique: str | LayerPlanFn) -> Plan:
-    """Every inventory layer planned by ``technique`` (a name in :data:`TECHNIQUES` or a function);
+    """Every inventory layer planned by ``technique`` (a name in :data:`TECHNIQUES` or
+    :data:`TRANSFORMER_TECHNIQUES`, or a function);
     an LSTM (outside the inventory) by hand, from the plan of index 0: dynamic int8 where that is 8
     bits, that plan where it is float, unplanned otherwise."""
-    layer_plan = TECHNIQUES[technique] if isinstance(technique, str) else technique
+    named = {**TECHNIQUES, **TRANSFORMER_TECHNIQUES}
+    layer_plan = named[technique] if isinstance(technique, str) else technique
     layers: dict[str, LayerPlan] = {}
     for i, layer in enumerate(build_inventory(model, task.example_inputs())):
         layers[layer.name] = layer_plan(i, layer.name)
@@ -232,6 +238,9 @@ TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
     "spatial": lambda case: check_factorized(case, "spatial"),
     "tucker": lambda case: check_factorized(case, "tucker"),
     "mixed": lambda case: check_factorized(case, "ratio"),
+    "heads": check_heads_pruned,
+    "layerdrop": check_layers_dropped,
+    "heads+layerdrop+int8": lambda case: (check_layers_dropped(case), check_heads_pruned(case)),
 }
 
 
@@ -269,7 +278,10 @@ def check_stored_precisions(case: TechniqueCase) -> None:
     graph = onnx.load(str(case.artifact.path)).graph
     stored = Counter((i.data_type, int(np.prod(i.dims))) for i in graph.initializer)
     wanted = Counter()
+    present = {n for n, _ in case.model.named_modules()}
     for name, lp in case.plan.layers.items():
+        if name not in present:  # its block was dropped (layer dropping): it holds no weights
+            continue
         now = get_module(case.model, name)
         if isinstance(now, nn.LSTM):  # dynamic int8: DynamicQuantizeLSTM (check_recurrent_layers)
             continue

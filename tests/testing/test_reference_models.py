@@ -26,6 +26,15 @@ class TestReferenceModels(TechniqueConformance):
     """Each of the 10 built-in techniques on plain_cnn, resnet, mobilenet, transformer and lstm."""
 
 
+class TestTransformerTechniques(TechniqueConformance):
+    """Head pruning, layer dropping and dynamic int8 together (every block planned away: one stays) on the
+    models with attention modules (``nn.TransformerEncoder``, a transformers BERT); ``heads`` and
+    ``layerdrop`` alone are in :data:`~autocompress.testing.transformer_checks.TRANSFORMER_TECHNIQUES` too."""
+
+    models = ("torch_transformer", "bert")
+    techniques = ("heads+layerdrop+int8",)
+
+
 @pytest.fixture(scope="module")
 def backend():
     be = OnnxRuntimeBackend()
