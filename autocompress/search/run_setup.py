@@ -212,8 +212,8 @@ def open_run(
             where = cache_path(cfg.backend.latency_cache, run_dir)
             ctx.latency_cache = LatencyCache(where) if where is not None else None
             ctx.baseline = baseline_for_run(ctx, log)
+            ctx.trial_estimate = estimate_trial_s(ctx, log)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
-            estimate_trial_s(ctx, log)
         if exclusive:  # no other runner writes here: what is half written is debris of a killed run
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
@@ -270,7 +270,8 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
             sensitivity = analyze(ctx, log=log)
         if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
             _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
-        for ws in cfg.trials.warm_start:
+        warm_starts, planned = cfg.trials.starts()
+        for ws in warm_starts:
             params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
             params.update(
                 ctx.space.plan_params(
@@ -286,6 +287,10 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
                 ctx.space.params_from_layers(ctx.inventory, gentle),
                 user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
             )
+        if planned:
+            from .planned import enqueue_planned
+
+            enqueue_planned(ctx, study, planned, log, (ctx.trial_estimate or {}).get("total"))
     if not shared:
         _recover_interrupted(study, storage, log, ctx.run_dir)
     return study

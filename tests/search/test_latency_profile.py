@@ -75,3 +75,41 @@ def test_second_profile_reuses_every_row_without_lowering(run):
     assert again["lowerings"] == 0 and again["timed"] == 0 and again["reused"] == len(first["rows"])
     assert [r["speedup"] for r in again["rows"]] == [r["speedup"] for r in first["rows"]]
     assert "latency profile:" in lines[0] and "0 lowerings" in lines[0] and "trial-equivalents" in lines[0]
+
+
+def test_planned_starts_are_enqueued_with_their_prediction_and_merged_by_structure(run):
+    from optuna.trial import TrialState
+
+    from autocompress.search.planned import _structure, enqueue_planned, prediction_errors
+    from autocompress.search.planner import Planned, merge_same_structure
+
+    ctx, study = run
+    # ONNX Runtime prefers multiples of 8 channels: 30% and 50% of 16 both keep 8 (one model, one trial)
+    pruned = [
+        Planned(f"{s}", {"features.10": {"sparsity": s, "sparsity_kind": "structured"}}, {})
+        for s in (0.3, 0.5)
+    ]
+    merged = merge_same_structure(
+        [*pruned, Planned("int8", {"classifier": {"bits": 8}}, {})], lambda p: _structure(ctx, p)
+    )
+    assert [p.name for p in merged] == ["0.3", "int8"] and merged[0].merged == ["0.5"]
+    lines: list[str] = []
+    plans = enqueue_planned(ctx, study, 4, lines.append, trial_s=1.0)
+    assert 1 <= len(plans) <= 4 and len({_structure(ctx, p) for p in plans}) == len(plans)
+    assert lines[0].startswith("latency profile:") and "planned start" in lines[1]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == len(plans)
+    for t, p in zip(waiting, plans, strict=True):
+        rec = t.user_attrs["planned"]
+        assert rec["name"] == p.name and rec["choices"] == p.choices
+        assert {"metric_drop", "speedup", "size_ratio", "size_bytes", "latency_ms"} <= set(rec)
+        for layer, fields in p.layers.items():  # the enqueued parameters give the planned layer values
+            for dim, value in fields.items():
+                name = {"bits": "bits", "sparsity": "sparsity", "rank_ratio": "rank"}.get(dim)
+                if name and f"{name}.{layer}" in t.params:
+                    assert t.params[f"{name}.{layer}"] == value
+    assert study.user_attrs["latency_profile"]["lowerings"] == 0  # the profile came from the run folder
+    measured = {**waiting[0].user_attrs, "speedup": 2.0, "metric_drop": 0.0, "size_ratio": 3.0}
+    err = prediction_errors(measured)
+    assert err["speedup"] == pytest.approx(2.0 - waiting[0].user_attrs["planned"]["speedup"])
+    assert prediction_errors({"speedup": 1.0}) is None  # not a planned trial

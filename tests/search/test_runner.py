@@ -25,7 +25,7 @@ def _study(tmp_path, name="tiny", **changes) -> tuple:
         },
         "finetune": {"epochs": 1},
         "sampler": {"name": "random"},
-        "trials": {"n": 4},
+        "trials": {"n": 4, "warm_start": [{"bits": 8}]},  # explicit: no planned starts (profile)
         "output": str(tmp_path / "run"),
     }
     for key, value in changes.items():
