@@ -113,3 +113,25 @@ def test_planned_starts_are_enqueued_with_their_prediction_and_merged_by_structu
     err = prediction_errors(measured)
     assert err["speedup"] == pytest.approx(2.0 - waiting[0].user_attrs["planned"]["speedup"])
     assert prediction_errors({"speedup": 1.0}) is None  # not a planned trial
+
+
+def test_report_shows_the_profiles_and_planned_trials_predicted_vs_measured(run):
+    from optuna.trial import TrialState
+
+    from autocompress.report_html import write_html
+    from autocompress.search.runner import execute_trial
+
+    ctx, study = run
+    if not study.get_trials(states=(TrialState.WAITING,)):  # run alone: enqueue them here
+        from autocompress.search.planned import enqueue_planned
+
+        enqueue_planned(ctx, study, 4, lambda s: None, trial_s=1.0)
+    state, metrics, reason = execute_trial(ctx, study, study.ask())  # the first planned trial
+    assert state == TrialState.COMPLETE, reason
+    html = write_html(study, ctx.run_dir).read_text()
+    assert "<h2>Profiles: measured latency and accuracy per layer x setting</h2>" in html
+    assert 'alt="profile"' in html and (ctx.run_dir / "profile.png").exists()
+    assert "(layer, setting) rows, each the teacher with only that change" in html
+    assert "<h3>Planned trials: predicted vs measured</h3>" in html
+    assert "Mean absolute error over 1 completed: speedup" in html
+    assert f"{metrics['speedup']:.4g}" in html  # the measured speedup is in the planned table
