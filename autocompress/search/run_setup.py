@@ -45,6 +45,7 @@ from ..rundir import (
 from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
+from .defaults import apply_finetune_default, apply_space_default
 from .fidelity import make_pruner
 from .housekeeping import clean_run_dir, discard_dominated_folders
 from .preflight import check_budgets, check_output, check_storage
@@ -66,6 +67,7 @@ class Prepared:
     space: SearchSpace
     backend: Backend
     sampler: optuna.samplers.BaseSampler
+    notes: tuple[str, ...] = ()  # defaults chosen from the model (search/defaults.py), logged at set-up
 
 
 def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
@@ -121,11 +123,12 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
                 source=src,
                 field="pruner.name",
             )
+        note = apply_finetune_default(cfg, task)
         check_budgets(cfg, task, space, backend)
     except BaseException:
         backend.close()
         raise
-    return Prepared(cfg, task, space, backend, sampler)
+    return Prepared(cfg, task, space, backend, sampler, (note,) if note else ())
 
 
 def _check_storage_url(cfg: StudyConfig) -> None:
@@ -208,6 +211,9 @@ def open_run(
             except ConfigError as exc:
                 raise exc.at(cfg.source) from None
             inventory = build_inventory(teacher, prep.task.example_inputs())
+            for line in [*prep.notes, apply_space_default(cfg, prep.space, inventory)]:
+                if line:
+                    log(line)
             ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
             where = cache_path(cfg.backend.latency_cache, run_dir)
             ctx.latency_cache = LatencyCache(where) if where is not None else None
