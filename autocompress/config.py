@@ -122,10 +122,17 @@ class WarmStart(_Strict):
         return {**values, "rank_ratio": self.rank_ratio, **(self.model_extra or {})}
 
 
+AUTO_PLANNED = 4  # planned starts of a study that names no warm start
+
+
 class TrialsConfig(_Strict):
     n: int = Field(24, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0)
     warm_start: list[WarmStart] = [WarmStart(bits=8)]
+    # plans from the measured latency and accuracy profiles, enqueued first (search/planned.py):
+    # "auto" = up to 4 when the study file gives no warm_start (which then has none), none when it
+    # does; N = up to N besides the warm starts; 0 = none (the warm_start default, int8 everywhere)
+    planned_starts: Literal["auto"] | int = Field("auto", union_mode="left_to_right")
     # also enqueue the plan built from the sensitivity analysis (autocompress inspect): per layer the
     # harshest bits / sparsity / rank whose accuracy drop alone stays within this value
     sensitivity_start: float | None = Field(None, ge=0, le=1)
@@ -138,6 +145,20 @@ class TrialsConfig(_Strict):
     max_failures: int = Field(20, ge=0)
     trial_timeout_s: float | None = Field(None, gt=0)  # one trial's wall-time limit (failed past it)
     keep: Literal["all", "pareto"] = "all"  # "pareto": delete artifacts of dominated trials
+
+    @field_validator("planned_starts")
+    @classmethod
+    def _planned(cls, value):
+        if isinstance(value, int) and not 0 <= value <= 20:
+            raise PydanticCustomError("planned_starts", "must be 'auto' or a count from 0 to 20")
+        return value
+
+    def starts(self) -> tuple[list[WarmStart], int]:
+        """(the warm starts to enqueue, how many planned starts at most)."""
+        given = "warm_start" in self.model_fields_set
+        if self.planned_starts == "auto":
+            return (self.warm_start, 0) if given else ([], AUTO_PLANNED)
+        return (self.warm_start if given or not self.planned_starts else [], self.planned_starts)
 
 
 class RayConfig(_Strict):

@@ -45,6 +45,7 @@ class RunContext:
     baseline: dict | None = None
     latency_cache: LatencyCache | None = None
     references: dict = field(default_factory=dict)  # eval limit -> the teacher's outputs per batch
+    trial_estimate: dict | None = None  # the per-trial wall-time estimate (search.costs.estimate_trial_s)
 
     @property
     def metric(self) -> Metric:

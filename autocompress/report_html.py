@@ -22,6 +22,7 @@ from .report import (
     trials_frame,
     write_trials_table,
 )
+from .report_profiles import profiles_html
 from .rundir import PARETO_PNG, REPORT_HTML, TRIALS_CSV, write_atomic
 
 
@@ -264,6 +265,7 @@ dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></hea
 <h1>autocompress report: {escape(study.study_name)}</h1>
 <h2>Summary</h2><dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in summary.items())}</dl>
 <h2>Applicability (checked before the first trial)</h2>{_applicability_html(study)}
+<h2>Profiles: measured latency and accuracy per layer x setting</h2>{profiles_html(study, run_dir)}
 <h2>Pareto front</h2>{_table(front_table(study), "no feasible completed trial yet")}
 <h2>Projections</h2><p>Blue: feasible; grey x: over a budget; red rings: Pareto (3 objectives); black star: baseline.</p>
 {_img(pngs["projections"])}

@@ -55,6 +55,7 @@ REPORT_HTML = "report.html"
 APPLICABILITY = "applicability.json"
 COVERAGE = "coverage.json"
 SENSITIVITY = "sensitivity.json"
+LATENCY_PROFILE = "latency_profile.json"
 RUN_LOCK, SETUP_LOCK, ASK_LOCK = "run.lock", "setup.lock", "ask.lock"
 RAY = "ray"
 

@@ -34,7 +34,7 @@ def study_file(tmp_path: Path, name: str = "rel", **changes) -> tuple[Path, Path
         "finetune": {"epochs": 1, "threads": 1},
         "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "sampler": {"name": "random"},
-        "trials": {"n": 4},
+        "trials": {"n": 4, "warm_start": [{"bits": 8}]},  # explicit: no planned starts (profile)
         "output": str(tmp_path / "run"),
     }
     for dotted, value in changes.items():

@@ -198,6 +198,18 @@ class Backend(ABC):
         """
         return self.measure(artifact, example_inputs), self.measure(reference, example_inputs)
 
+    def measure_group(
+        self, artifacts: list[Artifact], reference: Artifact, example_inputs, **limits
+    ) -> list[tuple[LatencyStats, LatencyStats]]:
+        """Each of ``artifacts`` timed side by side with ``reference``: ``(stats, reference stats)`` per
+        artifact (a latency profile times many small variants of one model).
+
+        Backends that time a list in one session (alternating blocks) override it so that every
+        ratio comes from the same session; ``limits`` are :func:`time_callables` keywords (shorter
+        rounds). This default times one pair after the other.
+        """
+        return [self.measure_pair(a, reference, example_inputs) for a in artifacts]
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release processes or sessions the backend holds."""
 

@@ -201,14 +201,14 @@ class OnnxRuntimeBackend(Backend):
         fns = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds, strict=True)]
         return time_callables(fns, device=self.device, batch_size=len(xs[0]), **limits)
 
-    def _time(self, paths: list[Path], example_inputs) -> list[LatencyStats]:
+    def _time(self, paths: list[Path], example_inputs, limits: dict | None = None) -> list[LatencyStats]:
         """Time artifacts side by side under the device lock, in the timing worker by default.
 
         The worker is a clean process (see :mod:`.worker`): torch's OpenMP threads in the search
         process keep spinning after training and would be timed along with the artifact.
         """
         x = self._feed(example_inputs)
-        limits = self.options.get("timing", {})
+        limits = {**self.options.get("timing", {}), **(limits or {})}
         artifacts = [self.load_artifact(Path(p)) for p in paths]
         with device_lock(self.device):
             if not self.options.get("isolate", True):
@@ -223,6 +223,10 @@ class OnnxRuntimeBackend(Backend):
     def measure_pair(self, artifact: Artifact, reference: Artifact, example_inputs):
         a, b = self._time([artifact.path, reference.path], example_inputs)
         return a, b
+
+    def measure_group(self, artifacts: list[Artifact], reference: Artifact, example_inputs, **limits):
+        ref, *stats = self._time([reference.path, *(a.path for a in artifacts)], example_inputs, limits)
+        return [(s, ref) for s in stats]
 
     def close(self) -> None:
         worker, self._worker = self._worker, None

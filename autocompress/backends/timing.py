@@ -57,6 +57,10 @@ class TimedInRounds:
         a, b = self._time([artifact, reference], example_inputs)
         return a, b
 
+    def measure_group(self, artifacts, reference, example_inputs, **limits):
+        ref, *stats = self._time([reference, *artifacts], example_inputs)
+        return [(s, ref) for s in stats]
+
 
 def lock_dir() -> Path:
     d = Path(os.environ.get("AUTOCOMPRESS_LOCK_DIR", Path(tempfile.gettempdir()) / "autocompress-locks"))

@@ -45,6 +45,7 @@ from ..rundir import (
 from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
+from .defaults import apply_finetune_default, apply_space_default
 from .fidelity import make_pruner
 from .housekeeping import clean_run_dir, discard_dominated_folders
 from .preflight import check_budgets, check_output, check_storage
@@ -66,6 +67,7 @@ class Prepared:
     space: SearchSpace
     backend: Backend
     sampler: optuna.samplers.BaseSampler
+    notes: tuple[str, ...] = ()  # defaults chosen from the model (search/defaults.py), logged at set-up
 
 
 def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
@@ -121,11 +123,12 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
                 source=src,
                 field="pruner.name",
             )
+        note = apply_finetune_default(cfg, task)
         check_budgets(cfg, task, space, backend)
     except BaseException:
         backend.close()
         raise
-    return Prepared(cfg, task, space, backend, sampler)
+    return Prepared(cfg, task, space, backend, sampler, (note,) if note else ())
 
 
 def _check_storage_url(cfg: StudyConfig) -> None:
@@ -208,12 +211,15 @@ def open_run(
             except ConfigError as exc:
                 raise exc.at(cfg.source) from None
             inventory = build_inventory(teacher, prep.task.example_inputs())
+            for line in [*prep.notes, apply_space_default(cfg, prep.space, inventory)]:
+                if line:
+                    log(line)
             ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
             where = cache_path(cfg.backend.latency_cache, run_dir)
             ctx.latency_cache = LatencyCache(where) if where is not None else None
             ctx.baseline = baseline_for_run(ctx, log)
+            ctx.trial_estimate = estimate_trial_s(ctx, log)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
-            estimate_trial_s(ctx, log)
         if exclusive:  # no other runner writes here: what is half written is debris of a killed run
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
@@ -270,7 +276,8 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
             sensitivity = analyze(ctx, log=log)
         if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
             _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
-        for ws in cfg.trials.warm_start:
+        warm_starts, planned = cfg.trials.starts()
+        for ws in warm_starts:
             params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
             params.update(
                 ctx.space.plan_params(
@@ -286,6 +293,10 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
                 ctx.space.params_from_layers(ctx.inventory, gentle),
                 user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
             )
+        if planned:
+            from .planned import enqueue_planned
+
+            enqueue_planned(ctx, study, planned, log, (ctx.trial_estimate or {}).get("total"))
     if not shared:
         _recover_interrupted(study, storage, log, ctx.run_dir)
     return study

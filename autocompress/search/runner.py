@@ -30,6 +30,7 @@ from ..tasks import Task
 from .costs import score_front_fully
 from .fidelity import Fidelity
 from .housekeeping import discard_dominated_folders
+from .planned import prediction_line
 from .progress import Progress
 from .run_setup import open_run
 
@@ -225,6 +226,9 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
             discard_dominated_folders(study, ctx.run_dir, log)
         done += 1
         progress.trial(study, done, trial.number, metrics)
+        planned = prediction_line(trial.number, trial.user_attrs)
+        if planned:
+            log(planned)
         try:
             from ..report import write_trials_table  # pandas: imported when the first table is written
 

@@ -28,7 +28,7 @@ def _study(tmp_path, name="tiny", **changes) -> tuple:
         # short timing rounds: these tests check the run folder, resumes and budgets, not latencies
         "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "sampler": {"name": "random"},
-        "trials": {"n": 4},
+        "trials": {"n": 4, "warm_start": [{"bits": 8}]},  # explicit: no planned starts (profile)
         "output": str(tmp_path / "run"),
     }
     for key, value in changes.items():

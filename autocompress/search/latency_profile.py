@@ -1,0 +1,297 @@
+"""The measured latency profile: per layer and per setting the space offers, the whole artifact's
+latency, size and metric when only that layer changes.
+
+Each (layer, setting) is applied to the teacher alone through :func:`~autocompress.pipeline.compress`
+(no fine-tuning), lowered by the study's backend and scored on the eval split (the accuracy profile:
+the same drop ``autocompress inspect`` measures). Artifacts of the same structure (the backend's
+fingerprint: a rank ratio that cannot reduce the MACs, two sparsity levels rounding to the same
+widths) are timed once; a structure equal to the baseline's is not timed at all (speedup 1). New
+structures are timed side by side with the baseline artifact in short shared sessions
+(:meth:`Backend.measure_group`), and every pair goes to the run's latency cache (a trial of the same
+structure reuses it, and a profile of the same model on the same device finds its pairs there).
+
+Settings (from the layer's domains, after the applicability exclusions): every bit width below float
+(8-bit static, and dynamic where ``quant_mode`` allows it), structured sparsity at
+:data:`LEVELS` inside the sparsity domain, the rank ratio at :data:`LEVELS` inside its domain (the
+space's first rank mode), plus the uniform plans "every layer 8-bit" (static, dynamic): int8 pays
+only where activations stay int8 between layers, which no single-layer row can show. Unstructured and
+2:4 masks keep the baseline's dense graph (no latency or size change on dense kernels): not profiled.
+
+Cost: wall seconds and trial-equivalents (seconds / the run's per-trial estimate). Layers are
+profiled largest first (MACs) and the profile stops at ``budget_trials`` trial-equivalents; the rows
+not measured say so. The result is ``latency_profile.json`` in the run folder, keyed by the teacher's
+weights, the backend's timing identity and the eval subset: rows already there are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..context import RunContext
+from ..pipeline import compress
+from ..plan import LayerPlan, Plan
+from ..rundir import LATENCY_PROFILE, write_json
+
+LEVELS = (0.25, 0.5)  # structured sparsity and rank ratio levels tried (clipped into the domain)
+CHUNK = 8  # artifacts timed side by side with the baseline in one session
+TIMING = {"warmup_s": 0.05, "min_s": 0.15, "max_s": 0.6, "target_rel_ci": 0.03}
+BUDGET_TRIALS = 2.0  # the profile stops past this many trial-equivalents
+
+
+def _levels(p, levels=LEVELS) -> list[float]:
+    """The levels of a searched sparsity / rank domain the profile tries (within it, on its grid)."""
+    if p.fixed is not None:
+        return [float(p.fixed)]
+    if p.choices is not None:
+        return [float(v) for v in p.choices]
+    out = []
+    for v in levels:
+        v = min(max(v, p.low), p.high)
+        if p.step:
+            v = p.low + round((v - p.low) / p.step) * p.step
+        out.append(round(v, 6))
+    return sorted(set(out))
+
+
+def layer_settings(space, info) -> list[tuple[str, dict]]:
+    """``(label, LayerPlan fields)`` of every setting the profile measures on one layer."""
+    params = space._layer_params(info.name)
+    grid = space.allowed_by_kind.get("quant_granularity", {}).get(info.kind, ())
+    extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
+    out: list[tuple[str, dict]] = []
+    for b in sorted({int(v) for v in params["bits"].values() if int(v) < 32}, reverse=True):
+        out.append((f"{b}-bit", {"bits": b, **extra}))
+        if b == 8 and "dynamic" in [str(v) for v in params["quant_mode"].values()]:
+            out.append(("8-bit dynamic", {"bits": 8, "quant_mode": "dynamic", **extra}))
+    if "structured" in [str(v) for v in params["sparsity_kind"].values()]:
+        for s in _levels(params["sparsity"]):
+            if s > 0:
+                out.append((f"structured {s:g}", {"sparsity": s, "sparsity_kind": "structured"}))
+    mode = str(params["rank_mode"].values()[0])
+    for r in _levels(params["rank_ratio"]):
+        if r < 1.0:
+            out.append((f"rank {r:g}", {"rank_ratio": r, "rank_mode": mode}))
+    return out
+
+
+def uniform_settings(space, inventory) -> list[tuple[str, dict[str, dict]]]:
+    """``(label, {layer: fields})`` of the whole-model int8 rows (each layer whose domain allows it)."""
+    out = []
+    for single, label in (("8-bit", "all 8-bit"), ("8-bit dynamic", "all 8-bit dynamic")):
+        layers = {}
+        for info in inventory:
+            offered = dict(layer_settings(space, info))
+            if single in offered:
+                layers[info.name] = offered[single]
+        if len(layers) > 1:
+            out.append((label, layers))
+    return out
+
+
+def profile_key(ctx: RunContext) -> str:
+    """The model, the device's timing identity and the eval subset: what makes a row reusable."""
+    from ..tasks.base import weights_hash
+
+    blob = {
+        "teacher": weights_hash(ctx.teacher),
+        "timing": ctx.backend.timing_identity(),
+        "capabilities": ctx.backend.capabilities(),
+        "eval_samples": ctx.eval_limit(),
+        "inputs": [list(x.shape) for x in ctx.task.example_inputs()],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _items(ctx: RunContext) -> list[tuple[str, str, dict[str, dict]]]:
+    """``(layer or '*', label, {layer: fields})`` in profiling order: whole-model rows, then layers by MACs."""
+    items = [("*", label, layers) for label, layers in uniform_settings(ctx.space, ctx.inventory)]
+    for info in sorted(ctx.inventory, key=lambda i: -i.macs):
+        items += [(info.name, label, {info.name: v}) for label, v in layer_settings(ctx.space, info)]
+    return items
+
+
+class _Profiler:
+    """One profiling pass: lower each item, group equal structures, time new ones in shared sessions."""
+
+    def __init__(self, ctx: RunContext, tmp: Path, log):
+        self.ctx, self.tmp, self.log = ctx, tmp, log
+        self.base_art = ctx.baseline_artifact()
+        self.base_fp = ctx.backend.fingerprint(self.base_art)
+        self.known: dict[str, dict] = {}  # fingerprint -> latency fields already measured or cached
+        self.pending: list[tuple[dict, object, str]] = []  # rows waiting for their timing session
+        self.lowerings = self.timed = self.cache_hits = 0
+
+    def row(self, layer: str, label: str, layers: dict[str, dict]) -> dict:
+        ctx = self.ctx
+        plan = Plan(layers={k: LayerPlan(**v) for k, v in layers.items()}, epochs=0, seed=ctx.config.seed)
+        row = {"layer": layer, "setting": label, "values": layers if layer == "*" else layers[layer]}
+        try:
+            out = compress(
+                ctx.task,
+                ctx.teacher,
+                plan,
+                reduce_range=ctx.backend.reduce_range,
+                round_to=ctx.backend.preferred_channel_multiple,
+            )
+            art = ctx.lower(out.model, self.tmp / f"{len(self.pending)}-{self.lowerings}", out.lowering)
+        except Exception as exc:  # the applicability check let it through: the profile says why
+            return {**row, "status": "fails", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        self.lowerings += 1
+        fp = ctx.backend.fingerprint(art)
+        base = ctx.baseline
+        metric = ctx.score(art)
+        row.update(
+            status="ok",
+            note="" if layer == "*" else out.notes.get(layer, ""),
+            fingerprint=fp,
+            metric=metric,
+            metric_drop=(base["metric"] - metric) * ctx.metric.sign,
+            size_bytes=art.size_bytes,
+            size_ratio=base["size_bytes"] / art.size_bytes,
+        )
+        if fp is not None and fp == self.base_fp:
+            row.update(speedup=1.0, latency_ms=base["latency_ms"], timed="same structure as the baseline")
+        elif fp is not None and fp in self.known:
+            row.update(self.known[fp], timed="same structure as an earlier row")
+        elif (hit := self._cached(fp)) is not None:
+            self.known[fp] = hit
+            row.update(hit, timed="latency cache")
+        else:
+            self.pending.append((row, art, fp))
+            if len({p[2] for p in self.pending}) >= CHUNK:
+                self.flush()
+            return row
+        shutil.rmtree(art.path.parent, ignore_errors=True)
+        return row
+
+    def _key(self, fp: str | None) -> str | None:
+        cache = self.ctx.latency_cache
+        if cache is None or fp is None or self.base_fp is None:
+            return None
+        return cache.key(self.ctx.backend, [fp, self.base_fp])
+
+    def _cached(self, fp: str | None) -> dict | None:
+        key = self._key(fp)
+        hit = self.ctx.latency_cache.get(key) if key is not None else None
+        if hit is None or not hit.get("reference"):
+            return None
+        self.cache_hits += 1
+        return self._fields(hit["stats"]["median_ms"], hit["reference"]["median_ms"])
+
+    def _fields(self, median_ms: float, ref_ms: float) -> dict:
+        speedup = ref_ms / median_ms
+        return {"speedup": speedup, "latency_ms": self.ctx.baseline["latency_ms"] / speedup}
+
+    def flush(self) -> None:
+        """Time the pending structures (one artifact per fingerprint) beside the baseline."""
+        if not self.pending:
+            return
+        ctx = self.ctx
+        first: dict = {}
+        for _, art, fp in self.pending:
+            first.setdefault(fp or id(art), art)
+        arts = list(first.values())
+        pairs = ctx.backend.measure_group(arts, self.base_art, ctx.task.example_inputs(), **TIMING)
+        self.timed += len(arts)
+        for fp, (stats, ref) in zip(first, pairs, strict=True):
+            self.known[fp] = self._fields(stats.median_ms, ref.median_ms)
+            key = self._key(fp if isinstance(fp, str) else None)
+            if key is not None:
+                ctx.latency_cache.put(key, {"stats": stats.to_dict(), "reference": ref.to_dict()})
+        for row, art, fp in self.pending:
+            row.update(self.known[fp or id(art)], timed="measured")
+            shutil.rmtree(art.path.parent, ignore_errors=True)
+        self.pending = []
+
+
+def measure_profile(
+    ctx: RunContext,
+    log: Callable[[str], None] = print,
+    *,
+    trial_s: float | None = None,
+    budget_trials: float = BUDGET_TRIALS,
+    use_cache: bool = True,
+) -> dict:
+    """The latency + accuracy profile of the run's teacher (see the module doc); written to the run folder.
+
+    Args:
+        trial_s: the estimated seconds of one trial (the cost's unit; no budget when None).
+        budget_trials: stop profiling new rows past this many trial-equivalents.
+        use_cache: reuse the rows of ``latency_profile.json`` measured for the same key.
+
+    Returns:
+        ``{"key", "rows", "seconds", "trial_s", "trial_equivalents", "lowerings", "timed", "reused",
+        "cache_hits", "skipped"}``; a row: layer (``*`` for a whole-model row), setting, values, status,
+        metric, metric_drop, size_bytes, size_ratio, speedup, latency_ms, fingerprint, timed, note.
+    """
+    path = ctx.run_dir / LATENCY_PROFILE
+    key = profile_key(ctx)
+    old: dict[tuple[str, str], dict] = {}
+    if use_cache and path.exists():
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            old = {(r["layer"], r["setting"]): r for r in data.get("rows", [])}
+    t0 = time.perf_counter()
+    rows, reused, skipped = [], 0, 0
+    with tempfile.TemporaryDirectory(prefix="ac-profile-") as tmp:
+        prof = _Profiler(ctx, Path(tmp), log)
+        for layer, label, layers in _items(ctx):
+            prior = old.get((layer, label))
+            if prior is not None and prior.get("status") != "not measured":
+                rows.append(prior)
+                reused += 1
+                continue
+            spent = time.perf_counter() - t0
+            if trial_s and spent > budget_trials * trial_s:
+                rows.append(
+                    {
+                        "layer": layer,
+                        "setting": label,
+                        "values": layers.get(layer, layers),
+                        "status": "not measured",
+                        "note": "over the profile's budget",
+                    }
+                )
+                skipped += 1
+                continue
+            rows.append(prof.row(layer, label, layers))
+        prof.flush()
+    seconds = time.perf_counter() - t0
+    result = {
+        "key": key,
+        "rows": rows,
+        "baseline": {k: ctx.baseline[k] for k in ("metric", "latency_ms", "size_bytes")},
+        "seconds": seconds,
+        "trial_s": trial_s,
+        "trial_equivalents": seconds / trial_s if trial_s else None,
+        "lowerings": prof.lowerings,
+        "timed": prof.timed,
+        "reused": reused,
+        "cache_hits": prof.cache_hits,
+        "skipped": skipped,
+    }
+    write_json(path, result)
+    log(profile_line(result))
+    return result
+
+
+def profile_line(p: dict) -> str:
+    """One line: what the profile measured and what it cost."""
+    te = p.get("trial_equivalents")
+    cost = f"{p['seconds']:.1f} s" + (f" = {te:.2f} trial-equivalents" if te is not None else "")
+    ok = [r for r in p["rows"] if r.get("status") == "ok"]
+    best = max(ok, key=lambda r: r["speedup"], default=None)
+    fastest = (
+        f"; fastest single change: {best['layer']} {best['setting']} {best['speedup']:.2f}x" if best else ""
+    )
+    return (
+        f"latency profile: {len(p['rows'])} (layer, setting) rows in {cost} ({p['lowerings']} lowerings, "
+        f"{p['timed']} structures timed, {p['cache_hits']} from the latency cache, {p['reused']} rows reused, "
+        f"{p['skipped']} over budget){fastest}"
+    )

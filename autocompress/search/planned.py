@@ -1,0 +1,90 @@
+"""Planned starts in a study: measure the profiles, plan (:mod:`.planner`), merge plans of the same
+structure, enqueue them as the first trials, and compare each planned trial's prediction with what it
+measured."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+
+from ..context import RunContext
+from ..pipeline import compress
+from ..plan import LayerPlan, Plan
+from .latency_profile import measure_profile
+from .planner import Planned, layer_values, merge_same_structure, plan_candidates, structure_key
+
+COMPARED = ("metric_drop", "speedup", "size_ratio")
+
+
+def allowed_drop(ctx: RunContext) -> float | None:
+    """The study's metric budget in the metric's own units (the absolute or the relative one, the tighter)."""
+    b = ctx.config.budgets
+    drops = [b.max_metric_drop] if b.max_metric_drop is not None else []
+    if b.max_metric_drop_rel is not None:
+        drops.append(b.max_metric_drop_rel * abs(ctx.baseline["metric"]))
+    return min(drops) if drops else None
+
+
+def _structure(ctx: RunContext, planned: Planned) -> str:
+    layers = {k: LayerPlan(**v) for k, v in layer_values(planned, ctx.inventory).items()}
+    out = compress(
+        ctx.task,
+        ctx.teacher,
+        Plan(layers=layers, epochs=0, seed=ctx.config.seed),
+        reduce_range=ctx.backend.reduce_range,
+        round_to=ctx.backend.preferred_channel_multiple,
+    )
+    return structure_key(out)
+
+
+def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
+    """At most ``n`` plans of different structure from the profile (see :func:`.planner.plan_candidates`)."""
+    plans = merge_same_structure(
+        plan_candidates(profile, ctx.space, allowed_drop(ctx)), lambda p: _structure(ctx, p)
+    )
+    return [p for p in plans if p.layers][:n]
+
+
+def enqueue_planned(
+    ctx: RunContext, study: optuna.Study, n: int, log: Callable[[str], None], trial_s: float | None
+) -> list[Planned]:
+    """Profile the teacher, plan, and enqueue up to ``n`` planned trials (user attr ``planned``)."""
+    profile = measure_profile(ctx, log, trial_s=trial_s)
+    plans = make_plans(ctx, profile, n)
+    study.set_user_attr("latency_profile", {k: v for k, v in profile.items() if k != "rows"})
+    for p in plans:
+        params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))
+        params.update(ctx.space.plan_params(schedule_kind="one_shot", kd_temperature=4.0, kd_alpha=0.5))
+        record = {**p.predicted, "name": p.name, "choices": p.choices, "merged": p.merged}
+        study.enqueue_trial(params, user_attrs={"warm_start": f"planned: {p.name}", "planned": record})
+        merged = f" (merged: {'; '.join(p.merged)})" if p.merged else ""
+        log(
+            f"planned start '{p.name}'{merged}: predicted {p.predicted['speedup']:.2f}x faster, "
+            f"{p.predicted['size_ratio']:.2f}x smaller, drop {p.predicted['metric_drop']:+.4f} (before "
+            f"fine-tuning): {', '.join(p.choices)}"
+        )
+    if not plans:
+        log("planned starts: the profile shows no change that fits the budget; the sampler starts alone")
+    return plans
+
+
+def prediction_errors(user_attrs: dict) -> dict[str, float] | None:
+    """A completed planned trial's measured minus predicted ``metric_drop``, ``speedup``, ``size_ratio``."""
+    planned = user_attrs.get("planned")
+    if not planned or "speedup" not in user_attrs:
+        return None
+    return {k: float(user_attrs[k]) - float(planned[k]) for k in COMPARED}
+
+
+def prediction_line(number: int, user_attrs: dict) -> str | None:
+    """One line after a planned trial: predicted vs measured."""
+    err = prediction_errors(user_attrs)
+    if err is None:
+        return None
+    p = user_attrs["planned"]
+    return (
+        f"planned trial {number} ('{p['name']}'): speedup {p['speedup']:.2f}x predicted, "
+        f"{user_attrs['speedup']:.2f}x measured; size {p['size_ratio']:.2f}x / {user_attrs['size_ratio']:.2f}x; "
+        f"drop {p['metric_drop']:+.4f} predicted (no fine-tune) / {user_attrs['metric_drop']:+.4f} measured"
+    )

@@ -1,0 +1,200 @@
+"""Planned starts: a handful of plans predicted, from the latency and accuracy profiles, to lie on the
+(metric, latency, size) front at different trade-offs; enqueued as a study's first trials.
+
+The model is additive over per-layer choices, each measured alone against the baseline
+(:mod:`.latency_profile`): the predicted latency is the chosen precision base's (float, or a measured
+whole-model int8 row) times ``1 + sum of the other choices' relative latency changes``; the predicted
+size the same with sizes; the predicted metric drop the sum of the drops (no fine-tuning: the trial
+fine-tunes, so its drop is usually smaller). Layers sharing a parameter (``groups``) choose together.
+
+Per drop budget (:data:`SPEED_BUDGETS` times the study's allowed drop) a greedy knapsack adds the
+choice with the most predicted latency saved per point of drop (replacing a milder choice of the same
+layer; one choice per layer besides a whole-model int8 base) while the summed drop fits; one more plan saves size the same way. Plans whose
+compressed models have the same structure (layer shapes and lowering: 40% and 50% of channels that
+round to the same widths) are merged before they are enqueued. Each planned trial records its
+prediction in the user attr ``planned``; the report compares it with what the trial measured.
+
+Domains are not narrowed from the profile: a choice that is slower and less accurate alone is still
+smaller (4-bit), or pays only together with its neighbours (int8), so no choice is "never worth it" on
+the evidence of one-layer rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+# x the study's allowed metric drop: the profile's drops are before fine-tuning, which recovers most
+SPEED_BUDGETS = (1.0, 4.0, 16.0)
+SIZE_BUDGET = 1.0
+DEFAULT_DROP = 0.01  # the allowed drop when the study sets no metric budget
+_EPS = 1e-3  # a drop measured as 0 still costs this much in the greedy's ratio
+
+
+@dataclass
+class Option:
+    """One choice of one unit (a layer or a group of layers sharing parameters)."""
+
+    unit: str
+    kind: str  # "precision" or "structure"
+    label: str
+    fields: dict[str, dict]  # layer -> LayerPlan fields
+    dlat: float  # relative latency change against the baseline (-0.2: 20% less time)
+    drop: float
+    dsize: float
+
+
+@dataclass
+class Planned:
+    """One plan: per-layer fields, what it is for and what the additive model predicts."""
+
+    name: str
+    layers: dict[str, dict]
+    predicted: dict
+    choices: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+
+
+def _option(unit: str, kind: str, label: str, fields: dict, rows: list[dict]) -> Option:
+    return Option(
+        unit,
+        kind,
+        label,
+        fields,
+        sum(1.0 / r["speedup"] - 1.0 for r in rows),
+        sum(max(0.0, r["metric_drop"]) for r in rows),
+        sum(r["size_ratio"] ** -1 - 1.0 for r in rows),
+    )
+
+
+def options(profile: dict, space) -> tuple[list[Option], list[Option]]:
+    """(precision bases: float + the whole-model rows, per-unit options) from the profile's rows."""
+    ok = [r for r in profile["rows"] if r.get("status") == "ok" and r.get("speedup")]
+    bases = [Option("*", "base", "float", {}, 0.0, 0.0, 0.0)]
+    bases += [_option("*", "base", r["setting"], r["values"], [r]) for r in ok if r["layer"] == "*"]
+    by_unit: dict[tuple[str, str], list[dict]] = {}
+    members: dict[str, set[str]] = {}
+    for r in ok:
+        if r["layer"] != "*":
+            unit = space.group_of(r["layer"])
+            by_unit.setdefault((unit, r["setting"]), []).append(r)
+    for r in profile["rows"]:
+        if r["layer"] != "*":
+            members.setdefault(space.group_of(r["layer"]), set()).add(r["layer"])
+    out = []
+    for (unit, label), rows in by_unit.items():
+        if {r["layer"] for r in rows} != members[unit]:
+            continue  # a member of the group was not measured: the group cannot be predicted
+        kind = "precision" if "bit" in label else "structure"
+        out.append(_option(unit, kind, label, {r["layer"]: r["values"] for r in rows}, rows))
+    return bases, out
+
+
+def predict(base: Option, chosen: list[Option], baseline: dict) -> dict:
+    """The additive model's metric drop, speedup, latency and size of a base plus choices."""
+    lat = (1.0 + base.dlat) * max(0.05, 1.0 + sum(o.dlat for o in chosen))
+    size = (1.0 + base.dsize) * max(0.01, 1.0 + sum(o.dsize for o in chosen))
+    return {
+        "metric_drop": base.drop + sum(o.drop for o in chosen),
+        "speedup": 1.0 / lat,
+        "latency_ms": baseline["latency_ms"] * lat,
+        "size_bytes": baseline["size_bytes"] * size,
+        "size_ratio": 1.0 / size,
+    }
+
+
+def greedy(base: Option, opts: list[Option], budget: float, objective: str) -> list[Option]:
+    """Choices (one per unit) by most ``objective`` (``dlat`` or ``dsize``) saved per point of drop.
+
+    One choice per unit: the profile measured each alone, and two on one layer (4 bits and a rank
+    ratio) save the same bytes twice in a sum."""
+    usable = [
+        o for o in opts if base.label == "float" or o.kind == "structure"
+    ]  # a whole-model base: its bits
+    chosen: dict[str, Option] = {}
+    drop = base.drop
+    while True:
+        best, best_ratio = None, 0.0
+        for o in usable:
+            cur = chosen.get(o.unit)
+            gain = (getattr(cur, objective) if cur else 0.0) - getattr(o, objective)
+            extra = o.drop - (cur.drop if cur else 0.0)
+            if gain <= 1e-6 or drop + extra > budget + 1e-12:
+                continue
+            ratio = gain / max(extra, _EPS)
+            if ratio > best_ratio:
+                best, best_ratio = o, ratio
+        if best is None:
+            return list(chosen.values())
+        cur = chosen.get(best.unit)
+        drop += best.drop - (cur.drop if cur else 0.0)
+        chosen[best.unit] = best
+
+
+def _layers(base: Option, chosen: list[Option]) -> dict[str, dict]:
+    out: dict[str, dict] = {k: dict(v) for k, v in base.fields.items()}
+    for o in chosen:
+        for layer, f in o.fields.items():
+            out.setdefault(layer, {}).update(f)
+    return out
+
+
+def plan_candidates(profile: dict, space, max_drop: float | None) -> list[Planned]:
+    """The speed-oriented plans (one per budget) and the size-oriented one, before merging."""
+    max_drop = max_drop or DEFAULT_DROP
+    bases, opts = options(profile, space)
+    baseline = profile["baseline"]
+    out = []
+    targets = [(f"speed, drop <= {f:g}x budget", f * max_drop, "dlat") for f in SPEED_BUDGETS]
+    targets.append((f"size, drop <= {SIZE_BUDGET:g}x budget", SIZE_BUDGET * max_drop, "dsize"))
+    for name, budget, objective in targets:
+        best = None
+        for base in bases:
+            if base.drop > budget:
+                continue
+            chosen = greedy(base, opts, budget, objective)
+            pred = predict(base, chosen, baseline)
+            score = -pred["speedup"] if objective == "dlat" else pred["size_bytes"]
+            if best is None or score < best[0] - 1e-9:
+                best = (score, base, chosen, pred)
+        if best is None:
+            continue
+        _, base, chosen, pred = best
+        labels = [base.label] + [f"{o.unit} {o.label}" for o in chosen]
+        out.append(Planned(name, _layers(base, chosen), {**pred, "budget": budget}, labels))
+    return out
+
+
+def structure_key(compressed) -> str:
+    """What the artifact's graph depends on: every tensor's shape and each module's lowering."""
+    shapes = [[k, list(v.shape)] for k, v in sorted(compressed.model.state_dict().items())]
+    lowering = {
+        k: [v.bits, v.mode, v.scheme, v.granularity] for k, v in sorted(compressed.lowering.layers.items())
+    }
+    blob = json.dumps([shapes, lowering], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def merge_same_structure(plans: list[Planned], key_of) -> list[Planned]:
+    """Plans whose ``key_of(plan)`` is equal are one plan (the first; the others listed in ``merged``)."""
+    kept: dict[str, Planned] = {}
+    for p in plans:
+        k = key_of(p)
+        if k in kept:
+            kept[k].merged.append(p.name)
+        else:
+            kept[k] = p
+    return list(kept.values())
+
+
+def layer_values(planned: Planned, inventory) -> dict[str, dict]:
+    """Every per-layer field of every layer (the technique's default where the plan leaves it)."""
+    from ..registry import TECHNIQUES
+
+    return {
+        info.name: {
+            d.name: planned.layers.get(info.name, {}).get(d.name, d.default) for d in TECHNIQUES.dims()
+        }
+        for info in inventory
+    }

@@ -1,0 +1,114 @@
+"""The planner's additive model and greedy knapsack on a hand-made profile (pure: no model, no backend)."""
+
+from __future__ import annotations
+
+import pytest
+
+from autocompress.search.planner import (
+    Planned,
+    greedy,
+    merge_same_structure,
+    options,
+    plan_candidates,
+    predict,
+)
+from autocompress.space import SearchSpace
+
+BASE = {"metric": 0.9, "latency_ms": 1.0, "size_bytes": 1000}
+
+
+def _row(layer, setting, speedup, drop, size_ratio, values):
+    return {
+        "layer": layer,
+        "setting": setting,
+        "values": values,
+        "status": "ok",
+        "speedup": speedup,
+        "metric_drop": drop,
+        "size_ratio": size_ratio,
+    }
+
+
+def _profile() -> dict:
+    s = {"sparsity": 0.5, "sparsity_kind": "structured"}
+    rows = [
+        _row("*", "all 8-bit", 1.25, 0.001, 4.0, {"a": {"bits": 8}, "b": {"bits": 8}}),
+        _row("a", "8-bit", 0.9, 0.0, 1.5, {"bits": 8}),
+        _row("a", "structured 0.5", 1.25, 0.004, 1.3, s),  # saves 20% of the time for 0.004
+        _row("b", "structured 0.5", 1.1, 0.02, 1.2, s),  # saves 9% for 0.02
+        _row("b", "4-bit", 0.8, 0.001, 1.6, {"bits": 4}),  # smaller, slower
+        {"layer": "b", "setting": "rank 0.5", "values": {}, "status": "not measured"},
+    ]
+    return {"rows": rows, "baseline": BASE}
+
+
+def test_additive_prediction_of_a_base_and_choices():
+    bases, opts = options(_profile(), SearchSpace.from_dict({}))
+    int8 = next(b for b in bases if b.label == "all 8-bit")
+    a = next(o for o in opts if o.unit == "a" and o.label == "structured 0.5")
+    pred = predict(int8, [a], BASE)
+    assert pred["speedup"] == pytest.approx(1 / (0.8 * 0.8))  # 0.8 (int8) x (1 - 0.2)
+    assert pred["metric_drop"] == pytest.approx(0.005)
+    assert pred["size_ratio"] == pytest.approx(1 / (0.25 * (1 - (1 - 1 / 1.3))))
+    assert {o.label for o in opts} == {"8-bit", "structured 0.5", "4-bit"}  # not measured: not an option
+
+
+def test_greedy_keeps_the_drop_within_the_budget_and_prefers_gain_per_drop():
+    bases, opts = options(_profile(), SearchSpace.from_dict({}))
+    int8 = next(b for b in bases if b.label == "all 8-bit")
+    assert [o.unit for o in greedy(int8, opts, 0.006, "dlat")] == ["a"]
+    assert {o.unit for o in greedy(int8, opts, 0.03, "dlat")} == {"a", "b"}
+    assert greedy(int8, opts, 0.0005, "dlat") == []  # nothing fits besides the base (0.001 > budget)
+    size = greedy(bases[0], opts, 0.01, "dsize")  # float base: per-layer bits allowed, one per layer
+    assert sorted((o.unit, o.label) for o in size) == [("a", "8-bit"), ("b", "4-bit")]
+
+
+def test_plans_at_several_budgets_and_the_size_plan():
+    plans = plan_candidates(_profile(), SearchSpace.from_dict({}), 0.01)
+    names = [p.name for p in plans]
+    assert names[:3] == ["speed, drop <= 1x budget", "speed, drop <= 4x budget", "speed, drop <= 16x budget"]
+    assert names[3].startswith("size")
+    first = plans[0]
+    assert first.choices == ["all 8-bit", "a structured 0.5"]
+    assert first.layers == {
+        "a": {"bits": 8, "sparsity": 0.5, "sparsity_kind": "structured"},
+        "b": {"bits": 8},
+    }
+    assert first.predicted["metric_drop"] <= first.predicted["budget"] == 0.01
+    assert plans[1].predicted["speedup"] > first.predicted["speedup"]
+
+
+def test_plans_with_the_same_structure_are_merged():
+    plans = [Planned("p1", {"a": {}}, {}), Planned("p2", {"a": {}}, {}), Planned("p3", {"b": {}}, {})]
+    merged = merge_same_structure(plans, lambda p: "same" if p.name != "p3" else "other")
+    assert [p.name for p in merged] == ["p1", "p3"] and merged[0].merged == ["p2"]
+
+
+def test_grouped_layers_choose_together():
+    profile = _profile()
+    space = SearchSpace.from_dict({"groups": "global"})
+    _, opts = options(profile, space)
+    # only settings measured on every member of the group are options of the group
+    assert [(o.unit, o.label) for o in opts] == [("all", "structured 0.5")]
+    assert set(opts[0].fields) == {"a", "b"}
+
+
+def test_planned_starts_are_the_default_without_warm_start(tmp_path):
+    import yaml
+
+    from autocompress.config import TrialsConfig, load_config
+    from autocompress.errors import ConfigError
+
+    assert TrialsConfig().starts() == ([], 4)  # no warm_start in the file: planned starts, no int8 default
+    given = TrialsConfig(warm_start=[{"bits": 8}])
+    assert len(given.starts()[0]) == 1 and given.starts()[1] == 0
+    assert TrialsConfig(planned_starts=0).starts()[0][0].bits == 8  # off: the old default warm start
+    assert TrialsConfig(warm_start=[], planned_starts=2).starts() == ([], 2)
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "s", "task": {"name": "digits"}, "trials": {"planned_starts": 99}})
+    )
+    with pytest.raises(
+        ConfigError, match=r"s.yaml: trials.planned_starts: must be 'auto' or a count from 0 to 20"
+    ):
+        load_config(path)
