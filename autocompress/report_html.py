@@ -281,16 +281,14 @@ dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></hea
 
 def report_digest(study: optuna.Study, run_dir: Path) -> str:
     """What the report is drawn from: every trial's state, values and attributes, the study's attributes,
-    the run folder's JSON files (their size and time) and this package's version."""
-    from . import __version__
-
+    the run folder's JSON files (their size and time) and this module's file time."""
     trials = [
         (t.number, t.state.name, t.values, t.params, t.user_attrs, str(t.datetime_complete))
         for t in study.get_trials(deepcopy=False)
     ]
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(run_dir).glob("*.json"))
     code = Path(__file__).stat().st_mtime_ns  # a changed report module draws again
-    blob = json.dumps([__version__, code, trials, study.user_attrs, files], sort_keys=True, default=str)
+    blob = json.dumps([code, trials, study.user_attrs, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

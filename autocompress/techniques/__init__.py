@@ -7,7 +7,7 @@ Importing this package registers the built-in families in :data:`autocompress.re
 
 from __future__ import annotations
 
-from . import layerdrop, sparsity  # noqa: F401 - register the layer dropping and sparsity families
+from . import attention_channels, layerdrop, sparsity  # noqa: F401 - register families, HeadAttention's pruner
 from .distill import FeatureHints, distill_loss, kd_loss
 from .fold import fold_batchnorm
 from .heads import HeadAttention, attention_of, head_scores, heads_to_keep, prune_heads

@@ -20,6 +20,9 @@ from ..inventory import compressible_layers
 from .prune import Mask
 
 IMPORTANCES = ("l1", "l2", "taylor")
+# module type -> factory of a torch-pruning pruner for it: modules of this package that torch-pruning
+# does not know (e.g. the attention heads pruning leaves) register how their channels go
+CUSTOM_PRUNERS: dict[type, object] = {}
 
 
 def _tp():
@@ -104,6 +107,7 @@ def prune_channels(
             pruning_ratio_dict=wanted,
             ignored_layers=[modules[n] for n in keep],
             round_to=round_to,
+            customized_pruners={t: make() for t, make in CUSTOM_PRUNERS.items()} or None,
         )
     if importance == "taylor":
         if data is None:

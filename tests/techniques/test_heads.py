@@ -174,3 +174,29 @@ def test_pipeline_notes():
     out = compress(task, teacher, plan)
     assert out.notes["encoder.layers.0.self_attn.out_proj"].startswith("heads: 4 -> 3 (kept ")
     assert out.notes["head"].startswith("heads not pruned: head is not the output projection")
+
+
+def test_channel_pruning_of_the_model_width_goes_through_pruned_heads(tmp_path):
+    """Structured pruning of the embedding (the residual stream every attention reads and writes) after
+    heads went: torch-pruning narrows HeadAttention's packed projection's inputs and out_proj's outputs
+    (registered pruner); the heads keep their width, the model runs, lowers and agrees with ONNX Runtime."""
+    from autocompress.techniques.structured import prune_channels
+
+    torch.manual_seed(0)
+    model = TorchTransformer(dim=32, heads=4).eval()
+    prune_heads(model, "encoder.layers.0.self_attn.out_proj", 2)
+    x = TorchTransformer.example_inputs(5)[0]
+    changed = prune_channels(model, (x[:1],), {"embed": 0.25})
+    assert changed["embed"] == (32, 24)
+    attn = model.encoder.layers[0].self_attn
+    assert isinstance(attn, HeadAttention) and (attn.num_heads, attn.head_dim, attn.embed_dim) == (2, 8, 24)
+    assert attn.in_proj_weight.shape == (3 * 16, 24) and attn.out_proj.weight.shape == (24, 16)
+    assert model.encoder.layers[1].self_attn.embed_dim == 24  # torch's own attention, pruned by torch-pruning
+    assert model(x).shape == (5, 10)
+    backend = OnnxRuntimeBackend()
+    try:
+        art = lower(backend, model, (x[:1],), tmp_path)
+        got = backend.runner(art)((x.numpy(),))
+    finally:
+        backend.close()
+    torch.testing.assert_close(torch.as_tensor(got), model(x).detach(), atol=1e-5, rtol=1e-4)
