@@ -43,6 +43,8 @@ def study_file(tmp_path: Path, name: str = "rel", **changes) -> tuple[Path, Path
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+    if "planned_starts" not in data["trials"]:  # a test's own trials={...} keeps the fixed warm start:
+        data["trials"].setdefault("warm_start", [{"bits": 8}])  # planned starts depend on timings
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -61,6 +63,20 @@ def cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.Comp
         env=full_env,
         timeout=timeout,
     )
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """A read-only command (``report``, ``pick``) run in this process: what it prints and returns, without
+    the 3 s a new process takes to start (the commands that run trials go through :func:`cli`)."""
+    import contextlib
+    import io
+
+    from autocompress.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def popen(*args, env: dict | None = None) -> subprocess.Popen:

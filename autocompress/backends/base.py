@@ -210,6 +210,10 @@ class Backend(ABC):
         """
         return [self.measure_pair(a, reference, example_inputs) for a in artifacts]
 
+    def start_timing(self) -> None:  # noqa: B027 - optional hook, nothing to start by default
+        """Start, in the background, what timing will need (e.g. a timing worker process), so that it is
+        ready when the first artifact is timed; called when a run starts. ``close`` ends it."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release processes or sessions the backend holds."""
 

@@ -217,6 +217,13 @@ class OnnxRuntimeBackend(Backend):
                 self._worker = WorkerClient(self.threads)
             return self._worker.time(self, paths, x, limits, {})
 
+    def start_timing(self) -> None:
+        """The timing worker starts now (its imports take seconds) while the run sets up."""
+        if self.options.get("isolate", True):
+            if self._worker is None:
+                self._worker = WorkerClient(self.threads)
+            self._worker.start()
+
     def measure(self, artifact: Artifact, example_inputs) -> LatencyStats:
         return self._time([artifact.path], example_inputs)[0]
 

@@ -36,7 +36,8 @@ class WorkerClient:
         self.threads = threads
         self._proc: subprocess.Popen | None = None
 
-    def ask(self, request: dict) -> dict:
+    def start(self) -> subprocess.Popen:
+        """The worker process, started now unless it runs (it answers once its imports are done)."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             package_root = str(Path(__file__).resolve().parents[2])  # the worker runs this same code
@@ -52,6 +53,10 @@ class WorkerClient:
                 text=True,
                 env=env,
             )
+        return proc
+
+    def ask(self, request: dict) -> dict:
+        proc = self.start()
         try:
             proc.stdin.write(json.dumps(request) + "\n")
             proc.stdin.flush()

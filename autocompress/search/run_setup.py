@@ -200,6 +200,7 @@ def open_run(
                 f"another process is running this study in {run_dir}", source=cfg.source, field="output"
             ) from None
     try:
+        prep.backend.start_timing()  # e.g. the timing worker's imports, while the teacher loads
         torch.set_num_threads(cfg.finetune.threads)
         # workers starting together: the first one trains the teacher, measures the baseline and creates
         # the study; the others wait here, then load them

@@ -9,7 +9,15 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-from reliability_helpers import check_consistent, check_referenced_folders, cli, load, popen, study_file
+from reliability_helpers import (
+    check_consistent,
+    check_referenced_folders,
+    cli,
+    cli_here,
+    load,
+    popen,
+    study_file,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +61,7 @@ def test_kill_at_every_point_then_resume(tmp_path):
         retry = study.trials[n + 1]
         assert retry.user_attrs["retry_of"] == n and retry.state == TrialState.COMPLETE
         assert retry.user_attrs["plan"] == study.trials[n].user_attrs["plan"]
-    report = cli("report", run)
+    report = cli_here("report", run)
     assert report.returncode == 0 and "interrupted" in report.stdout
 
 
@@ -101,7 +109,7 @@ def test_faulty_trials_fail_alone_with_a_reason(tmp_path):
         assert "\n" not in t.user_attrs["fail_reason"] and "Traceback" in t.user_attrs["traceback"]
         assert not (run / "trials" / f"{t.number:05d}").exists()
     check_consistent(run, 3)
-    report = cli("report", run)
+    report = cli_here("report", run)
     assert report.returncode == 0, report.stderr
     table = report.stdout.split("failed trials by reason:")[1]
     for category in (
