@@ -19,18 +19,13 @@ from torch import nn
 
 from autocompress.backends import OnnxRuntimeBackend
 from autocompress.techniques import drop_blocks, heads_to_keep, prune_heads
+from autocompress.testing.models import torch_encoder
 
 
 class Encoder(nn.Module):
     def __init__(self, d_model: int, heads: int, layers: int):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        for m in self.encoder.modules():  # the encoder clones one layer: give each its own weights
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
-            elif isinstance(m, nn.MultiheadAttention):
-                m._reset_parameters()
+        self.encoder = torch_encoder(d_model, heads, 4 * d_model, layers)
 
     def forward(self, x):
         return self.encoder(x)

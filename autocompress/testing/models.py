@@ -191,19 +191,26 @@ class TinyTransformer(_PatchEncoder):
         return self.head(self.norm(self.layers(tokens)).mean(dim=1))
 
 
+def torch_encoder(dim: int, heads: int, ffn: int, depth: int) -> nn.TransformerEncoder:
+    """torch's ``nn.TransformerEncoder`` of ``depth`` post-norm layers (batch first, no dropout), each
+    layer with weights of its own (the encoder clones one layer: they are drawn again)."""
+    layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+    for m in encoder.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+        elif isinstance(m, nn.MultiheadAttention):
+            m._reset_parameters()
+    return encoder
+
+
 class TorchTransformer(_PatchEncoder):
     """A transformer encoder built from torch's own ``nn.TransformerEncoder`` (``nn.MultiheadAttention``
     reads ``out_proj.weight`` by attribute, and the encoder layer's inference fast path reads
     ``linear1.weight`` / ``linear2.weight``: a technique that replaces those modules breaks them)."""
 
     def _build_encoder(self, length: int, dim: int, depth: int, heads: int) -> None:
-        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        for m in self.encoder.modules():  # the encoder clones one layer: give each its own weights
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
-            elif isinstance(m, nn.MultiheadAttention):
-                m._reset_parameters()
+        self.encoder = torch_encoder(dim, heads, 2 * dim, depth)
 
     def forward(self, x):  # x: [batch, length]
         return self.head(self.encoder(self.embed(self._patches(x))).mean(dim=1))
