@@ -51,6 +51,30 @@ def output_layers(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     return {n for n, o in outs.items() if o is result}
 
 
+def _pruner(model, example_inputs, wanted: dict, ignored: list, importance: str, round_to: int | None):
+    """torch-pruning's pruner for ``wanted`` (module -> ratio), with this package's custom pruners."""
+    tp = _tp()
+    imp = {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    }[importance]()
+    with warnings.catch_warnings():
+        # free parameters (e.g. a transformer's position embedding) follow the pruned width along their
+        # last axis, which is what they need; torch-pruning warns about it for every graph it builds
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.pruner.BasePruner(
+            model,
+            example_inputs,
+            importance=imp,
+            pruning_ratio=0.0,
+            pruning_ratio_dict=wanted,
+            ignored_layers=ignored,
+            round_to=round_to,
+            customized_pruners={t: make() for t, make in CUSTOM_PRUNERS.items()} or None,
+        )
+
+
 def prune_channels(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -76,7 +100,7 @@ def prune_channels(
     Raises:
         TechniqueError: unknown importance, a ratio outside [0, 1), or Taylor without data.
     """
-    tp = _tp()
+    _tp()  # a missing torch-pruning is reported before anything else
     if importance not in IMPORTANCES:
         raise TechniqueError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}")
     modules = dict(model.named_modules())
@@ -89,26 +113,8 @@ def prune_channels(
     wanted = {modules[n]: r for n, r in ratios.items() if r > 0 and n not in keep}
     if not wanted:
         return {}
-    imp = {
-        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "taylor": lambda: tp.importance.GroupTaylorImportance(),
-    }[importance]()
     before = {n: _width(m) for n, m in compressible_layers(model)}
-    with warnings.catch_warnings():
-        # free parameters (e.g. a transformer's position embedding) follow the pruned width along their
-        # last axis, which is what they need; torch-pruning warns about it for every graph it builds
-        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        pruner = tp.pruner.BasePruner(
-            model,
-            example_inputs,
-            importance=imp,
-            pruning_ratio=0.0,
-            pruning_ratio_dict=wanted,
-            ignored_layers=[modules[n] for n in keep],
-            round_to=round_to,
-            customized_pruners={t: make() for t, make in CUSTOM_PRUNERS.items()} or None,
-        )
+    pruner = _pruner(model, example_inputs, wanted, [modules[n] for n in keep], importance, round_to)
     if importance == "taylor":
         if data is None:
             raise TechniqueError("the taylor importance needs (inputs, labels) to compute gradients")
