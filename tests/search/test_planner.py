@@ -42,7 +42,7 @@ def _profile() -> dict:
     return {"rows": rows, "baseline": BASE}
 
 
-def test_additive_prediction_of_a_base_and_choices():
+def test_prediction_of_a_base_and_choices():
     bases, opts = options(_profile(), SearchSpace.from_dict({}))
     int8 = next(b for b in bases if b.label == "all 8-bit")
     a = next(o for o in opts if o.unit == "a" and o.label == "structured 0.5")
@@ -66,8 +66,8 @@ def test_greedy_keeps_the_drop_within_the_budget_and_prefers_gain_per_drop():
 def test_plans_at_several_budgets_and_the_size_plan():
     plans = plan_candidates(_profile(), SearchSpace.from_dict({}), 0.01)
     names = [p.name for p in plans]
-    assert names[:3] == ["speed, drop <= 1x budget", "speed, drop <= 4x budget", "speed, drop <= 16x budget"]
-    assert names[3].startswith("size")
+    assert names[:4] == [f"speed, drop <= {f}x budget" for f in (1, 4, 16, 64)]
+    assert names[4].startswith("size")
     first = plans[0]
     assert first.choices == ["all 8-bit", "a structured 0.5"]
     assert first.layers == {
@@ -99,7 +99,7 @@ def test_planned_starts_are_the_default_without_warm_start(tmp_path):
     from autocompress.config import TrialsConfig, load_config
     from autocompress.errors import ConfigError
 
-    assert TrialsConfig().starts() == ([], 4)  # no warm_start in the file: planned starts, no int8 default
+    assert TrialsConfig().starts() == ([], 5)  # no warm_start in the file: planned starts, no int8 default
     given = TrialsConfig(warm_start=[{"bits": 8}])
     assert len(given.starts()[0]) == 1 and given.starts()[1] == 0
     assert TrialsConfig(planned_starts=0).starts()[0][0].bits == 8  # off: the old default warm start
