@@ -135,7 +135,7 @@ def main() -> int:
         ]
     else:
         targets += front_dirs(args.run, args.front)
-    for name, path, _ in targets:
+    for _name, path, _ in targets:
         if not path.exists():
             print(f"{path}: no such artifact", file=sys.stderr)
             return 2
