@@ -3,6 +3,7 @@ of the training split and keeps the better (real compress, lowering and ONNX Run
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -97,6 +98,18 @@ def test_no_comparison_without_finetuning_or_when_switched_off(digits_task, digi
     off = _ctx(digits_task, digits_teacher, backend, keep_better=False)
     assert off.held_out().split is None and off.held_out().task is digits_task
     assert build_model(off, dataclasses.replace(plan, epochs=1))[1] == {}
+
+
+def test_held_out_scores_of_a_metric_that_compares_to_the_teacher(digits_task, digits_teacher):
+    task = dataclasses.replace(digits_task, metric="fidelity")
+    held = split_training(task, 0.2, seed=0)
+    noisy = copy.deepcopy(digits_teacher)
+    with torch.no_grad():
+        noisy.classifier.weight.add_(torch.randn_like(noisy.classifier.weight))
+    same, other = holdout_scores([digits_teacher, noisy], held.task, held.split, digits_teacher)
+    assert same == pytest.approx(1.0) and other < 0.99
+    with pytest.raises(ValueError, match="pass the teacher"):
+        holdout_scores([noisy], held.task, held.split)
 
 
 def test_ties_keep_the_finetuned_model_and_direction_counts():
