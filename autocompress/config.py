@@ -35,6 +35,13 @@ class FinetuneConfig(_Strict):
     lr: float = Field(1e-3, gt=0, le=1.0)
     batch_size: int = Field(64, ge=1)
     threads: int = Field(2, ge=1, le=256)
+    # score each trial's post-training model and its fine-tuned one on the held-out part of the training
+    # split (pruner.holdout_fraction; trials fine-tune on the rest) and keep the better one
+    keep_better: bool = True
+
+    def trains(self) -> bool:
+        """Whether trials fine-tune at all (steps, else epochs, above 0)."""
+        return bool(self.steps) if self.steps is not None else self.epochs > 0
 
 
 class BackendConfig(_Strict):

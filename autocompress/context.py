@@ -22,6 +22,7 @@ from .backends import Artifact, Backend, LatencyCache, timed_or_cached
 from .backends.device_facts import environment
 from .config import StudyConfig
 from .errors import AutoCompressError, ConfigError
+from .holdout import HeldOut, split_training
 from .inventory import LayerInfo
 from .lowering import LoweringSpec
 from .metrics import Metric
@@ -46,10 +47,27 @@ class RunContext:
     latency_cache: LatencyCache | None = None
     references: dict = field(default_factory=dict)  # eval limit -> the teacher's outputs per batch
     trial_estimate: dict | None = None  # the per-trial wall-time estimate (search.costs.estimate_trial_s)
+    held: dict = field(default_factory=dict, repr=False)  # id(task) -> (task, its HeldOut): held_out()
 
     @property
     def metric(self) -> Metric:
         return self.task.metric_obj
+
+    def held_out(self) -> HeldOut:
+        """The training split cut into the part trials fine-tune on and the held-out part (computed
+        once): held out when multi-fidelity pruning or ``finetune.keep_better`` reads it and trials
+        fine-tune; else nothing is held out (``HeldOut.split`` None)."""
+        task, cfg = self.task, self.config
+        cached = self.held.get(id(task))
+        if cached is None or cached[0] is not task:
+            wanted = cfg.pruner.name != "none" or (cfg.finetune.keep_better and cfg.finetune.trains())
+            held = (
+                split_training(task, cfg.pruner.holdout_fraction, cfg.seed)
+                if wanted
+                else HeldOut(task, None, "nothing reads a held-out part")
+            )
+            cached = self.held[id(task)] = (task, held)
+        return cached[1]
 
     def eval_limit(self, full: bool = False) -> int | None:
         """Samples each evaluation reads: ``trials.eval_samples`` during the search, all when ``full``."""

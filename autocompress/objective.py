@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import gc
 import os
@@ -21,8 +22,9 @@ from .context import RunContext  # noqa: F401 - re-exported: the trial's context
 from .deadline import check_deadline, trial_scope
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, crash_point, fault
+from .holdout import holdout_scores
 from .pareto import metric_drop, relative_drop
-from .pipeline import compress
+from .pipeline import Compressed, compress, finetune_steps
 from .plan import Plan
 from .rundir import finalize_dir, trial_tmp_dir, write_json, write_text_atomic
 
@@ -140,25 +142,65 @@ def _trial_metrics(
     return metrics
 
 
+def _finetuned_wins(finetuned: float, post_training: float, sign: int) -> bool:
+    """Whether the fine-tuned model is kept: at least as good as the post-training one in the metric's
+    direction (a tie keeps the fine-tuned model); a NaN score (non-finite outputs) loses to any number."""
+    if post_training != post_training:
+        return True
+    return finetuned == finetuned and sign * finetuned >= sign * post_training
+
+
+def build_model(
+    ctx: RunContext, plan: Plan, on_epoch: Callable[[int, float, nn.Module], None] | None = None
+) -> tuple[Compressed, dict, dict[str, float]]:
+    """The trial's compressed model: ``compress`` on the part of the training split trials fine-tune on.
+
+    With ``finetune.keep_better`` (and a plan that fine-tunes, and a held-out part), the post-training
+    model (the same plan with no optimizer steps: quantization calibrated, pruning and low rank applied)
+    is built too, both are scored on the held-out part with the task's metric (one pass), and the better
+    one is kept (the fine-tuned one on a tie). Returns (the kept result, what the trial records of the
+    choice: ``kept``, ``holdout_post_training``, ``holdout_finetuned``; seconds spent on it).
+    """
+    cfg, backend = ctx.config, ctx.backend
+    held = ctx.held_out()
+    task = held.task
+    args = {
+        "reduce_range": backend.reduce_range,
+        "threads": cfg.finetune.threads,
+        "batch_size": cfg.finetune.batch_size,
+        "round_to": backend.preferred_channel_multiple,
+    }
+    compare = (
+        cfg.finetune.keep_better
+        and held.split is not None
+        and finetune_steps(task, plan, cfg.finetune.batch_size) > 0
+    )
+    if not compare:
+        return compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args), {}, {}
+    t0 = time.perf_counter()
+    post = compress(task, ctx.teacher, dataclasses.replace(plan, steps=0), **args)
+    t1 = time.perf_counter()
+    tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
+    t2 = time.perf_counter()
+    pt, ft = holdout_scores([post.model, tuned.model], task, held.split, ctx.teacher)
+    seconds = {"post_training": t1 - t0, "holdout": time.perf_counter() - t2}
+    record = {"holdout_post_training": pt, "holdout_finetuned": ft}
+    if _finetuned_wins(ft, pt, ctx.metric.sign):
+        return tuned, {"kept": "finetuned", **record}, seconds
+    post.losses, post.train_s = tuned.losses, tuned.train_s  # what the fine-tune did, though not kept
+    return post, {"kept": "post_training", **record}, seconds
+
+
 def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:
     t0 = time.perf_counter()
-    cfg, task, backend = ctx.config, ctx.task, ctx.backend
+    cfg, backend = ctx.config, ctx.backend
     tmp = trial_tmp_dir(trial_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if fault("raise"):
             raise RuntimeError("injected fault: the trial raised")
-        result = compress(
-            task,
-            ctx.teacher,
-            plan,
-            reduce_range=backend.reduce_range,
-            threads=cfg.finetune.threads,
-            batch_size=cfg.finetune.batch_size,
-            round_to=backend.preferred_channel_multiple,
-            on_epoch=on_epoch,
-        )
+        result, kept, built_s = build_model(ctx, plan, on_epoch)
         t1 = time.perf_counter()
         arm_export_hooks(result.model)
         artifact = ctx.lower(result.model, tmp, result.lowering)
@@ -173,7 +215,7 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
         # timed side by side with the baseline artifact (the speedup is a measured ratio), or taken from
         # the latency cache when this structure was timed before
         lat, base_lat, cached = timed_or_cached(
-            backend, ctx.latency_cache, artifact, ctx.baseline_artifact(), task.example_inputs()
+            backend, ctx.latency_cache, artifact, ctx.baseline_artifact(), ctx.task.example_inputs()
         )
         t4 = time.perf_counter()
         check_deadline("latency measurement")
@@ -185,9 +227,11 @@ def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> d
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "plan.json"))
         write_text_atomic(tmp / "plan.json", plan.to_json())
         metrics = _trial_metrics(ctx, acc, lat, base_lat, cached, artifact, result)
+        metrics.update(kept)
         metrics["seconds"] = {
-            "finetune": t1 - t0,  # compress(): technique set-up + the training loop
+            "finetune": t1 - t0,  # build_model(): technique set-up + the training loop (+ keep_better)
             "train": result.train_s,  # the training loop alone
+            **built_s,  # keep_better: the post-training model's compress() and both held-out scores
             "lower": t2 - t1,
             "evaluate": t3 - t2,
             "measure": t4 - t3,

@@ -3,7 +3,7 @@
 The pipeline names no technique: it runs every step of the registered techniques
 (:data:`autocompress.registry.TECHNIQUES`) in their order - built-ins: fold BN (0) > structured pruning,
 one shot (10) > low-rank factorization (20) > masks and the channel schedule (30) > fake quantization
-(40) > feature hints (50) - then fine-tunes with KD while the steps' schedule hooks advance, and
+(40) > feature hints (50) > encoder feature KD (55) - then fine-tunes with KD while the steps' schedule hooks advance, and
 finalizes (masks and fake quantization baked into the weights).
 """
 
@@ -95,16 +95,20 @@ def compress(
         reduce_range=reduce_range,
         round_to=round_to,
     )
-    for _, _, step in TECHNIQUES.steps():
-        step(build)
-    ts = deployable(teacher, task.io)
-    ds = deployable(build.student, task.io)  # shares every module with the student: train/eval go through it
-    t_train = time.perf_counter()
-    losses = _finetune(build, ts, ds, batch_size, on_epoch) if build.total else []
-    ds.eval()
-    train_s = time.perf_counter() - t_train
-    for hook in build.trained:
-        hook()
+    try:
+        for _, _, step in TECHNIQUES.steps():
+            step(build)
+        ts = deployable(teacher, task.io)
+        ds = deployable(build.student, task.io)  # shares every module with the student: train/eval through it
+        t_train = time.perf_counter()
+        losses = _finetune(build, ts, ds, batch_size, on_epoch) if build.total else []
+        ds.eval()
+        train_s = time.perf_counter() - t_train
+        for hook in build.trained:
+            hook()
+    finally:
+        for hook in build.cleanup:
+            hook()
     build.advance(1.0, training=False)
     for hook in build.finish:
         hook()

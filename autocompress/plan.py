@@ -152,6 +152,9 @@ class Plan:
         seed: seed of the fine-tuning run.
         importance: channel importance for structured pruning (``l1``, ``l2``, ``taylor``).
         hints: module names whose outputs are distilled (feature KD), with weight ``hint_weight``.
+        kd_features: encoder distillation besides the logit loss (``none``, ``hidden``, ``attention``,
+            ``hidden+attention``: per-block hidden-state MSE, attention-distribution KL; see
+            :mod:`autocompress.techniques.encoder_kd`), weighed by ``kd_feature_weight``.
         calibration: activation ranges of 8-bit static layers: ``minmax`` or ``percentile`` (99.99th).
         lsq: learn the weight quantization step sizes during fine-tuning (LSQ) instead of min-max.
     """
@@ -167,6 +170,8 @@ class Plan:
     importance: str = "l1"
     hints: tuple[str, ...] = ()
     hint_weight: float = 0.0
+    kd_features: str = "none"
+    kd_feature_weight: float = 1.0
     calibration: str = "minmax"
     lsq: bool = False
 
@@ -181,6 +186,10 @@ class Plan:
             raise ConfigError(f"kd_alpha {self.kd_alpha} is outside [0, 1]", field="kd_alpha")
         if self.hint_weight < 0:
             raise ConfigError(f"hint_weight {self.hint_weight} must be >= 0", field="hint_weight")
+        if not (self.kd_feature_weight >= 0):
+            raise ConfigError(
+                f"kd_feature_weight {self.kd_feature_weight} must be >= 0", field="kd_feature_weight"
+            )
         if self.steps is not None and self.steps < 0:
             raise ConfigError(f"steps {self.steps} must be >= 0", field="steps")
         if self.epochs < 0:

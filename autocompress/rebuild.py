@@ -34,6 +34,9 @@ def _config(study, run_dir: Path) -> StudyConfig:
     data = study.user_attrs.get("config")
     if data is None:  # runs recorded before the effective config was stored
         return load_config(run_dir / STUDY_YAML)
+    data = dict(data)
+    if "keep_better" not in data.get("finetune", {}):  # recorded before it existed: trials fine-tuned on all
+        data["finetune"] = {**data.get("finetune", {}), "keep_better": False}
     cfg = StudyConfig.model_validate(data, strict=False)
     cfg.source = str(run_dir / STUDY_YAML)
     return cfg

@@ -155,6 +155,9 @@ class TechniqueSpec:
             domain switched off instead (no rank mode left: ``rank_ratio`` fixed at 1.0).
         size_floor: ``(params, layer_info, floor) -> None`` lowers ``floor`` (``elements``, ``keep``,
             ``fan_in``, ``bits``) to the least the layer can hold (the preflight's size bound).
+        inapplicable: ``(model) -> {setting's space key: (values, why)}``: values of plan-wide settings that
+            cannot apply to the model as a whole (feature KD on a model without encoder layers); the
+            applicability check removes them from the settings' domains before the search.
     """
 
     name: str
@@ -166,6 +169,7 @@ class TechniqueSpec:
     probes: Callable[[dict, Any, dict], list[Probe]] | None = None
     collapse: dict[str, tuple[str, Any]] | None = None
     size_floor: Callable[[dict, Any, dict], None] | None = None
+    inapplicable: Callable[[Any], dict[str, tuple[tuple, str]]] | None = None
 
     @property
     def order(self) -> float:

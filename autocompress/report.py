@@ -45,6 +45,10 @@ def _trial_row(t: optuna.trial.FrozenTrial, front: set[int]) -> dict:
         "fail_reason": ua.get("fail_reason", ""),
         "fail_category": ua.get("fail_category", ""),
         "warm_start": ua.get("warm_start", ""),
+        # finetune.keep_better: which model the artifact holds, and both held-out scores
+        "kept": ua.get("kept", ""),
+        "holdout_post_training": ua.get("holdout_post_training"),
+        "holdout_finetuned": ua.get("holdout_finetuned"),
     }
     row.update({f"param.{k}": v for k, v in sorted(t.params.items())})
     return row

@@ -223,6 +223,18 @@ def _applicability_html(study: optuna.Study) -> str:
     return out
 
 
+def _kept_summary(df: pd.DataFrame) -> str:
+    """How many completed trials kept their fine-tuned model, how many the post-training one."""
+    done = df[(df.state == "COMPLETE") & (df.kept != "")] if len(df) else df
+    if not len(done):
+        return "not compared (finetune.keep_better off, no fine-tuning or no held-out part)"
+    n = done.kept.value_counts().to_dict()
+    return (
+        f"fine-tuned in {n.get('finetuned', 0)}, post-training in {n.get('post_training', 0)} of "
+        f"{len(done)} trials (the better on the held-out part of the training split)"
+    )
+
+
 def write_html(study: optuna.Study, run_dir: Path, first_line: str = "") -> Path:
     """``report.html``: summary, projections, per-layer view, trials, failures, hypervolume (PNGs beside it)."""
     from html import escape
@@ -257,6 +269,7 @@ def write_html(study: optuna.Study, run_dir: Path, first_line: str = "") -> Path
         "budgets": ", ".join(f"{k} = {v}" for k, v in (cfg.get("budgets") or {}).items() if v is not None)
         or "none",
         "hypervolume (last)": f"{hv[-1][1]:.4f}" if hv else "n/a",
+        "kept model": _kept_summary(df),
     }
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autocompress: {escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img{{max-width:100%}}

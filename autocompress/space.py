@@ -6,7 +6,8 @@ The per-layer dimensions are the fields of the registered techniques
 (:data:`~autocompress.registry.TECHNIQUES`), asked per layer in their registered sampling order.
 Parameter names are stable dotted paths (resumed studies depend on them): ``<field prefix>.<layer or
 group>``; built-in ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``schedule.kind``,
-``schedule.start``, ``schedule.end``, ``kd.temperature``, ``kd.alpha``; quantization grids
+``schedule.start``, ``schedule.end``, ``kd.temperature``, ``kd.alpha``, ``kd.features``,
+``kd.feature_weight``; quantization grids
 ``qscheme.<layer>``, ``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>``
 (only where ``bits`` is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``,
 ``quant.lsq``.
@@ -55,6 +56,9 @@ class KDSpace(BaseModel):
     alpha: Param = Param(fixed=0.5)
     hints: list[str] = []  # module names for feature KD (outputs matched through an adapter)
     hint_weight: Param = Param(fixed=0.0)
+    # encoder distillation besides the logit loss: none | hidden | attention | hidden+attention
+    features: Param = Param(fixed="none")
+    feature_weight: Param = Param(fixed=1.0)
 
 
 class QuantSpace(BaseModel):
@@ -194,6 +198,8 @@ class SearchSpace:
                 raise ConfigError("values must lie in [0, 1]", source=self.source, field=field)
         if any(not (isinstance(v, int | float) and v >= 1) for v in m.kd.temperature.values()):
             raise ConfigError("values must be >= 1", source=self.source, field="kd.temperature")
+        if any(not (isinstance(v, int | float) and v >= 0) for v in m.kd.feature_weight.values()):
+            raise ConfigError("values must be >= 0", source=self.source, field="kd.feature_weight")
 
     def _regex(self, pattern: str, field: str) -> None:
         try:
@@ -219,6 +225,15 @@ class SearchSpace:
             group = self.group_of(name)
             params = {d.name: self.narrowed.get(f"{d.prefix}.{group}", params[d.name]) for d in dims}
         return params
+
+    def plan_param(self, key: str) -> Param:
+        """The domain of a plan-wide dimension by its space key (``kd.features``), narrowed if it was."""
+        if key in self.narrowed:
+            return self.narrowed[key]
+        p = self.model
+        for part in key.split("."):
+            p = getattr(p, part)
+        return p
 
     def group_of(self, layer: str) -> str:
         """The key that names a layer's parameters: the layer, its group, or ``all``."""
@@ -296,6 +311,8 @@ class SearchSpace:
             importance=str(self.model.importance.suggest(trial, "prune.importance")),
             hints=tuple(self.model.kd.hints),
             hint_weight=float(self.model.kd.hint_weight.suggest(trial, "kd.hint_weight")),
+            kd_features=str(self.plan_param("kd.features").suggest(trial, "kd.features")),
+            kd_feature_weight=float(self.model.kd.feature_weight.suggest(trial, "kd.feature_weight")),
             calibration=str(self.model.quant.calibration.suggest(trial, "quant.calibration")),
             lsq=bool(self.model.quant.lsq.suggest(trial, "quant.lsq")),
         )

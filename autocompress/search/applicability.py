@@ -353,11 +353,43 @@ def check_applicability(
     result.domains, described = _narrowed(space, inventory, removals)
     for c, dim in dims:
         c.removed = described.get((c.layer, dim), "") if c.status != "ok" else ""
+    _check_settings(teacher, space, result)
     result.seconds = time.perf_counter() - t0
     if log is not None:
         for line in summary_lines(result):
             log(line)
     return result
+
+
+MODEL = "(model)"  # the layer of a check on the model as a whole (a plan-wide setting)
+
+
+def _check_settings(teacher: nn.Module, space: SearchSpace, result: Applicability) -> None:
+    """Plan-wide choices the model as a whole cannot use (the techniques' ``inapplicable``): removed
+    from their domains (what no choice is left of falls back to the setting's default)."""
+    defaults = {d.short or d.name: d.default for d in TECHNIQUES.settings()}
+    for spec in TECHNIQUES.specs():
+        if spec.inapplicable is None:
+            continue
+        for key, (gone, why) in spec.inapplicable(teacher).items():
+            p = space.plan_param(key)
+            removed = [v for v in p.values() if v in gone]
+            if not removed:
+                continue
+            kept = [v for v in p.values() if v not in gone] or [defaults[key]]
+            new = {"fixed": kept[0]} if len(kept) == 1 else {"choices": kept}
+            result.domains[key] = new
+            result.checks.append(
+                PairCheck(
+                    MODEL,
+                    spec.name,
+                    f"{key} {', '.join(map(str, removed))}",
+                    "no effect",
+                    "apply",
+                    why,
+                    f"{key} -> {_show(Param.model_validate(new))}",
+                )
+            )
 
 
 def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims) -> None:

@@ -12,7 +12,6 @@ Under Ray, Tune's ASHA / HyperBand schedulers apply the same rule to the same re
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import optuna
@@ -22,8 +21,9 @@ from torch import nn
 
 from ..config import PrunerConfig, StudyConfig
 from ..errors import ConfigError
+from ..holdout import HeldOut, holdout_scores, split_training
 from ..optuna_compat import trial_id
-from ..tasks import Task
+from ..tasks import Split, Task
 from .storage import FIDELITY_SUFFIX
 
 PRUNERS = {
@@ -43,38 +43,34 @@ def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner | None:
 
 
 def split_holdout(task: Task, fraction: float, seed: int) -> tuple[Task, tuple[torch.Tensor, torch.Tensor]]:
-    """(task fine-tuned on the rest of the training split, held-out (inputs, labels) of that split)."""
+    """(task fine-tuned on the rest of the training split, held-out (inputs, labels) of that split): the
+    tensors form of :func:`autocompress.holdout.split_training`."""
     if task.train_split.tensors is None or task.metric_obj.needs_reference:
         raise ConfigError(
             "multi-fidelity pruning holds out part of a training split given as (inputs, labels) tensors, "
             "scored by a metric that needs no teacher outputs; use pruner.name: none for this task",
             field="pruner.name",
         )
-    x, y = task.train_split.tensors
-    n_val = max(1, int(round(len(x) * fraction)))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, rest = perm[:n_val], perm[n_val:]
-    return dataclasses.replace(task, train=(x[rest], y[rest])), (x[val], y[val])
+    held = split_training(task, fraction, seed)
+    return held.task, held.split.tensors
 
 
-@torch.no_grad()
-def holdout_accuracy(model: nn.Module, task: Task, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """The task's metric of the torch model (in eval mode) on held-out data; the model is left in train."""
-    was_training = model.training
-    model.eval()
-    try:
-        logits = torch.cat([task.call(model, (xb,)) for xb in data[0].split(256)])
-    finally:
-        model.train(was_training)
-    return float(task.score(logits.numpy(), data[1].numpy()))
+def holdout_accuracy(model: nn.Module, task: Task, data: tuple[torch.Tensor, torch.Tensor] | Split) -> float:
+    """The task's metric of the torch model (in eval mode) on held-out data; the model's mode is kept."""
+    split = data if isinstance(data, Split) else task._split("holdout", data)
+    return holdout_scores([model], task, split)[0]
 
 
 class Fidelity:
     """The held-out split and the twin single-objective study that runs the configured Optuna pruner."""
 
-    def __init__(self, cfg: StudyConfig, storage: optuna.storages.BaseStorage, task: Task):
+    def __init__(self, cfg: StudyConfig, storage: optuna.storages.BaseStorage, held: HeldOut):
         pruner = make_pruner(cfg.pruner)
-        self.task, self.holdout = split_holdout(task, cfg.pruner.holdout_fraction, cfg.seed)
+        if held.split is None:
+            raise ConfigError(
+                f"multi-fidelity pruning needs a held-out part: {held.reason}", field="pruner.name"
+            )
+        self.task, self.holdout = held.task, held.split
         self.twin = optuna.create_study(
             study_name=cfg.name + FIDELITY_SUFFIX,
             storage=storage,

@@ -160,13 +160,11 @@ def _worker_context(cfg: StudyConfig):
 
 def _trainable(config: dict, study: dict, source: str, cwd: str) -> None:
     """One Ray Tune trial: the same objective as a local trial; metrics go back in the final report."""
-    import dataclasses
-
     import torch
 
     from ..objective import run_trial
     from ..plan import Plan
-    from .fidelity import holdout_accuracy, split_holdout
+    from .fidelity import holdout_accuracy
 
     os.chdir(cwd)  # relative paths in the study file mean what they meant to the driver
     cfg = StudyConfig.model_validate(study)
@@ -178,13 +176,11 @@ def _trainable(config: dict, study: dict, source: str, cwd: str) -> None:
         ctx = _worker_context(cfg)
         hook = None
         if cfg.pruner.name != "none":
-            train_task, holdout = split_holdout(ctx.task, cfg.pruner.holdout_fraction, cfg.seed)
-            ctx = dataclasses.replace(ctx, task=train_task)
-
+            held = ctx.held_out()  # the run's held-out part; run_trial fine-tunes on the rest
             last[VAL_KEY] = 0.0
 
             def hook(epoch: int, loss: float, model) -> None:
-                last.update({VAL_KEY: holdout_accuracy(model, train_task, holdout), "epoch": epoch + 1})
+                last.update({VAL_KEY: holdout_accuracy(model, held.task, held.split), "epoch": epoch + 1})
                 tune.report(dict(last))
 
         metrics = run_trial(ctx, Plan.from_dict(config["plan"]), trial_dir(ctx.run_dir, number), hook)

@@ -218,6 +218,7 @@ def open_run(
             ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
             where = cache_path(cfg.backend.latency_cache, run_dir)
             ctx.latency_cache = LatencyCache(where) if where is not None else None
+            _log_held_out(ctx, log)
             ctx.baseline = baseline_for_run(ctx, log)
             ctx.trial_estimate = estimate_trial_s(ctx, log)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
@@ -231,6 +232,24 @@ def open_run(
         prep.backend.close()
         if exclusive:
             lock.release()
+
+
+def _log_held_out(ctx: RunContext, log: Callable[[str], None]) -> None:
+    """Say what the held-out part of the training split is, or why finetune.keep_better has none."""
+    cfg, held = ctx.config, ctx.held_out()
+    if held.split is not None:
+        n = held.split.n_samples()
+        size = f"{n} samples" if n is not None else f"{len(held.split)} batches"
+        readers = [
+            *(["the pruner"] if cfg.pruner.name != "none" else []),
+            *(["finetune.keep_better"] if cfg.finetune.keep_better and cfg.finetune.trains() else []),
+        ]
+        log(
+            f"held out {size} of the training split ({cfg.pruner.holdout_fraction:g}; trials fine-tune on "
+            f"the rest) for {' and '.join(readers)}"
+        )
+    elif cfg.finetune.keep_better and cfg.finetune.trains():
+        log(f"finetune.keep_better: no held-out part ({held.reason}): every trial keeps its fine-tuned model")
 
 
 def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = False) -> optuna.Study:

@@ -6,7 +6,6 @@ is :mod:`.progress`; the full-set re-scoring of the front is :func:`.costs.score
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -105,6 +104,9 @@ RECORDED = (
     "kernels",
     "notes",
     "seconds",
+    "kept",
+    "holdout_post_training",
+    "holdout_finetuned",
 )
 
 
@@ -150,7 +152,7 @@ def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:
     """The study's multi-fidelity pruning (None when ``pruner.name`` is ``none``)."""
     if ctx.config.pruner.name == "none":
         return None
-    return Fidelity(ctx.config, storage_of(study), ctx.task)
+    return Fidelity(ctx.config, storage_of(study), ctx.held_out())
 
 
 def execute_trial(
@@ -161,11 +163,10 @@ def execute_trial(
     A failing trial is recorded with its reason; a pruned one (``fidelity``) keeps its last held-out
     accuracy; neither stops the caller.
     """
-    run_ctx = dataclasses.replace(ctx, task=fidelity.task) if fidelity else ctx
     try:
         plan = suggest_plan(ctx, trial)
         hook = fidelity.on_epoch(trial) if fidelity else None
-        metrics = run_trial(run_ctx, plan, trial_dir(ctx.run_dir, trial.number), on_epoch=hook)
+        metrics = run_trial(ctx, plan, trial_dir(ctx.run_dir, trial.number), on_epoch=hook)
     except optuna.TrialPruned as exc:
         trial.set_user_attr("prune_reason", str(exc))
         study.tell(trial, state=TrialState.PRUNED)

@@ -1,7 +1,7 @@
 """Compression techniques: one module per family. They never import search or backends.
 
 Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
-(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``distill``): each module owns its per-layer fields
+(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
 (:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import attention_channels, layerdrop, sparsity  # noqa: F401 - register families, HeadAttention's pruner
 from .distill import FeatureHints, distill_loss, kd_loss
+from .encoder_kd import EncoderDistill, attention_kl, attention_log_probs, encoder_points, hidden_mse
 from .fold import fold_batchnorm
 from .heads import HeadAttention, attention_of, head_scores, heads_to_keep, prune_heads
 from .layerdrop import KeptLayers, block_of, drop_blocks
@@ -63,6 +64,11 @@ __all__ = [
     "heads_to_keep",
     "prune_heads",
     "FeatureHints",
+    "EncoderDistill",
+    "attention_kl",
+    "attention_log_probs",
+    "encoder_points",
+    "hidden_mse",
     "RANK_MODES",
     "factorize_spatial",
     "factorize_tucker",

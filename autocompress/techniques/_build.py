@@ -23,7 +23,8 @@ class Build:
     the optimizer starts afresh and the ``changed`` hooks run). ``trained`` hooks run right after the
     fine-tuning loop; ``finish`` hooks after the schedule's last point, before the parametrizations are
     baked into the weights. ``loss_terms`` are added to the fine-tuning loss at every step and
-    ``parameters`` give the optimizer extra trainable parameters.
+    ``parameters`` give the optimizer extra trainable parameters. ``cleanup`` hooks run when ``compress``
+    returns or raises (e.g. forward hooks a step put on the shared teacher come off).
 
     Attributes:
         task, teacher, plan: the inputs of ``compress``.
@@ -56,6 +57,7 @@ class Build:
     trained: list[Callable[[], None]] = field(default_factory=list)
     loss_terms: list[Callable[[], Any]] = field(default_factory=list)
     parameters: list[Callable[[], list]] = field(default_factory=list)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
     _modules: dict[str, nn.Module] | None = None
 
     def note(self, layer: str, text: str) -> None:

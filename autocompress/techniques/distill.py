@@ -160,6 +160,7 @@ def hint_step(build) -> None:
     build.parameters.append(lambda: list(hints.parameters()))
     build.changed.append(rebuild)
     build.trained.append(hints.close)
+    build.cleanup.append(hints.close)  # also when the fine-tune fails: the teacher is shared by trials
 
 
 SPEC = TechniqueSpec("distill", steps=((50, hint_step),))

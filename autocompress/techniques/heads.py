@@ -243,6 +243,8 @@ def _prune_bert(m: nn.Module, keep: torch.Tensor) -> None:
     for attr, value in (("num_attention_heads", len(keep)), ("all_head_size", len(rows))):
         if hasattr(sa, attr):
             setattr(sa, attr, value)
+    before = getattr(sa, "kept_heads", None)  # the original indices of the kept heads (encoder KD reads them)
+    sa.kept_heads = tuple(before[i] for i in keep.tolist()) if before else tuple(keep.tolist())
 
 
 def prune_heads(model: nn.Module, layer: str, keep_count: int) -> tuple[int, list[int]]:

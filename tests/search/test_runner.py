@@ -84,7 +84,11 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
         "size_bytes",
         "speedup",
         "param.bits.classifier",
+        "kept",
+        "holdout_post_training",
+        "holdout_finetuned",
     } <= set(table)
+    assert set(table.kept) <= {"finetuned", "post_training"}  # finetune.keep_better (on by default)
 
     front = json.loads((run / "pareto" / "front.json").read_text())["front"]
     assert len(front) >= 1
@@ -110,6 +114,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
             "metric_drop",
         ):
             assert key in m, key
+        assert m["kept"] in ("finetuned", "post_training") and 0 <= m["holdout_finetuned"] <= 1
         assert m["size_bytes"] == (folder / "model.onnx").stat().st_size
         assert m["speedup"] == pytest.approx(m["baseline_latency_ms"] / m["latency_measured_ms"])
         # the objective: the side-by-side ratio in milliseconds of the run's reference baseline
