@@ -138,30 +138,39 @@ def missing(module: str, pip: str) -> str | None:
     return None
 
 
-def _preprocessed(inp: PeerInput, out: Path) -> Path:
+def _preprocessed(inp: PeerInput, out: Path) -> tuple[Path, str]:
     """ORT's ``quant_pre_process`` (shape inference, ORT's basic optimizations) of the float model, written
-    beside ``out`` (each ORT peer runs it: it is part of that peer's wall time)."""
+    beside ``out`` (each ORT peer runs it: it is part of that peer's wall time), and how it went.
+
+    Where ORT's symbolic shape inference gives up (it does on the BERT exports here: "Incomplete symbolic
+    shape inference"), it runs again without it (``skip_symbolic_shape=True``), as ORT's documentation
+    says to; the row's settings say so."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name("preprocessed.onnx")
-    with quiet():
-        quant_pre_process(str(inp.float_onnx), str(pre))
-    return pre
+    try:
+        with quiet():
+            quant_pre_process(str(inp.float_onnx), str(pre))
+        return pre, "quant_pre_process"
+    except Exception as exc:
+        with quiet():
+            quant_pre_process(str(inp.float_onnx), str(pre), skip_symbolic_shape=True)
+        return pre, f"quant_pre_process(skip_symbolic_shape=True; with it: {error_line(exc)})"
 
 
 def ort_dynamic(inp: PeerInput, out: Path) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    pre = _preprocessed(inp, out)
+    pre, how = _preprocessed(inp, out)
     with quiet():
         quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, reduce_range=inp.reduce_range)
-    return f"quant_pre_process + quantize_dynamic(QInt8, per-tensor, reduce_range={inp.reduce_range})"
+    return f"{how} + quantize_dynamic(QInt8, per-tensor, reduce_range={inp.reduce_range})"
 
 
 def ort_static(inp: PeerInput, out: Path) -> str:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    pre = _preprocessed(inp, out)
+    pre, how = _preprocessed(inp, out)
     with quiet():
         quantize_static(
             str(pre),
@@ -175,7 +184,7 @@ def ort_static(inp: PeerInput, out: Path) -> str:
             calibrate_method=CalibrationMethod.MinMax,
         )
     return (
-        f"quant_pre_process + quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, MinMax, "
+        f"{how} + quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, MinMax, "
         f"reduce_range={inp.reduce_range}, {len(inp.calibration[0])} calibration samples)"
     )
 

@@ -69,7 +69,9 @@ def test_targets_met_missed_and_at_an_equal_or_better_metric():
     # vs peer: only front models at >= ort_static's 0.955 count: trial 3, 5.0 / 3.0 = 1.67x
     assert res["vs peer"][0] and "trial 3" in res["vs peer"][1] and "1.67x" in res["vs peer"][1]
 
-    t.min_vs_peer = 2.0
+    t.peer_compare = "limit"  # every front model within the limit: trial 7, 8.0 / 3.0
+    assert "trial 7" in dict((n, w) for n, _, w in peers.check_targets(rows, t))["vs peer"]
+    t.peer_compare, t.min_vs_peer = "metric", 2.0
     assert not dict((n, m) for n, m, _ in peers.check_targets(rows, t))["vs peer"]
     t.min_speedup, t.min_vs_peer = 10.0, None
     assert [(n, m) for n, m, _ in peers.check_targets(rows, t)] == [("speedup", False)]
