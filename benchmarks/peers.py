@@ -13,7 +13,7 @@ as the search), ``--rounds`` times (the median ratio is kept).
 
 One table: metric, metric drop, speedup vs the baseline, artifact bytes, wall time to the answer
 (a peer: its quantization call, pre-processing and validation passes included; autocompress: the
-study's search, first trial start to last trial end, not the teacher or the run's set-up). Written as
+study's search: the union of its trials' run times, not the teacher or the run's set-up). Written as
 ``<run>/peers/peers.json`` and ``peers.md``, with the CPU's int8 features (AVX2 / VNNI / AMX).
 
 Targets (per study by default; flags override): the best front model within the drop limit is at least
@@ -260,14 +260,26 @@ def load_cfg(args):
 
 
 def search_wall_s(study) -> tuple[float | None, int]:
-    """Seconds from the first trial's start to the last trial's end, and the completed trials."""
+    """Seconds the search ran, and its completed trials: the union of the trials' start-to-end intervals
+    (workers running trials at once count once; the pauses of a run resumed later do not count)."""
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
     if not done:
         return None, 0
-    wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-    return wall, sum(t.state == TrialState.COMPLETE for t in done)
+    return union_s([(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in done]), sum(
+        t.state == TrialState.COMPLETE for t in done
+    )
+
+
+def union_s(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``(start, end)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def float_export(ctx, path: Path) -> Path:

@@ -102,6 +102,11 @@ def test_lower_is_better_metric():
     assert name == "vs peer" and met and "1.75x" in why
 
 
+def test_search_wall_time_is_the_union_of_the_trials():
+    assert peers.union_s([(0, 10), (5, 12), (20, 25)]) == 17  # two at once count once; the gap does not
+    assert peers.union_s([(3, 4), (0, 10)]) == 10 and peers.union_s([]) == 0
+
+
 def test_table_shows_every_row_and_the_reason_of_a_missing_peer():
     rows = [
         row("baseline", "float baseline", 0.96, 1.0, 0.96),
