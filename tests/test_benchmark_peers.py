@@ -1,6 +1,6 @@
 """benchmarks/peers.py without a study: the targets, the table, CPU features, and the peer rows (ORT's
 quantizers on a tiny model; a peer whose package is not importable, or that raises, is a row with its
-reason, never a crash)."""
+reason, never a crash). At the top of tests/: its folders mirror the package's, which has no benchmarks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
