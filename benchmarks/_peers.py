@@ -143,19 +143,24 @@ def _preprocessed(inp: PeerInput, out: Path) -> tuple[Path, str]:
     beside ``out`` (each ORT peer runs it: it is part of that peer's wall time), and how it went.
 
     Where ORT's symbolic shape inference gives up (it does on the BERT exports here: "Incomplete symbolic
-    shape inference"), it runs again without it (``skip_symbolic_shape=True``), as ORT's documentation
-    says to; the row's settings say so."""
+    shape inference"), it runs again without it (``skip_symbolic_shape=True``, the pre-processor's own
+    option for that); the row's settings say so."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = out.with_name("preprocessed.onnx")
-    try:
+    pre, src = out.with_name("preprocessed.onnx").resolve(), inp.float_onnx.resolve()
+    # where symbolic shape inference fails it dumps its model (and external data) into the working folder
+    with contextlib.chdir(out.parent):
+        try:
+            with quiet():
+                quant_pre_process(str(src), str(pre))
+            return pre, "quant_pre_process"
+        except Exception as exc:
+            first = exc
         with quiet():
-            quant_pre_process(str(inp.float_onnx), str(pre))
-        return pre, "quant_pre_process"
-    except Exception as exc:
-        with quiet():
-            quant_pre_process(str(inp.float_onnx), str(pre), skip_symbolic_shape=True)
-        return pre, f"quant_pre_process(skip_symbolic_shape=True; with it: {error_line(exc)})"
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        for debris in [Path("sym_shape_infer_temp.onnx"), *Path(".").glob("*.data")]:
+            debris.unlink(missing_ok=True)  # that dump, in this peer's own folder
+    return pre, f"quant_pre_process(skip_symbolic_shape=True; with it: {error_line(first)})"
 
 
 def ort_dynamic(inp: PeerInput, out: Path) -> str:
@@ -325,7 +330,8 @@ def run_peer(name: str, inp: PeerInput, log: Callable[[str], None] = print) -> P
     folder = inp.workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "model.onnx"
-    out.unlink(missing_ok=True)
+    for old in (out, folder / "error.txt"):
+        old.unlink(missing_ok=True)
     t0 = time.perf_counter()
     try:
         settings = fn(inp, out)
