@@ -10,6 +10,7 @@ finalizes (masks and fake quantization baked into the weights).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from .errors import ConfigError, NonFiniteLoss
 from .faults import on_step
+from .inventory import layer_kind
 from .lowering import LoweringSpec
 from .plan import Plan
 from .registry import TECHNIQUES
@@ -86,6 +88,7 @@ def compress(
         torch.set_num_threads(threads)
     torch.manual_seed(plan.seed)
     teacher = teacher.eval()
+    plan, notes = _for_kinds(plan, teacher)
     build = Build(
         task,
         teacher,
@@ -94,6 +97,7 @@ def compress(
         total=finetune_steps(task, plan, batch_size),
         reduce_range=reduce_range,
         round_to=round_to,
+        notes=notes,
     )
     try:
         for _, _, step in TECHNIQUES.steps():
@@ -121,6 +125,24 @@ def compress(
     return Compressed(
         student, dict(build.precisions), sparsity, build.notes, losses, build.channel_steps, train_s, lowering
     )
+
+
+def _for_kinds(plan: Plan, teacher: nn.Module) -> tuple[Plan, dict[str, str]]:
+    """The plan with each layer's fields that do not apply to its kind at their defaults (an embedding
+    table takes its bits only), and a note on each layer that had such fields set: not applied."""
+    modules = dict(teacher.named_modules())
+    layers, notes = dict(plan.layers), {}
+    for name, lp in plan.layers.items():
+        kind = layer_kind(modules[name]) if name in modules else None
+        if kind is None:
+            continue
+        layers[name], dropped = lp.for_kind(kind)
+        if dropped:
+            kept = [d.name for d in TECHNIQUES.dims() if d.applies(kind)]
+            notes[name] = f"{', '.join(dropped)} not applied: {kind} layers take {', '.join(kept)} only"
+    if not notes:
+        return plan, notes
+    return dataclasses.replace(plan, layers=layers), notes
 
 
 def _finetune(

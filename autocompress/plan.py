@@ -85,6 +85,17 @@ class LayerPlan:
     def replace(self, **changes) -> LayerPlan:
         return LayerPlan(**{**self._values, **changes})
 
+    def for_kind(self, kind: str) -> tuple[LayerPlan, list[str]]:
+        """This plan on a layer of inventory ``kind``: the fields that do not apply there (see
+        :attr:`~autocompress.registry.Dim.kinds`) back at their defaults, and the names of those that
+        were set otherwise (an embedding table takes its bits only: no rank, sparsity or dynamic mode)."""
+        dropped = [
+            d.name for d in TECHNIQUES.dims() if not d.applies(kind) and self._values[d.name] != d.default
+        ]
+        if not dropped:
+            return self, []
+        return self.replace(**{d.name: d.default for d in TECHNIQUES.dims() if d.name in dropped}), dropped
+
     def validate(self, where: str) -> None:
         for d in TECHNIQUES.dims():
             v = self._values[d.name]

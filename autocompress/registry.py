@@ -66,6 +66,12 @@ def _shown(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
+# the layer kinds of the inventory (:func:`autocompress.inventory.layer_kind`): the matmul layers every
+# technique may change, and the embedding tables (a lookup: only a per-layer field that says so applies)
+MATMUL_KINDS = ("Conv1d", "Conv2d", "Linear")
+LAYER_KINDS = (*MATMUL_KINDS, "Embedding")
+
+
 @dataclass(frozen=True)
 class Dim:
     """One per-layer field of a technique.
@@ -82,6 +88,9 @@ class Dim:
         order: sampling order among all per-layer fields (stable: the same seed gives the same trials).
         asked: given the layer's values sampled so far, whether the field is asked (else its default).
         report: shown as a column of the report's per-layer table.
+        kinds: the inventory layer kinds the field applies to (:data:`LAYER_KINDS`); on a layer of another
+            kind it is not asked and keeps its default (the matmul layers unless the technique says more:
+            the weight-only bits of an embedding table).
     """
 
     name: str
@@ -94,10 +103,15 @@ class Dim:
     order: float = 1000.0
     asked: Callable[[dict[str, Any]], bool] | None = None
     report: bool = True
+    kinds: tuple[str, ...] = MATMUL_KINDS
 
     @property
     def prefix(self) -> str:
         return self.short or self.name
+
+    def applies(self, kind: str) -> bool:
+        """Whether the field is a choice on an inventory layer of ``kind`` (``Linear``, ``Embedding``)."""
+        return kind in self.kinds
 
     def rule(self, value: Any, space: bool = False) -> str | None:
         """What is wrong with ``value`` (a phrase after the value), None when it is allowed."""

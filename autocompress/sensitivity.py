@@ -20,6 +20,7 @@ import pandas as pd
 from .context import RunContext
 from .pipeline import compress
 from .plan import LayerPlan, Plan
+from .registry import TECHNIQUES
 from .rundir import SENSITIVITY, write_json
 
 # (dimension, value): what one layer is set to, everything else untouched
@@ -65,9 +66,13 @@ def analyze(
     with tempfile.TemporaryDirectory(prefix="ac-sens-") as tmp:
         stored = getattr(ctx.backend, "stored_bits", None)
         grids = getattr(ctx.backend, "weight_granularity", {})  # e.g. ascend: Linear per tensor only
+        kind_bits = getattr(ctx.backend, "bits_by_kind", {})  # e.g. embedding tables: float only
         for info in ctx.inventory:
             for dim, value in settings:
-                if dim == "bits" and stored is not None and value not in stored:
+                if not TECHNIQUES.dim(dim).applies(info.kind):  # an embedding table takes bits only
+                    continue
+                held = kind_bits.get(info.kind, stored)
+                if dim == "bits" and held is not None and value not in held:
                     rows.append(
                         {
                             "layer": info.name,
@@ -77,7 +82,8 @@ def analyze(
                             "metric": float("nan"),
                             "metric_drop": float("nan"),
                             "applied": False,
-                            "note": f"backend {ctx.backend.name!r} does not store {int(value)}-bit weights",
+                            "note": f"backend {ctx.backend.name!r} does not store {int(value)}-bit "
+                            + ("embedding tables" if info.kind == "Embedding" else "weights"),
                         }
                     )
                     continue
@@ -220,7 +226,7 @@ def _searched(space, inventory) -> tuple[dict[str, tuple[str, object]], dict[str
     domains: dict[str, tuple[str, object]] = {}
     members: dict[str, list[str]] = {}
     for info in inventory:
-        for dim, p in space._layer_params(info.name).items():
+        for dim, p in space.layer_params(info).items():
             if dim not in _HARSHER or p.fixed is not None:
                 continue
             name = f"{TECHNIQUES.dim(dim).prefix}.{space.group_of(info.name)}"

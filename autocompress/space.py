@@ -10,7 +10,9 @@ group>``; built-in ``bits.<layer>``, ``sparsity.<layer>``, ``rank.<layer>``, ``s
 ``kd.feature_weight``; quantization grids
 ``qscheme.<layer>``, ``qgranularity.<layer>`` (asked only where ``bits`` is 2 to 8), ``qmode.<layer>``
 (only where ``bits`` is 8: dynamic needs int8 weights), and plan-level ``quant.calibration``,
-``quant.lsq``.
+``quant.lsq``. A field is asked only on the layer kinds it applies to
+(:attr:`~autocompress.registry.Dim.kinds`): an embedding table is asked ``bits.<layer>`` and its grid,
+nothing else, and only where the backend stores tables below float (``allowed_by_kind``).
 """
 
 from __future__ import annotations
@@ -235,6 +237,22 @@ class SearchSpace:
             p = getattr(p, part)
         return p
 
+    def layer_params(self, info: LayerInfo) -> dict[str, Param]:
+        """The domains of one inventory layer as the search sees it: a field that does not apply to the
+        layer's kind (:attr:`~autocompress.registry.Dim.kinds`: an embedding table takes its bits only)
+        is fixed at its default, and a categorical field keeps only the values the backend runs on that
+        kind (:attr:`allowed_by_kind`; none of them offered: the backend's first)."""
+        params = self._layer_params(info.name)
+        for d in TECHNIQUES.dims():
+            p = params[d.name]
+            allowed = self.allowed_by_kind.get(d.name, {}).get(info.kind)
+            if not d.applies(info.kind):
+                params[d.name] = Param(fixed=d.default)
+            elif allowed is not None and p.low is None:
+                kept = [v for v in p.values() if v in allowed] or [allowed[0]]
+                params[d.name] = Param(fixed=kept[0]) if len(kept) == 1 else Param(choices=kept)
+        return params
+
     def group_of(self, layer: str) -> str:
         """The key that names a layer's parameters: the layer, its group, or ``all``."""
         groups = self.model.groups
@@ -268,6 +286,9 @@ class SearchSpace:
         params = self._layer_params(info.name)
         values: dict[str, Any] = {}
         for d in TECHNIQUES.dims():
+            if not d.applies(info.kind):  # e.g. rank or sparsity of an embedding table: not a choice
+                values[d.name] = d.default
+                continue
             p, name = params[d.name], f"{d.prefix}.{self.group_of(info.name)}"
             first = domains.setdefault(name, (info.name, p))
             if first[1] != p:
@@ -364,8 +385,11 @@ class SearchSpace:
         for info in inventory:
             for k, p in self._layer_params(info.name).items():
                 v = values.get(info.name, {}).get(k)
-                if v is None or p.fixed is not None:
+                if v is None or p.fixed is not None or not TECHNIQUES.dim(k).applies(info.kind):
                     continue
+                allowed = self.allowed_by_kind.get(k, {}).get(info.kind)
+                if allowed is not None and (v not in allowed or sum(x in allowed for x in p.values()) < 2):
+                    continue  # the backend runs one value there: the dimension is not asked
                 if p.choices is not None:
                     if v not in p.choices:
                         continue

@@ -75,6 +75,20 @@ WEIGHT_GRANULARITY = {"Conv1d": ("channel", "tensor"), "Conv2d": ("channel", "te
 
 
 # -- command lines and their output (pure functions: tested without the hardware) ---------------
+def float_tables_apart(model, spec: LoweringSpec) -> LoweringSpec:
+    """The spec without the embedding tables it keeps float: a lookup is no compute node for
+    ``--keep_dtype`` and follows the precision mode, as before tables were layers. This backend stores
+    tables in float only (``bits_by_kind``); a table planned below float is refused."""
+    tables = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    low = sorted(n for n, lay in spec.layers.items() if n in tables and lay.bits < 32)
+    if low:
+        raise BackendError(
+            f"ascend backend: {', '.join(map(repr, low))} are embedding tables, stored in float only "
+            "on this backend; keep them at bits 32"
+        )
+    return spec.only(n for n in spec.layers if n not in tables)
+
+
 def build_atc_input(model, example_inputs, spec, out_dir: Path, calibration=None, amct=None, io=None) -> dict:
     """Write what ATC converts, in ``out_dir``, and return its paths.
 
@@ -217,7 +231,7 @@ class AscendBackend(TimedInRounds, Backend):
 
     # -- lowering -------------------------------------------------------------------------------
     def lower(self, model, example_inputs, spec, out_dir, calibration=None, io=None) -> Artifact:
-        spec = LoweringSpec.coerce(spec)
+        spec = float_tables_apart(model, LoweringSpec.coerce(spec))
         precisions = spec.precisions()
         out_dir = Path(out_dir)
         src = build_atc_input(model, example_inputs, spec, out_dir, calibration, io=io)

@@ -115,6 +115,9 @@ class Backend(ABC):
     stored_bits: ClassVar[tuple[int, ...]]  # precisions the artifact can hold
     native_bits: ClassVar[tuple[int, ...]]  # precisions with real kernels (faster, not only smaller)
     sparsity_kinds: ClassVar[tuple[str, ...]] = ("unstructured",)  # stored; none run sparse kernels
+    # inventory kind -> the precisions a layer of that kind can be stored in, where it differs from
+    # ``stored_bits``: embedding tables stay float unless a backend lowers their lookups (onnxruntime)
+    bits_by_kind: ClassVar[dict[str, tuple[int, ...]]] = {"Embedding": (32,)}
     reduce_range: ClassVar[bool] = False  # 8-bit weights use a 7-bit grid (see quantize.qmax_for)
     preferred_channel_multiple: ClassVar[int] = 1  # channel counts that fill the device's vector units
     devices: ClassVar[tuple[str, ...]] = ("cpu",)  # device kinds it targets (the conformance suite's default)
@@ -223,6 +226,7 @@ class Backend(ABC):
             "stored_bits": list(cls.stored_bits),
             "native_bits": list(cls.native_bits),
             "sparsity_kinds": list(cls.sparsity_kinds),
+            "bits_by_kind": {k: list(v) for k, v in cls.bits_by_kind.items()},
             "reduce_range": cls.reduce_range,
             "preferred_channel_multiple": cls.preferred_channel_multiple,
         }

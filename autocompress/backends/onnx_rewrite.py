@@ -8,6 +8,7 @@ the surgery that makes the artifact hold exactly the integers the fine-tune trai
   ``input_scale * weight_scale``);
 - :func:`weight_only_dq`: packed INT4 (two per byte, opset 21) or int8 weights behind a weight-only
   DequantizeLinear; :func:`half_weight`: float16 weights behind a Cast;
+- embedding tables (found by :func:`locate` with ``lookup``) are rewritten by :mod:`.onnx_lookup`;
 - :func:`restore_gemms`: the Gemms ``quantize_dynamic`` rewrote as MatMul + Add without quantizing them;
 - :func:`lstm_nodes`: the ONNX LSTM nodes of a torch LSTM.
 
@@ -84,6 +85,7 @@ class LocatedWeight:
     scale: np.ndarray
     zero: np.ndarray | None = None  # None: symmetric (zero point 0)
     mode: str = "static"
+    lookup: bool = False  # an embedding table read by Gather nodes (``nodes``), not a matmul weight
 
     def q_onnx(self) -> np.ndarray:
         return self.q.T if self.axis == 1 else self.q
@@ -103,9 +105,14 @@ def locate(
     taken: set[str],
     zero: np.ndarray | None = None,
     mode: str = "static",
+    lookup: bool = False,
 ) -> LocatedWeight:
     """Find the initializer holding ``weight`` (by name, else by value: the exporter may rename and
-    transpose it, e.g. a bias-free Linear becomes MatMul with a folded transpose)."""
+    transpose it, e.g. a bias-free Linear becomes MatMul with a folded transpose).
+
+    ``lookup``: the weight is an embedding table, read as the data input of ``Gather`` nodes on axis 0
+    (any other reader, e.g. a tied output projection, is refused: the table is stored for the lookups).
+    """
     inits = {i.name: i for i in graph.initializer}
     name = f"{layer}.weight"
     candidates = [name] if name in inits else []
@@ -113,9 +120,18 @@ def locate(
         n for n, i in inits.items() if n != name and n not in taken and int(np.prod(i.dims)) == weight.size
     ]
     for cand in candidates:
-        users = [n for n in _consumers(graph, cand) if n.op_type in QUANT_OPS and n.input[1] == cand]
+        if lookup:
+            users = [n for n in _consumers(graph, cand) if n.op_type == "Gather" and n.input[0] == cand]
+        else:
+            users = [n for n in _consumers(graph, cand) if n.op_type in QUANT_OPS and n.input[1] == cand]
         if not users:
             continue
+        if lookup:
+            table = numpy_helper.to_array(inits[cand])
+            if table.shape != weight.shape or not np.array_equal(table, weight):
+                continue
+            _check_lookup(graph, layer, cand, users)
+            return LocatedWeight(layer, cand, 0, [n.name for n in users], bits, q, scale, zero, mode, True)
         a = numpy_helper.to_array(inits[cand])
         if a.shape == weight.shape and np.array_equal(a, weight):
             axis = 0
@@ -127,6 +143,22 @@ def locate(
     raise BackendError(
         f"cannot find the ONNX initializer of {name!r} (layer {layer!r}) in the exported graph"
     )
+
+
+def _check_lookup(graph: onnx.GraphProto, layer: str, init: str, users: list) -> None:
+    """The table is read by Gathers of rows (axis 0) alone."""
+    for node in users:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if axis != 0:
+            raise BackendError(
+                f"layer {layer!r}: Gather {node.name!r} reads the table on axis {axis}, not rows"
+            )
+    others = sorted({n.op_type for n in _consumers(graph, init) if n not in users})
+    if others:
+        raise BackendError(
+            f"layer {layer!r}: its embedding table {init!r} is also read by {', '.join(others)} (tied "
+            "weights?); only a table read by lookups alone is stored quantized: keep it at bits 32"
+        )
 
 
 def _set(inits: dict[str, TensorProto], name: str, array: np.ndarray) -> None:

@@ -10,7 +10,9 @@ Lowering (see :mod:`.ort_quantize` for the steps, :mod:`.onnx_rewrite` for the g
 ``quantize_dynamic``, 5- to 8-bit static layers through ORT's ``quantize_static`` (QDQ, with the
 connectors between int8 layers) with the fine-tune's integers, scales and zero points written back,
 2- to 4-bit layers as packed INT4 weight-only DequantizeLinear, 16-bit ones as float16 + Cast (ORT
-computes both in float). A float model gets the fastest of its graph and its transformer-fused versions.
+computes both in float). Embedding tables below float are stored packed (int8, or two 4-bit values a
+byte) and only the rows a lookup reads are dequantized (see :func:`.onnx_lookup.lookup_weight_only`).
+A float model gets the fastest of its graph and its transformer-fused versions.
 
 Asymmetric int8 weights (non-zero zero points) fuse into QLinearConv / QGemm like symmetric ones; on
 CPUs without VNNI both use a 7-bit grid (``reduce_range``), on which ORT's fused kernels give the same
@@ -57,6 +59,9 @@ class OnnxRuntimeBackend(Backend):
     # 5- to 8-bit grids run on ORT's int8 kernels; 2-4 bits are stored packed in INT4 and 16 as
     # float16, both converted to float at run time: smaller, not faster (the search measures it)
     native_bits = (5, 6, 8, 32)
+    # embedding tables: every stored precision, weight-only and dequantized after the lookup (int8 rows
+    # gathered then scaled; 2-4 bits through com.microsoft.GatherBlockQuantized; float16 then Cast)
+    bits_by_kind = {"Embedding": stored_bits}
     sparsity_kinds = ("unstructured",)  # stored dense: zeros save neither bytes nor time
     reduce_range = not cpu_has_vnni()
     # activations stay int8 across Relu / pooling / Add / Concat between int8 layers (ORT's int8 kernels);

@@ -9,7 +9,9 @@
    calibrated by min-max or percentile), with the Relu / pooling / Add / Concat nodes between them
    (:func:`.qdq.int8_region`) when ``int8_connectors``, so ORT fuses them into int8 kernels;
 3. the integers ORT computed are replaced by the ones the fine-tune trained (:mod:`.onnx_rewrite`);
-4. 2- to 4-bit layers: packed INT4 weight-only DequantizeLinear; 16-bit layers: float16 + Cast.
+4. 2- to 4-bit layers: packed INT4 weight-only DequantizeLinear; 16-bit layers: float16 + Cast;
+5. embedding tables (``nn.Embedding``, any bits below float): stored packed, weight-only, and
+   dequantized after the lookup (:func:`.onnx_lookup.lookup_weight_only`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from ..errors import BackendError, ExportError
 from ..lowering import LoweringSpec, symmetric_grid
 from .onnx_export import INPUT, graph_input_names
+from .onnx_lookup import lookup_block, lookup_weight_only
 from .onnx_rewrite import (
     LocatedWeight,
     half_weight,
@@ -93,17 +96,28 @@ def _located(graph, model, spec: LoweringSpec, reduce_range: bool) -> tuple[list
             recurrent.append(layer)
             continue
         weight = module.weight.detach()
+        lookup = isinstance(module, torch.nn.Embedding)  # weight-only; a lookup accumulates nothing
         zero = None
         if bits == 16:
             q, scale = weight.half().numpy(), np.ones(weight.shape[0], np.float32)
         else:  # the fine-tune's integers; else (not from compress()) the symmetric per-channel grid
             record = lay.weight if lay.weight is not None and lay.weight.bits == bits else None
-            record = record or symmetric_grid(weight, bits, reduce_range)
+            record = record or symmetric_grid(weight, bits, reduce_range and not lookup)
             q, scale = record.q, record.scale.astype(np.float32)
             zero = record.zero_point if record.scheme == "asymmetric" else None
         taken = {w.init for w in located}
-        located.append(locate(graph, layer, weight.numpy(), bits, q, scale, taken, zero, lay.mode))
+        mode = "static" if lookup else lay.mode
+        located.append(locate(graph, layer, weight.numpy(), bits, q, scale, taken, zero, mode, lookup))
     return located, recurrent
+
+
+def _int4_dequantize(model, layer: str, bits: int) -> bool:
+    """Whether the layer's weight is stored as ONNX INT4 behind a DequantizeLinear (opset 21): 2-4 bits,
+    except embedding tables that ``GatherBlockQuantized`` reads (any opset)."""
+    if bits > 4:
+        return False
+    module = model.get_submodule(layer)
+    return not (isinstance(module, torch.nn.Embedding) and lookup_block(module.embedding_dim))
 
 
 def quantize_graph(
@@ -119,13 +133,13 @@ def quantize_graph(
 ) -> None:
     """Write to ``target`` the quantized form of the float graph ``fp32`` exported from ``model``."""
     float_model = onnx.load(str(fp32))
-    if any(b <= 4 for b in spec.quantized().values()):
+    if any(_int4_dequantize(model, layer, b) for layer, b in spec.quantized().items()):
         float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
         onnx.save(float_model, str(fp32))
     located, recurrent = _located(float_model.graph, model, spec, reduce_range)
     modules = dict(model.named_modules())
     qmodel, current = float_model, fp32
-    dynamic = [w for w in located if w.mode == "dynamic"]
+    dynamic = [w for w in located if w.mode == "dynamic" and not w.lookup]
     if dynamic or recurrent:
         nodes = [n for w in dynamic for n in w.nodes]
         for layer in recurrent:
@@ -138,7 +152,7 @@ def quantize_graph(
         write_dynamic_integers(qmodel, dynamic)
         current = tmp / "dynamic_restored.onnx"
         onnx.save(qmodel, str(current))
-    eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static"]
+    eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static" and not w.lookup]
     if eight:
         nodes = [n for w in eight for n in w.nodes]
         if int8_connectors:
@@ -146,7 +160,9 @@ def quantize_graph(
         qmodel = quantize_static_nodes(current, tmp / "qdq.onnx", nodes, calibration, spec.calibration)
         write_trained_integers(qmodel, float_model, eight)
     for w in located:
-        if w.bits <= 4:
+        if w.lookup:
+            lookup_weight_only(qmodel, w)
+        elif w.bits <= 4:
             weight_only_dq(qmodel.graph, w)
         elif w.bits == 16:
             half_weight(qmodel.graph, w)

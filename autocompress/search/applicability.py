@@ -117,7 +117,7 @@ def _kinds(space: SearchSpace, inventory: list[LayerInfo]) -> list[_Kind]:
     kinds: dict[tuple, _Kind] = {}
     specs = [t for t in TECHNIQUES.specs() if t.probes is not None]
     for info in inventory:
-        params = space._layer_params(info.name)
+        params = space.layer_params(info)
         for probe in (p for t in specs for p in t.probes(params, info, space.allowed_by_kind)):
             k = kinds.setdefault(
                 probe.key,

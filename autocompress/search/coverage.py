@@ -1,14 +1,15 @@
 """Coverage: the share of a model's parameters (and of its multiply-accumulates at batch 1) that the
 (narrowed) search space can change, and every part it cannot, with the reason: a recurrent layer, an
-embedding table, the packed input projection of ``nn.MultiheadAttention``, a layer every technique was
-excluded from by the applicability check (:mod:`.applicability`)."""
+``nn.EmbeddingBag`` or an embedding table with ``max_norm``, the packed input projection of
+``nn.MultiheadAttention``, a layer every technique was excluded from by the applicability check
+(:mod:`.applicability`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..inventory import COMPRESSIBLE, LayerInfo
+from ..inventory import MATMUL, LayerInfo, layer_kind
 from ..registry import TECHNIQUES
 from ..space import SearchSpace
 from ..tasks import Task
@@ -22,10 +23,16 @@ def _reason(module: nn.Module) -> str:
     if isinstance(module, nn.RNNBase):
         return (
             f"recurrent layer (nn.{type(module).__name__}): the search space expands over Conv1d/Conv2d/"
-            "Linear only; it can be quantized (dynamic int8) only by a hand-written plan"
+            "Linear layers and embedding tables only; it can be quantized (dynamic int8) only by a "
+            "hand-written plan"
         )
-    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-        return "embedding table (a lookup, not a matmul): not in the search space; stays float"
+    if isinstance(module, nn.EmbeddingBag):
+        return "embedding bag (a lookup with a reduction): not in the search space; stays float"
+    if isinstance(module, nn.Embedding):
+        return (
+            "embedding table with max_norm (its forward renormalizes the table in place): not in the "
+            "search space; stays float"
+        )
     if isinstance(module, nn.MultiheadAttention):
         return (
             "nn.MultiheadAttention's packed query/key/value projection (in_proj_weight) is a bare "
@@ -41,7 +48,7 @@ def _reason(module: nn.Module) -> str:
 
 def _touchable(space: SearchSpace, info: LayerInfo) -> bool:
     """Whether some registered technique's domains can change the layer (it has an applicability probe)."""
-    params = space._layer_params(info.name)
+    params = space.layer_params(info)
     return any(
         t.probes(params, info, space.allowed_by_kind) for t in TECHNIQUES.specs() if t.probes is not None
     )
@@ -49,9 +56,9 @@ def _touchable(space: SearchSpace, info: LayerInfo) -> bool:
 
 def _macs(model: nn.Module, task: Task) -> dict[str, float]:
     """Multiply-accumulates per layer at batch 1, counted from the shapes each layer sees (forward hooks):
-    Conv1d/Conv2d/Linear, nn.MultiheadAttention (input projection and attention under its own name, the
-    output projection under ``<name>.out_proj``) and LSTM/GRU/RNN; matmuls written in a forward
-    (``q @ k.T``) are not seen."""
+    Conv1d/Conv2d/Linear (an embedding lookup has none), nn.MultiheadAttention (input projection and
+    attention under its own name, the output projection under ``<name>.out_proj``) and LSTM/GRU/RNN;
+    matmuls written in a forward (``q @ k.T``) are not seen."""
     macs: dict[str, float] = {}
 
     def layer(name):
@@ -92,7 +99,7 @@ def _macs(model: nn.Module, task: Task) -> dict[str, float]:
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             hooks.append(m.register_forward_hook(attention(name), with_kwargs=True))
-        elif isinstance(m, COMPRESSIBLE):
+        elif isinstance(m, MATMUL):  # an embedding table is a lookup: no multiply-accumulates
             hooks.append(m.register_forward_hook(layer(name)))
         elif isinstance(m, nn.RNNBase):
             hooks.append(m.register_forward_hook(recurrent(name)))
@@ -143,7 +150,7 @@ def coverage(
                 if mname in excluded
                 else "the space fixes this layer (float, dense, full rank)"
             )
-        elif isinstance(m, COMPRESSIBLE):
+        elif layer_kind(m) is not None:
             why = "not in the inventory"
         else:
             why = _reason(m)

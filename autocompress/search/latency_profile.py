@@ -61,7 +61,7 @@ def _levels(p, levels=LEVELS) -> list[float]:
 
 def layer_settings(space, info) -> list[tuple[str, dict]]:
     """``(label, LayerPlan fields)`` of every setting the profile measures on one layer."""
-    params = space._layer_params(info.name)
+    params = space.layer_params(info)
     grid = space.allowed_by_kind.get("quant_granularity", {}).get(info.kind, ())
     extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
     out: list[tuple[str, dict]] = []

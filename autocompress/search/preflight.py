@@ -138,7 +138,7 @@ def min_artifact_bytes(space: SearchSpace, inventory: list[LayerInfo]) -> int:
     total = 0.0
     specs = [t for t in TECHNIQUES.specs() if t.size_floor is not None]
     for info in inventory:
-        params = space._layer_params(info.name)
+        params = space.layer_params(info)
         fan_in = info.in_features // info.groups * int(torch.tensor(info.kernel).prod())
         floor = {"elements": info.out_features * fan_in, "keep": 1.0, "fan_in": fan_in, "bits": 32}
         for t in specs:  # pipeline order: structured pruning narrows what low rank then factorizes

@@ -92,6 +92,7 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
             field="bits",
         )
     space.granularity_by_kind = dict(getattr(backend_cls, "weight_granularity", {}))
+    space.allowed_by_kind["bits"] = dict(getattr(backend_cls, "bits_by_kind", {}))  # e.g. float tables
     try:
         sampler = make_sampler(cfg.sampler.name, cfg.sampler_seed, cfg.sampler.options)
     except ConfigError as exc:

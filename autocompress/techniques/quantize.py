@@ -11,6 +11,10 @@ Granularity ``channel`` gives one scale (and zero point) per output channel, ``t
 whole weight. ``reduce_range`` drops one bit of an 8-bit grid (CPUs without VNNI can saturate the
 int16 accumulation of u8*s8 products; ORT's docs recommend it there).
 
+Embedding tables (``nn.Embedding``) take ``bits``, ``quant_scheme`` and ``quant_granularity`` like the
+matmul layers, weight-only: ``channel`` is one scale per row (axis 0, one token's vector), and the full
+8-bit grid is kept (a lookup accumulates nothing, so ``reduce_range`` does not apply).
+
 :func:`record_weight_quant` returns the integers, scales and zero points the fine-tuned weight
 sits on (a :class:`~autocompress.lowering.WeightQuant`); the pipeline puts them in the lowering spec
 and a backend writes exactly these into its artifact. With LSQ the scale is a trained parameter,
@@ -36,7 +40,7 @@ from ..lowering import (  # noqa: F401 - re-exported: the grid helpers live in t
     qmax_for,
     quantize_weight,
 )
-from ..registry import TECHNIQUES, Dim, Probe, TechniqueSpec
+from ..registry import LAYER_KINDS, TECHNIQUES, Dim, Probe, TechniqueSpec
 
 GRANULARITIES = ("channel", "tensor")
 SCHEMES = ("symmetric", "asymmetric")
@@ -263,7 +267,7 @@ def _fake_quantize(build) -> dict[str, str]:
             add_fake_quant(
                 m,
                 bits,
-                reduce_range=build.reduce_range and bits == 8,
+                reduce_range=build.reduce_range and bits == 8 and not isinstance(m, nn.Embedding),
                 scheme=lp.quant_scheme,
                 granularity=lp.quant_granularity,
                 lsq=build.plan.lsq,
@@ -360,6 +364,7 @@ SPEC = TechniqueSpec(
             choices=SUPPORTED_BITS,
             space_rule="is not an allowed bit width",
             order=10,
+            kinds=LAYER_KINDS,  # embedding tables too (weight-only)
         ),
         Dim(
             "quant_scheme",
@@ -369,6 +374,7 @@ SPEC = TechniqueSpec(
             order=60,
             asked=_integer,
             report=False,
+            kinds=LAYER_KINDS,
         ),
         Dim(
             "quant_granularity",
@@ -378,6 +384,7 @@ SPEC = TechniqueSpec(
             order=70,
             asked=_integer,
             report=False,
+            kinds=LAYER_KINDS,
         ),
         Dim(
             "quant_mode",

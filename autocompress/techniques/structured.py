@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import MissingDependencyError, TechniqueError
-from ..inventory import compressible_layers
+from ..inventory import matmul_layers
 from .prune import Mask
 
 IMPORTANCES = ("l1", "l2", "taylor")
@@ -40,7 +40,7 @@ def output_layers(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     outs: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o))
-        for n, m in compressible_layers(model)
+        for n, m in matmul_layers(model)
     ]
     try:
         with torch.no_grad():
@@ -113,7 +113,7 @@ def prune_channels(
     wanted = {modules[n]: r for n, r in ratios.items() if r > 0 and n not in keep}
     if not wanted:
         return {}
-    before = {n: _width(m) for n, m in compressible_layers(model)}
+    before = {n: _width(m) for n, m in matmul_layers(model)}
     pruner = _pruner(model, example_inputs, wanted, [modules[n] for n in keep], importance, round_to)
     if importance == "taylor":
         if data is None:
@@ -137,7 +137,7 @@ def prune_channels(
             f"structured pruning of {names} broke the model's forward pass ({str(exc).splitlines()[0]}); "
             "keep such layers (e.g. attention projections) to unstructured sparsity"
         ) from exc
-    return {n: (before[n], _width(m)) for n, m in compressible_layers(model) if _width(m) != before.get(n)}
+    return {n: (before[n], _width(m)) for n, m in matmul_layers(model) if _width(m) != before.get(n)}
 
 
 def _width(m: nn.Module) -> int:

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..backends import OnnxRuntimeBackend
 from ..backends.base import Artifact, Backend
-from ..inventory import build_inventory, compressible_layers
+from ..backends.onnx_lookup import lookup_block
+from ..inventory import build_inventory, matmul_layers
 from ..pipeline import Compressed, compress
 from ..plan import LayerPlan, Plan, Schedule
 from ..tasks import Task
@@ -102,14 +103,15 @@ def _recurrent(model: nn.Module) -> dict[str, nn.LSTM]:
 
 def technique_plan(model: nn.Module, task: Task, technique: str | LayerPlanFn) -> Plan:
     """Every inventory layer planned by ``technique`` (a name in :data:`TECHNIQUES` or
-    :data:`TRANSFORMER_TECHNIQUES`, or a function);
+    :data:`TRANSFORMER_TECHNIQUES`, or a function), with the fields its kind takes (an embedding table:
+    its bits);
     an LSTM (outside the inventory) by hand, from the plan of index 0: dynamic int8 where that is 8
     bits, that plan where it is float, unplanned otherwise."""
     named = {**TECHNIQUES, **TRANSFORMER_TECHNIQUES}
     layer_plan = named[technique] if isinstance(technique, str) else technique
     layers: dict[str, LayerPlan] = {}
     for i, layer in enumerate(build_inventory(model, task.example_inputs())):
-        layers[layer.name] = layer_plan(i, layer.name)
+        layers[layer.name] = layer_plan(i, layer.name).for_kind(layer.kind)[0]  # embeddings: bits only
     for name in _recurrent(model):
         lp = layer_plan(0, name)  # the first layer's plan (mixed: 8 bits, rank 0.75)
         if lp.bits == 8:
@@ -159,7 +161,7 @@ def check_output_shape_kept(case: TechniqueCase) -> None:
 
 def check_unstructured(case: TechniqueCase) -> None:
     """Each unstructured layer has exactly its planned share of zero weights."""
-    for name, m in compressible_layers(case.model):
+    for name, m in matmul_layers(case.model):
         target = case.plan.layer(name).sparsity
         check(case.out.sparsity[name] >= target - 1e-9, (name, case.out.sparsity[name], target))
         check(int((m.weight == 0).sum()) == round(target * m.weight.numel()), name)
@@ -167,14 +169,14 @@ def check_unstructured(case: TechniqueCase) -> None:
 
 def check_two_four(case: TechniqueCase) -> None:
     """Two of every four consecutive input weights are zero, or the note says (truly) why not."""
-    for name, m in compressible_layers(case.model):
+    for name, m in matmul_layers(case.model):
         if name in case.out.notes:
             check("not a multiple of 4" in case.out.notes[name], (name, case.out.notes[name]))
             continue
         w = m.weight.detach()
         w = w.movedim(1, -1) if w.dim() > 2 else w
         check(bool(((w.reshape(-1, 4) == 0).sum(1) >= 2).all()), name)
-    for name, layer in compressible_layers(case.teacher):
+    for name, layer in matmul_layers(case.teacher):
         note = case.out.notes.get(name)
         if note is not None:
             w = layer.weight
@@ -186,7 +188,7 @@ def check_structured(case: TechniqueCase) -> None:
     """Layers lose output channels as their note says (under 60% of the weights remain), except those
     producing the model output (where everything is such a layer, e.g. an LSTM's head, only noted)."""
     teacher, model, notes = case.teacher, case.model, case.out.notes
-    names = [n for n, _ in compressible_layers(teacher)]
+    names = [n for n, _ in matmul_layers(teacher)]
     if _recurrent(teacher):  # its only inventory layers produce the output: nothing may be removed
         for name in names:
             check("produces the model output" in notes.get(name, ""), (name, notes.get(name)))
@@ -194,7 +196,7 @@ def check_structured(case: TechniqueCase) -> None:
         before = sum(p.numel() for p in teacher.parameters())
         check(sum(p.numel() for p in model.parameters()) < 0.6 * before)
     classes = teacher(case.task.test[0][:1]).shape[-1]
-    for name, layer in compressible_layers(teacher):
+    for name, layer in matmul_layers(teacher):
         w, now, note = layer.weight, get_module(model, name), notes.get(name)
         width = now.out_channels if isinstance(now, nn.Conv2d) else now.out_features
         if note and "produces the model output" in note:
@@ -207,7 +209,7 @@ def check_structured(case: TechniqueCase) -> None:
 
 def check_factorized(case: TechniqueCase, mode: str) -> None:
     """Each layer is factorized (fewer weights, the mode's factor count) or the note is true of it."""
-    for name, layer in compressible_layers(case.teacher):
+    for name, layer in matmul_layers(case.teacher):
         w = layer.weight
         original_macs = w.shape[0] * w[0].numel()  # per output position
         now, note = get_module(case.model, name), case.out.notes.get(name)
@@ -275,6 +277,7 @@ def check_stored_precisions(case: TechniqueCase) -> None:
     """Each (factor of a) layer's weight is stored in its precision's container in the ONNX file
     (matched by element count: a Linear on tokens is exported as a MatMul with a generated name)."""
     container = {4: TensorProto.INT4, 6: TensorProto.INT8, 8: TensorProto.INT8, 16: TensorProto.FLOAT16}
+    # an embedding table of 2-4 bits that GatherBlockQuantized reads: uint8, two values a byte
     graph = onnx.load(str(case.artifact.path)).graph
     stored = Counter((i.data_type, int(np.prod(i.dims))) for i in graph.initializer)
     wanted = Counter()
@@ -284,6 +287,9 @@ def check_stored_precisions(case: TechniqueCase) -> None:
             continue
         now = get_module(case.model, name)
         if isinstance(now, nn.LSTM):  # dynamic int8: DynamicQuantizeLSTM (check_recurrent_layers)
+            continue
+        if isinstance(now, nn.Embedding) and lp.bits <= 4 and lookup_block(now.embedding_dim):
+            wanted[(TensorProto.UINT8, now.weight.numel() // 2)] += 1
             continue
         for m in now if isinstance(now, nn.Sequential) else [now]:
             wanted[(container.get(lp.bits, TensorProto.FLOAT), m.weight.numel())] += 1

@@ -25,6 +25,7 @@ from autocompress.backends.ascend import (
     atc_precision,
     build_atc_input,
     check_atc_output,
+    float_tables_apart,
     keep_dtype_nodes,
     measured_on,
     parse_ais_bench_summary,
@@ -181,6 +182,30 @@ def test_float_plans_export_the_onnx_atc_converts_and_name_the_fp32_nodes(tmp_pa
         keep_dtype_nodes(src["atc_input"], ["nope"])
     with pytest.raises(BackendError, match=r"bits \[4\] not in \(8, 16, 32\)"):
         build_atc_input(model, PlainCNN.example_inputs(), {"classifier": 4}, tmp_path / "x")
+
+
+def test_float_embedding_tables_follow_the_precision_mode_and_lower_ones_are_refused(tmp_path):
+    """A table kept at 32 bits is no compute node for --keep_dtype (it follows the precision mode, as
+    before tables were layers); this backend stores tables in float only."""
+    from torch import nn
+
+    from autocompress.lowering import LoweringSpec
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(50, 16), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+    assert AscendBackend.bits_by_kind == {"Embedding": (32,)}
+    model = Text().eval()
+    kept = float_tables_apart(model, LoweringSpec.coerce({"emb": 32, "head": 32}))
+    assert kept.precisions() == {"head": 32}
+    assert atc_precision(kept.precisions()) == ("force_fp16", ["head"])
+    with pytest.raises(BackendError, match=r"'emb' are embedding tables, stored in float only"):
+        float_tables_apart(model, LoweringSpec.coerce({"emb": 8, "head": 8}))
 
 
 def _int8_plain_cnn():

@@ -259,13 +259,19 @@ def test_coverage_of_recurrent_models(backend):
     gru_task = _task("gru", GRUClassifier)
     gru = GRUClassifier().eval()
     gru_inv = build_inventory(gru, gru_task.example_inputs())
-    assert [i.name for i in gru_inv] == ["head"]
+    assert [(i.name, i.kind) for i in gru_inv] == [("embed", "Embedding"), ("head", "Linear")]
+    assert gru_inv[0].macs == 0 and (gru_inv[0].in_features, gru_inv[0].out_features) == (50, 16)
     gcov = coverage(gru, gru_task, gru_inv, SearchSpace.from_file(SPACE), None)
     reasons = {r["type"]: r for r in gcov["untouched"]}
-    assert set(reasons) == {"GRU", "Embedding"}
+    assert set(reasons) == {"GRU"}  # the embedding table's bits are searched
     assert reasons["GRU"]["share"] > 0.9 and "nn.GRU" in reasons["GRU"]["reason"]
-    assert "embedding table" in reasons["Embedding"]["reason"]
-    assert gcov["params_share"] == pytest.approx(650 / sum(p.numel() for p in gru.parameters()))
+    assert gcov["params_share"] == pytest.approx((650 + 800) / sum(p.numel() for p in gru.parameters()))
+    # a backend that stores tables in float only: the table is fixed, untouched
+    float_tables = SearchSpace.from_file(SPACE)
+    float_tables.allowed_by_kind["bits"] = {"Embedding": (32,)}
+    reasons = {r["type"]: r for r in coverage(gru, gru_task, gru_inv, float_tables, None)["untouched"]}
+    assert set(reasons) == {"GRU", "Embedding"}
+    assert reasons["Embedding"]["reason"] == "the space fixes this layer (float, dense, full rank)"
 
 
 def test_coverage_names_attention_projections_and_excluded_layers(backend):

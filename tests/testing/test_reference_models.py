@@ -35,6 +35,15 @@ class TestTransformerTechniques(TechniqueConformance):
     techniques = ("heads+layerdrop+int8",)
 
 
+class TestEmbeddingTables(TechniqueConformance):
+    """The quantization plans on a transformers BERT, whose word / position / token-type tables take the
+    plan's bits (weight-only; the rest of a plan does not apply to them): stored in their containers
+    (int4 tables: uint8, two values a byte, for GatherBlockQuantized), the artifact agreeing with torch."""
+
+    models = ("bert",)
+    techniques = ("int4", "mixed")
+
+
 @pytest.fixture(scope="module")
 def backend():
     be = OnnxRuntimeBackend()
