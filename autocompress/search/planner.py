@@ -11,7 +11,9 @@ smaller). Layers sharing a parameter (``groups``) choose together.
 
 Per drop budget (:data:`SPEED_BUDGETS` times the study's allowed drop) a greedy knapsack adds the
 choice with the most predicted latency saved per point of drop (replacing a milder choice of the same
-layer; one choice per layer besides a whole-model int8 base) while the summed drop fits; one more plan saves size the same way. Plans whose
+layer; one choice per layer besides a whole-model int8 base) while the summed drop fits; one more plan
+saves size the same way; and :func:`uniform_plans` adds, outside the budgets, the same channel removal
+on every layer (one plan per profiled level). Plans whose
 compressed models have the same structure (layer shapes and lowering: 40% and 50% of channels that
 round to the same widths) are merged before they are enqueued. Each planned trial records its
 prediction in the user attr ``planned``; the report compares it with what the trial measured.
@@ -170,6 +172,25 @@ def plan_candidates(profile: dict, space, max_drop: float | None) -> list[Planne
         _, base, chosen, pred = best
         labels = [base.label] + [f"{o.unit} {o.label}" for o in chosen]
         out.append(Planned(name, _layers(base, chosen), {**pred, "budget": budget}, labels))
+    out[len(SPEED_BUDGETS) - 1 : len(SPEED_BUDGETS) - 1] = uniform_plans(bases, opts, baseline)
+    return out
+
+
+def uniform_plans(bases: list[Option], opts: list[Option], baseline: dict) -> list[Planned]:
+    """The fastest measured precision base with the same channel removal on every unit that has it
+    (one plan per profiled structured level, milder first): the one-layer drops before fine-tuning
+    add up past any budget, yet fine-tuning recovers uniform removal well (the shipped studies'
+    former hand-written warm starts were such plans), so these go in outside the drop budgets."""
+    base = min(bases, key=lambda b: b.dlat)
+    levels = sorted(
+        {o.label for o in opts if o.label.startswith("structured ")}, key=lambda s: float(s.split()[1])
+    )
+    out = []
+    for level in levels:
+        chosen = [o for o in opts if o.label == level]
+        pred = predict(base, chosen, baseline)
+        labels = [base.label, f"{level} on {len(chosen)} layers"]
+        out.append(Planned(f"uniform {level}", _layers(base, chosen), {**pred, "budget": None}, labels))
     return out
 
 

@@ -66,8 +66,12 @@ def test_greedy_keeps_the_drop_within_the_budget_and_prefers_gain_per_drop():
 def test_plans_at_several_budgets_and_the_size_plan():
     plans = plan_candidates(_profile(), SearchSpace.from_dict({}), 0.01)
     names = [p.name for p in plans]
-    assert names[:4] == [f"speed, drop <= {f}x budget" for f in (1, 4, 16, 64)]
-    assert names[4].startswith("size")
+    speed = [f"speed, drop <= {f}x budget" for f in (1, 4, 16, 64)]
+    assert names == speed[:3] + ["uniform structured 0.5"] + speed[3:] + ["size, drop <= 1x budget"]
+    uniform = plans[3]  # the fastest base with the same channel removal on every layer, outside budgets
+    assert uniform.layers == {u: {"bits": 8, "sparsity": 0.5, "sparsity_kind": "structured"} for u in "ab"}
+    assert uniform.predicted["metric_drop"] == pytest.approx(0.001 + 0.004 + 0.02)
+    assert uniform.predicted["speedup"] == pytest.approx(1 / (0.8 * 0.8 * (1 / 1.1)))
     first = plans[0]
     assert first.choices == ["all 8-bit", "a structured 0.5"]
     assert first.layers == {
@@ -99,7 +103,7 @@ def test_planned_starts_are_the_default_without_warm_start(tmp_path):
     from autocompress.config import TrialsConfig, load_config
     from autocompress.errors import ConfigError
 
-    assert TrialsConfig().starts() == ([], 5)  # no warm_start in the file: planned starts, no int8 default
+    assert TrialsConfig().starts() == ([], 7)  # no warm_start in the file: planned starts, no int8 default
     given = TrialsConfig(warm_start=[{"bits": 8}])
     assert len(given.starts()[0]) == 1 and given.starts()[1] == 0
     assert TrialsConfig(planned_starts=0).starts()[0][0].bits == 8  # off: the old default warm start
