@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
-import logging
 import os
 import shutil
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
+from autocompress.backends.ort_fusions import quiet as ort_quiet
 
 PEERS = ("ort_dynamic", "ort_static", "nncf_quantize", "nncf_ac", "olive")
 Sample = tuple[tuple[np.ndarray, ...], np.ndarray | None, np.ndarray | None]  # inputs, target, reference
@@ -108,19 +108,9 @@ class _Reader:
         self._it = iter(self._feeds)
 
 
-@contextlib.contextmanager
 def quiet():
     """Tools' progress bars and INFO logs off (their warnings and errors still reach the log file)."""
-    loggers = [logging.getLogger(name) for name in ("", "nncf", "olive")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    return ort_quiet("nncf", "olive")
 
 
 def error_line(exc: BaseException) -> str:

@@ -46,13 +46,10 @@ FUSED_OPS = (
 
 
 @contextlib.contextmanager
-def _quiet():
-    """ORT's transformer optimizer logs through its own loggers and prints; keep both out of the way."""
-    loggers = [
-        logging.getLogger(),
-        logging.getLogger("onnxruntime"),
-        logging.getLogger("onnxruntime.transformers"),
-    ]
+def quiet(*names: str):
+    """Tools that log through their own loggers and print (ORT's transformer optimizer; the benchmarks'
+    quantizers): the root logger and ``names`` at ERROR and stdout swallowed while inside."""
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -134,7 +131,7 @@ def _fuse(path: Path, model_type: str, num_heads: int, hidden_size: int, options
     fusion_options = FusionOptions(model_type)
     for name, value in options.items():
         setattr(fusion_options, name, value)
-    with _quiet():
+    with quiet("onnxruntime", "onnxruntime.transformers"):
         return optimize_model(
             str(path),
             model_type=model_type,
