@@ -113,6 +113,17 @@ def front_dirs(run: Path, n: int) -> list[tuple[str, Path, float]]:
     return [(r["source"], run / r["source"] / "model.onnx", r.get("speedup") or 0.0) for r in rows]
 
 
+def trial_artifact(run: Path, n: int) -> Path:
+    """A trial's artifact: its own folder while the run keeps it, else its copy among the front's."""
+    for path in (
+        run / "trials" / f"{n:05d}" / "model.onnx",
+        run / "pareto" / f"trial-{n:05d}" / "model.onnx",
+    ):
+        if path.exists():
+            return path
+    return run / "trials" / f"{n:05d}" / "model.onnx"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a run folder written by autocompress run")
@@ -130,9 +141,7 @@ def main() -> int:
         return 2
     targets = [("baseline", base, 1.0)]
     if args.trials:
-        targets += [
-            (f"trial_{n:04d}", args.run / f"trial_{n:04d}" / "model.onnx", float("nan")) for n in args.trials
-        ]
+        targets += [(f"trial-{n:05d}", trial_artifact(args.run, n), float("nan")) for n in args.trials]
     else:
         targets += front_dirs(args.run, args.front)
     for _name, path, _ in targets:

@@ -7,7 +7,8 @@
    Gemms it rewrites as MatMul + Add without quantizing them are restored;
 2. 5- to 8-bit ``static`` layers: ORT's ``quantize_static`` (QDQ, per-channel weights, activations
    calibrated by min-max or percentile), with the Relu / pooling / Add / Concat nodes between them
-   (:func:`.qdq.int8_region`) when ``int8_connectors``, so ORT fuses them into int8 kernels;
+   (:func:`.qdq.int8_region`) when ``int8_connectors``, so ORT fuses them into int8 kernels; a
+   spatial mean runs as int8 global pooling, a classifier Gemm gives float logits (:mod:`.qdq`);
 3. the integers ORT computed are replaced by the ones the fine-tune trained (:mod:`.onnx_rewrite`);
 4. 2- to 4-bit layers: packed INT4 weight-only DequantizeLinear; 16-bit layers: float16 + Cast;
 5. embedding tables (``nn.Embedding``, any bits below float): stored packed, weight-only, and
@@ -39,7 +40,7 @@ from .onnx_rewrite import (
     write_dynamic_integers,
     write_trained_integers,
 )
-from .qdq import int8_region
+from .qdq import float_gemm_outputs, int8_region, pool_means
 
 PERCENTILE = 99.99  # percentile calibration keeps the central 99.99% of each activation's values
 CALIBRATION_METHODS = {"minmax": lambda m: m.MinMax, "percentile": lambda m: m.Percentile}
@@ -156,9 +157,15 @@ def quantize_graph(
     if eight:
         nodes = [n for w in eight for n in w.nodes]
         if int8_connectors:
-            nodes = int8_region(onnx.load(str(current)).graph, nodes)
+            graph_model = onnx.load(str(current))
+            if pool_means(graph_model, nodes):  # a spatial mean stays int8 as global average pooling
+                current = tmp / "pooled.onnx"
+                onnx.save(graph_model, str(current))
+            nodes = int8_region(graph_model.graph, nodes)
         qmodel = quantize_static_nodes(current, tmp / "qdq.onnx", nodes, calibration, spec.calibration)
         write_trained_integers(qmodel, float_model, eight)
+        if int8_connectors:
+            float_gemm_outputs(qmodel.graph)
     for w in located:
         if w.lookup:
             lookup_weight_only(qmodel, w)

@@ -153,7 +153,7 @@ def ray_cluster(tmp_path):
 
 
 def test_ray_cluster_survives_a_lost_node(tmp_path, ray_cluster):
-    n = 8
+    n = 6
     study_file, run = _study_file(
         tmp_path, "raytiny", n, ray={"cpus_per_trial": 1, "max_concurrent": 2, "max_failures": 3}
     )
@@ -194,7 +194,7 @@ def test_ray_cluster_survives_a_lost_node(tmp_path, ray_cluster):
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(lambda: len(_running_dirs(run)) >= 1, 150, "the 9th trial running", driver)
+        _wait_for(lambda: len(_running_dirs(run)) >= 1, 150, "the last trial running", driver)
     finally:
         driver.kill()
         driver.wait()
