@@ -129,7 +129,7 @@ class WarmStart(_Strict):
         return {**values, "rank_ratio": self.rank_ratio, **(self.model_extra or {})}
 
 
-AUTO_PLANNED = 7  # planned starts of a study that names no warm start
+AUTO_PLANNED = 8  # planned starts of a study that names no warm start
 
 
 class TrialsConfig(_Strict):
@@ -137,7 +137,7 @@ class TrialsConfig(_Strict):
     timeout_s: float | None = Field(None, gt=0)
     warm_start: list[WarmStart] = [WarmStart(bits=8)]
     # plans from the measured latency and accuracy profiles, enqueued first (search/planned.py):
-    # "auto" = up to 7 when the study file gives no warm_start (which then has none), none when it
+    # "auto" = up to 8 when the study file gives no warm_start (which then has none), none when it
     # does; N = up to N besides the warm starts; 0 = none (the warm_start default, int8 everywhere)
     planned_starts: Literal["auto"] | int = Field("auto", union_mode="left_to_right")
     # also enqueue the plan built from the sensitivity analysis (autocompress inspect): per layer the

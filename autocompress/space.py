@@ -155,6 +155,11 @@ class SearchSpace:
                 bits |= set(ls.bits.values())
         return {int(b) for b in bits}
 
+    def layer_domains(self, name: str) -> dict[str, Param]:
+        """The domains of the layer named ``name`` as the space file (and any narrowing) gives them,
+        before the per-kind rules of :meth:`layer_params`."""
+        return self._layer_params(name)
+
     def _layer_params(self, name: str) -> dict[str, Param]:
         dims = TECHNIQUES.dims()
         params = {d.name: getattr(self.model, d.name) for d in dims}
@@ -291,11 +296,14 @@ class SearchSpace:
         return self.params_from_layers(inventory, {info.name: wanted for info in inventory})
 
     def plan_params(self, **values: Any) -> dict[str, Any]:
-        """Optuna values of plan-wide dimensions (``schedule_kind``, ``kd_temperature``, ``kd_alpha``)
-        for a warm start; absent, fixed or inadmissible values are left to the sampler."""
+        """Optuna values of plan-wide dimensions (``schedule_kind``, ``schedule_start``,
+        ``schedule_end``, ``kd_temperature``, ``kd_alpha``) for a warm start; absent, fixed or
+        inadmissible values are left to the sampler."""
         m = self.model
         dims = {
             "schedule_kind": ("schedule.kind", m.schedule.kind),
+            "schedule_start": ("schedule.start", m.schedule.start),
+            "schedule_end": ("schedule.end", m.schedule.end),
             "kd_temperature": ("kd.temperature", m.kd.temperature),
             "kd_alpha": ("kd.alpha", m.kd.alpha),
         }

@@ -238,7 +238,7 @@ def _narrowed(space: SearchSpace, inventory, removals: dict[str, set]) -> tuple[
         for dim, (target, value) in (t.collapse or {}).items()
     }
     for layer in dict.fromkeys(i.name for i in inventory):
-        params = space._layer_params(layer)
+        params = space.layer_domains(layer)
         group = space.group_of(layer)
         for dim in collapse:
             gone = removals.get(f"{layer}|{dim}")

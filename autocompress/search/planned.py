@@ -46,6 +46,20 @@ def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
     return [p for p in plans if p.layers][:n]
 
 
+# a plan that removes channels reaches its widths gradually over the first half of fine-tuning
+# (Zhu & Gupta's cubic schedule; measured on mnist1d_cnn, 60% of the channels removed everywhere,
+# 4 epochs, lr 0.003: 0.983 accuracy where pruning once before fine-tuning kept 0.955); a plan that removes none
+# quantizes from the first step
+GRADUAL = {"schedule_kind": "cubic", "schedule_start": 0.0, "schedule_end": 0.5}
+AT_ONCE = {"schedule_kind": "one_shot", "schedule_start": 0.0}
+
+
+def plan_schedule(planned: Planned) -> dict:
+    """The sparsity schedule a planned start asks for (the space may fix it otherwise)."""
+    removes = any(f.get("sparsity", 0.0) > 0 for f in planned.layers.values())
+    return GRADUAL if removes else AT_ONCE
+
+
 def enqueue_planned(
     ctx: RunContext, study: optuna.Study, n: int, log: Callable[[str], None], trial_s: float | None
 ) -> list[Planned]:
@@ -55,7 +69,7 @@ def enqueue_planned(
     study.set_user_attr("latency_profile", {k: v for k, v in profile.items() if k != "rows"})
     for p in plans:
         params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))
-        params.update(ctx.space.plan_params(schedule_kind="one_shot", kd_temperature=4.0, kd_alpha=0.5))
+        params.update(ctx.space.plan_params(**plan_schedule(p), kd_temperature=4.0, kd_alpha=0.5))
         record = {**p.predicted, "name": p.name, "choices": p.choices, "merged": p.merged}
         study.enqueue_trial(params, user_attrs={"warm_start": f"planned: {p.name}", "planned": record})
         merged = f" (merged: {'; '.join(p.merged)})" if p.merged else ""

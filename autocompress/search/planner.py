@@ -172,25 +172,66 @@ def plan_candidates(profile: dict, space, max_drop: float | None) -> list[Planne
         _, base, chosen, pred = best
         labels = [base.label] + [f"{o.unit} {o.label}" for o in chosen]
         out.append(Planned(name, _layers(base, chosen), {**pred, "budget": budget}, labels))
-    out[len(SPEED_BUDGETS) - 1 : len(SPEED_BUDGETS) - 1] = uniform_plans(bases, opts, baseline)
+    out[len(SPEED_BUDGETS) - 1 : len(SPEED_BUDGETS) - 1] = uniform_plans(bases, opts, baseline, space)
     return out
 
 
-def uniform_plans(bases: list[Option], opts: list[Option], baseline: dict) -> list[Planned]:
+def _level(label: str) -> float:
+    return float(label.split()[1])
+
+
+def beyond(p, top: float) -> float | None:
+    """The sparsity halfway from ``top`` to the top of the domain ``p`` (on its grid; for choices the
+    one nearest that point), if it lies above ``top``."""
+    if p.fixed is not None:
+        return None
+    if p.choices is not None:
+        above = [float(v) for v in p.choices if float(v) > top]
+        if not above:
+            return None
+        mid = (top + max(above)) / 2
+        return min(above, key=lambda v: (abs(v - mid), v))
+    v = (top + p.high) / 2
+    if p.step:
+        v = p.low + int((v - p.low) / p.step + 1e-9) * p.step
+    v = round(min(v, p.high), 6)
+    return v if v > top + 1e-9 else None
+
+
+def uniform_plans(bases: list[Option], opts: list[Option], baseline: dict, space=None) -> list[Planned]:
     """The fastest measured precision base with the same channel removal on every unit that has it
     (one plan per profiled structured level, milder first): the one-layer drops before fine-tuning
     add up past any budget, yet fine-tuning recovers uniform removal well (the shipped studies'
-    former hand-written warm starts were such plans), so these go in outside the drop budgets."""
+    former hand-written warm starts were such plans), so these go in outside the drop budgets.
+
+    With the ``space``, one more: halfway from the highest profiled level to the top of each layer's
+    domain (:func:`beyond`), where the profile does not reach (it measures :data:`LEVELS` only, to fit
+    its budget). Its prediction is the highest profiled level's (``extrapolated_from``): a lower bound
+    on the speedup, reported against the measured result like every prediction."""
     base = min(bases, key=lambda b: b.dlat)
-    levels = sorted(
-        {o.label for o in opts if o.label.startswith("structured ")}, key=lambda s: float(s.split()[1])
-    )
+    levels = sorted({o.label for o in opts if o.label.startswith("structured ")}, key=_level)
     out = []
     for level in levels:
         chosen = [o for o in opts if o.label == level]
         pred = predict(base, chosen, baseline)
         labels = [base.label, f"{level} on {len(chosen)} layers"]
         out.append(Planned(f"uniform {level}", _layers(base, chosen), {**pred, "budget": None}, labels))
+    if space is None or not levels:
+        return out
+    chosen = [o for o in opts if o.label == levels[-1]]
+    layers = _layers(base, chosen)
+    further = {}
+    for o in chosen:
+        for layer in o.fields:
+            further[layer] = beyond(space.layer_domains(layer)["sparsity"], _level(levels[-1]))
+    if not further or None in further.values():
+        return out
+    for layer, v in further.items():
+        layers[layer]["sparsity"] = v
+    shown = "/".join(f"{v:g}" for v in sorted(set(further.values())))
+    pred = {**predict(base, chosen, baseline), "budget": None, "extrapolated_from": levels[-1]}
+    labels = [base.label, f"structured {shown} on {len(chosen)} layers (beyond the profile)"]
+    out.append(Planned(f"uniform structured {shown}", layers, pred, labels))
     return out
 
 

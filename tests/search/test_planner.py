@@ -64,14 +64,22 @@ def test_greedy_keeps_the_drop_within_the_budget_and_prefers_gain_per_drop():
 
 
 def test_plans_at_several_budgets_and_the_size_plan():
-    plans = plan_candidates(_profile(), SearchSpace.from_dict({}), 0.01)
+    space = SearchSpace.from_dict({"sparsity": {"low": 0.0, "high": 0.9, "step": 0.05}})
+    plans = plan_candidates(_profile(), space, 0.01)
     names = [p.name for p in plans]
     speed = [f"speed, drop <= {f}x budget" for f in (1, 4, 16, 64)]
-    assert names == speed[:3] + ["uniform structured 0.5"] + speed[3:] + ["size, drop <= 1x budget"]
+    uniform_names = ["uniform structured 0.5", "uniform structured 0.7"]
+    assert names == speed[:3] + uniform_names + speed[3:] + ["size, drop <= 1x budget"]
     uniform = plans[3]  # the fastest base with the same channel removal on every layer, outside budgets
     assert uniform.layers == {u: {"bits": 8, "sparsity": 0.5, "sparsity_kind": "structured"} for u in "ab"}
     assert uniform.predicted["metric_drop"] == pytest.approx(0.001 + 0.004 + 0.02)
     assert uniform.predicted["speedup"] == pytest.approx(1 / (0.8 * 0.8 * (1 / 1.1)))
+    # one more, halfway from the profile's highest level (0.5) to the domain's top (0.9), predicted
+    # from the 0.5 rows (a lower bound) and saying so
+    further = plans[4]
+    assert further.layers == {u: {"bits": 8, "sparsity": 0.7, "sparsity_kind": "structured"} for u in "ab"}
+    assert further.predicted["extrapolated_from"] == "structured 0.5"
+    assert further.predicted["speedup"] == pytest.approx(uniform.predicted["speedup"])
     first = plans[0]
     assert first.choices == ["all 8-bit", "a structured 0.5"]
     assert first.layers == {
@@ -80,6 +88,23 @@ def test_plans_at_several_budgets_and_the_size_plan():
     }
     assert first.predicted["metric_drop"] <= first.predicted["budget"] == 0.01
     assert plans[1].predicted["speedup"] > first.predicted["speedup"]
+
+
+def test_beyond_the_profile_lies_halfway_to_the_top_of_the_domain_on_its_grid():
+    from autocompress.domain import Param
+    from autocompress.search.planner import beyond
+
+    assert beyond(Param(low=0.0, high=0.7, step=0.05), 0.5) == pytest.approx(0.6)
+    assert beyond(Param(low=0.0, high=0.6, step=0.05), 0.5) == pytest.approx(0.55)
+    assert beyond(Param(low=0.0, high=0.5, step=0.05), 0.5) is None  # the profile reached the top
+    assert beyond(Param(low=0.0, high=0.55, step=0.1), 0.5) is None  # the grid has nothing above 0.5
+    assert beyond(Param(choices=[0.0, 0.25, 0.5, 0.625, 0.75]), 0.5) == 0.625
+    assert beyond(Param(choices=[0.0, 0.125, 0.25, 0.375]), 0.375) is None
+    assert beyond(Param(fixed=0.5), 0.5) is None
+    # a profile already at the domain's top plans no extra uniform level
+    space = SearchSpace.from_dict({"sparsity": {"low": 0.0, "high": 0.5, "step": 0.05}})
+    names = [p.name for p in plan_candidates(_profile(), space, 0.01)]
+    assert [n for n in names if n.startswith("uniform")] == ["uniform structured 0.5"]
 
 
 def test_plans_with_the_same_structure_are_merged():
@@ -103,7 +128,7 @@ def test_planned_starts_are_the_default_without_warm_start(tmp_path):
     from autocompress.config import TrialsConfig, load_config
     from autocompress.errors import ConfigError
 
-    assert TrialsConfig().starts() == ([], 7)  # no warm_start in the file: planned starts, no int8 default
+    assert TrialsConfig().starts() == ([], 8)  # no warm_start in the file: planned starts, no int8 default
     given = TrialsConfig(warm_start=[{"bits": 8}])
     assert len(given.starts()[0]) == 1 and given.starts()[1] == 0
     assert TrialsConfig(planned_starts=0).starts()[0][0].bits == 8  # off: the old default warm start
