@@ -211,7 +211,9 @@ def check_latency_stats_are_sane_and_timed_under_the_device_lock(
         probe.acquire(timeout=0)  # released afterwards (raises Timeout if not)
         probe.release()
     st = result["stats"]
-    check(st.n >= 100 and st.median_ms > 0, (st.n, st.median_ms))
+    # at least one whole block of 50 calls is reported from (the protocol's floor for a fast call when
+    # the machine's load sets later rounds aside as disturbed until the time cap)
+    check(st.n >= 50 and st.median_ms > 0, (st.n, st.median_ms))
     # the reported CI is the notch rule's on the reported spread and count
     expected = 1.57 * st.iqr_ms / st.n**0.5 / st.median_ms
     check(math.isclose(st.rel_ci, expected, rel_tol=1e-6, abs_tol=1e-12), (st.rel_ci, expected))
