@@ -115,13 +115,13 @@ def front_dirs(run: Path, n: int) -> list[tuple[str, Path, float]]:
 
 def trial_artifact(run: Path, n: int) -> Path:
     """A trial's artifact: its own folder while the run keeps it, else its copy among the front's."""
-    for path in (
-        run / "trials" / f"{n:05d}" / "model.onnx",
-        run / "pareto" / f"trial-{n:05d}" / "model.onnx",
-    ):
+    from autocompress.rundir import pareto_folder_name, trial_dir
+
+    kept = trial_dir(run, n) / "model.onnx"
+    for path in (kept, run / pareto_folder_name(n) / "model.onnx"):
         if path.exists():
             return path
-    return run / "trials" / f"{n:05d}" / "model.onnx"
+    return kept
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ dynamically quantized ones.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
@@ -149,20 +150,18 @@ def float_gemm_outputs(graph: onnx.GraphProto) -> int:
     ORT fuses ``DQ -> Gemm`` into a QGemm with float output, so the pair only costs a kernel and rounds
     the logits onto a uint8 grid. Returns how many pairs it removed."""
     producer = {o: n for n in graph.node for o in n.output}
-    read = {t for n in graph.node for t in n.input}
+    readers = Counter(t for n in graph.node for t in n.input)
     outputs = {o.name for o in graph.output}
     removed, dropped = 0, set()
     for dq in list(graph.node):
-        if dq.op_type != "DequantizeLinear" or dq.output[0] not in outputs or dq.output[0] in read:
+        if dq.op_type != "DequantizeLinear" or dq.output[0] not in outputs or readers[dq.output[0]]:
             continue
         q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or sum(q.output[0] in n.input for n in graph.node) != 1:
+        if q is None or q.op_type != "QuantizeLinear" or readers[q.output[0]] != 1:
             continue
         gemm = producer.get(q.input[0])
-        if gemm is None or gemm.op_type != "Gemm" or q.input[0] in outputs:
-            continue
-        if sum(q.input[0] in n.input for n in graph.node) != 1:
-            continue  # the Gemm's output is read elsewhere too
+        if gemm is None or gemm.op_type != "Gemm" or q.input[0] in outputs or readers[q.input[0]] != 1:
+            continue  # not a Gemm, or its output is read elsewhere too
         gemm.output[0] = dq.output[0]
         graph.node.remove(q)
         graph.node.remove(dq)
