@@ -168,6 +168,8 @@ class Plan:
             :mod:`autocompress.techniques.encoder_kd`), weighed by ``kd_feature_weight``.
         calibration: activation ranges of 8-bit static layers: ``minmax`` or ``percentile`` (99.99th).
         lsq: learn the weight quantization step sizes during fine-tuning (LSQ) instead of min-max.
+        reconstruct: after one-shot structured pruning, refit the Linear layers whose inputs got narrower
+            by least squares to the teacher's outputs (:mod:`autocompress.techniques.reconstruct`).
     """
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
@@ -185,6 +187,7 @@ class Plan:
     kd_feature_weight: float = 1.0
     calibration: str = "minmax"
     lsq: bool = False
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         for name, lp in self.layers.items():

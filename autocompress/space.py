@@ -273,6 +273,7 @@ class SearchSpace:
             lr=lr,
             seed=seed,
             importance=str(self.model.importance.suggest(trial, "prune.importance")),
+            reconstruct=bool(self.model.reconstruct.suggest(trial, "prune.reconstruct")),
             hints=tuple(self.model.kd.hints),
             hint_weight=float(self.model.kd.hint_weight.suggest(trial, "kd.hint_weight")),
             kd_features=str(self.plan_param("kd.features").suggest(trial, "kd.features")),

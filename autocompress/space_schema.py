@@ -49,6 +49,8 @@ class _SpaceBase(BaseModel):
 
     quant: QuantSpace = QuantSpace()
     importance: Param = Param(fixed="l1")
+    # after one-shot structured pruning: refit the layers reading pruned channels (least squares)
+    reconstruct: Param = Param(fixed=False)
     schedule: ScheduleSpace = ScheduleSpace()
     kd: KDSpace = KDSpace()
     # "layer": one parameter per layer; "global": one per dimension for the whole model;

@@ -574,6 +574,15 @@ def main(argv=None) -> int:
 
     feats = cpu_features(cpu_flags())
     results = check_targets(rows, t, info["sign"])
+    # the versus-peer figure at the limit as well (not a target): on a metric where every int8 answer is
+    # nearly exact (fidelity 0.9998), "at an equal or better metric" leaves only int8 to compare
+    also = []
+    if t.min_vs_peer is not None and t.peer_compare == "metric":
+        at_limit = Targets(t.max_drop, t.drop_kind, None, t.min_vs_peer, "limit")
+        also = [
+            (f"{n} (any front model within the limit)", m, w)
+            for n, m, w in check_targets(rows, at_limit, info["sign"])
+        ]
     cpu = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in feats.items())
     head = (
         f"{cfg.name}: {info['metric']} on {info['eval_samples']} eval samples (baseline "
@@ -589,6 +598,8 @@ def main(argv=None) -> int:
         print(f"  {line}")
     for name, met, why in results:
         print(f"target {name}: {'met' if met else 'MISSED'}: {why}")
+    for name, met, why in also:
+        print(f"for information, {name}: {'would be met' if met else 'would be missed'}: {why}")
     failed = [n for n, met, _ in results if not met]
     out = run_dir / "peers"
     record = {
@@ -599,6 +610,7 @@ def main(argv=None) -> int:
         "cpu_features": feats,
         "targets": asdict(t),
         "target_results": [{"target": n, "met": m, "why": w} for n, m, w in results],
+        "information": [{"figure": n, "met": m, "why": w} for n, m, w in also],
         "rows": rows,
         "benchmark_wall_s": time.perf_counter() - t_start,
         **info,
@@ -607,6 +619,7 @@ def main(argv=None) -> int:
     md = [f"# peers: {cfg.name}", "", head, "", format_markdown(rows), ""]
     md += [f"* {line}" for line in [*notes(rows), timing]]
     md += ["", *(f"* target {n}: {'met' if m else 'MISSED'}: {w}" for n, m, w in results)]
+    md += [f"* for information, {n}: {'would be met' if m else 'would be missed'}: {w}" for n, m, w in also]
     (out / "peers.md").write_text("\n".join(md) + "\n")
     print(f"written: {out / 'peers.json'}, {out / 'peers.md'}")
     if args.no_targets:

@@ -63,14 +63,16 @@ class Planned:
 
 
 def _option(unit: str, kind: str, label: str, fields: dict, rows: list[dict]) -> Option:
+    """The choice of a unit (one row per member layer): the members' latency and size ratios multiply,
+    as choices of different units do. A sum of savings counts twice what neighbours share (removing a
+    conv's outputs also narrows the next conv's inputs, so both rows hold that saving): on ResNet-18's
+    stage groups it predicted 66x for 37.5% of every channel removed."""
+    lat = size = 1.0
+    for r in rows:
+        lat *= 1.0 / r["speedup"]
+        size *= r["size_ratio"] ** -1
     return Option(
-        unit,
-        kind,
-        label,
-        fields,
-        sum(1.0 / r["speedup"] - 1.0 for r in rows),
-        sum(max(0.0, r["metric_drop"]) for r in rows),
-        sum(r["size_ratio"] ** -1 - 1.0 for r in rows),
+        unit, kind, label, fields, lat - 1.0, sum(max(0.0, r["metric_drop"]) for r in rows), size - 1.0
     )
 
 

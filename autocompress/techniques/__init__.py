@@ -7,7 +7,7 @@ Importing this package registers the built-in families in :data:`autocompress.re
 
 from __future__ import annotations
 
-from . import attention_channels, layerdrop, sparsity  # noqa: F401 - register families, HeadAttention's pruner
+from . import attention_channels, layerdrop, reconstruct, sparsity  # noqa: F401 - register families, HeadAttention's pruner
 from .distill import FeatureHints, distill_loss, kd_loss
 from .encoder_kd import EncoderDistill, attention_kl, attention_log_probs, encoder_points, hidden_mse
 from .fold import fold_batchnorm
