@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +138,19 @@ def splits(image_size: int, seed: int = 0, eval_fraction: float = 0.2, samples: 
 
 # -- the checkpoint -----------------------------------------------------------------------------------
 def train_checkpoint(
-    path: Path, arch: dict, train: TensorDataset, epochs: int, batch_size: int, seed: int
+    path: Path,
+    arch: dict,
+    train: TensorDataset,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    build: Callable[[dict], nn.Module] | None = None,
 ) -> None:
-    """Train a ResNet-18 briefly (Adam, cross-entropy) and write it to ``path`` + its ``.json``."""
+    """Train a model briefly (Adam, one-cycle, cross-entropy) and write it to ``path`` + its ``.json``.
+
+    ``build(arch)`` makes the untrained model (default: a ResNet-18 of ``arch``'s classes and width)."""
     torch.manual_seed(seed)
-    model = resnet18(arch["num_classes"], arch["width"])
+    model = build(arch) if build else resnet18(arch["num_classes"], arch["width"])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=2e-3, total_steps=max(1, epochs * -(-len(train) // batch_size))

@@ -131,3 +131,25 @@ def test_tiny_bert_study_runs_from_python_and_times_the_teacher_apart(tmp_path):
     # re-scored on all 16 eval samples (in the study: a finished trial's attrs are read-only in SQLite)
     full = summary.study.user_attrs["metric_full"][str(t.number)]
     assert 0.9 < full["metric"] <= 1.0
+
+
+def test_mobilenet_v2_tiny_checkpoint_has_torchvision_names_lowers_and_scores(tmp_path):
+    from autocompress.examples.mobilenet_v2 import InvertedResidual, mobilenet_v2_task
+
+    ckpt = tmp_path / "mnv2.safetensors"
+    opts = dict(checkpoint=str(ckpt), image_size=32, width_mult=0.25, epochs=1, batch_size=32, samples=200)
+    task = validate_task(mobilenet_v2_task(**opts), "task")
+    model = task.teacher()
+    assert len(model.features) == 19 and isinstance(model.features[1], InvertedResidual)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convs["features.1.conv.0.0"].groups == convs["features.1.conv.0.0"].in_channels  # depthwise
+    assert convs["features.2.conv.0.0"].kernel_size == (1, 1)  # expand
+    assert convs["features.2.conv.1.0"].groups == 6 * 8  # depthwise over 6x the 8 input channels
+    assert model.features[3].use_res_connect and not model.features[2].use_res_connect
+    assert model.classifier[1].in_features == 1280  # width_mult < 1 keeps 1280 features
+    again = mobilenet_v2_task(**opts)
+    assert weights_hash(again.teacher()) == weights_hash(model)
+    _, acc = _lower_and_score(task, tmp_path)
+    assert 0.0 <= acc <= 1.0
+    with pytest.raises(ConfigError, match="task.options.checkpoint: .*the options ask"):
+        mobilenet_v2_task(**(opts | {"width_mult": 0.5}))
