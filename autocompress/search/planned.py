@@ -73,8 +73,11 @@ def enqueue_planned(
         record = {**p.predicted, "name": p.name, "choices": p.choices, "merged": p.merged}
         study.enqueue_trial(params, user_attrs={"warm_start": f"planned: {p.name}", "planned": record})
         merged = f" (merged: {'; '.join(p.merged)})" if p.merged else ""
+        unprofiled = (
+            " (its structure not profiled: the base's figures)" if p.predicted.get("unprofiled") else ""
+        )
         log(
-            f"planned start '{p.name}'{merged}: predicted {p.predicted['speedup']:.2f}x faster, "
+            f"planned start '{p.name}'{merged}{unprofiled}: predicted {p.predicted['speedup']:.2f}x faster, "
             f"{p.predicted['size_ratio']:.2f}x smaller, drop {p.predicted['metric_drop']:+.4f} (before "
             f"fine-tuning): {', '.join(p.choices)}"
         )

@@ -174,7 +174,8 @@ def plan_candidates(profile: dict, space, max_drop: float | None) -> list[Planne
         _, base, chosen, pred = best
         labels = [base.label] + [f"{o.unit} {o.label}" for o in chosen]
         out.append(Planned(name, _layers(base, chosen), {**pred, "budget": budget}, labels))
-    out[len(SPEED_BUDGETS) - 1 : len(SPEED_BUDGETS) - 1] = uniform_plans(bases, opts, baseline, space)
+    uniform = uniform_plans(bases, opts, baseline, space, profile["rows"])
+    out[len(SPEED_BUDGETS) - 1 : len(SPEED_BUDGETS) - 1] = uniform
     return out
 
 
@@ -200,7 +201,31 @@ def beyond(p, top: float) -> float | None:
     return v if v > top + 1e-9 else None
 
 
-def uniform_plans(bases: list[Option], opts: list[Option], baseline: dict, space=None) -> list[Planned]:
+def heads_at(space, layers, level: float) -> dict[str, dict]:
+    """``heads_kept`` nearest ``1 - level`` (below 1; the milder on a tie) on every one of ``layers`` whose
+    domain searches head pruning: a uniform plan removes heads as it removes channels. The profile does
+    not measure head pruning (it changes a whole attention, not one layer's output channels)."""
+    out: dict[str, dict] = {}
+    for layer in layers:
+        p = space.layer_domains(layer).get("heads_kept")
+        if p is None or p.fixed is not None or p.choices is None:
+            continue
+        kept = [float(v) for v in p.choices if float(v) < 1.0]
+        if kept:
+            out[layer] = {"heads_kept": min(kept, key=lambda v: (abs(v - (1.0 - level)), -v))}
+    return out
+
+
+def _with_heads(layers: dict[str, dict], space, names, level: float) -> dict[str, dict]:
+    if space is not None:
+        for layer, f in heads_at(space, names, level).items():
+            layers.setdefault(layer, {}).update(f)
+    return layers
+
+
+def uniform_plans(
+    bases: list[Option], opts: list[Option], baseline: dict, space=None, rows: list[dict] | None = None
+) -> list[Planned]:
     """The fastest measured precision base with the same channel removal on every unit that has it
     (one plan per profiled structured level, milder first): the one-layer drops before fine-tuning
     add up past any budget, yet fine-tuning recovers uniform removal well (the shipped studies'
@@ -209,15 +234,39 @@ def uniform_plans(bases: list[Option], opts: list[Option], baseline: dict, space
     With the ``space``, one more: halfway from the highest profiled level to the top of each layer's
     domain (:func:`beyond`), where the profile does not reach (it measures :data:`LEVELS` only, to fit
     its budget). Its prediction is the highest profiled level's (``extrapolated_from``): a lower bound
-    on the speedup, reported against the measured result like every prediction."""
+    on the speedup, reported against the measured result like every prediction.
+
+    Every uniform plan also prunes attention heads at its level where the space searches them
+    (:func:`heads_at`). With the profile's ``rows``, a structured level whose rows the profile could not
+    measure (over its budget: on a BERT encoder one row is a 15 s lowering, past a post-training trial's
+    budget after five rows) still gets its uniform plan, predicted as the base alone (``unprofiled``)."""
     base = min(bases, key=lambda b: b.dlat)
     levels = sorted({o.label for o in opts if o.label.startswith("structured ")}, key=_level)
+    names = sorted({r["layer"] for r in rows or () if r["layer"] != "*"})
     out = []
     for level in levels:
         chosen = [o for o in opts if o.label == level]
         pred = predict(base, chosen, baseline)
+        layers = _with_heads(_layers(base, chosen), space, names, _level(level))
         labels = [base.label, f"{level} on {len(chosen)} layers"]
-        out.append(Planned(f"uniform {level}", _layers(base, chosen), {**pred, "budget": None}, labels))
+        out.append(Planned(f"uniform {level}", layers, {**pred, "budget": None}, labels))
+    unmeasured: dict[str, dict[str, dict]] = {}
+    for r in rows or ():
+        if (
+            r["layer"] != "*"
+            and r["setting"].startswith("structured ")
+            and r["setting"] not in levels
+            and r.get("status") in ("ok", "not measured")
+        ):
+            unmeasured.setdefault(r["setting"], {})[r["layer"]] = r["values"]
+    for level in sorted(unmeasured, key=_level):
+        layers = _layers(base, [])
+        for layer, f in unmeasured[level].items():
+            layers.setdefault(layer, {}).update(f)
+        layers = _with_heads(layers, space, names, _level(level))
+        pred = {**predict(base, [], baseline), "budget": None, "unprofiled": True}
+        labels = [base.label, f"{level} on {len(unmeasured[level])} layers (not profiled)"]
+        out.append(Planned(f"uniform {level}", layers, pred, labels))
     if space is None or not levels:
         return out
     chosen = [o for o in opts if o.label == levels[-1]]

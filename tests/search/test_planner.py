@@ -107,6 +107,38 @@ def test_beyond_the_profile_lies_halfway_to_the_top_of_the_domain_on_its_grid():
     assert [n for n in names if n.startswith("uniform")] == ["uniform structured 0.5"]
 
 
+def test_uniform_plans_prune_heads_and_cover_levels_the_profile_could_not_measure():
+    from autocompress.search.planner import heads_at
+
+    s = lambda v: {"sparsity": v, "sparsity_kind": "structured"}  # noqa: E731
+    profile = _profile()
+    profile["rows"] += [  # FFN-like layer "c": its rows over the profile's budget; "o" an attention output
+        {"layer": "c", "setting": f"structured {v:g}", "values": s(v), "status": "not measured"}
+        for v in (0.25, 0.75)
+    ] + [{"layer": "o", "setting": "8-bit", "values": {"bits": 8}, "status": "not measured"}]
+    space = SearchSpace.from_dict(
+        {
+            "sparsity": {"choices": [0.0, 0.25, 0.5, 0.75]},
+            "layers": {"o": {"heads_kept": {"choices": [1.0, 0.75, 0.5]}}},
+        }
+    )
+    assert heads_at(space, ["a", "o"], 0.25) == {"o": {"heads_kept": 0.75}}
+    assert heads_at(space, ["o"], 0.75) == {"o": {"heads_kept": 0.5}}  # the harshest offered
+    plans = {p.name: p for p in plan_candidates(profile, space, 0.01)}
+    measured = plans["uniform structured 0.5"]
+    assert measured.layers["o"] == {"heads_kept": 0.5} and "unprofiled" not in measured.predicted
+    quarter = plans["uniform structured 0.25"]  # only "c" has rows at 0.25, none measured
+    assert quarter.predicted["unprofiled"] is True
+    assert quarter.layers == {
+        "a": {"bits": 8},
+        "b": {"bits": 8},
+        "c": s(0.25),
+        "o": {"heads_kept": 0.75},
+    }
+    assert quarter.predicted["speedup"] == pytest.approx(1.25)  # the base's own figure
+    assert "uniform structured 0.75" in plans  # the other unmeasured level
+
+
 def test_plans_with_the_same_structure_are_merged():
     plans = [Planned("p1", {"a": {}}, {}), Planned("p2", {"a": {}}, {}), Planned("p3", {"b": {}}, {})]
     merged = merge_same_structure(plans, lambda p: "same" if p.name != "p3" else "other")
