@@ -216,10 +216,14 @@ def heads_at(space, layers, level: float) -> dict[str, dict]:
     return out
 
 
-def _with_heads(layers: dict[str, dict], space, names, level: float) -> dict[str, dict]:
-    if space is not None:
-        for layer, f in heads_at(space, names, level).items():
-            layers.setdefault(layer, {}).update(f)
+def _with_heads(layers: dict[str, dict], labels: list[str], space, names, level: float) -> dict[str, dict]:
+    """``layers`` with :func:`heads_at` added (and a label saying so)."""
+    heads = heads_at(space, names, level) if space is not None else {}
+    for layer, f in heads.items():
+        layers.setdefault(layer, {}).update(f)
+    for kept in sorted({f["heads_kept"] for f in heads.values()}, reverse=True):
+        n = sum(f["heads_kept"] == kept for f in heads.values())
+        labels.append(f"heads {kept:g} on {n} attention{'s' if n != 1 else ''}")
     return layers
 
 
@@ -247,8 +251,8 @@ def uniform_plans(
     for level in levels:
         chosen = [o for o in opts if o.label == level]
         pred = predict(base, chosen, baseline)
-        layers = _with_heads(_layers(base, chosen), space, names, _level(level))
         labels = [base.label, f"{level} on {len(chosen)} layers"]
+        layers = _with_heads(_layers(base, chosen), labels, space, names, _level(level))
         out.append(Planned(f"uniform {level}", layers, {**pred, "budget": None}, labels))
     unmeasured: dict[str, dict[str, dict]] = {}
     for r in rows or ():
@@ -263,9 +267,9 @@ def uniform_plans(
         layers = _layers(base, [])
         for layer, f in unmeasured[level].items():
             layers.setdefault(layer, {}).update(f)
-        layers = _with_heads(layers, space, names, _level(level))
-        pred = {**predict(base, [], baseline), "budget": None, "unprofiled": True}
         labels = [base.label, f"{level} on {len(unmeasured[level])} layers (not profiled)"]
+        layers = _with_heads(layers, labels, space, names, _level(level))
+        pred = {**predict(base, [], baseline), "budget": None, "unprofiled": True}
         out.append(Planned(f"uniform {level}", layers, pred, labels))
     if space is None or not levels:
         return out

@@ -136,6 +136,7 @@ def test_uniform_plans_prune_heads_and_cover_levels_the_profile_could_not_measur
         "o": {"heads_kept": 0.75},
     }
     assert quarter.predicted["speedup"] == pytest.approx(1.25)  # the base's own figure
+    assert quarter.choices[-1] == "heads 0.75 on 1 attention"
     assert "uniform structured 0.75" in plans  # the other unmeasured level
 
 
