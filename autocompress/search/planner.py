@@ -83,14 +83,17 @@ def options(profile: dict, space) -> tuple[list[Option], list[Option]]:
     bases += [_option("*", "base", r["setting"], r["values"], [r]) for r in ok if r["layer"] == "*"]
     by_unit: dict[tuple[str, str], list[dict]] = {}
     members: dict[str, set[str]] = {}
+    out = []
     for r in ok:
-        if r["layer"] != "*":
+        if "members" in r:  # a group measured as one row
+            kind = "precision" if "bit" in r["setting"] else "structure"
+            out.append(_option(r["layer"], kind, r["setting"], r["values"], [r]))
+        elif r["layer"] != "*":
             unit = space.group_of(r["layer"])
             by_unit.setdefault((unit, r["setting"]), []).append(r)
     for r in profile["rows"]:
-        if r["layer"] != "*":
+        if r["layer"] != "*" and "members" not in r:
             members.setdefault(space.group_of(r["layer"]), set()).add(r["layer"])
-    out = []
     for (unit, label), rows in by_unit.items():
         if {r["layer"] for r in rows} != members[unit]:
             continue  # a member of the group was not measured: the group cannot be predicted
@@ -246,7 +249,7 @@ def uniform_plans(
     budget after five rows) still gets its uniform plan, predicted as the base alone (``unprofiled``)."""
     base = min(bases, key=lambda b: b.dlat)
     levels = sorted({o.label for o in opts if o.label.startswith("structured ")}, key=_level)
-    names = sorted({r["layer"] for r in rows or () if r["layer"] != "*"})
+    names = sorted({n for r in rows or () if r["layer"] != "*" for n in r.get("members", [r["layer"]])})
     out = []
     for level in levels:
         chosen = [o for o in opts if o.label == level]
@@ -262,7 +265,9 @@ def uniform_plans(
             and r["setting"] not in levels
             and r.get("status") in ("ok", "not measured")
         ):
-            unmeasured.setdefault(r["setting"], {})[r["layer"]] = r["values"]
+            unmeasured.setdefault(r["setting"], {}).update(
+                r["values"] if "members" in r else {r["layer"]: r["values"]}
+            )
     for level in sorted(unmeasured, key=_level):
         layers = _layers(base, [])
         for layer, f in unmeasured[level].items():

@@ -135,3 +135,28 @@ def test_report_shows_the_profiles_and_planned_trials_predicted_vs_measured(run)
     assert "<h3>Planned trials: predicted vs measured</h3>" in html
     assert "Mean absolute error over 1 completed: speedup" in html
     assert f"{metrics['speedup']:.4g}" in html  # the measured speedup is in the planned table
+
+
+def test_a_group_is_profiled_as_one_row_per_setting_and_planned_as_one_choice(tmp_path):
+    from autocompress.search.latency_profile import units
+    from autocompress.search.planner import options
+
+    study = tiny_study(tmp_path, warm_start=[])
+    study["space"]["overrides"] = {"groups": {"body": "features\\.(3|6)"}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(study))
+    with open_run(load_config(tmp_path / "g.yaml"), log=lambda s: None) as (ctx, _):
+        assert [m.name for m in dict(units(ctx.space, ctx.inventory))["body"]] == ["features.3", "features.6"]
+        p = measure_profile(ctx, log=lambda s: None, use_cache=False)
+    group = [r for r in p["rows"] if r["layer"] == "body"]
+    alone = {i.name: layer_settings(ctx.space, i) for i in ctx.inventory}
+    assert sorted(r["setting"] for r in group) == sorted(label for label, _ in alone["features.3"])
+    for r in group:  # both members changed together, each with its own fields, in one lowering
+        assert r["members"] == ["features.3", "features.6"] and r["status"] == "ok"
+        assert r["values"] == {n: dict(alone[n])[r["setting"]] for n in r["members"]}
+    assert not [r for r in p["rows"] if r["layer"] in ("features.3", "features.6")]  # no member rows
+    assert {r["layer"] for r in p["rows"]} == {"*", "body", "features.0", "features.10", "classifier"}
+    _, opts = options(p, ctx.space)
+    body = [o for o in opts if o.unit == "body"]
+    assert {o.label for o in body} == {r["setting"] for r in group}
+    row = next(r for r in group if r["setting"] == body[0].label)
+    assert body[0].fields == row["values"] and body[0].dlat == pytest.approx(1 / row["speedup"] - 1)
