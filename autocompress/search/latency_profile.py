@@ -1,5 +1,6 @@
-"""The measured latency profile: per layer and per setting the space offers, the whole artifact's
-latency, size and metric when only that layer changes.
+"""The measured latency profile: per layer (or group of the space's ``groups``, its members changed
+together) and per setting the space offers, the whole artifact's latency, size and metric when only
+that layer or group changes.
 
 Each (layer, setting) is applied to the teacher alone through :func:`~autocompress.pipeline.compress`
 (no fine-tuning), lowered by the study's backend and scored on the eval split (the accuracy profile:
