@@ -17,17 +17,15 @@ first use for a few epochs with a fixed seed, written as safetensors + ``.json``
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from ..tasks.base import Task
-from .resnet18 import images, labels, splits, train_checkpoint
+from .resnet18 import ensure_checkpoint, image_task, splits
 
 # torchvision's inverted residual settings: expansion t, output channels c, repeats n, first stride s
 SETTINGS = (
@@ -161,25 +159,13 @@ def mobilenet_v2_task(
         "image_size": image_size,
         "samples": samples,
     }
-    if not path.exists():
-        print(f"training the MobileNetV2 checkpoint ({epochs} epochs), written to {path}", file=sys.stderr)
-        train_checkpoint(path, arch, train, epochs, batch_size, seed, build=_build)
-    have = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-    if {k: have.get(k) for k in arch} != arch:
-        raise ConfigError(
-            f"checkpoint {path} was made for {have or 'an unknown model'}, the options ask {arch}; "
-            "use another checkpoint path",
-            field="task.options.checkpoint",
-        )
-    return Task(
-        name="mobilenet_v2",
-        model=load_mobilenet_v2(path),
-        train=DataLoader(train, batch_size=batch_size, shuffle=False),
-        eval=DataLoader(evaluation, batch_size=batch_size, shuffle=False),
-        inputs=images,
-        targets=labels,
-        metric="accuracy",
-        batch_size=batch_size,
-        calibration_samples=calibration_samples,
-        description=f"MobileNetV2 (width {width_mult}) on tinted digits at 3x{image_size}x{image_size}",
+    ensure_checkpoint(path, arch, train, epochs, batch_size, seed, "MobileNetV2", build=_build)
+    return image_task(
+        "mobilenet_v2",
+        load_mobilenet_v2(path),
+        train,
+        evaluation,
+        batch_size,
+        calibration_samples,
+        f"MobileNetV2 (width {width_mult}) on tinted digits at 3x{image_size}x{image_size}",
     )

@@ -197,6 +197,55 @@ def labels(batch) -> torch.Tensor:
     return batch[1]
 
 
+def ensure_checkpoint(
+    path: Path,
+    arch: dict,
+    train: TensorDataset,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    what: str,
+    build: Callable[[dict], nn.Module] | None = None,
+) -> None:
+    """Train ``path`` (:func:`train_checkpoint`) if it does not exist; refuse one made for another
+    ``arch`` (one line naming both, on ``task.options.checkpoint``)."""
+    if not path.exists():
+        print(f"training the {what} checkpoint ({epochs} epochs), written to {path}", file=sys.stderr)
+        train_checkpoint(path, arch, train, epochs, batch_size, seed, build=build)
+    have = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+    if {k: have.get(k) for k in arch} != arch:
+        raise ConfigError(
+            f"checkpoint {path} was made for {have or 'an unknown model'}, the options ask {arch}; "
+            "use another checkpoint path",
+            field="task.options.checkpoint",
+        )
+
+
+def image_task(
+    name: str,
+    model: nn.Module,
+    train,
+    evaluation,
+    batch_size: int,
+    calibration_samples: int,
+    description: str,
+) -> Task:
+    """The Task of an image classifier on the tinted digits: (image, label) DataLoaders, accuracy."""
+    return Task(
+        name=name,
+        model=model,
+        # a fixed order: calibration and rebuilds see the same batches
+        train=DataLoader(train, batch_size=batch_size, shuffle=False),
+        eval=DataLoader(evaluation, batch_size=batch_size, shuffle=False),
+        inputs=images,
+        targets=labels,
+        metric="accuracy",
+        batch_size=batch_size,
+        calibration_samples=calibration_samples,
+        description=description,
+    )
+
+
 def resnet18_task(
     checkpoint: str = "runs/_checkpoints/resnet18.safetensors",
     image_size: int = 64,
@@ -232,26 +281,13 @@ def resnet18_task(
         "image_size": image_size,
         "samples": samples,
     }
-    if not path.exists():
-        print(f"training the ResNet-18 checkpoint ({epochs} epochs), written to {path}", file=sys.stderr)
-        train_checkpoint(path, arch, train, epochs, batch_size, seed)
-    have = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-    if {k: have.get(k) for k in arch} != arch:
-        raise ConfigError(
-            f"checkpoint {path} was made for {have or 'an unknown model'}, the options ask {arch}; "
-            "use another checkpoint path",
-            field="task.options.checkpoint",
-        )
-    return Task(
-        name="resnet18",
-        model=load_resnet18(path),
-        # a fixed order: calibration and rebuilds see the same batches
-        train=DataLoader(train, batch_size=batch_size, shuffle=False),
-        eval=DataLoader(evaluation, batch_size=batch_size, shuffle=False),
-        inputs=images,
-        targets=labels,
-        metric="accuracy",
-        batch_size=batch_size,
-        calibration_samples=calibration_samples,
-        description=f"ResNet-18 (width {width}) on tinted digits at 3x{image_size}x{image_size}",
+    ensure_checkpoint(path, arch, train, epochs, batch_size, seed, "ResNet-18")
+    return image_task(
+        "resnet18",
+        load_resnet18(path),
+        train,
+        evaluation,
+        batch_size,
+        calibration_samples,
+        f"ResNet-18 (width {width}) on tinted digits at 3x{image_size}x{image_size}",
     )
