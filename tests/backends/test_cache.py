@@ -91,7 +91,12 @@ def test_measure_command_times_an_artifact_on_its_own(tmp_path, backend):
     )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out["latency"]["batch_size"] == 2 and out["latency"]["n"] >= 100
+    lat = out["latency"]
+    assert lat["batch_size"] == 2
+    # the stop rule: at least 100 calls when no round was set aside; on a loaded machine the disturbed
+    # rounds are dropped (one block of 50 calls at least is kept), and the share dropped is reported
+    assert lat["n"] >= 100 if lat["disturbed"] == 0 else (lat["n"] >= 50 and 0 < lat["disturbed"] < 1)
+    assert lat["median_all_ms"] > 0
     assert out["latency"]["p90_ms"] >= out["latency"]["median_ms"] > 0
     assert out["environment"]["backend"] == "onnxruntime" and out["environment"]["device_count"] >= 1
     bad = subprocess.run(
