@@ -35,6 +35,7 @@ class WorkerClient:
     def __init__(self, threads: int):
         self.threads = threads
         self._proc: subprocess.Popen | None = None
+        self._asked = False  # whether the running worker has been sent a request
 
     def start(self) -> subprocess.Popen:
         """The worker process, started now unless it runs (it answers once its imports are done)."""
@@ -53,10 +54,12 @@ class WorkerClient:
                 text=True,
                 env=env,
             )
+            self._asked = False
         return proc
 
     def ask(self, request: dict) -> dict:
         proc = self.start()
+        self._asked = True
         try:
             proc.stdin.write(json.dumps(request) + "\n")
             proc.stdin.flush()
@@ -102,8 +105,16 @@ class WorkerClient:
         return [LatencyStats(**d) for d in reply["stats"]]
 
     def close(self) -> None:
+        """End the worker: at once when it was never asked anything (it may still be importing, which
+        takes seconds, and holds nothing), else by closing its input and waiting for it to exit."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
+            if not self._asked:
+                proc.kill()
+                proc.wait()
+                proc.stdin.close()
+                proc.stdout.close()
+                return
             proc.stdin.close()
             try:
                 proc.wait(timeout=10)

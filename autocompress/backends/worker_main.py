@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +46,12 @@ def main() -> None:
             out.write(json.dumps(reply) + "\n")
             out.flush()
         except BrokenPipeError:  # the parent died (e.g. killed mid-measurement): nobody to answer
-            return
+            break
+    for backend in _BACKENDS.values():  # sessions and temporary folders go now...
+        with contextlib.suppress(Exception):
+            backend.close()
+    sys.stderr.flush()
+    os._exit(0)  # ...so the interpreter's teardown of torch (about a second) is skipped: nothing is left
 
 
 if __name__ == "__main__":

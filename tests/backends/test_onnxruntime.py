@@ -154,6 +154,26 @@ def test_measure_stops_on_the_confidence_interval_rule_in_a_pinned_worker(
     assert quick.rel_ci <= 0.05 and quick.n < st.n, (quick.n, st.n)
 
 
+def test_the_timing_worker_ends_at_once_when_closed(tmp_path, digits_task, digits_teacher):
+    """A worker started ahead (``start_timing``) and never asked is killed on close, not waited for
+    while it imports; one that timed exits within a fraction of a second of its input closing (it skips
+    the interpreter's teardown), with exit code 0, and leaves no process behind."""
+    early = OnnxRuntimeBackend()
+    early.start_timing()
+    proc = early._worker._proc
+    t0 = time.perf_counter()
+    early.close()
+    assert time.perf_counter() - t0 < 0.5 and proc.returncode == -9, proc.returncode
+    model, _ = fold_batchnorm(copy.deepcopy(digits_teacher))
+    used = OnnxRuntimeBackend(timing={"max_s": 0.2, "min_s": 0.0, "warmup_s": 0.05})
+    art = used.lower(model, digits_task.example_inputs(), {}, tmp_path)
+    assert used.measure(art, digits_task.example_inputs()).n > 0
+    proc = used._worker._proc
+    t0 = time.perf_counter()
+    used.close()
+    assert time.perf_counter() - t0 < 0.5 and proc.returncode == 0, proc.returncode
+
+
 def test_device_lock_is_exclusive():
     with device_lock("cpu"), pytest.raises(Timeout):
         FileLock(str(lock_dir() / "cpu.lock"), timeout=0.1).acquire()
