@@ -64,6 +64,37 @@ def test_refit_recovers_a_linear_consumer_exactly():
     assert "-> 0.000" in fixed.notes["1"]
 
 
+def test_batches_of_other_lengths_are_refit_layer_by_layer():
+    """Token batches of different sequence lengths do not concatenate into one calibration batch, so the
+    refit reads each layer's inputs batch by batch (one pass per layer): still the exact affine refit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 3)).eval()
+    batches = [(torch.randn(8, t, 4),) for t in (5, 7, 3, 9)]  # [batch, tokens, features]
+    task = Task(
+        name="tokens",
+        model=model,
+        train=DataLoader(batches, batch_size=None),
+        test=DataLoader(batches, batch_size=None),
+        metric="fidelity",
+        loss="cosine",
+        targets=None,
+        inputs=lambda b: (b[0],),
+    )
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        task.train_split.first(32)  # what sends reconstruct_step to its batch-by-batch path
+    teacher = task.teacher()
+    plain = compress(task, teacher, _plan(False)).model
+    fixed = compress(task, teacher, _plan(True))
+    x = torch.randn(4, 6, 4)
+    with torch.no_grad():
+        ref = teacher(x)
+        err_plain = float((plain(x) - ref).abs().max() / ref.abs().max())
+        err_fixed = float((fixed.model(x) - ref).abs().max() / ref.abs().max())
+    assert fixed.model[1].in_features == 8
+    assert err_plain > 0.05 and err_fixed < 1e-3, (err_plain, err_fixed)
+    assert "-> 0.000" in fixed.notes["1"]
+
+
 def test_iterative_schedule_refits_nothing():
     task = _affine_task()
     teacher = task.teacher()
