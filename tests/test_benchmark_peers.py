@@ -69,6 +69,11 @@ def test_targets_met_missed_and_at_an_equal_or_better_metric():
     # vs peer: only front models at >= ort_static's 0.955 count: trial 3, 5.0 / 3.0 = 1.67x
     assert res["vs peer"][0] and "trial 3" in res["vs peer"][1] and "1.67x" in res["vs peer"][1]
 
+    (info,) = peers.information(rows, t, 1, peers.check_targets(rows, t))  # at the limit, for information
+    assert info[0] == "vs peer (any front model within the limit)" and "trial 7" in info[2]
+    # trial 7 out of the limit: the figure at the limit is the target's, not repeated
+    out = [*rows[:4], row("autocompress", "autocompress trial 7", 0.94, 8.0, 0.96)]
+    assert peers.information(out, t, 1, peers.check_targets(out, t)) == []
     t.peer_compare = "limit"  # every front model within the limit: trial 7, 8.0 / 3.0
     assert "trial 7" in dict((n, w) for n, _, w in peers.check_targets(rows, t))["vs peer"]
     t.peer_compare, t.min_vs_peer = "metric", 2.0
