@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from ..errors import BackendError, ExportError
 from ..lowering import LoweringSpec, symmetric_grid
@@ -207,7 +208,10 @@ def quantize_static_nodes(fp32: Path, out: Path, nodes: list[str], calibration, 
     extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
     if method == "percentile":
         extra.update(CalibPercentile=PERCENTILE, CalibTensorRangeSymmetric=False)
-    with _quiet():
+    # ORT computes a scale for every calibrated tensor, also those it leaves float: a BERT attention
+    # mask's range [-inf, 0] divides inf by inf there (a numpy warning, nothing written); a non-finite
+    # scale that does reach the artifact is refused below
+    with _quiet(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         try:
             quantize_static(
                 str(fp32),
@@ -223,4 +227,21 @@ def quantize_static_nodes(fp32: Path, out: Path, nodes: list[str], calibration, 
             )
         except Exception as exc:
             raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
-    return onnx.load(str(out))
+    qmodel = onnx.load(str(out))
+    check_finite_scales(qmodel)
+    return qmodel
+
+
+def check_finite_scales(model: onnx.ModelProto) -> None:
+    """Refuse a QDQ model whose Quantize/DequantizeLinear nodes read a scale that is not finite and
+    positive (a calibrated range with an infinity, e.g. an additive attention mask quantized)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits:
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            if not np.all(np.isfinite(scale) & (scale > 0)):
+                raise ExportError(
+                    f"quantize_static: {node.op_type} {node.name or node.output[0]} of tensor "
+                    f"{node.input[0]!r} has scale {scale.ravel()[:4].tolist()} (not finite and positive): "
+                    "its calibrated range is not finite; keep the layer that reads it float"
+                )

@@ -204,3 +204,33 @@ def test_spatial_means_become_int8_global_pooling(tmp_path):
     out = make_session(art.path, 1).run(None, feed)[0]
     ref = model(x).detach().numpy()
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_a_qdq_model_with_a_scale_that_is_not_finite_is_refused():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autocompress.backends.ort_quantize import check_finite_scales
+    from autocompress.errors import ExportError
+
+    def model(scale: float) -> onnx.ModelProto:
+        inits = [
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), "s"),
+            numpy_helper.from_array(np.array(0, dtype=np.uint8), "z"),
+        ]
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_mask"),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq_mask"),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+            inits,
+        )
+        return helper.make_model(graph)
+
+    check_finite_scales(model(0.1))  # a finite, positive scale passes
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ExportError, match=r"QuantizeLinear q_mask of tensor 'x' has scale .*not finite"):
+            check_finite_scales(model(bad))

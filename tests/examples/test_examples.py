@@ -3,7 +3,10 @@ Runtime with their own inputs, evaluate with their own metric."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -63,6 +66,15 @@ def test_bert_encoder_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path
     art8, fid8 = _lower_and_score(task, tmp_path / "q", linear)
     assert 0.9 < fid8 < 1.0  # int8 weights (the tiny float embedding table dominates the file size)
     assert art8.meta["weights_stored_bytes"] < art.meta["weights_stored_bytes"]
+    # static int8: the additive attention mask ([-inf, 0] when calibrated) is never quantized and ORT's
+    # scale of it (inf / inf, computed though unused) raises no numpy warning
+    static = LoweringSpec({n: LayerLowering(8, "static") for n in linear.layers})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        art_s, fid_s = _lower_and_score(task, tmp_path / "s", static)
+    assert 0.9 < fid_s < 1.0
+    qdq_inputs = {n.input[0] for n in onnx.load(str(art_s.path)).graph.node if n.op_type == "QuantizeLinear"}
+    assert qdq_inputs and not any("Where" in t or "attention/self/Add" in t for t in qdq_inputs), qdq_inputs
     # the folder holds another model's config: refused, naming the option
     with pytest.raises(ConfigError, match=r"task.options.checkpoint: .*hidden_size 32 \(options ask 64\)"):
         bert_encoder(**(opts | {"hidden": 64}))
