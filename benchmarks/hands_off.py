@@ -103,8 +103,8 @@ def run_one(model: str, args) -> dict:
     from autocompress.search import run_study
 
     folder = Path(args.out) / model
-    out = {"model": model}
-    for random_search in (False, True):
+    out = {"model": model, "random": None, "random_s": 0.0, "random_failed": []}
+    for random_search in (False, True)[: 2 if args.random_trials > 0 else 1]:  # 0: no random search
         t0 = time.perf_counter()
         cfg = load_config(study_file(folder, model, args, random_search))
         study = run_study(cfg, log=(print if args.verbose else lambda s: None)).study
@@ -142,13 +142,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--random-trials", type=int, default=60)
+    ap.add_argument("--random-trials", type=int, default=60, help="0: no random search to compare with")
     ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--quick-timing", action="store_true", help="short timing rounds (smoke runs)")
     ap.add_argument("--finetune-steps", type=int, default=None, help="smoke runs only: fixes the fine-tune")
     ap.add_argument("--out", default=str(ROOT / "runs" / "hands_off"))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
+    if args.trials < 1 or args.random_trials < 0:
+        ap.error("--trials must be >= 1 and --random-trials >= 0")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the studies' task: hands_off:task
     misses = 0
     print(
@@ -158,7 +160,8 @@ def main() -> int:
         r = run_one(model, args)
         te = "n/a" if r["profile_te"] is None else f"{r['profile_te']:.2f} te"
         print(
-            f"{model:18s} {_fmt(r['hands_off']):>14s}  {_fmt(r['random']):>16s}  {te:>7s}  "
+            f"{model:18s} {_fmt(r['hands_off']):>14s}  "
+            f"{_fmt(r['random']) if args.random_trials else 'not run':>16s}  {te:>7s}  "
             f"{len(r['hands_off_failed']):>6d}  {r['hands_off_s']:.0f} s + {r['random_s']:.0f} s",
             flush=True,
         )
