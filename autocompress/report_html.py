@@ -130,7 +130,10 @@ def plot_layers(study: optuna.Study, run_dir: Path) -> Path:
     """Heat maps (Pareto trial x layer) of the chosen bits, sparsity and rank ratio."""
     plt = _plt()
     lt = layer_table(study)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 1.6 + 0.35 * max(1, lt.trial.nunique() if len(lt) else 1)))
+    rows = max(1, lt.trial.nunique() if len(lt) else 1)
+    # the layer names stand at 60 degrees under the maps: about 0.05 inch of height per character at 7 pt
+    longest = max((len(str(n)) for n in lt.layer.unique()), default=0) if len(lt) else 0
+    fig, axes = plt.subplots(1, 3, figsize=(16, 1.6 + 0.35 * rows + 0.05 * longest))
     for ax, (col, cmap, title) in zip(
         axes,
         [
