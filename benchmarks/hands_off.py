@@ -104,7 +104,7 @@ def run_one(model: str, args) -> dict:
 
     folder = Path(args.out) / model
     out = {"model": model, "random": None, "random_s": 0.0, "random_failed": []}
-    for random_search in (False, True)[: 2 if args.random_trials > 0 else 1]:  # 0: no random search
+    for random_search in [False] + ([True] if args.random_trials else []):  # 0: no random search
         t0 = time.perf_counter()
         cfg = load_config(study_file(folder, model, args, random_search))
         study = run_study(cfg, log=(print if args.verbose else lambda s: None)).study

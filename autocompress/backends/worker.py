@@ -11,6 +11,7 @@ The entry point is :mod:`autocompress.backends.worker_main`. Protocol: one JSON 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -108,16 +109,13 @@ class WorkerClient:
         """End the worker: at once when it was never asked anything (it may still be importing, which
         takes seconds, and holds nothing), else by closing its input and waiting for it to exit."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            if not self._asked:
-                proc.kill()
-                proc.wait()
-                proc.stdin.close()
-                proc.stdout.close()
-                return
-            proc.stdin.close()
-            try:
+        if proc is None or proc.poll() is not None:
+            return
+        proc.stdin.close()
+        if self._asked:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

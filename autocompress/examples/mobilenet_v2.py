@@ -159,7 +159,9 @@ def mobilenet_v2_task(
         "image_size": image_size,
         "samples": samples,
     }
-    ensure_checkpoint(path, arch, train, epochs, batch_size, seed, "MobileNetV2", build=_build)
+    ensure_checkpoint(
+        path, arch, "MobileNetV2", train=train, epochs=epochs, batch_size=batch_size, seed=seed, build=_build
+    )
     return image_task(
         "mobilenet_v2",
         load_mobilenet_v2(path),

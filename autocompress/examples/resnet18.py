@@ -197,21 +197,16 @@ def labels(batch) -> torch.Tensor:
     return batch[1]
 
 
-def ensure_checkpoint(
-    path: Path,
-    arch: dict,
-    train: TensorDataset,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    what: str,
-    build: Callable[[dict], nn.Module] | None = None,
-) -> None:
-    """Train ``path`` (:func:`train_checkpoint`) if it does not exist; refuse one made for another
-    ``arch`` (one line naming both, on ``task.options.checkpoint``)."""
+def ensure_checkpoint(path: Path, arch: dict, what: str, **training) -> None:
+    """Train ``path`` (:func:`train_checkpoint` with ``training``: train, epochs, batch_size, seed and
+    optionally build) if it does not exist; refuse one made for another ``arch`` (one line naming both,
+    on ``task.options.checkpoint``)."""
     if not path.exists():
-        print(f"training the {what} checkpoint ({epochs} epochs), written to {path}", file=sys.stderr)
-        train_checkpoint(path, arch, train, epochs, batch_size, seed, build=build)
+        print(
+            f"training the {what} checkpoint ({training['epochs']} epochs), written to {path}",
+            file=sys.stderr,
+        )
+        train_checkpoint(path, arch, **training)
     have = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
     if {k: have.get(k) for k in arch} != arch:
         raise ConfigError(
@@ -281,7 +276,7 @@ def resnet18_task(
         "image_size": image_size,
         "samples": samples,
     }
-    ensure_checkpoint(path, arch, train, epochs, batch_size, seed, "ResNet-18")
+    ensure_checkpoint(path, arch, "ResNet-18", train=train, epochs=epochs, batch_size=batch_size, seed=seed)
     return image_task(
         "resnet18",
         load_resnet18(path),

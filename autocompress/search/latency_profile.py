@@ -136,6 +136,15 @@ def _items(ctx: RunContext) -> list[tuple[str, str, dict[str, dict]]]:
     return items
 
 
+def _row_head(layer: str, label: str, layers: dict[str, dict]) -> dict:
+    """What names a profile row: its unit (a layer, a group or ``*``), setting and values; a group's row
+    also lists its ``members`` (changed as one)."""
+    row = {"layer": layer, "setting": label, "values": layers.get(layer, layers)}
+    if layer != "*" and layer not in layers:
+        row["members"] = sorted(layers)
+    return row
+
+
 class _Profiler:
     """One profiling pass: lower each item, group equal structures, time new ones in shared sessions."""
 
@@ -150,9 +159,7 @@ class _Profiler:
     def row(self, layer: str, label: str, layers: dict[str, dict]) -> dict:
         ctx = self.ctx
         plan = Plan(layers={k: LayerPlan(**v) for k, v in layers.items()}, epochs=0, seed=ctx.config.seed)
-        row = {"layer": layer, "setting": label, "values": layers.get(layer, layers)}
-        if layer != "*" and layer not in layers:
-            row["members"] = sorted(layers)  # a group, changed as one
+        row = _row_head(layer, label, layers)
         try:
             out = compress(
                 ctx.task,
@@ -273,10 +280,13 @@ def measure_profile(
                 continue
             spent = time.perf_counter() - t0
             if trial_s and spent > budget_trials * trial_s:
-                row = {"layer": layer, "setting": label, "values": layers.get(layer, layers)}
-                if layer != "*" and layer not in layers:
-                    row["members"] = sorted(layers)
-                rows.append({**row, "status": "not measured", "note": "over the profile's budget"})
+                rows.append(
+                    {
+                        **_row_head(layer, label, layers),
+                        "status": "not measured",
+                        "note": "over the profile's budget",
+                    }
+                )
                 skipped += 1
                 continue
             rows.append(prof.row(layer, label, layers))

@@ -76,6 +76,11 @@ def _option(unit: str, kind: str, label: str, fields: dict, rows: list[dict]) ->
     )
 
 
+def _kind(label: str) -> str:
+    """A profile setting's kind: ``precision`` (a bit width) or ``structure``."""
+    return "precision" if "bit" in label else "structure"
+
+
 def options(profile: dict, space) -> tuple[list[Option], list[Option]]:
     """(precision bases: float + the whole-model rows, per-unit options) from the profile's rows."""
     ok = [r for r in profile["rows"] if r.get("status") == "ok" and r.get("speedup")]
@@ -86,8 +91,7 @@ def options(profile: dict, space) -> tuple[list[Option], list[Option]]:
     out = []
     for r in ok:
         if "members" in r:  # a group measured as one row
-            kind = "precision" if "bit" in r["setting"] else "structure"
-            out.append(_option(r["layer"], kind, r["setting"], r["values"], [r]))
+            out.append(_option(r["layer"], _kind(r["setting"]), r["setting"], r["values"], [r]))
         elif r["layer"] != "*":
             unit = space.group_of(r["layer"])
             by_unit.setdefault((unit, r["setting"]), []).append(r)
@@ -97,8 +101,7 @@ def options(profile: dict, space) -> tuple[list[Option], list[Option]]:
     for (unit, label), rows in by_unit.items():
         if {r["layer"] for r in rows} != members[unit]:
             continue  # a member of the group was not measured: the group cannot be predicted
-        kind = "precision" if "bit" in label else "structure"
-        out.append(_option(unit, kind, label, {r["layer"]: r["values"] for r in rows}, rows))
+        out.append(_option(unit, _kind(label), label, {r["layer"]: r["values"] for r in rows}, rows))
     return bases, out
 
 
