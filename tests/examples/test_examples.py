@@ -3,6 +3,7 @@ Runtime with their own inputs, evaluate with their own metric."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -78,6 +79,35 @@ def test_bert_encoder_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path
     # the folder holds another model's config: refused, naming the option
     with pytest.raises(ConfigError, match=r"task.options.checkpoint: .*hidden_size 32 \(options ask 64\)"):
         bert_encoder(**(opts | {"hidden": 64}))
+
+
+def test_bert_encoder_is_made_and_loaded_with_the_network_cut(tmp_path, monkeypatch):
+    """Nothing downloads: with every socket connection refused, a new checkpoint is written from its
+    config and loaded from the folder; a hub model id is refused as a non-folder, never fetched."""
+    pytest.importorskip("transformers")
+    import socket
+
+    from autocompress.examples.bert_encoder import bert_encoder, load_encoder
+
+    tried: list = []
+    before = os.environ.get("HF_HUB_OFFLINE")
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise OSError("network access in a test that must run offline")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    opts = dict(layers=1, hidden=16, heads=2, intermediate=32, vocab_size=2000, seq_len=8)
+    opts |= dict(train_samples=4, eval_samples=4, batch_size=4, checkpoint=str(tmp_path / "ckpt"))
+    task = bert_encoder(**opts)
+    with torch.no_grad():
+        out = deployable(task.teacher(), task.io)(*task.example_inputs())
+    assert out.shape == (1, 8, 16) and bool(torch.isfinite(out).all())
+    with pytest.raises(ConfigError, match="bert-base-uncased is not a save_pretrained folder"):
+        load_encoder("bert-base-uncased")
+    assert tried == []  # not one connection was attempted
+    assert os.environ.get("HF_HUB_OFFLINE") == before  # restored after loading
 
 
 def test_resnet18_tiny_checkpoint_loads_validates_lowers_and_scores(tmp_path):
