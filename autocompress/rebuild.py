@@ -128,6 +128,11 @@ def _report(trial: optuna.trial.FrozenTrial, metrics: dict, run_dir: Path, out: 
         "latency_spread_ms": spread,
         "latency_ms_rebuilt_drift_corrected": metrics["latency_ms"],
         "latency_within_spread": abs(metrics["latency_ms"] - trial.values[1]) <= spread,
+        # the timing statistics behind both ratios (how calm each session's measurement was)
+        "latency_stats_stored": stored_lat,
+        "latency_stats_rebuilt": metrics["latency"],
+        "baseline_stats_stored": ua.get("baseline_latency", {}),
+        "baseline_stats_rebuilt": metrics.get("baseline_latency", {}),
         "speedup_stored": ua.get("speedup"),
         "speedup_rebuilt": metrics.get("speedup"),
         "size_bytes_stored": int(trial.values[2]),

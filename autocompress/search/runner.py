@@ -94,6 +94,7 @@ RECORDED = (
     "latency_ms",
     "latency_p90_ms",
     "latency",
+    "baseline_latency",  # the baseline's stats timed beside this trial's artifact (the speedup's denominator)
     "latency_cached",
     "environment",
     "size_bytes",
