@@ -50,8 +50,8 @@ def cmd_inspect(args) -> int:
     import pandas as pd
 
     from .config import load_config
+    from .inspection import analyze, heatmap, ranking, table
     from .search import open_run
-    from .sensitivity import analyze, heatmap, ranking, table
 
     cfg = load_config(
         args.study, _overrides(args.set or []) | ({"output": args.output} if args.output else {})
@@ -154,7 +154,7 @@ def cmd_rebuild(args) -> int:
 
 
 def cmd_measure(args) -> int:
-    from .artifact_timing import format_stats, time_artifact
+    from .measure import format_stats, time_artifact
 
     stats, env = time_artifact(
         args.artifact,
@@ -172,7 +172,7 @@ def cmd_measure(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .hostcheck import host_check
+    from .doctor import host_check
 
     return host_check(Path(args.report), Path(args.workdir))
 

@@ -36,8 +36,11 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     threads: int = Field(2, ge=1, le=256)
     # score each trial's post-training model and its fine-tuned one on the held-out part of the training
-    # split (pruner.holdout_fraction; trials fine-tune on the rest) and keep the better one
+    # split (holdout_fraction; trials fine-tune on the rest) and keep the better one
     keep_better: bool = True
+    # part of the training split held out (never fine-tuned on, not the test split); read by keep_better
+    # and by early_stopping (each epoch's score)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
 
     def trains(self) -> bool:
         """Whether trials fine-tune at all (steps, else epochs, above 0)."""
@@ -136,7 +139,7 @@ class TrialsConfig(_Strict):
     n: int = Field(24, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0)
     warm_start: list[WarmStart] = [WarmStart(bits=8)]
-    # plans from the measured latency and accuracy profiles, enqueued first (search/planned.py):
+    # plans from the measured latency and accuracy profiles, enqueued first (search/planned_starts.py):
     # "auto" = up to 8 when the study file gives no warm_start (which then has none), none when it
     # does; N = up to N besides the warm starts; 0 = none (the warm_start default, int8 everywhere)
     planned_starts: Literal["auto"] | int = Field("auto", union_mode="left_to_right")
@@ -178,12 +181,12 @@ class RayConfig(_Strict):
     max_failures: int = Field(2, ge=0)  # retries of a trial whose worker or node died (Tune FailureConfig)
 
 
-class PrunerConfig(_Strict):
-    """Multi-fidelity: stop hopeless trials during fine-tuning on held-out accuracy per epoch."""
+class EarlyStoppingConfig(_Strict):
+    """Optuna's early stopping of hopeless trials (its "pruners"; multi-fidelity): each fine-tuning epoch
+    is scored on the held-out part of the training split (``finetune.holdout_fraction``)."""
 
     name: str = Field("none", pattern=r"^(none|successive_halving|hyperband)$")
-    options: dict[str, Any] = {}  # Optuna's pruner options (min_resource, reduction_factor, ...)
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # of the training split, not used to fine-tune
+    options: dict[str, Any] = {}  # the Optuna pruner's options (min_resource, reduction_factor, ...)
 
 
 class WorkersConfig(_Strict):
@@ -209,7 +212,7 @@ class StudyConfig(_Strict):
     budgets: Budgets = Budgets()
     sampler: SamplerConfig = SamplerConfig()
     trials: TrialsConfig = TrialsConfig()
-    pruner: PrunerConfig = PrunerConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     ray: RayConfig = RayConfig()
     workers: WorkersConfig = WorkersConfig()
     seed: int = 0
@@ -243,11 +246,21 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+# study-file keys that were renamed: the old key is refused with the new one (field path -> rule)
+RENAMED: dict[str, str] = {
+    "pruner": "renamed; use early_stopping: (Optuna's early stopping of hopeless trials; its "
+    "holdout_fraction is now finetune.holdout_fraction)",
+    "early_stopping.holdout_fraction": "moved; use finetune.holdout_fraction",
+}
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> tuple[str, str]:
     """(field path, rule) of the first error, with a did-you-mean for unknown keys."""
     err = exc.errors()[0]
     loc = tuple(err["loc"])
     field = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden" and model is StudyConfig and field in RENAMED:
+        return field, RENAMED[field]
     if err["type"] == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
         known = sorted(parent.model_fields) if parent else []

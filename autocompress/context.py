@@ -55,14 +55,14 @@ class RunContext:
 
     def held_out(self) -> HeldOut:
         """The training split cut into the part trials fine-tune on and the held-out part (computed
-        once): held out when multi-fidelity pruning or ``finetune.keep_better`` reads it and trials
+        once): held out when early stopping or ``finetune.keep_better`` reads it and trials
         fine-tune; else nothing is held out (``HeldOut.split`` None)."""
         task, cfg = self.task, self.config
         cached = self.held.get(id(task))
         if cached is None or cached[0] is not task:
-            wanted = cfg.pruner.name != "none" or (cfg.finetune.keep_better and cfg.finetune.trains())
+            wanted = cfg.early_stopping.name != "none" or (cfg.finetune.keep_better and cfg.finetune.trains())
             held = (
-                split_training(task, cfg.pruner.holdout_fraction, cfg.seed)
+                split_training(task, cfg.finetune.holdout_fraction, cfg.seed)
                 if wanted
                 else HeldOut(task, None, "nothing reads a held-out part")
             )

@@ -1,9 +1,9 @@
 """The held-out part of the training split: data no trial fine-tunes on, scored with the task's metric.
 
-Two things read it: multi-fidelity pruning (the torch model's metric after each fine-tuning epoch, see
-:mod:`autocompress.search.fidelity`) and ``finetune.keep_better`` (each trial scores its post-training
+Two things read it: early stopping (the torch model's metric after each fine-tuning epoch, see
+:mod:`autocompress.search.multifidelity`) and ``finetune.keep_better`` (each trial scores its post-training
 model and its fine-tuned model on it and keeps the better one, see :mod:`autocompress.objective`). A run
-holds out one part, ``pruner.holdout_fraction`` of the training split drawn with the study's seed, and
+holds out one part, ``finetune.holdout_fraction`` of the training split drawn with the study's seed, and
 fine-tunes every trial on the rest; the eval (test) split is never touched.
 
 What can be split: ``(inputs, labels)`` tensors (a seeded permutation of the samples), a map-style
@@ -103,7 +103,7 @@ def split_training(task: Task, fraction: float, seed: int) -> HeldOut:
     """Hold out ``fraction`` of ``task``'s training split (see the module docstring).
 
     For ``(inputs, labels)`` tensors the held-out samples are the first ``round(n * fraction)`` of
-    ``torch.randperm(n)`` seeded with ``seed`` (the split multi-fidelity pruning has always used).
+    ``torch.randperm(n)`` seeded with ``seed`` (the split early stopping has always used).
     """
     split = task.train_split
     if split.tensors is not None:

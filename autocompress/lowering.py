@@ -16,7 +16,7 @@ import torch
 
 from .errors import TechniqueError
 
-FLOAT_BITS = 32
+FLOAT_BITS = 32  # the bits of a float layer (16: float16; 2 to 8: an integer grid); defined here only
 QUANT_MODES = ("static", "dynamic")  # dynamic: int8 weights, activations quantized at run time
 CALIBRATIONS = ("minmax", "percentile")  # activation ranges of the 8-bit static path
 

@@ -70,7 +70,7 @@ def run_trial(
     """Compress, lower, evaluate and time one plan; write its folder atomically; return metrics.
 
     The trial runs under ``trials.trial_timeout_s`` (see :mod:`autocompress.deadline`); its number is
-    the folder name (``trials/00012``). ``on_epoch`` is passed to :func:`~autocompress.pipeline.compress` (multi-fidelity pruning).
+    the folder name (``trials/00012``). ``on_epoch`` is passed to :func:`~autocompress.pipeline.compress` (early stopping).
 
     Raises:
         TrialFailed / BackendError / TechniqueError: the trial cannot produce valid metrics.

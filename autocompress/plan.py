@@ -7,9 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
+from .lowering import FLOAT_BITS  # noqa: F401 - re-exported: bits of a float layer
 from .registry import TECHNIQUES
-
-FLOAT_BITS = 32
 
 
 def _choices(name: str) -> tuple:

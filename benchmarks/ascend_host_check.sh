@@ -3,7 +3,7 @@
 # ais_bench, run from a checkout of autocompress:
 #     bash benchmarks/ascend_host_check.sh            # writes ascend_host_report.md
 # It sources CANN's environment when present, then runs `autocompress doctor --device npu` (see
-# autocompress/hostcheck.py). Without the hardware it prints what is missing and exits 2.
+# autocompress/doctor.py). Without the hardware it prints what is missing and exits 2.
 set -u
 cd "$(dirname "$0")/.."
 for env in "${ASCEND_TOOLKIT_HOME:-/usr/local/Ascend/ascend-toolkit}/set_env.sh" /usr/local/Ascend/ascend-toolkit/set_env.sh; do

@@ -5,7 +5,7 @@ trial budget, each in its own run folder (the study's teacher is trained once an
 
 - ``joint``: the study as a user runs it: its joint space, its default sampler, and its first trials
   as the study file says (the shipped studies have no hand-written warm starts: their first trials
-  are the planned starts built from the measured latency and accuracy profiles, search/planned.py);
+  are the planned starts built from the measured latency and accuracy profiles, search/planned_starts.py);
 - ``random``: the same space, Optuna's RandomSampler, no warm starts and no planned starts;
 - ``quant``, ``prune``, ``lowrank``: the joint space with the other techniques fixed off
   (quant: sparsity 0 and rank 1; prune: float weights and rank 1; lowrank: float weights and

@@ -164,7 +164,7 @@ def _trainable(config: dict, study: dict, source: str, cwd: str) -> None:
 
     from ..objective import run_trial
     from ..plan import Plan
-    from .fidelity import holdout_accuracy
+    from .multifidelity import holdout_accuracy
 
     os.chdir(cwd)  # relative paths in the study file mean what they meant to the driver
     cfg = StudyConfig.model_validate(study)
@@ -175,7 +175,7 @@ def _trainable(config: dict, study: dict, source: str, cwd: str) -> None:
     try:
         ctx = _worker_context(cfg)
         hook = None
-        if cfg.pruner.name != "none":
+        if cfg.early_stopping.name != "none":
             held = ctx.held_out()  # the run's held-out part; run_trial fine-tunes on the rest
             last[VAL_KEY] = 0.0
 
@@ -194,10 +194,10 @@ def _trainable(config: dict, study: dict, source: str, cwd: str) -> None:
 
 
 def _scheduler(cfg: StudyConfig):
-    """Tune's counterpart of the study's Optuna pruner, on the held-out accuracy per epoch."""
-    if cfg.pruner.name == "none":
+    """Tune's counterpart of the study's early stopping (Optuna pruner), on the held-out accuracy per epoch."""
+    if cfg.early_stopping.name == "none":
         return None
-    opts = cfg.pruner.options
+    opts = cfg.early_stopping.options
     common = {
         "metric": VAL_KEY,
         "mode": "max",
@@ -205,7 +205,7 @@ def _scheduler(cfg: StudyConfig):
         "max_t": cfg.finetune.epochs + 1,
     }
     rf = opts.get("reduction_factor", 3)
-    if cfg.pruner.name == "successive_halving":
+    if cfg.early_stopping.name == "successive_halving":
         grace = opts.get("min_resource", 1)
         grace = 1 if grace == "auto" else int(grace)
         return tune.schedulers.ASHAScheduler(grace_period=grace, reduction_factor=rf, **common)
@@ -229,7 +229,7 @@ def run_study_ray(
     if ray is None:
         raise MissingDependencyError('--ray needs Ray Tune: pip install "autocompress[ray]"')
     n_target = n_trials or cfg.trials.n
-    if cfg.pruner.name != "none":
+    if cfg.early_stopping.name != "none":
         # per-epoch reports carry only the scheduler's metric; the searcher reads the objectives from the
         # final report (multi-objective OptunaSearch ignores intermediate results), so Tune's check that
         # every result holds the searcher's metrics does not apply (its documented switch)

@@ -46,8 +46,8 @@ from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
 from .defaults import apply_finetune_default, apply_space_default
-from .fidelity import make_pruner
 from .housekeeping import clean_run_dir, discard_dominated_folders
+from .multifidelity import make_pruner
 from .preflight import check_budgets, check_output, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
@@ -100,7 +100,7 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
     backend = build_backend(cfg)
     try:
         try:
-            make_pruner(cfg.pruner)
+            make_pruner(cfg.early_stopping)
         except ConfigError as exc:
             raise exc.at(src) from None
         _check_storage_url(cfg)
@@ -115,14 +115,14 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
                 task = load_task(cfg.task.name, cfg.task.options, where="task")
         except ConfigError as exc:
             raise exc.at(src) from None
-        if cfg.pruner.name != "none" and (
+        if cfg.early_stopping.name != "none" and (
             task.train_split.tensors is None or task.metric_obj.needs_reference
         ):
             raise ConfigError(
-                "multi-fidelity pruning holds out part of a training split of (inputs, labels) tensors and "
-                "scores it without teacher outputs; this task has neither: use pruner.name: none",
+                "early stopping holds out part of a training split of (inputs, labels) tensors and scores "
+                "it without teacher outputs; this task has neither: use early_stopping.name: none",
                 source=src,
-                field="pruner.name",
+                field="early_stopping.name",
             )
         note = apply_finetune_default(cfg, task)
         check_budgets(cfg, task, space, backend)
@@ -242,11 +242,11 @@ def _log_held_out(ctx: RunContext, log: Callable[[str], None]) -> None:
         n = held.split.n_samples()
         size = f"{n} samples" if n is not None else f"{len(held.split)} batches"
         readers = [
-            *(["the pruner"] if cfg.pruner.name != "none" else []),
+            *(["early_stopping"] if cfg.early_stopping.name != "none" else []),
             *(["finetune.keep_better"] if cfg.finetune.keep_better and cfg.finetune.trains() else []),
         ]
         log(
-            f"held out {size} of the training split ({cfg.pruner.holdout_fraction:g}; trials fine-tune on "
+            f"held out {size} of the training split ({cfg.finetune.holdout_fraction:g}; trials fine-tune on "
             f"the rest) for {' and '.join(readers)}"
         )
     elif cfg.finetune.keep_better and cfg.finetune.trains():
@@ -292,7 +292,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         _applicability(ctx, study, log)
         sensitivity = None
         if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
-            from ..sensitivity import analyze
+            from ..inspection import analyze
 
             sensitivity = analyze(ctx, log=log)
         if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
@@ -307,7 +307,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
             )
             study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
         if cfg.trials.sensitivity_start is not None:
-            from ..sensitivity import gentle_plan
+            from ..inspection import gentle_plan
 
             gentle = gentle_plan(sensitivity, cfg.trials.sensitivity_start)
             study.enqueue_trial(
@@ -315,7 +315,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
                 user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
             )
         if planned:
-            from .planned import enqueue_planned
+            from .planned_starts import enqueue_planned
 
             enqueue_planned(ctx, study, planned, log, (ctx.trial_estimate or {}).get("total"))
     if not shared:
@@ -353,7 +353,7 @@ def _applicability(ctx: RunContext, study: optuna.Study, log: Callable[[str], No
 def _narrow(ctx: RunContext, study: optuna.Study, sensitivity, max_drop: float, log) -> None:
     """Narrow the space's per-layer domains by the sensitivity table; the study keeps them (resumes
     and workers read them back from its user attrs)."""
-    from ..sensitivity import narrow_domains, narrowing_summary
+    from ..inspection import narrow_domains, narrowing_summary
 
     narrowed = narrow_domains(ctx.space, ctx.inventory, sensitivity, max_drop)
     log(narrowing_summary(ctx.space, ctx.inventory, narrowed, max_drop))

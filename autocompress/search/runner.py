@@ -27,9 +27,9 @@ from ..plan import Plan
 from ..rundir import trial_dir
 from ..tasks import Task
 from .costs import score_front_fully
-from .fidelity import Fidelity
 from .housekeeping import discard_dominated_folders
-from .planned import prediction_line
+from .multifidelity import Fidelity
+from .planned_starts import prediction_line
 from .progress import Progress
 from .run_setup import open_run
 
@@ -150,8 +150,8 @@ def finish_run(ctx: RunContext, study: optuna.Study, n_target: int, stopped: str
 
 
 def make_fidelity(ctx: RunContext, study: optuna.Study) -> Fidelity | None:
-    """The study's multi-fidelity pruning (None when ``pruner.name`` is ``none``)."""
-    if ctx.config.pruner.name == "none":
+    """The study's early stopping (None when ``early_stopping.name`` is ``none``)."""
+    if ctx.config.early_stopping.name == "none":
         return None
     return Fidelity(ctx.config, storage_of(study), ctx.held_out())
 

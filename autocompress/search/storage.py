@@ -369,7 +369,7 @@ def check_storage_url(url: str) -> None:
 
 
 def study_names(url: str) -> list[str]:
-    """The studies a storage holds (without the per-trial fidelity studies of the pruner)."""
+    """The studies a storage holds (without the per-trial fidelity studies of early stopping)."""
     names = optuna.get_all_study_names(make_storage(url))
     return [n for n in names if not n.endswith(FIDELITY_SUFFIX)]
 

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError, TechniqueError
 from ..lowering import (  # noqa: F401 - re-exported: the grid helpers live in the neutral lowering module
     CALIBRATIONS,
+    FLOAT_BITS,
     QUANT_MODES,
     LayerLowering,
     WeightQuant,
@@ -92,7 +93,6 @@ def record_weight_quant(module: nn.Module) -> WeightQuant | None:
 
 
 # -- the technique: per-layer fields, fake quantization (pipeline order 40), what the backend gets ----
-FLOAT_BITS = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8, 16, FLOAT_BITS)  # 16 = float16; 32 = float
 
 

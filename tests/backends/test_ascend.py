@@ -363,7 +363,7 @@ def test_the_host_kit_says_what_is_missing_and_exits_2(tmp_path):
 
 def test_the_host_kit_study_is_valid_and_asks_only_what_the_npu_runs(tmp_path):
     from autocompress.config import load_config
-    from autocompress.hostcheck import STUDY, TEST_FILES
+    from autocompress.doctor import STUDY, TEST_FILES
     from autocompress.space import SearchSpace
 
     path = tmp_path / "study.yaml"
@@ -381,9 +381,9 @@ def test_sensitivity_skips_bit_widths_the_backend_does_not_store(tmp_path):
     from types import SimpleNamespace
 
     from autocompress.backends import TorchBackend
+    from autocompress.inspection import analyze
     from autocompress.inventory import build_inventory
     from autocompress.metrics import accuracy
-    from autocompress.sensitivity import analyze
 
     model = PlainCNN().eval()
     ctx = SimpleNamespace(

@@ -80,7 +80,7 @@ def test_second_profile_reuses_every_row_without_lowering(run):
 def test_planned_starts_are_enqueued_with_their_prediction_and_merged_by_structure(run):
     from optuna.trial import TrialState
 
-    from autocompress.search.planned import _structure, enqueue_planned, prediction_errors
+    from autocompress.search.planned_starts import _structure, enqueue_planned, prediction_errors
     from autocompress.search.planner import Planned, merge_same_structure
 
     ctx, study = run
@@ -123,7 +123,7 @@ def test_report_shows_the_profiles_and_planned_trials_predicted_vs_measured(run)
 
     ctx, study = run
     if not study.get_trials(states=(TrialState.WAITING,)):  # run alone: enqueue them here
-        from autocompress.search.planned import enqueue_planned
+        from autocompress.search.planned_starts import enqueue_planned
 
         enqueue_planned(ctx, study, 4, lambda s: None, trial_s=1.0)
     state, metrics, reason = execute_trial(ctx, study, study.ask())  # the first planned trial

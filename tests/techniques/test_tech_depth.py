@@ -307,8 +307,8 @@ def test_sensitivity_narrowing_drops_harmful_choices_and_survives_resume(tmp_pat
 def test_narrow_domains_never_empties_and_shrinks_ranges():
     import pandas as pd
 
+    from autocompress.inspection import narrow_domains
     from autocompress.inventory import LayerInfo
-    from autocompress.sensitivity import narrow_domains
 
     inv = [LayerInfo(n, "Linear", 4, 4, (1,), 1, 20, 16, 4) for n in ("a", "b")]
     space = SearchSpace.from_dict(

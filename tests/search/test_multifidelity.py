@@ -1,4 +1,4 @@
-"""Multi-fidelity pruning with Optuna's pruners on held-out accuracy per epoch (real study, no mocks)."""
+"""Early stopping (multi-fidelity) with Optuna's pruners on held-out accuracy per epoch (real study, no mocks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from autocompress.config import load_config
 from autocompress.errors import ConfigError
 from autocompress.search import run_study
-from autocompress.search.fidelity import split_holdout
+from autocompress.search.multifidelity import split_holdout
 from autocompress.search.storage import study_names
 
 
@@ -24,7 +24,7 @@ def _cfg(tmp_path, **changes):
         "finetune": {"epochs": 3, "threads": 1},
         "sampler": {"name": "random"},
         "trials": {"n": 8, "warm_start": []},
-        "pruner": {
+        "early_stopping": {
             "name": "successive_halving",
             "options": {"min_resource": 1, "reduction_factor": 2, "min_early_stopping_rate": 0},
         },
@@ -45,12 +45,26 @@ def test_holdout_is_a_disjoint_part_of_the_training_split(digits_task):
     assert torch.equal(train_task.test[0], digits_task.test[0])  # the test split is untouched
 
 
-def test_bad_pruner_option_is_a_config_error(tmp_path):
+def test_bad_early_stopping_option_is_a_config_error(tmp_path):
     from autocompress.search.run_setup import prepare
 
-    cfg = _cfg(tmp_path, pruner={"name": "hyperband", "options": {"no_such_option": 1}})
-    with pytest.raises(ConfigError, match=r"fid.yaml: pruner.options: bad option for pruner 'hyperband'"):
+    cfg = _cfg(tmp_path, early_stopping={"name": "hyperband", "options": {"no_such_option": 1}})
+    with pytest.raises(ConfigError, match=r"fid.yaml: early_stopping.options: bad option for 'hyperband'"):
         prepare(cfg)
+
+
+def test_old_pruner_key_is_refused_with_the_new_name(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, pruner={"name": "hyperband", "holdout_fraction": 0.3})
+    assert str(err.value) == (
+        f"{tmp_path / 'fid.yaml'}: pruner: renamed; use early_stopping: (Optuna's early stopping of hopeless "
+        "trials; its holdout_fraction is now finetune.holdout_fraction)"
+    )
+    with pytest.raises(
+        ConfigError, match=r"early_stopping.holdout_fraction: moved; use finetune.holdout_fraction$"
+    ):
+        _cfg(tmp_path, early_stopping={"name": "hyperband", "holdout_fraction": 0.3})
+    assert _cfg(tmp_path, finetune={"epochs": 1, "holdout_fraction": 0.3}).finetune.holdout_fraction == 0.3
 
 
 @pytest.mark.slow
@@ -68,7 +82,7 @@ def test_successive_halving_prunes_hopeless_trials_with_their_last_metrics(tmp_p
         assert not (cfg.output_dir() / "trials" / f"{t.number:05d}").exists()
     for t in complete:
         assert sorted(t.intermediate_values) == [0, 1, 2]  # every epoch was reported
-    # the pruner's single-objective twin study shares the storage but is hidden from report/pick
+    # early stopping's single-objective twin study shares the storage but is hidden from report/pick
     url = cfg.storage_url()
     assert set(optuna.get_all_study_names(url)) == {"fid", "fid.fidelity"}
     assert study_names(url) == ["fid"]

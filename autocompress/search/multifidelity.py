@@ -1,4 +1,5 @@
-"""Multi-fidelity: stop hopeless trials during fine-tuning with Optuna's pruners (locally and in workers).
+"""Early stopping (multi-fidelity): stop hopeless trials during fine-tuning with Optuna's pruners
+(locally and in workers; the study file's ``early_stopping:``).
 
 Optuna pruners are single-objective and ``Trial.report`` is refused on a multi-objective study, so each
 trial of the main (accuracy x latency x size) study gets a twin trial in a single-objective study of the
@@ -19,7 +20,7 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
-from ..config import PrunerConfig, StudyConfig
+from ..config import EarlyStoppingConfig, StudyConfig
 from ..errors import ConfigError
 from ..holdout import HeldOut, holdout_scores, split_training
 from ..optuna_compat import trial_id
@@ -32,14 +33,14 @@ PRUNERS = {
 }
 
 
-def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner | None:
+def make_pruner(cfg: EarlyStoppingConfig) -> optuna.pruners.BasePruner | None:
     """Optuna's pruner named by the study file (None for ``none``)."""
     if cfg.name == "none":
         return None
     try:
         return PRUNERS[cfg.name](**cfg.options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad option for pruner {cfg.name!r}: {exc}", field="pruner.options") from None
+        raise ConfigError(f"bad option for {cfg.name!r}: {exc}", field="early_stopping.options") from None
 
 
 def split_holdout(task: Task, fraction: float, seed: int) -> tuple[Task, tuple[torch.Tensor, torch.Tensor]]:
@@ -47,9 +48,9 @@ def split_holdout(task: Task, fraction: float, seed: int) -> tuple[Task, tuple[t
     tensors form of :func:`autocompress.holdout.split_training`."""
     if task.train_split.tensors is None or task.metric_obj.needs_reference:
         raise ConfigError(
-            "multi-fidelity pruning holds out part of a training split given as (inputs, labels) tensors, "
-            "scored by a metric that needs no teacher outputs; use pruner.name: none for this task",
-            field="pruner.name",
+            "early stopping holds out part of a training split given as (inputs, labels) tensors, scored "
+            "by a metric that needs no teacher outputs; use early_stopping.name: none for this task",
+            field="early_stopping.name",
         )
     held = split_training(task, fraction, seed)
     return held.task, held.split.tensors
@@ -65,10 +66,10 @@ class Fidelity:
     """The held-out split and the twin single-objective study that runs the configured Optuna pruner."""
 
     def __init__(self, cfg: StudyConfig, storage: optuna.storages.BaseStorage, held: HeldOut):
-        pruner = make_pruner(cfg.pruner)
+        pruner = make_pruner(cfg.early_stopping)
         if held.split is None:
             raise ConfigError(
-                f"multi-fidelity pruning needs a held-out part: {held.reason}", field="pruner.name"
+                f"early stopping needs a held-out part: {held.reason}", field="early_stopping.name"
             )
         self.task, self.holdout = held.task, held.split
         self.twin = optuna.create_study(

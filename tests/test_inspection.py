@@ -9,8 +9,8 @@ from conftest import ROOT
 from torch.nn.utils import prune
 
 from autocompress.config import load_config
+from autocompress.inspection import analyze, gentle_plan, ranking, table
 from autocompress.search import open_run
-from autocompress.sensitivity import analyze, gentle_plan, ranking, table
 from autocompress.techniques import fold_batchnorm
 from autocompress.techniques._modules import get_module
 
