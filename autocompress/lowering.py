@@ -124,7 +124,7 @@ class LoweringSpec:
             return spec
         return cls({name: LayerLowering(int(bits)) for name, bits in (spec or {}).items()})
 
-    def precisions(self) -> dict[str, int]:
+    def layer_bits(self) -> dict[str, int]:
         """Module name -> bits (what an :class:`~autocompress.backends.base.Artifact` records)."""
         return {name: lay.bits for name, lay in self.layers.items()}
 

@@ -128,7 +128,7 @@ def _trial_metrics(
         "latency_cached": cached,
         "size_bytes": artifact.size_bytes,
         "packed_size_bytes_theoretical": artifact.packed_size_bytes,
-        "precisions": artifact.precisions,
+        "layer_bits": artifact.layer_bits,
         "sparsity": result.sparsity,
         "kernels": artifact.meta.get("kernels", {}),
         "measured_on": artifact.meta.get("measured", {}),  # e.g. ascend: .om on the NPU or fake-quant

@@ -38,7 +38,7 @@ class Compressed:
 
     Attributes:
         model: the finalized model (eval mode, plain weights: no parametrizations left).
-        precisions: effective module name -> bits (factorized layers appear as ``name.0``/``name.1``).
+        layer_bits: effective module name -> bits (factorized layers appear as ``name.0``/``name.1``).
         sparsity: effective module name -> final sparsity of its weight.
         notes: layer name -> why a planned step was skipped (e.g. factorization that cannot pay off).
         losses: mean training loss per epoch.
@@ -49,7 +49,7 @@ class Compressed:
     """
 
     model: nn.Module
-    precisions: dict[str, int]
+    layer_bits: dict[str, int]
     sparsity: dict[str, float]
     notes: dict[str, str] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
@@ -123,7 +123,7 @@ def compress(
     sparsity = {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in build.modules.items()}
     lowering = LoweringSpec(dict(build.lowering), build.calibration)
     return Compressed(
-        student, dict(build.precisions), sparsity, build.notes, losses, build.channel_steps, train_s, lowering
+        student, dict(build.layer_bits), sparsity, build.notes, losses, build.channel_steps, train_s, lowering
     )
 
 

@@ -14,14 +14,14 @@ from autocompress.tasks import Task
 
 def test_a_plain_bits_map_becomes_a_static_spec_and_a_spec_passes_through():
     spec = LoweringSpec.coerce({"a": 8, "b": 4, "c": 32})
-    assert spec.precisions() == {"a": 8, "b": 4, "c": 32} and spec.quantized() == {"a": 8, "b": 4}
+    assert spec.layer_bits() == {"a": 8, "b": 4, "c": 32} and spec.quantized() == {"a": 8, "b": 4}
     assert spec.layer("a") == LayerLowering(8) and spec.layer("a").mode == "static"
     assert spec.layer("a").scheme == "symmetric" and spec.layer("a").granularity == "channel"
     assert spec.layer("missing").bits == 32 and spec.calibration == "minmax"
     assert LoweringSpec.coerce(spec) is spec
     assert not LoweringSpec.coerce(None) and spec
-    eight = spec.only(k for k, b in spec.precisions().items() if b == 8)  # a generator is read once
-    assert eight.precisions() == {"a": 8}
+    eight = spec.only(k for k, b in spec.layer_bits().items() if b == 8)  # a generator is read once
+    assert eight.layer_bits() == {"a": 8}
 
 
 def test_the_fallback_grid_is_the_symmetric_per_channel_min_max_one():
@@ -44,7 +44,7 @@ def test_compress_returns_the_spec_and_sets_no_module_attribute():
     layers = {"0": LayerPlan(bits=8, quant_mode="dynamic"), "2": LayerPlan(bits=4, quant_scheme="asymmetric")}
     out = compress(task, task.model_fn().eval(), Plan(layers=layers, epochs=0, calibration="percentile"))
     spec = out.lowering
-    assert spec.precisions() == out.precisions == {"0": 8, "2": 4} and spec.calibration == "percentile"
+    assert spec.layer_bits() == out.layer_bits == {"0": 8, "2": 4} and spec.calibration == "percentile"
     assert spec.layer("0").mode == "dynamic" and spec.layer("2").mode == "static"
     assert spec.layer("2").scheme == "asymmetric" and spec.layer("2").weight.bits == 4
     np.testing.assert_allclose(

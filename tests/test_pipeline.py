@@ -45,7 +45,7 @@ def test_compress_applies_every_decision(digits_task, digits_teacher):
     assert torch.allclose(ints, ints.round(), atol=1e-3)
     # features.6 (16 -> 16, 3x3) at rank 4 is factorized; both factors at 4 bits
     assert isinstance(model.features[6], nn.Sequential)
-    assert out.precisions["features.6.0"] == 4 and out.precisions["features.6.1"] == 4
+    assert out.layer_bits["features.6.0"] == 4 and out.layer_bits["features.6.1"] == 4
     assert model.features[6][0].out_channels == 4
     assert max(len(r.unique()) for r in model.features[6][0].weight.detach().reshape(4, -1)) <= 15  # of 144
     for f in model.features[6]:  # each output channel on its own amax/7 grid (16*9 and 4 weights a row)

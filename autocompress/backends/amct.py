@@ -309,7 +309,7 @@ def qdq_for_amct(
     from .onnxruntime import OnnxRuntimeBackend
 
     int8_layers = LoweringSpec.coerce(int8_layers)  # a LoweringSpec, or {layer: 8}
-    bad = {k: b for k, b in int8_layers.precisions().items() if b != 8}
+    bad = {k: b for k, b in int8_layers.layer_bits().items() if b != 8}
     if bad:
         raise BackendError(f"only 8-bit layers are lowered through AMCT; got {bad}")
     ort = OnnxRuntimeBackend("cpu", isolate=False)

@@ -8,7 +8,7 @@ Lowering (what runs where is written into each artifact's ``meta``):
   fake-quant model, kept beside the .om as ``model_fake_quant.onnx`` for accuracy checks on the CPU.
 * 16-bit layers and everything that is not an int8 layer: fp16 (``--precision_mode=force_fp16``).
 * 32-bit layers: kept in fp32 by listing their nodes in ``--keep_dtype`` (not silently cast).
-* The baseline (no precisions): fp16 throughout, the fastest float artifact ATC makes.
+* The baseline (every layer float): fp16 throughout, the fastest float artifact ATC makes.
 Linear layers (Gemm / MatMul) are quantized per tensor on this backend (``weight_granularity``): AMCT
 adapts only per-tensor weights there; the search space does not ask for anything else.
 
@@ -103,10 +103,10 @@ def build_atc_input(model, example_inputs, spec, out_dir: Path, calibration=None
     from .amct import convert_qat, qdq_for_amct
 
     spec = LoweringSpec.coerce(spec)
-    atc_precision(spec.precisions())  # refuses bits the backend does not store
+    atc_precision(spec.layer_bits())  # refuses bits the backend does not store
     out_dir.mkdir(parents=True, exist_ok=True)
     source = out_dir / "model.onnx"
-    int8 = spec.only(k for k, b in spec.precisions().items() if b == 8)
+    int8 = spec.only(k for k, b in spec.layer_bits().items() if b == 8)
     if not int8:
         try:
             export_onnx(model, example_inputs, source, io=io)
@@ -232,11 +232,11 @@ class AscendBackend(TimedInRounds, Backend):
     # -- lowering -------------------------------------------------------------------------------
     def lower(self, model, example_inputs, spec, out_dir, calibration=None, io=None) -> Artifact:
         spec = float_tables_apart(model, LoweringSpec.coerce(spec))
-        precisions = spec.precisions()
+        layer_bits = spec.layer_bits()
         out_dir = Path(out_dir)
         src = build_atc_input(model, example_inputs, spec, out_dir, calibration, io=io)
         shape = (self.batch_size, *example_inputs[0].shape[1:])
-        mode, keep = atc_precision(precisions, self.options.get("precision_mode"))
+        mode, keep = atc_precision(layer_bits, self.options.get("precision_mode"))
         keep_nodes = keep_dtype_nodes(src["atc_input"], keep)
         with tempfile.TemporaryDirectory(prefix="ac-atc-") as tmp:
             keep_file = None
@@ -257,7 +257,7 @@ class AscendBackend(TimedInRounds, Backend):
             target = out_dir / "model.om"
             shutil.move(str(Path(tmp) / "model.om"), target)
         packed = sum(
-            p.numel() * (precisions.get(n.rpartition(".")[0], 32) if n.endswith("weight") else 32) / 8
+            p.numel() * (layer_bits.get(n.rpartition(".")[0], 32) if n.endswith("weight") else 32) / 8
             for n, p in model.named_parameters()
         )
         meta = {
@@ -273,7 +273,7 @@ class AscendBackend(TimedInRounds, Backend):
         return self.artifact_at(
             target,
             packed,
-            dict(precisions),
+            dict(layer_bits),
             meta,
         )
 

@@ -77,21 +77,21 @@ def ais_bench_command(om_path: Path, device_id: int, loop: int = 100, warmup: in
     ]
 
 
-def atc_precision(precisions: dict[str, int], precision_mode: str | None = None) -> tuple[str, list[str]]:
+def atc_precision(layer_bits: dict[str, int], precision_mode: str | None = None) -> tuple[str, list[str]]:
     """ATC's ``--precision_mode`` and the layers to keep in fp32 (``--keep_dtype``) for a plan.
 
     8- and 16-bit layers and the rest of the graph run in fp16 (``force_fp16``, ATC's inference default);
     a layer the plan keeps at 32 bits is listed for ``--keep_dtype``, so it is not silently cast to fp16.
-    The baseline (no precisions) is the fastest float artifact: fp16 throughout. A ``precision_mode``
+    The baseline (every layer float) is the fastest float artifact: fp16 throughout. A ``precision_mode``
     option replaces the global mode; with ``must_keep_origin_dtype`` everything float stays fp32 anyway.
     """
     mode = precision_mode or FP16_MODE
-    bad = {k: b for k, b in precisions.items() if b not in (8, 16, 32)}
+    bad = {k: b for k, b in layer_bits.items() if b not in (8, 16, 32)}
     if bad:
         raise BackendError(
             f"ascend backend: bits {sorted(set(bad.values()))} not in (8, 16, 32) for {sorted(bad)}"
         )
-    keep = [] if mode == "must_keep_origin_dtype" else sorted(k for k, b in precisions.items() if b == 32)
+    keep = [] if mode == "must_keep_origin_dtype" else sorted(k for k, b in layer_bits.items() if b == 32)
     return mode, keep
 
 

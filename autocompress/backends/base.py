@@ -36,7 +36,7 @@ class Artifact:
         backend / device: who made it and where it runs.
         size_bytes: bytes on disk (the size objective).
         packed_size_bytes: theoretical size with every weight at its plan's bit width (labelled so).
-        precisions: layer name -> bits as lowered.
+        layer_bits: layer name -> bits as lowered.
         meta: backend-specific facts (kernels ORT actually runs, opset, ...).
     """
 
@@ -45,7 +45,7 @@ class Artifact:
     device: str
     size_bytes: int
     packed_size_bytes: int
-    precisions: dict[str, int] = field(default_factory=dict)
+    layer_bits: dict[str, int] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 
@@ -112,10 +112,10 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
-    stored_bits: ClassVar[tuple[int, ...]]  # precisions the artifact can hold
-    native_bits: ClassVar[tuple[int, ...]]  # precisions with real kernels (faster, not only smaller)
+    stored_bits: ClassVar[tuple[int, ...]]  # bit widths the artifact can hold
+    native_bits: ClassVar[tuple[int, ...]]  # bit widths with real kernels (faster, not only smaller)
     sparsity_kinds: ClassVar[tuple[str, ...]] = ("unstructured",)  # stored; none run sparse kernels
-    # inventory kind -> the precisions a layer of that kind can be stored in, where it differs from
+    # inventory kind -> the bit widths a layer of that kind can be stored in, where it differs from
     # ``stored_bits``: embedding tables stay float unless a backend lowers their lookups (onnxruntime)
     bits_by_kind: ClassVar[dict[str, tuple[int, ...]]] = {"Embedding": (32,)}
     reduce_range: ClassVar[bool] = False  # 8-bit weights use a 7-bit grid (see quantize.qmax_for)
@@ -263,7 +263,7 @@ class Backend(ABC):
         """
         return None
 
-    def artifact_at(self, target: Path, packed_bytes: float, precisions: dict, meta: dict) -> Artifact:
+    def artifact_at(self, target: Path, packed_bytes: float, layer_bits: dict, meta: dict) -> Artifact:
         """The :class:`Artifact` for the file ``target`` this backend just wrote (its size read from disk)."""
         return Artifact(
             path=target,
@@ -271,7 +271,7 @@ class Backend(ABC):
             device=self.device,
             size_bytes=target.stat().st_size,
             packed_size_bytes=round(packed_bytes),
-            precisions=dict(precisions),
+            layer_bits=dict(layer_bits),
             meta=meta,
         )
 

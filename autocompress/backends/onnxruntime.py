@@ -145,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
         return self.artifact_at(
             target,
             packed,
-            spec.precisions(),
+            spec.layer_bits(),
             {
                 "kernels": kernels,
                 "transformer_fusions": fusions.get("transformer_fusions", {}),

@@ -189,8 +189,8 @@ class TorchBackend(TimedInRounds, Backend):
 
     # -- lowering -------------------------------------------------------------------------------
     def lower(self, model, example_inputs, spec, out_dir, calibration=None, io=None) -> Artifact:
-        precisions = LoweringSpec.coerce(spec).precisions()
-        bad = {k: b for k, b in precisions.items() if b not in self.stored_bits}
+        layer_bits = LoweringSpec.coerce(spec).layer_bits()
+        bad = {k: b for k, b in layer_bits.items() if b not in self.stored_bits}
         if bad:
             raise BackendError(
                 f"torch backend stores float weights only (stored: 32); layers {sorted(bad)} ask for "
@@ -225,7 +225,7 @@ class TorchBackend(TimedInRounds, Backend):
         return self.artifact_at(
             target,
             packed,
-            dict(precisions),
+            dict(layer_bits),
             {
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "compile": bool(self.options.get("compile")),

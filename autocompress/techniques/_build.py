@@ -33,7 +33,7 @@ class Build:
         reduce_range, round_to: the backend's 8-bit grid and preferred channel multiple.
         notes: planned layer -> why a planned step was skipped or what it did.
         origin: effective module name -> planned layer (a factorized layer gives ``name.0``, ``name.1``).
-        precisions: effective module name -> bits.
+        layer_bits: effective module name -> bits.
         lowering: effective module name -> how the backend lowers it.
         calibration: activation calibration method of the 8-bit static layers.
     """
@@ -47,7 +47,7 @@ class Build:
     round_to: int | None = None
     notes: dict[str, str] = field(default_factory=dict)
     origin: dict[str, str] | None = None
-    precisions: dict[str, int] = field(default_factory=dict)
+    layer_bits: dict[str, int] = field(default_factory=dict)
     lowering: dict[str, LayerLowering] = field(default_factory=dict)
     calibration: str = "minmax"
     channel_steps: list = field(default_factory=list)

@@ -121,7 +121,7 @@ def _fake_quantize(build) -> dict[str, str]:
     modes = {}
     for name, m in build.modules.items():
         layer = build.origin[name]
-        lp, bits = build.plan.layer(layer), build.precisions[name]
+        lp, bits = build.plan.layer(layer), build.layer_bits[name]
         if lp.quant_mode == "dynamic" and not isinstance(m, nn.Linear):
             raise TechniqueError(
                 f"layers.{layer}.quant_mode: dynamic quantization applies to Linear, LSTM and GRU "
@@ -178,15 +178,15 @@ def quantize_step(build) -> None:
     """Fake quantization for the fine-tune; at the end, the lowering spec of every layer (bits, static or
     dynamic, the integers the weight was trained on)."""
     plan = build.plan
-    build.precisions.update({name: plan.layer(layer).bits for name, layer in build.layers().items()})
+    build.layer_bits.update({name: plan.layer(layer).bits for name, layer in build.layers().items()})
     modes = _fake_quantize(build)
     recurrent = _recurrent_dynamic(build.student, plan)
     _note_recurrent_skips(build.student, plan, build.notes)
-    build.precisions.update(recurrent)
+    build.layer_bits.update(recurrent)
     build.calibration = plan.calibration
 
     def finish() -> None:
-        for name, bits in build.precisions.items():
+        for name, bits in build.layer_bits.items():
             record = record_weight_quant(build.modules[name]) if name in build.modules else None
             mode = "dynamic" if name in recurrent else modes.get(name, "static")
             build.lowering[name] = LayerLowering(bits, mode, record)

@@ -57,7 +57,7 @@ __all__ = [
     "check_output_shape_kept",
     "check_plan_round_trips",
     "check_recurrent_layers",
-    "check_stored_precisions",
+    "check_stored_bits",
     "check_structured",
     "check_two_four",
     "check_unstructured",
@@ -258,10 +258,10 @@ def check_recurrent_layers(case: TechniqueCase) -> None:
         check([p.shape for p in now.parameters()] == [p.shape for p in lstm.parameters()], name)
         lp = case.plan.layers.get(name)
         if lp is not None and lp.bits == 8:
-            check(case.out.precisions[name] == 8, case.out.precisions)
+            check(case.out.layer_bits[name] == 8, case.out.layer_bits)
             check(not is_onnx or ("DynamicQuantizeLSTM" in ops and "LSTM" not in ops), ops)
         else:
-            check(name not in case.out.precisions and (not is_onnx or "LSTM" in ops), ops)
+            check(name not in case.out.layer_bits and (not is_onnx or "LSTM" in ops), ops)
         if lp is not None and (lp.rank_ratio < 1.0 or lp.sparsity > 0 or lp.sparsity_kind == "2:4"):
             check(
                 re.fullmatch(
@@ -273,7 +273,7 @@ def check_recurrent_layers(case: TechniqueCase) -> None:
             )
 
 
-def check_stored_precisions(case: TechniqueCase) -> None:
+def check_stored_bits(case: TechniqueCase) -> None:
     """Each (factor of a) layer's weight is stored in its precision's container in the ONNX file
     (matched by element count: a Linear on tokens is exported as a MatMul with a generated name)."""
     container = {4: TensorProto.INT4, 6: TensorProto.INT8, 8: TensorProto.INT8, 16: TensorProto.FLOAT16}
@@ -340,7 +340,7 @@ def run_technique_suite(
         extra(case)
     check_recurrent_layers(case)
     if case.artifact.path.suffix == ".onnx" and any(lp.bits < 32 for lp in plan.layers.values()):
-        check_stored_precisions(case)
+        check_stored_bits(case)
     check_artifact_agrees(case)
     return case
 

@@ -202,8 +202,8 @@ def test_float_embedding_tables_follow_the_precision_mode_and_lower_ones_are_ref
     assert AscendBackend.bits_by_kind == {"Embedding": (32,)}
     model = Text().eval()
     kept = float_tables_apart(model, LoweringSpec.coerce({"emb": 32, "head": 32}))
-    assert kept.precisions() == {"head": 32}
-    assert atc_precision(kept.precisions()) == ("force_fp16", ["head"])
+    assert kept.layer_bits() == {"head": 32}
+    assert atc_precision(kept.layer_bits()) == ("force_fp16", ["head"])
     with pytest.raises(BackendError, match=r"'emb' are embedding tables, stored in float only"):
         float_tables_apart(model, LoweringSpec.coerce({"emb": 8, "head": 8}))
 

@@ -292,7 +292,7 @@ def test_dynamic_lstm(head_bits, tmp_path, backend):
     teacher = task.model_fn().eval()
     layers = {"lstm": LayerPlan(bits=8, quant_mode="dynamic"), "head": LayerPlan(bits=head_bits)}
     out = compress(task, teacher, Plan(layers=layers, epochs=0), reduce_range=backend.reduce_range)
-    assert out.precisions["lstm"] == 8
+    assert out.layer_bits["lstm"] == 8
     art = backend.lower(out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs())
     ops = [n.op_type for n in _graph(art).node]
     assert ops.count("DynamicQuantizeLSTM") == 1 and "LSTM" not in ops
