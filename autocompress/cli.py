@@ -86,10 +86,8 @@ def cmd_worker(args) -> int:
 
 
 def cmd_report(args) -> int:
-    import pandas as pd
-
     from .export import export_front
-    from .report import failures_table, front_table
+    from .report_answer import text_report
     from .report_html import write_report
     from .rundir import PARETO, open_study
 
@@ -97,18 +95,7 @@ def cmd_report(args) -> int:
     study = open_study(run_dir, args.storage, args.study)
     export_front(study, run_dir)
     paths = write_report(study, run_dir)
-    base = study.user_attrs.get("baseline", {})
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(
-            f"baseline: {base.get('metric_name', 'metric')} {base.get('metric', float('nan')):.4f} | {base.get('latency_ms', float('nan')):.4f} ms"
-            f" | {base.get('size_bytes', 0)} bytes"
-        )
-        print("Pareto front (feasible trials):")
-        print(front_table(study).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        fails = failures_table(study)
-        if len(fails):
-            print("failed trials by reason:")
-            print(fails.to_string(index=False, max_colwidth=90))
+    print("\n".join(text_report(study, run_dir)))
     print(f"wrote {paths['html']}, {paths['trials']}, {paths['plot']}, {run_dir / PARETO}/")
     return 0
 

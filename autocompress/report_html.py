@@ -1,4 +1,4 @@
-"""The plots (matplotlib) and the HTML page of a run: ``pareto.png``, ``report.html`` and the PNGs beside it."""
+"""The HTML page of a run, ``report.html`` (the plots it shows are drawn by :mod:`.report_plots`)."""
 
 from __future__ import annotations
 
@@ -6,183 +6,35 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 
-from .pareto import pareto_mask
 from .report import (
     applicability_table,
     coverage_table,
     failures_table,
-    front_table,
     layer_table,
-    metric_sign,
     study_hypervolume,
     trials_frame,
     write_trials_table,
 )
+from .report_answer import (
+    Answer,
+    answer_for,
+    artifact_path,
+    budgets_line,
+    comparison,
+    fmt_bytes,
+    fmt_metric,
+    fmt_ms,
+    front_display,
+    load_snippet,
+    peers_note,
+    study_budgets,
+)
+from .report_plots import plot_hypervolume, plot_layers, plot_pareto, plot_projections
 from .report_profiles import profiles_html
 from .rundir import PARETO_PNG, REPORT_HTML, TRIALS_CSV, write_atomic
-
-
-def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
-    """accuracy vs latency and accuracy vs size: feasible, infeasible, Pareto and the baseline."""
-    plt = _plt()
-    df = trials_frame(study)
-    done = df[df.state == "COMPLETE"]
-    base = study.user_attrs.get("baseline") or {}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, (x, label) in zip(
-        axes, [("latency_ms", "median latency (ms)"), ("size_bytes", "artifact size (bytes)")], strict=True
-    ):
-        _plane(ax, done, base, x, "metric")
-        front = done[done.pareto] if len(done) else done
-        if len(front):  # the 2-D projection of the 3-D front, for the line
-            proj = front[
-                pareto_mask(
-                    front[["metric", x]].rename(columns={x: "cost"}).to_dict("records"),
-                    {"metric": metric_sign(study), "cost": -1},
-                )
-            ].sort_values(x)
-            ax.step(proj[x], proj.metric, where="post", c="tab:red", alpha=0.5)
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{base.get('metric_name', 'metric')} (of the artifact)")
-    axes[1].set_xscale("log")
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(
-        f"{study.study_name}: {len(done)} completed trials, {int(done.pareto.sum()) if len(done) else 0} on the front"
-    )
-    fig.tight_layout()
-    path = Path(run_dir) / PARETO_PNG
-    write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    return path
-
-
-PLANES = [  # (x, y, label x, label y) of the three 2-D projections of the front
-    ("latency_ms", "metric", "latency (ms, side by side with the baseline)", "metric of the artifact"),
-    ("size_bytes", "metric", "artifact size (bytes)", "metric of the artifact"),
-    ("latency_ms", "size_bytes", "latency (ms)", "artifact size (bytes)"),
-]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    write_atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    _plt().close(fig)
-    return path
-
-
-def _plane(ax, done: pd.DataFrame, base: dict, x: str, y: str) -> None:
-    """One 2-D projection: feasible, infeasible (over a budget), Pareto (3 objectives), baseline."""
-    if len(done):
-        feasible = done.feasible.fillna(True).astype(bool)
-        ax.scatter(done[feasible][x], done[feasible][y], c="tab:blue", alpha=0.6, label="feasible trial")
-        ax.scatter(
-            done[~feasible][x],
-            done[~feasible][y],
-            c="tab:gray",
-            marker="x",
-            alpha=0.6,
-            label="infeasible (over budget)",
-        )
-        front = done[done.pareto]
-        ax.scatter(
-            front[x],
-            front[y],
-            facecolors="none",
-            edgecolors="tab:red",
-            s=120,
-            linewidths=2,
-            label="Pareto (3 objectives)",
-        )
-    if base:
-        ax.scatter([base[x]], [base[y]], marker="*", s=250, c="black", label="baseline")
-    ax.grid(alpha=0.3)
-
-
-def plot_projections(study: optuna.Study, run_dir: Path) -> Path:
-    """The three 2-D projections of accuracy / latency / size: feasible, infeasible, Pareto, baseline."""
-    plt = _plt()
-    df = trials_frame(study)
-    done = df[df.state == "COMPLETE"] if len(df) else df
-    base = study.user_attrs.get("baseline") or {}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for ax, (x, y, lx, ly) in zip(axes, PLANES, strict=True):
-        _plane(ax, done, base, x, y)
-        ax.set(xlabel=lx, ylabel=ly)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{study.study_name}: projections of the 3-objective front")
-    fig.tight_layout()
-    return _save(fig, Path(run_dir) / "projections.png")
-
-
-def plot_layers(study: optuna.Study, run_dir: Path) -> Path:
-    """Heat maps (Pareto trial x layer) of the chosen bits, sparsity and rank ratio."""
-    plt = _plt()
-    lt = layer_table(study)
-    rows = max(1, lt.trial.nunique() if len(lt) else 1)
-    # the layer names stand at 60 degrees under the maps: about 0.05 inch of height per character at 7 pt
-    longest = max((len(str(n)) for n in lt.layer.unique()), default=0) if len(lt) else 0
-    fig, axes = plt.subplots(1, 3, figsize=(16, 1.6 + 0.35 * rows + 0.05 * longest))
-    for ax, (col, cmap, title) in zip(
-        axes,
-        [
-            ("bits", "viridis", "bits (32 = float)"),
-            ("sparsity", "Reds", "sparsity"),
-            ("rank_ratio", "Blues_r", "rank ratio"),
-        ],
-        strict=True,
-    ):
-        if len(lt):
-            grid = lt.pivot(index="trial", columns="layer", values=col).astype(float)
-            grid = grid.loc[[n for n in dict.fromkeys(lt.trial)]]
-            im = ax.imshow(grid.values, aspect="auto", cmap=cmap)
-            ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=60, ha="right", fontsize=7)
-            ax.set_yticks(range(grid.shape[0]), [f"trial {n}" for n in grid.index], fontsize=7)
-            for (i, j), v in np.ndenumerate(grid.values):
-                ax.text(
-                    j,
-                    i,
-                    f"{v:g}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if col == "bits" else "black",
-                )
-            fig.colorbar(im, ax=ax, fraction=0.04)
-        ax.set_title(title)
-    fig.suptitle("per-layer choices of each Pareto model")
-    fig.tight_layout()
-    return _save(fig, Path(run_dir) / "layers.png")
-
-
-def plot_hypervolume(study: optuna.Study, run_dir: Path) -> Path:
-    from .pareto import HV_REFERENCE
-
-    plt = _plt()
-    hv = study_hypervolume(study)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    if hv:
-        ax.step([n for n, _ in hv], [v for _, v in hv], where="post", c="tab:purple")
-    ax.set(
-        xlabel="trial",
-        ylabel="hypervolume (normalized)",
-        title=f"hypervolume of the feasible trials; reference (drop, latency ratio, size ratio) = {HV_REFERENCE}",
-    )
-    ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, Path(run_dir) / "hypervolume.png")
 
 
 def _img(path: Path) -> str:
@@ -219,7 +71,7 @@ def _applicability_html(study: optuna.Study) -> str:
         macs = cov.get("macs_share")
         macs = f" and {macs:.1%} of its multiply-accumulates (batch 1)" if macs is not None else ""
         out += (
-            f"<h3>Coverage</h3><p>The search can change {cov['params_share']:.1%} of the model's parameters "
+            f"<h4>Coverage</h4><p>The search can change {cov['params_share']:.1%} of the model's parameters "
             f"({cov['params_touched']:,} of {cov['params_total']:,}){escape(macs)}. It cannot change:</p>"
             + _table(coverage_table(study), "nothing: every parameter is in a searched layer")
         )
@@ -238,8 +90,94 @@ def _kept_summary(df: pd.DataFrame) -> str:
     )
 
 
+CSS = """body{font-family:system-ui,sans-serif;margin:1.2em 2em;max-width:1400px;color:#222}
+img{max-width:100%} h1{font-size:1.5em;margin:0 0 .2em} h2{margin:1.2em 0 .4em} .ctx{color:#555;margin:0}
+table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border:1px solid #ccc;padding:3px 8px}
+table.t td{text-align:right} table.t th{background:#f3f3f3} tr.rec{background:#e6f5ec;font-weight:bold}
+#answer{border:2px solid #2a7;border-radius:6px;padding:.2em 1.2em .8em;margin:1em 0}
+#answer.none{border-color:#c33} #answer h2{margin-top:.5em}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:13px}
+dt{font-weight:bold;float:left;width:12em} dd{margin-left:13em}"""
+
+
+def _answer_html(study: optuna.Study, run_dir: Path, a: Answer) -> str:
+    """The first section: the recommended model against the baseline (and peers), where its artifact is
+    and how to load it; or, when no model is within the budgets, that, first."""
+    from html import escape
+
+    if a.chosen is None:
+        missed = "".join(f"<li>{escape(m)}</li>" for m in a.missed)
+        return (
+            f'<section id="answer" class="none"><h2>No model within the budgets</h2>'
+            f"<p>{a.completed} completed trial(s); none is on the feasible front within the study's budgets "
+            f"({escape(budgets_line(a.budgets))}).</p>{f'<ul>{missed}</ul>' if missed else ''}"
+            "<p>Loosen a budget (<code>budgets:</code> in the study file) or run more trials "
+            "(<code>trials.n</code>); the trials are listed under Diagnostics.</p></section>"
+        )
+    path = artifact_path(study, run_dir, a.chosen)
+    href = escape(str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path))
+    note = peers_note(a)
+    missing = "" if path.exists() else " (not there: <code>autocompress report RUN</code> exports the front)"
+    return (
+        f'<section id="answer"><h2>Recommended model: trial {a.chosen["trial"]}</h2>'
+        f"<p>{escape(a.rule[0].upper() + a.rule[1:])}; budgets: {escape(budgets_line(a.budgets))}.</p>"
+        + comparison(a).to_html(border=0, classes="t")
+        + (f"<p><small>{escape(note)}</small></p>" if note else "")
+        + f'<p>Artifact: <a href="{href}"><code>{escape(str(path))}</code></a>{missing}. Load and run it:</p>'
+        + f'<pre><code class="language-python">{escape(load_snippet(path))}</code></pre></section>'
+    )
+
+
+def _summary(study: optuna.Study, df: pd.DataFrame) -> dict[str, str]:
+    """The run's facts for the diagnostics: study, task, backend, trials, baseline, budgets, hypervolume."""
+    states = df.state.value_counts().to_dict() if len(df) else {}
+    base = study.user_attrs.get("baseline") or {}
+    env = study.user_attrs.get("environment") or {}
+    cfg = study.user_attrs.get("config") or {}
+    hv = study_hypervolume(study)
+    name = base.get("metric_name")
+    return {
+        "study": study.study_name,
+        "task": (cfg.get("task") or {}).get("name", "") or "",
+        "backend / device": f"{env.get('backend', '')} / {env.get('device', '')} ({env.get('device_name', '')})",
+        "trials": ", ".join(f"{v} {k.lower()}" for k, v in states.items()) or "none",
+        "baseline": (
+            f"{name or 'metric'} {fmt_metric(base['metric'], name)}, {fmt_ms(base['latency_ms'])}, "
+            f"{fmt_bytes(base['size_bytes'])}"
+            if base
+            else "not measured"
+        ),
+        "budgets": budgets_line(study_budgets(study)),
+        "hypervolume (last)": f"{hv[-1][1]:.4f}" if hv else "n/a",
+        "kept model": _kept_summary(df),
+    }
+
+
+def _context_line(study: optuna.Study, a: Answer) -> str:
+    """Under the title: where it was measured and how many trials."""
+    env = study.user_attrs.get("environment") or {}
+    backend = (study.user_attrs.get("config") or {}).get("backend") or {}
+    where = f"{env.get('backend', '?')} on {env.get('device', '?')}"
+    if env.get("device_name"):
+        where += f" ({env['device_name']})"
+    if backend:
+        where += f", batch {backend.get('batch_size', 1)}, {backend.get('threads', 1)} thread(s)"
+    return f"{where}; {a.completed} completed trial(s), {len(a.records)} on the feasible front"
+
+
+def _front_table(a: Answer) -> str:
+    """The front with units, the recommended model's row highlighted."""
+    html = _table(front_display(a), "no feasible completed trial yet")
+    if a.chosen is None:
+        return html
+    cell = f"<td>{a.chosen['trial']} (recommended)</td>"
+    return html.replace(f"<tr>\n      {cell}", f'<tr class="rec">\n      {cell}')
+
+
 def write_html(study: optuna.Study, run_dir: Path, first_line: str = "") -> Path:
-    """``report.html``: summary, projections, per-layer view, trials, failures, hypervolume (PNGs beside it)."""
+    """``report.html``: the answer first (recommended model, its artifact, how to load it), then the front
+    with units, its projections and per-layer choices, then the diagnostics (summary, applicability,
+    coverage, profiles, failures, hypervolume, every trial). The PNGs are written beside it."""
     from html import escape
 
     run_dir = Path(run_dir)
@@ -248,48 +186,36 @@ def write_html(study: optuna.Study, run_dir: Path, first_line: str = "") -> Path
         "layers": plot_layers(study, run_dir),
         "hypervolume": plot_hypervolume(study, run_dir),
     }
+    a = answer_for(study, run_dir)
     df = trials_frame(study)
-    states = df.state.value_counts().to_dict() if len(df) else {}
-    base = study.user_attrs.get("baseline") or {}
-    env = study.user_attrs.get("environment") or {}
-    cfg = study.user_attrs.get("config") or {}
-    hv = study_hypervolume(study)
-    lt = layer_table(study)
-    per_layer = ""
-    for trial, group in lt.groupby("trial", sort=False):
-        per_layer += f"<h3>trial {trial}</h3>" + _table(group.drop(columns="trial"), "")
+    per_layer = "".join(
+        f"<h3>trial {trial}</h3>" + _table(group.drop(columns="trial"), "")
+        for trial, group in layer_table(study).groupby("trial", sort=False)
+    )
     cols = [c for c in df.columns if not c.startswith("param.")] if len(df) else []
-    summary = {
-        "study": study.study_name,
-        "task": (cfg.get("task") or {}).get("name", ""),
-        "backend / device": f"{env.get('backend', '')} / {env.get('device', '')} ({env.get('device_name', '')})",
-        "trials": ", ".join(f"{v} {k.lower()}" for k, v in states.items()) or "none",
-        "baseline": (
-            f"{base.get('metric_name', 'metric')} {base['metric']:.4f}, {base['latency_ms']:.4f} ms, {base['size_bytes']} bytes"
-            if base
-            else "not measured"
-        ),
-        "budgets": ", ".join(f"{k} = {v}" for k, v in (cfg.get("budgets") or {}).items() if v is not None)
-        or "none",
-        "hypervolume (last)": f"{hv[-1][1]:.4f}" if hv else "n/a",
-        "kept model": _kept_summary(df),
-    }
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autocompress: {escape(study.study_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} img{{max-width:100%}}
-table.t{{border-collapse:collapse;font-size:12px}} table.t td,table.t th{{border:1px solid #ccc;padding:2px 6px}}
-dt{{font-weight:bold;float:left;width:12em}} dd{{margin-left:13em}}</style></head><body>
-<h1>autocompress report: {escape(study.study_name)}</h1>
-<h2>Summary</h2><dl>{"".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in summary.items())}</dl>
-<h2>Applicability (checked before the first trial)</h2>{_applicability_html(study)}
-<h2>Profiles: measured latency and accuracy per layer x setting</h2>{profiles_html(study, run_dir)}
-<h2>Pareto front</h2>{_table(front_table(study), "no feasible completed trial yet")}
-<h2>Projections</h2><p>Blue: feasible; grey x: over a budget; red rings: Pareto (3 objectives); black star: baseline.</p>
+    summary = "".join(
+        f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in _summary(study, df).items()
+    )
+    title = escape(study.study_name)
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autocompress: {title}</title>
+<style>{CSS}</style></head><body>
+<h1>autocompress report: {title}</h1><p class="ctx">{escape(_context_line(study, a))}</p>
+{_answer_html(study, run_dir, a)}
+<section id="front"><h2>Pareto front (within the budgets)</h2>
+<p>Latency: median per call, timed side by side with the baseline; speedup and size against the baseline
+artifact; metric of the artifact.</p>{_front_table(a)}
+<h3>Projections</h3><p>Blue: feasible; grey x: over a budget; red rings: Pareto (3 objectives); black star: baseline.</p>
 {_img(pngs["projections"])}
-<h2>Per-layer choices of the Pareto models</h2>{_img(pngs["layers"])}{per_layer or "<p><em>no Pareto model yet</em></p>"}
-<h2>Hypervolume history</h2>{_img(pngs["hypervolume"])}
-<h2>Failures by reason</h2>{_table(failures_table(study), "no failed trial")}
-<h2>All trials</h2>{_table(df[cols] if len(df) else df, "no trial yet")}
-</body></html>"""
+<h3>Per-layer choices of the Pareto models</h3>{_img(pngs["layers"])}{per_layer or "<p><em>no Pareto model yet</em></p>"}
+</section>
+<section id="diagnostics"><h2>Diagnostics</h2>
+<h3>Summary</h3><dl>{summary}</dl>
+<h3>Failures by reason</h3>{_table(failures_table(study), "no failed trial")}
+<h3>Applicability (checked before the first trial)</h3>{_applicability_html(study)}
+<h3>Profiles: measured latency and accuracy per layer x setting</h3>{profiles_html(study, run_dir)}
+<h3>Hypervolume history</h3>{_img(pngs["hypervolume"])}
+<h3>All trials</h3>{_table(df[cols] if len(df) else df, "no trial yet")}
+</section></body></html>"""
     path = run_dir / REPORT_HTML
     write_atomic(path, lambda p: p.write_text(first_line + body))
     return path
@@ -303,7 +229,8 @@ def report_digest(study: optuna.Study, run_dir: Path) -> str:
         for t in study.get_trials(deepcopy=False)
     ]
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(run_dir).glob("*.json"))
-    code = Path(__file__).stat().st_mtime_ns  # a changed report module draws again
+    here = Path(__file__).parent  # a changed report module draws again
+    code = [(here / f"{m}.py").stat().st_mtime_ns for m in ("report_html", "report_answer", "report_plots")]
     blob = json.dumps([code, trials, study.user_attrs, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -156,7 +156,7 @@ def profiles_html(study: optuna.Study, run_dir: Path) -> str:
             else ""
         )
         out += (
-            "<h3>Planned trials: predicted vs measured</h3><p>Predictions are the planner's (latency and size: products of one-layer ratios; drop: their sum, before "
+            "<h4>Planned trials: predicted vs measured</h4><p>Predictions are the planner's (latency and size: products of one-layer ratios; drop: their sum, before "
             f"fine-tuning; the trials fine-tune).{escape(mean)}</p>" + _table(planned, "")
         )
     return out

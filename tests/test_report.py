@@ -54,6 +54,7 @@ def _study(tmp_path, results: list[tuple | str]) -> optuna.Study:
             "metric_drop_rel": (BASE["metric"] - acc) / BASE["metric"],
             "plan": _plan(bits, sparsity, rank),
             "notes": {"classifier": "factorization skipped: more MACs"},
+            "artifact": f"trials/{t.number:05d}/model.onnx",
         }
         for k, v in m.items():
             t.set_user_attr(k, v)
@@ -87,16 +88,21 @@ def test_html_report_sections_values_and_pngs(tmp_path):
     paths = write_report(study, tmp_path)
     html = paths["html"].read_text()
     for section in (
-        "Summary",
-        "Pareto front",
-        "Projections",
-        "Per-layer choices",
-        "Hypervolume history",
-        "Failures by reason",
-        "All trials",
+        "<h2>Recommended model: trial 2",
+        "<h2>Pareto front",
+        "<h3>Projections",
+        "<h3>Per-layer choices",
+        "<h2>Diagnostics",
+        "<h3>Summary",
+        "<h3>Hypervolume history",
+        "<h3>Failures by reason",
+        "<h3>All trials",
     ):
-        assert f"<h2>{section}" in html, section
-    assert "onnxruntime / cpu (test CPU)" in html and "max_metric_drop = 0.05" in html
+        assert section in html, section
+    assert (
+        html.index("<h2>Recommended model") < html.index("<h2>Pareto front") < html.index("<h2>Diagnostics")
+    )
+    assert "onnxruntime / cpu (test CPU)" in html and "max_metric_drop 0.05" in html
     assert "trial ran past trials.trial_timeout_s (300 s)" in html and "<td>timeout</td>" in html
     assert html.count('src="data:image/png;base64,') == 3
     lt = layer_table(study)

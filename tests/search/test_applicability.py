@@ -319,11 +319,11 @@ def test_report_shows_applicability_and_coverage_tables(backend, tmp_path):
         tmp_path, {"applicability": result.to_dict(), "coverage": json.loads(json.dumps(cov))}
     )
     html = write_html(study, tmp_path).read_text()
-    assert "<h2>Applicability (checked before the first trial)</h2>" in html
+    assert "<h3>Applicability (checked before the first trial)</h3>" in html
     assert f"{len(result.checks)} (technique, layer) pairs checked" in html
     assert "nn.MultiheadAttention reads out_proj.weight directly" in html
     assert "rank.encoder.layers.0.self_attn.out_proj -&gt; fixed 1.0" in html
-    assert "<h3>Coverage</h3>" in html and f"{cov['params_share']:.1%} of the model" in html
+    assert "<h4>Coverage</h4>" in html and f"{cov['params_share']:.1%} of the model" in html
     assert (
         "in_proj_weight" in html and "<td>36.0%</td>" in html
     )  # MultiheadAttention's share, as a percentage

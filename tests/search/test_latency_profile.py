@@ -129,10 +129,10 @@ def test_report_shows_the_profiles_and_planned_trials_predicted_vs_measured(run)
     state, metrics, reason = execute_trial(ctx, study, study.ask())  # the first planned trial
     assert state == TrialState.COMPLETE, reason
     html = write_html(study, ctx.run_dir).read_text()
-    assert "<h2>Profiles: measured latency and accuracy per layer x setting</h2>" in html
+    assert "<h3>Profiles: measured latency and accuracy per layer x setting</h3>" in html
     assert 'alt="profile"' in html and (ctx.run_dir / "profile.png").exists()
     assert "(layer, setting) rows, each the teacher with only that change" in html
-    assert "<h3>Planned trials: predicted vs measured</h3>" in html
+    assert "<h4>Planned trials: predicted vs measured</h4>" in html
     assert "Mean absolute error over 1 completed: speedup" in html
     assert f"{metrics['speedup']:.4g}" in html  # the measured speedup is in the planned table
 
