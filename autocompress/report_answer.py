@@ -139,8 +139,11 @@ def recommend(records: list[dict], budgets: dict) -> tuple[dict | None, str]:
 def _missed(study: optuna.Study, budgets: dict) -> list[str]:
     """Per budget, the best value any completed trial reached (why nothing is within the budgets)."""
     done = [t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    name = (study.user_attrs.get("baseline") or {}).get("metric_name")
+    pts = is_fraction_metric(name)
+    drop = lambda v: f"{v:.4g}" + (f" ({v * 100:.2f} pts)" if pts else "")  # noqa: E731
     shown = {
-        "max_metric_drop": ("metric_drop", lambda v: significant(v, 3)),
+        "max_metric_drop": ("metric_drop", drop),
         "max_metric_drop_rel": ("metric_drop_rel", lambda v: f"{v * 100:.2f}%"),
         "max_latency_ms": ("latency_ms", fmt_ms),
         "max_size_bytes": ("size_bytes", fmt_bytes),
@@ -152,9 +155,7 @@ def _missed(study: optuna.Study, budgets: dict) -> list[str]:
         if limit is None or not values:
             continue
         best = min(values)
-        shown_limit = {"max_metric_drop_rel": f"{limit * 100:.2f}%", "max_metric_drop": f"{limit:g}"}.get(
-            key, fmt(limit)
-        )
+        shown_limit = f"{limit * 100:.2f}%" if key == "max_metric_drop_rel" else fmt(limit)
         status = "met by some trials" if best <= limit else "missed by every trial"
         out.append(f"{key} {shown_limit}: {status} (best {attr} {fmt(best)})")
     return out

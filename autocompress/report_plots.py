@@ -22,7 +22,7 @@ def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
     base = study.user_attrs.get("baseline") or {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, (x, label) in zip(
-        axes, [("latency_ms", "median latency (ms)"), ("size_bytes", "artifact size (bytes)")], strict=True
+        axes, [("latency_ms", "median latency (ms)"), ("size_bytes", "artifact size")], strict=True
     ):
         _plane(ax, done, base, x, "metric")
         front = done[done.pareto] if len(done) else done
@@ -35,6 +35,7 @@ def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
             ].sort_values(x)
             ax.step(proj[x], proj.metric, where="post", c="tab:red", alpha=0.5)
         ax.set_xlabel(label)
+        _units(ax, x, "metric")
         ax.set_ylabel(f"{base.get('metric_name', 'metric')} (of the artifact)")
     axes[1].set_xscale("log")
     axes[0].legend(loc="lower right", fontsize=8)
@@ -50,8 +51,8 @@ def plot_pareto(study: optuna.Study, run_dir: Path) -> Path:
 
 PLANES = [  # (x, y, label x, label y) of the three 2-D projections of the front
     ("latency_ms", "metric", "latency (ms, side by side with the baseline)", "metric of the artifact"),
-    ("size_bytes", "metric", "artifact size (bytes)", "metric of the artifact"),
-    ("latency_ms", "size_bytes", "latency (ms)", "artifact size (bytes)"),
+    ("size_bytes", "metric", "artifact size", "metric of the artifact"),
+    ("latency_ms", "size_bytes", "latency (ms)", "artifact size"),
 ]
 
 
@@ -68,6 +69,18 @@ def _save(fig, path: Path) -> Path:
     write_atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     _plt().close(fig)
     return path
+
+
+def _units(ax, x: str, y: str) -> None:
+    """Byte axes in B / kB / MB (as the report's tables), not raw byte counts."""
+    from matplotlib.ticker import FuncFormatter
+
+    from .report_answer import fmt_bytes
+
+    for axis, name in ((ax.xaxis, x), (ax.yaxis, y)):
+        if name == "size_bytes":
+            axis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v)))
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def _plane(ax, done: pd.DataFrame, base: dict, x: str, y: str) -> None:
@@ -108,6 +121,7 @@ def plot_projections(study: optuna.Study, run_dir: Path) -> Path:
     for ax, (x, y, lx, ly) in zip(axes, PLANES, strict=True):
         _plane(ax, done, base, x, y)
         ax.set(xlabel=lx, ylabel=ly)
+        _units(ax, x, y)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{study.study_name}: projections of the 3-objective front")
     fig.tight_layout()

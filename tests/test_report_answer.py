@@ -207,7 +207,8 @@ def test_no_model_within_the_budgets_is_said_first(tmp_path):
     ]
     assert (
         "2 completed trial(s)" in html
-        and "max_metric_drop 0.01: missed by every trial (best metric_drop 0.0612)" in html
+        and "max_metric_drop 0.01 (1.00 pts): missed by every trial (best metric_drop 0.0612 (6.12 pts))"
+        in html
     )
     lines = text_report(study, tmp_path)
     assert lines[0].startswith("NO MODEL WITHIN THE BUDGETS (max_metric_drop 0.01): 2 completed trial(s)")
