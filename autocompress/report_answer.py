@@ -221,11 +221,14 @@ def onnx_feeds(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
 def load_snippet(path: Path) -> str:
     """Three lines of Python that load the artifact with ONNX Runtime and run it on zeros of the deployed
     shape (a non-ONNX artifact: how to load it with its backend)."""
-    if path.suffix != ".onnx":
+    if path.suffix == ".pt2":  # the torch backend: a torch.export program
         return (
-            "from autocompress.backends import BACKENDS\n"
-            f"artifact = BACKENDS.get('<backend>')().load_artifact({str(path)!r})"
+            "import torch\n"
+            f"model = torch.export.load({str(path)!r}).module()\n"
+            "outputs = model(*inputs)  # inputs: tensors of the deployed shape"
         )
+    if path.suffix != ".onnx":
+        return f"# a {path.suffix} artifact: time it with autocompress measure {path}"
     try:
         feeds = onnx_feeds(path)
     except (OSError, ValueError, ImportError):

@@ -26,6 +26,7 @@ from autocompress.report_answer import (
     fmt_ms,
     fmt_size_ratio,
     fmt_speedup,
+    load_snippet,
     recommend,
     significant,
     text_report,
@@ -165,6 +166,14 @@ def test_recommendation_rule():
     assert chosen["trial"] == 1 and "most accurate" in rule
     assert recommend(recs, {})[0]["trial"] == 0
     assert recommend(recs, {"max_size_bytes": 10})[0] is None
+
+
+def test_load_snippet_of_a_torch_program_is_three_lines():
+    lines = load_snippet(Path("run/pareto/trial-00003/model.pt2")).splitlines()
+    assert (
+        len(lines) == 3
+        and lines[1] == "model = torch.export.load('run/pareto/trial-00003/model.pt2').module()"
+    )
 
 
 def test_html_opens_with_the_recommended_model_and_its_snippet_runs(tmp_path):
