@@ -141,7 +141,10 @@ def _missed(study: optuna.Study, budgets: dict) -> list[str]:
     done = [t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     name = (study.user_attrs.get("baseline") or {}).get("metric_name")
     pts = is_fraction_metric(name)
-    drop = lambda v: f"{v:.4g}" + (f" ({v * 100:.2f} pts)" if pts else "")  # noqa: E731
+
+    def drop(v: float) -> str:
+        return f"{v:.4g}" + (f" ({v * 100:.2f} pts)" if pts else "")
+
     shown = {
         "max_metric_drop": ("metric_drop", drop),
         "max_metric_drop_rel": ("metric_drop_rel", lambda v: f"{v * 100:.2f}%"),
