@@ -99,6 +99,16 @@ CASES = [
 # console script passes to ``sys.exit``): a fresh interpreter per case costs ~4 s of imports on this
 # machine, and the cases above already prove the process-level path.
 IN_PROCESS_CASES = [
+    # renamed keys: refused with the new name
+    (
+        _with(pruner={"name": "hyperband"}),
+        r"study.yaml: pruner: renamed; use early_stopping: \(Optuna's early stopping of hopeless trials; "
+        r"its holdout_fraction is now finetune.holdout_fraction\)$",
+    ),
+    (
+        _with(early_stopping={"name": "hyperband", "holdout_fraction": 0.3}),
+        r"study.yaml: early_stopping.holdout_fraction: moved; use finetune.holdout_fraction$",
+    ),
     # out-of-range values of every kind
     (
         _with(space__overrides={"rank_ratio": {"low": 0.0, "high": 1.0}}),
