@@ -30,6 +30,7 @@ from .rundir import BASELINE, METRICS, finalize_dir, read_baseline, write_json
 from .space import SearchSpace
 from .tasks import Task
 from .tasks.data import deployable
+from .units import fmt_bytes
 
 
 @dataclass
@@ -181,6 +182,6 @@ def baseline_for_run(ctx: RunContext, log: Callable[[str], None]) -> dict:
                 f"the baseline (uncompressed model) failed: {exc}", source=ctx.config.source, field="task"
             ) from exc
     log(
-        f"baseline: {b.get('metric_name', 'metric')} {b['metric']:.4f} | {b['latency_ms']:.4f} ms | {b['size_bytes'] / 1024:.1f} kB"
+        f"baseline: {b.get('metric_name', 'metric')} {b['metric']:.4f} | {b['latency_ms']:.4f} ms | {fmt_bytes(b['size_bytes'])}"
     )
     return b

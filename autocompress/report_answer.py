@@ -6,8 +6,6 @@ report of ``autocompress report``."""
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,78 +15,19 @@ from optuna.trial import TrialState
 
 from .export import front_records
 from .pareto import within_budgets
+from .units import (  # noqa: F401 - re-exported: the report's number formats
+    fmt_bytes,
+    fmt_drop,
+    fmt_metric,
+    fmt_ms,
+    fmt_size_ratio,
+    fmt_speedup,
+    is_fraction_metric,
+    significant,
+)
 
 BUDGET_KEYS = ("max_metric_drop", "max_metric_drop_rel", "max_latency_ms", "max_size_bytes")
 PEERS_JSON = Path("peers") / "peers.json"  # written by benchmarks/peers.py into the run folder
-
-
-# -- numbers with units and sensible digits -------------------------------------------------------
-def significant(x: float, digits: int = 3) -> str:
-    """``x`` with ``digits`` significant digits and no exponent (0.0278, 40.1), whole units kept (1235)."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if x == 0:
-        return "0"
-    decimals = digits - 1 - math.floor(math.log10(abs(x)))
-    if decimals <= 0:  # 1235, not 1230: whole units are kept
-        return f"{x:.0f}"
-    rounded = round(x, decimals)
-    if rounded and math.floor(math.log10(abs(rounded))) != math.floor(math.log10(abs(x))):
-        decimals -= 1  # 9.996 -> 10.0, not 10.00
-    return f"{rounded:.{max(decimals, 0)}f}"
-
-
-def fmt_ms(ms: float | None) -> str:
-    """A latency in milliseconds, 3 significant digits: ``0.0278 ms``, ``40.1 ms``."""
-    return "n/a" if ms is None else f"{significant(ms)} ms"
-
-
-def fmt_speedup(x: float | None) -> str:
-    """A speedup against the baseline, 2 decimals: ``1.85x``."""
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}x"
-
-
-def fmt_bytes(n: float | None) -> str:
-    """A size in bytes with SI units and 3 significant digits: ``812 B``, ``45.2 kB``, ``23.1 MB``."""
-    if n is None:
-        return "n/a"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{significant(n / scale)} {unit}"
-    return f"{int(n)} B"
-
-
-def is_fraction_metric(name: str | None) -> bool:
-    """Metrics in [0, 1] shown as percentages (accuracy, top-K, F1); others keep their own units."""
-    return bool(name) and re.fullmatch(r"accuracy|f1|top\d+", str(name)) is not None
-
-
-def fmt_metric(value: float | None, name: str | None) -> str:
-    """The metric's value: ``97.12%`` for accuracy-like metrics, else 4 significant digits."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return f"{value * 100:.2f}%" if is_fraction_metric(name) else significant(value, 4)
-
-
-def fmt_drop(drop: float | None, drop_rel: float | None, name: str | None) -> str:
-    """How much worse than the baseline: ``0.52 pts worse (0.53%)``, ``0.10 pts better``, ``same``.
-
-    Accuracy-like metrics in percentage points; others in their own units; the relative change in %."""
-    if drop is None or not math.isfinite(drop):
-        return "n/a"
-    if abs(drop) < 5e-7:
-        return "same as baseline"
-    word = "worse" if drop > 0 else "better"
-    size = f"{abs(drop) * 100:.2f} pts" if is_fraction_metric(name) else significant(abs(drop))
-    rel = f" ({abs(drop_rel) * 100:.2f}%)" if drop_rel is not None and math.isfinite(drop_rel) else ""
-    return f"{size} {word}{rel}"
-
-
-def fmt_size_ratio(ratio: float | None) -> str:
-    """Baseline bytes / model bytes: ``3.91x smaller``."""
-    if ratio is None or not math.isfinite(ratio):
-        return "n/a"
-    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 # -- the recommendation ---------------------------------------------------------------------------
@@ -128,8 +67,12 @@ def recommend(records: list[dict], budgets: dict) -> tuple[dict | None, str]:
         return None, "no Pareto model is within the budgets"
     if budgets.get("max_metric_drop") is not None or budgets.get("max_metric_drop_rel") is not None:
         best = min(ok, key=lambda r: (r["latency_ms"], r["size_bytes"], r.get("metric_drop") or 0.0))
+        if len(ok) == 1:
+            return best, "the only Pareto model within the budgets"
         return best, f"the fastest of the {len(ok)} Pareto models within the budgets (then the smallest)"
     best = min(ok, key=lambda r: (r.get("metric_drop") or 0.0, r["latency_ms"], r["size_bytes"]))
+    if len(ok) == 1:
+        return best, "the only Pareto model within the budgets (no metric budget is set)"
     return best, (
         f"the most accurate of the {len(ok)} Pareto models within the budgets (no metric budget is set: "
         "budgets.max_metric_drop trades accuracy for speed)"
@@ -327,9 +270,22 @@ def answer_lines(study: optuna.Study, run_dir: Path, answer: Answer | None = Non
     lines = [f"RECOMMENDED: trial {a.chosen['trial']}, {a.rule}; budgets: {budgets_line(a.budgets)}"]
     table = comparison(a)
     lines += ["  " + s for s in table.to_string().splitlines()]
+    slower = slower_note(a, run_dir)
+    lines += [f"  {slower}"] if slower else []
     path = artifact_path(study, run_dir, a.chosen)
     lines += [f"artifact: {path}", "load it:", *("  " + s for s in load_snippet(path).splitlines())]
     return lines
+
+
+def slower_note(answer: Answer, run_dir: Path) -> str:
+    """A warning when the recommended model is not faster than the baseline artifact."""
+    speedup = (answer.chosen or {}).get("speedup")
+    if speedup is None or speedup >= 1.0:
+        return ""
+    return (
+        f"It runs at {fmt_speedup(speedup)} the baseline's speed: within these budgets no model got faster; "
+        f"the baseline artifact ({Path(run_dir) / 'baseline' / 'model.onnx'}) may be the better deployment."
+    )
 
 
 def peers_note(answer: Answer) -> str:

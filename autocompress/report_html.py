@@ -30,6 +30,7 @@ from .report_answer import (
     front_display,
     load_snippet,
     peers_note,
+    slower_note,
     study_budgets,
 )
 from .report_plots import plot_hypervolume, plot_layers, plot_pareto, plot_projections
@@ -95,7 +96,7 @@ img{max-width:100%} h1{font-size:1.5em;margin:0 0 .2em} h2{margin:1.2em 0 .4em} 
 table.t{border-collapse:collapse;font-size:13px} table.t td,table.t th{border:1px solid #ccc;padding:3px 8px}
 table.t td{text-align:right} table.t th{background:#f3f3f3} tr.rec{background:#e6f5ec;font-weight:bold}
 #answer{border:2px solid #2a7;border-radius:6px;padding:.2em 1.2em .8em;margin:1em 0}
-#answer.none{border-color:#c33} #answer h2{margin-top:.5em}
+#answer.none{border-color:#c33} .warn{color:#a40} #answer h2{margin-top:.5em}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:13px}
 dt{font-weight:bold;float:left;width:12em} dd{margin-left:13em}"""
 
@@ -116,12 +117,13 @@ def _answer_html(study: optuna.Study, run_dir: Path, a: Answer) -> str:
         )
     path = artifact_path(study, run_dir, a.chosen)
     href = escape(str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path))
-    note = peers_note(a)
+    note, slower = peers_note(a), slower_note(a, run_dir)
     missing = "" if path.exists() else " (not there: <code>autocompress report RUN</code> exports the front)"
     return (
         f'<section id="answer"><h2>Recommended model: trial {a.chosen["trial"]}</h2>'
         f"<p>{escape(a.rule[0].upper() + a.rule[1:])}; budgets: {escape(budgets_line(a.budgets))}.</p>"
         + comparison(a).to_html(border=0, classes="t")
+        + (f'<p class="warn">{escape(slower)}</p>' if slower else "")
         + (f"<p><small>{escape(note)}</small></p>" if note else "")
         + f'<p>Artifact: <a href="{href}"><code>{escape(str(path))}</code></a>{missing}. Load and run it:</p>'
         + f'<pre><code class="language-python">{escape(load_snippet(path))}</code></pre></section>'

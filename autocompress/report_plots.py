@@ -75,7 +75,7 @@ def _units(ax, x: str, y: str) -> None:
     """Byte axes in B / kB / MB (as the report's tables), not raw byte counts."""
     from matplotlib.ticker import FuncFormatter
 
-    from .report_answer import fmt_bytes
+    from .units import fmt_bytes
 
     for axis, name in ((ax.xaxis, x), (ax.yaxis, y)):
         if name == "size_bytes":

@@ -19,19 +19,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from autocompress.export import export_front
-from autocompress.report_answer import (
+from autocompress.report_answer import load_snippet, recommend, text_report
+from autocompress.report_html import write_report
+from autocompress.units import (
     fmt_bytes,
     fmt_drop,
     fmt_metric,
     fmt_ms,
     fmt_size_ratio,
     fmt_speedup,
-    load_snippet,
-    recommend,
     significant,
-    text_report,
 )
-from autocompress.report_html import write_report
 
 BASE = {"metric": 0.9612, "latency_ms": 0.02783, "size_bytes": 177_412, "metric_name": "accuracy"}
 
@@ -302,3 +300,11 @@ def test_first_screen_in_headless_chromium_is_not_blank(tmp_path):
     green = (img[..., 1] > 140) & (img[..., 0] < 90) & (img[..., 2] < 160)  # the answer's frame (#2a7)
     assert green.sum() > 500, "the answer's frame is not in the first screen"
     print(f"screenshot: {png}", file=sys.stderr)
+
+
+def test_a_recommended_model_slower_than_the_baseline_is_flagged(tmp_path):
+    study = _study(tmp_path, [(0.955, 0.8, 1.2)])
+    export_front(study, tmp_path)
+    lines = text_report(study, tmp_path)
+    assert lines[0].startswith("RECOMMENDED: trial 0, the only Pareto model within the budgets;")
+    assert any("runs at 0.80x the baseline's speed" in s and "baseline/model.onnx" in s for s in lines)

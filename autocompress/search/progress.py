@@ -9,6 +9,7 @@ from collections.abc import Callable
 import optuna
 
 from ..backends import LatencyCache
+from ..units import fmt_bytes
 from .costs import _fmt_s
 
 
@@ -37,7 +38,7 @@ class Progress:
         else:
             what = (
                 f"{m.get('metric_name', 'metric')} {m['metric']:.4f} | {m['latency_ms']:.4f} ms ({m.get('speedup', 1):.2f}x) | "
-                f"{m['size_bytes'] / 1024:.1f} kB ({m.get('size_ratio', 1):.1f}x smaller)"
+                f"{fmt_bytes(m['size_bytes'])} ({m.get('size_ratio', 1):.1f}x smaller)"
             )
             if m.get("latency_cached"):
                 hits = f", {self.cache.hits} hits" if self.cache is not None else ""
