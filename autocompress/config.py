@@ -302,7 +302,7 @@ def resolve_space_file(cfg: StudyConfig) -> Path:
     if p.is_absolute() or p.exists():
         return p
     study_dir = Path(cfg.source).resolve().parent
-    for base in (study_dir, study_dir.parent):
+    for base in (study_dir, study_dir.parent, Path(__file__).resolve().parent):
         if (base / p).exists():
             return base / p
     raise ConfigError(

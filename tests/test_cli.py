@@ -12,7 +12,7 @@ from conftest import ROOT, cli_env
 BASE = {
     "name": "bad",
     "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
-    "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+    "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
     "trials": {"n": 1},
 }
 
