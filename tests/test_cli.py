@@ -247,8 +247,14 @@ def test_missing_study_file(tmp_path):
         env=cli_env(),
         timeout=60,
     )
+    from autocompress.config import BUNDLED_STUDIES, bundled_names
+
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: study file does not exist"
+    names = ", ".join(bundled_names(BUNDLED_STUDIES))
+    assert "quickstart" in names
+    assert proc.stderr.strip() == (
+        f"error: {tmp_path / 'nope.yaml'}: study file does not exist, nor is it a bundled study ({names})"
+    )
 
 
 def test_a_budget_at_the_reachable_bound_is_accepted_and_one_below_refused(tmp_path):
