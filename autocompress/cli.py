@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) a study: search, measure, export, report")
-    r.add_argument("study", help="study file (YAML)")
+    r.add_argument("study", help="study file (YAML), or a bundled study's name (e.g. quickstart)")
     r.add_argument("--n-trials", type=int, help="completed trials to reach (overrides trials.n)")
     r.add_argument("--output", help="run folder (overrides output)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set seed=3")

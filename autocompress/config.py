@@ -1,4 +1,15 @@
-"""Study file -> validated config objects (strict: unknown keys and wrong types are errors)."""
+"""Study file -> validated config objects (strict: unknown keys and wrong types are errors).
+
+Where a study file and its search space are found (:func:`resolve_study_file`, :func:`resolve_space_file`):
+
+1. a path that exists is used as it is: relative to the working folder, or, for ``space.file`` only,
+   relative to the folder of the study file that names it;
+2. otherwise a bundled name resolves to the package's own copy: ``quickstart``, ``quickstart.yaml`` or
+   ``studies/quickstart.yaml`` (the ``autocompress/studies/`` folder), and ``default``, ``default.yaml`` or
+   ``search_spaces/default.yaml`` (``autocompress/search_spaces/``), so an installed package runs from
+   any folder;
+3. otherwise a :class:`~autocompress.errors.ConfigError` of one line lists the bundled names.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .bundled import BUNDLED_SPACES, BUNDLED_STUDIES, bundled_file, bundled_names
 from .errors import ConfigError
 
 
@@ -25,7 +37,8 @@ class TaskConfig(_Strict):
 
 
 class SpaceConfig(_Strict):
-    file: str = "search_spaces/default.yaml"
+    # a space file, or the name of a bundled one (default, int8_linear, prune_only, ...)
+    file: str = Field("default.yaml", min_length=1)
     overrides: dict[str, Any] = {}
 
 
@@ -202,7 +215,10 @@ class WorkersConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    """Schema of a study file. Every field is documented in ``studies/quickstart.yaml``."""
+    """Schema of a study file (``autocompress.configure(**fields)`` builds one in Python).
+
+    Every field is documented in the bundled study ``quickstart`` (``autocompress/studies/quickstart.yaml``).
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     task: TaskConfig
@@ -275,14 +291,36 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> tup
     return field, f"{err['msg']}{shown}"
 
 
+def resolve_study_file(study: str | Path) -> Path:
+    """The study file ``study`` names: an existing file, else a bundled study (see the module docstring).
+
+    Raises:
+        ConfigError: neither, with the bundled studies' names.
+    """
+    path = Path(study)
+    if path.is_file():
+        return path
+    bundled = bundled_file(str(study), BUNDLED_STUDIES)
+    if bundled is not None:
+        return bundled
+    names = ", ".join(bundled_names(BUNDLED_STUDIES))
+    raise ConfigError(f"study file does not exist, nor is it a bundled study ({names})", source=str(study))
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read and validate a study file. Raises ConfigError naming the file, the field and the rule."""
-    path = Path(path)
+    """Read and validate a study file, or a bundled study by name (``quickstart``).
+
+    Args:
+        path: a study file, or a bundled study's name (see the module docstring for the lookup).
+        overrides: dotted field -> value, applied before validation (``{"trials.n": 4}``).
+
+    Raises:
+        ConfigError: one line naming the file, the field and the rule.
+    """
+    path = resolve_study_file(path)
     source = str(path)
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("study file does not exist", source=source) from None
     except OSError as exc:
         raise ConfigError(f"cannot read study file: {exc.strerror}", source=source) from None
     try:
@@ -300,6 +338,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str) -> StudyConfig:
+    """A :class:`StudyConfig` from plain data, or a one-line ConfigError naming ``source`` and the field."""
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as exc:
@@ -309,15 +352,41 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
     return cfg
 
 
+CONFIGURE_SOURCE = "configure()"
+
+
+def configure(**fields: Any) -> StudyConfig:
+    """A study configured in Python, validated exactly as a study file is.
+
+    The keyword arguments are the study file's top-level keys; sections are dicts (or the config
+    objects themselves), e.g.
+    ``configure(name="mine", task={"name": "digits"}, budgets={"max_metric_drop": 0.01}, trials={"n": 4})``.
+    ``task`` may be left out when a live Task is passed to :func:`autocompress.run_study`.
+
+    Raises:
+        ConfigError: one line naming ``configure()``, the field and the rule (as for a file).
+    """
+    return validate_config({"task": {}, **fields}, CONFIGURE_SOURCE)
+
+
 def resolve_space_file(cfg: StudyConfig) -> Path:
-    """The space file, looked up relative to the working dir, then to the study file's folders."""
+    """The search space file of ``cfg.space.file`` (see the module docstring for the lookup).
+
+    Raises:
+        ConfigError: neither a file nor a bundled space, with the bundled spaces' names.
+    """
     p = Path(cfg.space.file)
-    if p.is_absolute() or p.exists():
+    if p.is_file():
         return p
-    study_dir = Path(cfg.source).resolve().parent
-    for base in (study_dir, study_dir.parent):
-        if (base / p).exists():
-            return base / p
+    source = Path(cfg.source)
+    if not p.is_absolute() and source.is_file() and (source.resolve().parent / p).is_file():
+        return source.resolve().parent / p
+    bundled = bundled_file(cfg.space.file, BUNDLED_SPACES)
+    if bundled is not None:
+        return bundled
+    names = ", ".join(bundled_names(BUNDLED_SPACES))
     raise ConfigError(
-        f"search space file {cfg.space.file!r} does not exist", source=cfg.source, field="space.file"
+        f"search space file {cfg.space.file!r} does not exist, nor is it a bundled space ({names})",
+        source=cfg.source,
+        field="space.file",
     )

@@ -193,7 +193,7 @@ STUDY = {
     "name": "ascend_host_check",
     "task": {"name": "digits", "options": {"width": 16, "teacher_epochs": 3}},
     "space": {
-        "file": str(ROOT / "search_spaces/default.yaml"),
+        "file": "default.yaml",
         "overrides": {"bits": {"choices": [8, 16, 32]}},
     },
     "finetune": {"epochs": 1},

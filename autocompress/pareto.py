@@ -80,6 +80,21 @@ def pick(points: Sequence[dict], **budgets) -> dict | None:
     return min(ok, key=lambda p: (p.get("metric_drop", -p["metric"]), p["latency_ms"], p["size_bytes"]))
 
 
+def recommend(points: Sequence[dict], **budgets) -> dict | None:
+    """The model to deploy among ``points`` within ``budgets``; None if none fits.
+
+    With a metric budget (``max_metric_drop`` or ``max_metric_drop_rel``), the fastest point within every
+    budget (then the smallest): the budget bounds what accuracy may be given up. Without one, the most
+    accurate within the budgets (then the fastest), as :func:`pick` chooses.
+    """
+    ok = [p for p in points if within_budgets(p, **budgets)]
+    if not ok:
+        return None
+    if budgets.get("max_metric_drop") is None and budgets.get("max_metric_drop_rel") is None:
+        return pick(ok)
+    return min(ok, key=lambda p: (p["latency_ms"], p["size_bytes"], p.get("metric_drop") or 0.0))
+
+
 # Hypervolume of a run, in objectives normalized against its baseline artifact, all minimized:
 # accuracy drop (points of 1), latency ratio (candidate / baseline, timed side by side) and size ratio.
 # The reference point counts a model only when it loses less than 10 points and is both faster and

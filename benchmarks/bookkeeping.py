@@ -44,7 +44,7 @@ def collection(repeats: int) -> tuple[float, float]:
     from autocompress.config import load_config
     from autocompress.search.run_setup import frozen_heap, prepare
 
-    prep = prepare(load_config(ROOT / "studies/quickstart.yaml"))
+    prep = prepare(load_config(ROOT / "autocompress/studies/quickstart.yaml"))
     try:
         plain = _median_ms(gc.collect, repeats)
         with frozen_heap():

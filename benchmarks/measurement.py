@@ -87,7 +87,7 @@ def cache_across_studies(folder: Path, n: int) -> int:
             {
                 "name": "cachebench",
                 "task": {"name": "digits", "options": {"width": 16, "teacher_epochs": 2}},
-                "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+                "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
                 "finetune": {"epochs": 0},
                 "backend": {"latency_cache": str(folder / "latency.db")},
                 "sampler": {"name": "random"},

@@ -87,7 +87,7 @@ def _study_file(tmp: Path, url: str, args) -> Path:
     data = {
         "name": "soak",
         "task": {"name": "digits", "options": {"width": args.width}},
-        "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
         "finetune": {"epochs": args.epochs, "threads": 1},
         "sampler": {"name": "tpe"},
         "trials": {"n": 100_000, "warm_start": []},  # the wall time ends the soak, not the count

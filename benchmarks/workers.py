@@ -57,7 +57,7 @@ def main() -> int:
             {
                 "name": "bench",
                 "task": {"name": "digits", "options": {"width": args.width}},
-                "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+                "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
                 "finetune": {"epochs": args.epochs, "threads": 1},
                 "sampler": {"name": "random"},
                 "trials": {"n": 1, "warm_start": []},

@@ -28,7 +28,7 @@ def study_file(tmp_path: Path, name: str = "rel", **changes) -> tuple[Path, Path
         "name": name,
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 2}},
         "space": {
-            "file": str(ROOT / "search_spaces/default.yaml"),
+            "file": str(ROOT / "autocompress/search_spaces/default.yaml"),
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 1, "threads": 1},

@@ -12,7 +12,7 @@ from conftest import ROOT, cli_env
 BASE = {
     "name": "bad",
     "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
-    "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+    "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
     "trials": {"n": 1},
 }
 
@@ -257,8 +257,14 @@ def test_missing_study_file(tmp_path):
         env=cli_env(),
         timeout=60,
     )
+    from autocompress.config import BUNDLED_STUDIES, bundled_names
+
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: study file does not exist"
+    names = ", ".join(bundled_names(BUNDLED_STUDIES))
+    assert "quickstart" in names
+    assert proc.stderr.strip() == (
+        f"error: {tmp_path / 'nope.yaml'}: study file does not exist, nor is it a bundled study ({names})"
+    )
 
 
 def test_a_budget_at_the_reachable_bound_is_accepted_and_one_below_refused(tmp_path):

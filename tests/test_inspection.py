@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def run(tmp_path_factory):
     """The quickstart study itself (its teacher is trained here: about 10 s)."""
     tmp = tmp_path_factory.mktemp("sens")
-    cfg = load_config(ROOT / "studies/quickstart.yaml", {"output": str(tmp / "run"), "trials.warm_start": []})
+    cfg = load_config(ROOT / "autocompress/studies/quickstart.yaml", {"output": str(tmp / "run"), "trials.warm_start": []})
     with open_run(cfg, log=lambda s: None) as (ctx, st):
         yield ctx, st, cfg
 

@@ -15,7 +15,7 @@ INV = [
     LayerInfo("features.0", "Conv2d", 1, 8, (3, 3), 1, 72, 4608, 8),
     LayerInfo("classifier", "Linear", 32, 10, (1,), 1, 330, 320, 10),
 ]
-ROOT_SPACE = "search_spaces/default.yaml"
+ROOT_SPACE = "autocompress/search_spaces/default.yaml"
 
 
 # -- plan ---------------------------------------------------------------------------------------

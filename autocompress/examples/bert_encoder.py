@@ -1,11 +1,11 @@
 """A BERT-family sentence encoder compressed as a user would: a ``transformers`` checkpoint in a local
 folder, DataLoaders of tokenized dict batches, token embeddings scored by fidelity to the teacher.
 
-Study file: ``task: {name: autocompress.examples.bert_encoder:bert_encoder}`` (``studies/bert_encoder.yaml``).
+Study file: ``task: {name: autocompress.examples.bert_encoder:bert_encoder}`` (the bundled study ``bert_encoder``).
 From Python::
 
     task = bert_encoder(checkpoint="my_encoder/")   # a folder written by save_pretrained
-    autocompress.run_study(autocompress.load_config("studies/bert_encoder.yaml"), task=task)
+    autocompress.run_study("bert_encoder", task=task)
 
 The checkpoint: on first use the folder is created from a ``BertConfig`` (the size of the small sentence
 encoders people deploy: 6 layers, hidden 384, 12 heads, FFN 1536, BERT's 30,522-token vocabulary),

@@ -2,7 +2,7 @@
 DataLoaders of ``(image, label)`` batches, top-1 accuracy.
 
 Study file: ``task: {name: autocompress.examples.mobilenet_v2:mobilenet_v2_task}``
-(``studies/mobilenet_v2.yaml``).
+(the bundled study ``mobilenet_v2``).
 
 The architecture is torchvision's ``mobilenet_v2`` written out here (torchvision is not a dependency):
 the same module names (``features.0`` the stem, ``features.1`` ... ``features.17`` the inverted residual

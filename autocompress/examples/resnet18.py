@@ -1,7 +1,7 @@
 """A torchvision-style ResNet-18 compressed as a user would: a trained checkpoint in a local file,
 DataLoaders of ``(image, label)`` batches, top-1 accuracy.
 
-Study file: ``task: {name: autocompress.examples.resnet18:resnet18_task}`` (``studies/resnet18.yaml``).
+Study file: ``task: {name: autocompress.examples.resnet18:resnet18_task}`` (the bundled study ``resnet18``).
 
 The architecture is torchvision's ``resnet18`` written out here (torchvision is not a dependency): the
 same module names (``conv1``, ``bn1``, ``layer1`` ... ``layer4``, ``fc``), ``BasicBlock`` with its

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+import yaml
 from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 
@@ -206,8 +207,12 @@ def open_run(
         # workers starting together: the first one trains the teacher, measures the baseline and creates
         # the study; the others wait here, then load them
         with FileLock(str(run_dir / SETUP_LOCK)):
-            if Path(cfg.source).exists():
+            if Path(cfg.source).is_file():
                 write_text_atomic(run_dir / STUDY_YAML, Path(cfg.source).read_text())
+            else:  # configured in Python: the fields it was given, as a study file
+                write_text_atomic(
+                    run_dir / STUDY_YAML, yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True))
+                )
             try:
                 teacher = teacher_for_run(prep.task, cfg, run_dir, log)
             except ConfigError as exc:

@@ -320,7 +320,7 @@ def _ascend_study(tmp_path, bits):
     study = {
         "name": "npu",
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
-        "space": {"file": str(ROOT / "search_spaces/default.yaml"), "overrides": {"bits": {"choices": bits}}},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml"), "overrides": {"bits": {"choices": bits}}},
         "backend": {"name": "ascend", "device": "npu:0"},
         "trials": {"n": 1},
     }

@@ -117,7 +117,7 @@ def test_a_second_study_over_the_same_plans_hits_the_cache(tmp_path):
     data = {
         "name": "cache",
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
-        "space": {"file": str(ROOT / "search_spaces/default.yaml"), "overrides": {"bits": {"fixed": 32}}},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml"), "overrides": {"bits": {"fixed": 32}}},
         "finetune": {"epochs": 0},
         "backend": {"latency_cache": str(tmp_path / "shared.db"), "options": FAST},
         "sampler": {"name": "random"},

@@ -79,7 +79,7 @@ def test_study_validation_rejects_bits_the_backend_cannot_store(tmp_path):
             {
                 "name": "t",
                 "task": {"name": "digits"},
-                "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+                "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
                 "backend": {"name": "torch"},
                 "output": str(tmp_path / "run"),
             }

@@ -154,7 +154,7 @@ def test_tiny_bert_study_runs_from_python_and_times_the_teacher_apart(tmp_path):
     study = {
         "name": "tiny_bert",
         "task": {},
-        "space": {"file": str(ROOT / "search_spaces/int8_linear.yaml"), "overrides": {"groups": "global"}},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/int8_linear.yaml"), "overrides": {"groups": "global"}},
         "finetune": {"steps": 0, "threads": 1},
         "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "trials": {"n": 1, "warm_start": [{"bits": 8}], "eval_samples": 8, "keep": "pareto"},

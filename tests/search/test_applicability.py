@@ -27,7 +27,7 @@ from autocompress.tasks import Task
 from autocompress.tasks.data import deployable
 from autocompress.testing import REFERENCE_MODELS
 
-SPACE = ROOT / "search_spaces/default.yaml"
+SPACE = ROOT / "autocompress/search_spaces/default.yaml"
 
 
 def _task(name: str, cls=None) -> Task:

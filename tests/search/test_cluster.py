@@ -43,7 +43,7 @@ def _study_file(tmp_path: Path, name: str, n: int, **changes) -> tuple[Path, Pat
         "name": name,
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 3}},
         "space": {
-            "file": str(ROOT / "search_spaces/default.yaml"),
+            "file": str(ROOT / "autocompress/search_spaces/default.yaml"),
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 2, "threads": 1},

@@ -20,7 +20,7 @@ def tiny_study(tmp_path, **trials) -> dict:
     return {
         "name": "tiny",
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
-        "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
         "finetune": {"epochs": 1, "threads": 1},
         "backend": {"options": {"timing": TIMING}},
         "budgets": {"max_metric_drop": 0.01},

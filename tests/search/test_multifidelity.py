@@ -20,7 +20,7 @@ def _cfg(tmp_path, **changes):
     data = {
         "name": "fid",
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 3}},
-        "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
         "finetune": {"epochs": 3, "threads": 1},
         "sampler": {"name": "random"},
         "trials": {"n": 8, "warm_start": []},

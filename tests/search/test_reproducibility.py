@@ -100,7 +100,7 @@ def test_size_floor_is_a_lower_bound_of_real_artifacts(digits_task, digits_teach
     try:
         for bits, ratio in ((4, 0.1), (8, 0.5), (32, 1.0)):
             space = SearchSpace.from_file(
-                ROOT / "search_spaces/default.yaml",
+                ROOT / "autocompress/search_spaces/default.yaml",
                 {
                     "bits": {"choices": [bits, 32]},
                     "rank_ratio": {"low": ratio, "high": 1.0},

@@ -21,7 +21,7 @@ def _study(tmp_path, name="tiny", **changes) -> tuple:
         "name": name,
         "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 3}},
         "space": {
-            "file": str(ROOT / "search_spaces/default.yaml"),
+            "file": str(ROOT / "autocompress/search_spaces/default.yaml"),
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 1},

@@ -46,7 +46,7 @@ def test_builtin_task_models_run_on_their_data(name, options, layers):
 def test_every_shipped_study_validates_and_names_a_task():
     from pathlib import Path
 
-    studies = sorted(Path(__file__).resolve().parents[2].glob("studies/*.yaml"))
+    studies = sorted(Path(__file__).resolve().parents[2].glob("autocompress/studies/*.yaml"))
     assert {p.stem for p in studies} >= {"quickstart", "mnist1d_cnn", "mnist1d_transformer", "digits_resnet"}
     for path in studies:
         cfg = load_config(path)

@@ -143,7 +143,7 @@ def test_pruned_model_lowers_to_onnx_and_agrees(tmp_path):
 def test_the_default_space_asks_heads_on_attention_outputs_only():
     import optuna
 
-    space = SearchSpace.from_file("search_spaces/default.yaml")
+    space = SearchSpace.from_file("autocompress/search_spaces/default.yaml")
     for cls, asked in ((TorchTransformer, True), (PlainCNN, False)):
         inv = build_inventory(cls().eval(), cls.example_inputs())
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
@@ -162,7 +162,7 @@ def test_the_default_space_asks_heads_on_attention_outputs_only():
 def _default() -> dict:
     import yaml
 
-    with open("search_spaces/default.yaml") as f:
+    with open("autocompress/search_spaces/default.yaml") as f:
         return yaml.safe_load(f)
 
 

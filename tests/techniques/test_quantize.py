@@ -426,7 +426,7 @@ def test_lsq_scale_is_trained_and_is_what_the_artifact_uses(tmp_path, backend, d
 def test_quant_depth_space_suggests_the_new_choices(digits_teacher, digits_task):
     import optuna
 
-    space = SearchSpace.from_file(ROOT / "search_spaces" / "quant_depth.yaml")
+    space = SearchSpace.from_file(ROOT / "autocompress" / "search_spaces" / "quant_depth.yaml")
     inv = build_inventory(digits_teacher, digits_task.example_inputs())
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()

@@ -24,7 +24,7 @@ from autocompress.space import SearchSpace
 from autocompress.testing.technique_suite import reference_task
 
 ROOT = Path(__file__).resolve().parents[2]
-SPACE = ROOT / "search_spaces/default.yaml"
+SPACE = ROOT / "autocompress/search_spaces/default.yaml"
 
 
 class TextClassifier(nn.Module):

@@ -259,7 +259,7 @@ def _study_file(tmp_path, **trials) -> str:
                 "name": "narrow",
                 "task": {"name": "tiny_tasks:sensitive_mlp"},
                 "space": {
-                    "file": str(ROOT / "search_spaces/default.yaml"),
+                    "file": str(ROOT / "autocompress/search_spaces/default.yaml"),
                     "overrides": {
                         "bits": {"choices": [4, 8, 32]},
                         "sparsity": {"fixed": 0.0},
