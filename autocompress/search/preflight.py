@@ -17,6 +17,7 @@ Budget rule (sound: a budget that some plan can meet is never rejected):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import tempfile
@@ -39,31 +40,42 @@ LATENCY_MARGIN = 0.5
 def check_storage(cfg: StudyConfig) -> None:
     """Raise ConfigError if the storage URL cannot be opened; create nothing.
 
-    SQLite: the file's folder must exist (or be the run folder, which the run creates) and be writable,
-    and an existing file must be an SQLite database. Other databases: a connection is opened (5 s
+    SQLite and journal files: the file's folder must exist (or be the run folder, which the run creates)
+    and be writable, and an existing SQLite file must be an SQLite database. Other databases: a connection is opened (5 s
     timeout) and closed.
     """
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    from ..redact import mask_url
+    from .storage import journal_path
+
     url = cfg.storage_url()
-    if url.startswith("journal://"):  # Optuna's journal file (checked by search.storage)
-        return
+    shown = mask_url(url)
 
     def fail(rule: str) -> ConfigError:
         return ConfigError(rule, source=cfg.source, field="storage")
 
+    if url.startswith("journal://"):  # Optuna's journal file: its folder must exist (or be the run folder)
+        journal = journal_path(url)
+        _check_file_folder(str(journal), journal, cfg, fail)
+        return
     try:
         u = make_url(url)
-    except ArgumentError:
-        raise fail(f"{url!r} is not a database URL (e.g. sqlite:///runs/x/study.db)") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: e.g. a port that is not a number
+        raise fail(f"{shown!r} is not a database URL (e.g. sqlite:///runs/x/study.db): {exc}") from None
     try:
         u.get_dialect()
     except NoSuchModuleError:
         raise fail(
-            f"cannot open {url!r}: unknown database dialect {u.drivername!r} "
+            f"cannot open {shown!r}: unknown database dialect {u.drivername!r} "
             "(known to SQLAlchemy: sqlite, postgresql, mysql, mariadb, oracle, mssql)"
+        ) from None
+    except ImportError as exc:  # the dialect is known, its driver is not installed
+        raise fail(
+            f"cannot open {shown!r}: the driver of {u.drivername!r} is not installed ({exc}); "
+            'for PostgreSQL: pip install "autocompress[postgres]"'
         ) from None
     if u.get_backend_name() == "sqlite":
         _check_sqlite(u.database, cfg, fail)
@@ -76,30 +88,38 @@ def check_storage(cfg: StudyConfig) -> None:
         engine.dispose()
     except Exception as exc:  # the driver's own words: no server, wrong password, no driver...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise fail(f"cannot open {url!r}: {type(exc).__name__}: {first}") from None
+        raise fail(f"cannot open {shown!r}: {type(exc).__name__}: {first}") from None
 
 
 def _check_sqlite(database: str | None, cfg: StudyConfig, fail) -> None:
     if not database or database == ":memory:" or database.startswith("file::memory:"):
         raise fail("an in-memory SQLite storage would lose the study when the process ends; give a file")
     path = Path(database)
+    if not _check_file_folder(database, path, cfg, fail):
+        return
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise fail(f"cannot open {database!r}: the file is not readable and writable")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)) as con:
+                con.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise fail(f"cannot open {database!r}: {exc}") from None
+
+
+def _check_file_folder(shown: str, path: Path, cfg: StudyConfig, fail) -> bool:
+    """The folder of a storage file exists and is writable, or is the run folder (or inside it), which
+    the run creates (False then: there is no file yet to check)."""
     folder = path.parent.resolve()
     run_dir = cfg.output_dir().resolve()
     if not folder.exists():
         if folder == run_dir or run_dir in folder.parents:
             _check_creatable(run_dir, cfg)
-            return
-        raise fail(f"cannot open {database!r}: folder {str(path.parent)!r} does not exist")
+            return False
+        raise fail(f"cannot open {shown!r}: folder {str(path.parent)!r} does not exist")
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise fail(f"cannot open {database!r}: folder {str(path.parent)!r} is not writable")
-    if path.exists():
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise fail(f"cannot open {database!r}: the file is not readable and writable")
-        try:
-            with sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True) as con:
-                con.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise fail(f"cannot open {database!r}: {exc}") from None
+        raise fail(f"cannot open {shown!r}: folder {str(path.parent)!r} is not writable")
+    return True
 
 
 def _check_creatable(folder: Path, cfg: StudyConfig) -> None:

@@ -139,6 +139,15 @@ def _check_storage_url(cfg: StudyConfig) -> None:
         raise exc.at(cfg.source, "storage") from None
 
 
+RETRY_KEEPS = ("warm_start", "planned")  # user attrs of a trial that its retry carries
+
+
+def retry_attrs(user_attrs: dict, number: int) -> dict:
+    """The user attrs of the retry of trial ``number``: what it was (a warm or a planned start, whose
+    prediction is compared with what the retry measures) and ``retry_of``."""
+    return {**{k: user_attrs[k] for k in RETRY_KEEPS if k in user_attrs}, "retry_of": number}
+
+
 def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
     """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
     (and remove what the dead process may have left of their folders)."""
@@ -146,8 +155,10 @@ def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None
         storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
         storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
         storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if t.params:  # the retry keeps what the trial was (a warm or planned start: predicted vs measured)
+            study.enqueue_trial(
+                t.params, user_attrs=retry_attrs(t.user_attrs, t.number), skip_if_exists=False
+            )
         if run_dir is not None:
             for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
                 shutil.rmtree(run_dir / TRIALS / name, ignore_errors=True)

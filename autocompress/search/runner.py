@@ -31,7 +31,7 @@ from .fidelity import Fidelity
 from .housekeeping import discard_dominated_folders
 from .planned import prediction_line
 from .progress import Progress
-from .run_setup import open_run
+from .run_setup import open_run, retry_attrs
 
 
 @dataclass
@@ -180,7 +180,8 @@ def execute_trial(
         if fidelity:
             fidelity.finish(trial, TrialState.FAIL)
         if isinstance(exc, RunFolderUnwritable):  # ... but a full disk would fail every next one: stop
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            retry = retry_attrs(trial.user_attrs, trial.number)
+            study.enqueue_trial(trial.params, user_attrs=retry, skip_if_exists=False)
             raise
         return TrialState.FAIL, None, reason
     study.tell(trial, record_success(ctx, trial, metrics))

@@ -1,0 +1,140 @@
+"""A refusal changes nothing and says one line: bad study files, bad task modules, bad flags of the other
+commands (exit 2, the file or flag, the field and the rule; the run folder and the temp folder
+byte-identical to before)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+from refusal_helpers import one_line, run_cli, snapshot
+
+BASE = {
+    "name": "bad",
+    "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
+    "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+    "trials": {"n": 1},
+}
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """A temp folder of this test's own (for this process and the processes it starts)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def _study(tmp_path: Path, **fields) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **fields}))
+    return path
+
+
+def _refused(tmp_path: Path, private_tmp: Path, args: list, match: str, extra: tuple = ()) -> str:
+    """Run the CLI; exit 2, one line matching ``match``, nothing written under tmp_path or the temp folder."""
+    before = snapshot(tmp_path, *extra)
+    rc, _, err = run_cli(*args)
+    line = one_line(err)
+    assert rc == 2, err
+    assert re.search(match, line), line
+    assert snapshot(tmp_path, *extra) == before
+    return line
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (  # a typo must not create folders at the filesystem's root
+            {"storage": "journal:///nonexistent_ac_dir/sub/j.log"},
+            r"study.yaml: storage: cannot open '/nonexistent_ac_dir/sub/j.log': "
+            r"folder '/nonexistent_ac_dir/sub' does not exist",
+        ),
+        (
+            {"storage": "postgresql://user@:notaport/db"},
+            r"study.yaml: storage: 'postgresql://user@:notaport/db' is not a database URL",
+        ),
+        (
+            {"task": {"name": ":factory"}},
+            r"study.yaml: task.name: ':factory' is not 'package.module:factory'",
+        ),
+        (
+            {"task": {"name": "tiny_tasks:"}},
+            r"study.yaml: task.name: 'tiny_tasks:' is not 'package.module:factory'",
+        ),
+    ],
+    ids=["journal-folder", "url-port", "empty-module", "empty-factory"],
+)
+def test_bad_study_fields(tmp_path, private_tmp, fields, match):
+    study = _study(tmp_path, **fields)
+    _refused(tmp_path, private_tmp, ["run", study, "--output", tmp_path / "out"], match)
+    assert not Path("/nonexistent_ac_dir").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        ("def factory(:\n", r"failed to import: SyntaxError: .*line 1"),
+        ("raise RuntimeError('no data here')\n", r"failed to import: RuntimeError: no data here"),
+        ("import no_such_module_ac\n", r"cannot import task module 'broken_ac_task': No module named"),
+    ],
+    ids=["syntax", "raises", "imports-missing"],
+)
+def test_task_module_that_cannot_be_imported(tmp_path, private_tmp, monkeypatch, source, match):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "broken_ac_task.py").write_text(source)
+    monkeypatch.syspath_prepend(str(mods))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # the import must not write __pycache__ either
+    study = _study(tmp_path, task={"name": "broken_ac_task:factory"})
+    line = _refused(tmp_path, private_tmp, ["run", study, "--output", tmp_path / "out"], match)
+    assert line.startswith(f"error: {study}: task.name: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (
+            ["run", "{study}", "--n-trials", "-3"],
+            r"command line: --n-trials: -3 is out of range \(must be >= 1\)",
+        ),
+        (["run", "{study}", "--n-trials", "0"], r"--n-trials: 0 is out of range"),
+        (["worker", "{study}", "--n-trials", "0"], r"--n-trials: 0 is out of range"),
+        (
+            ["pick", "{out}", "--max-metric-drop-rel", "5"],
+            r"--max-metric-drop-rel: 5 is out of range \(must be >= 0 and <= 1\)",
+        ),
+        (["pick", "{out}", "--max-latency-ms", "0"], r"--max-latency-ms: 0 is out of range \(must be > 0\)"),
+        (["pick", "{out}", "--max-metric-drop", "-0.1"], r"--max-metric-drop: -0.1 is out of range"),
+        (
+            ["measure", "{onnx}", "--threads", "0"],
+            r"--threads: 0 is out of range \(must be >= 1 and <= 256\)",
+        ),
+        (["measure", "{onnx}", "--batch-size", "0"], r"--batch-size: 0 is out of range"),
+        (["measure", "{notonnx}"], r"notonnx.onnx: .*is not an ONNX model \(DecodeError"),
+    ],
+    ids=[
+        "n-trials-neg",
+        "n-trials-0",
+        "worker-n-trials",
+        "pick-rel",
+        "pick-latency",
+        "pick-drop",
+        "threads",
+        "batch",
+        "not-onnx",
+    ],
+)
+def test_bad_flags(tmp_path, private_tmp, args, match):
+    study = _study(tmp_path)
+    (tmp_path / "notonnx.onnx").write_text("not an ONNX model\n")
+    names = {"study": study, "out": tmp_path / "out", "onnx": tmp_path / "notonnx.onnx"}
+    names["notonnx"] = names["onnx"]
+    _refused(tmp_path, private_tmp, [a.format(**names) for a in args], match)
