@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT
 from refusal_helpers import one_line, run_cli, snapshot
+from reliability_helpers import cli
 
 BASE = {
     "name": "bad",
@@ -138,3 +139,97 @@ def test_bad_flags(tmp_path, private_tmp, args, match):
     names = {"study": study, "out": tmp_path / "out", "onnx": tmp_path / "notonnx.onnx"}
     names["notonnx"] = names["onnx"]
     _refused(tmp_path, private_tmp, [a.format(**names) for a in args], match)
+
+
+# ------------------------------------------------------------------- refusals found while setting up
+
+
+QUICK = {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}
+
+
+def _tiny(tmp_path: Path, task: str, name: str = "tiny", **fields) -> Path:
+    """A study of a tests/tiny_tasks task: one trial, one fine-tuning epoch, short timing."""
+    data = {
+        "name": name,
+        "task": {"name": f"tiny_tasks:{task}"},
+        "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+        "finetune": {"epochs": 1, "threads": 1},
+        "backend": {"options": {"timing": QUICK}},
+        "sampler": {"name": "random"},
+        "trials": {"n": 1, "warm_start": [{"bits": 8}]},
+        "output": str(tmp_path / "run"),
+    }
+    for key, value in fields.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("task", "fields", "field", "match"),
+    [
+        (  # refused after the export was tried: what the set-up wrote is taken away again
+            "not_exportable",
+            {},
+            "task",
+            r"the baseline \(uncompressed model\) failed: torch.onnx.export failed: UnsupportedOperatorError: "
+            r"Exporting the operator 'aten::linalg_svdvals'",
+        ),
+        (
+            "stream_without_length",
+            {},
+            "finetune.epochs",
+            r"1 epochs cannot be counted: the task's training split has no length; set finetune.steps",
+        ),
+        ("column_labels", {}, "task.targets", r"labels of shape \(\d+, 1\): metric 'accuracy'"),
+        (
+            "trained_mlp",
+            {
+                "space__overrides": {
+                    "layers": {"2": {"bits": {"fixed": 8}}, "classifer": {"bits": {"fixed": 8}}}
+                }
+            },
+            "space.overrides.layers.classifer",
+            r"'classifer' matches no compressible layer of the model .*its layers: 0, 2\)",
+        ),
+        (
+            "trained_mlp",
+            {"space__overrides": {"groups": {"all": "fc.*"}}},
+            "space.overrides.groups.all",
+            r"'fc.\*' matches no compressible layer",
+        ),
+    ],
+    ids=["export", "stream-epochs", "column-labels", "layers-regex", "groups-regex"],
+)
+@pytest.mark.parametrize("folder", ["new", "empty"])
+def test_refused_during_set_up_writes_nothing(tmp_path, private_tmp, task, fields, field, match, folder):
+    study = _tiny(tmp_path, task, **fields)
+    if folder == "empty":
+        (tmp_path / "run").mkdir()
+    line = _refused(tmp_path, private_tmp, ["run", study], match)
+    assert line.startswith(f"error: {study}: {field}: "), line
+
+
+def test_refused_run_into_a_good_folder_changes_nothing(tmp_path, private_tmp):
+    """Another teacher's study into a folder that holds a finished run: refused, and the folder (its
+    study.yaml, study.db, teacher.json, every file) byte-identical, with no SQLite log files left."""
+    good = _tiny(tmp_path, "trained_mlp", name="good")
+    proc = cli("run", good)  # its own process: the storage is closed when it ends, as a user's would be
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert {"study.yaml", "study.db", "teacher.json"} <= {p.name for p in run.iterdir()}
+    other = _tiny(tmp_path, "trained_mlp", name="other", task__options={"seed": 1})
+    before = snapshot(tmp_path, private_tmp)
+    rc, _, err = run_cli("run", other)
+    assert rc == 2, err
+    assert re.search(
+        rf"error: {other}: output: run folder {run} holds trials of a teacher with weights sha256",
+        one_line(err),
+    )
+    assert snapshot(tmp_path, private_tmp) == before
+    assert not list(run.glob("study.db-*"))

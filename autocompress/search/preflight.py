@@ -17,9 +17,8 @@ Budget rule (sound: a budget that some plan can meet is never rejected):
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from ..space import SearchSpace
 from ..tasks import Task
 
 LATENCY_MARGIN = 0.5
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def check_storage(cfg: StudyConfig) -> None:
@@ -100,11 +100,12 @@ def _check_sqlite(database: str | None, cfg: StudyConfig, fail) -> None:
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             raise fail(f"cannot open {database!r}: the file is not readable and writable")
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)) as con:
-                con.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise fail(f"cannot open {database!r}: {exc}") from None
+        # the file's header, not a connection: opening a database in WAL mode, even read-only, leaves
+        # its -wal and -shm files behind, and a refused run must not write a byte
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if head and head != SQLITE_HEADER:  # an empty file is an empty database to SQLite
+            raise fail(f"cannot open {database!r}: file is not a database")
 
 
 def _check_file_folder(shown: str, path: Path, cfg: StudyConfig, fail) -> bool:
@@ -212,4 +213,28 @@ def check_budgets(cfg: StudyConfig, task: Task, space: SearchSpace, backend: Bac
                 f"(budgets below {LATENCY_MARGIN:g}x that are rejected)",
                 source=cfg.source,
                 field="budgets.max_latency_ms",
+            )
+
+
+def check_override_patterns(cfg: StudyConfig, task: Task) -> None:
+    """Raise ConfigError for a ``space.overrides`` layer or group pattern that matches no compressible
+    layer of the task's model: a typo in a layer name would otherwise silently do nothing."""
+    overrides = cfg.space.overrides
+    patterns = []
+    if isinstance(overrides.get("layers"), dict):
+        patterns += [(f"space.overrides.layers.{p}", p) for p in overrides["layers"]]
+    if isinstance(overrides.get("groups"), dict):
+        patterns += [(f"space.overrides.groups.{g}", p) for g, p in overrides["groups"].items()]
+    if not patterns:
+        return
+    model = task.teacher() if task.pretrained else task.model_fn().eval()
+    names = [info.name for info in build_inventory(model, task.example_inputs())]
+    for field, pattern in patterns:
+        if not any(re.fullmatch(str(pattern), name) for name in names):
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
+            raise ConfigError(
+                f"{pattern!r} matches no compressible layer of the model (a full match of the layer's name; "
+                f"its layers: {shown})",
+                source=cfg.source,
+                field=field,
             )

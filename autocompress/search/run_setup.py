@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..inventory import build_inventory
 from ..optuna_compat import trial_id
 from ..pareto import OBJECTIVES, objectives_for
+from ..redact import mask_secrets, mask_url
 from ..rundir import (
     APPLICABILITY,
     COVERAGE,
@@ -47,8 +48,8 @@ from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
 from .defaults import apply_finetune_default, apply_space_default
 from .fidelity import make_pruner
-from .housekeeping import clean_run_dir, discard_dominated_folders
-from .preflight import check_budgets, check_output, check_storage
+from .housekeeping import SetupUndo, clean_run_dir, discard_dominated_folders
+from .preflight import check_budgets, check_output, check_override_patterns, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
 
@@ -126,6 +127,7 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
             )
         note = apply_finetune_default(cfg, task)
         check_budgets(cfg, task, space, backend)
+        check_override_patterns(cfg, task)
     except BaseException:
         backend.close()
         raise
@@ -196,6 +198,7 @@ def open_run(
     """
     prep = prepare(cfg, task)
     run_dir = cfg.output_dir()
+    undo = SetupUndo(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -211,14 +214,13 @@ def open_run(
             raise ConfigError(
                 f"another process is running this study in {run_dir}", source=cfg.source, field="output"
             ) from None
+    set_up = False
     try:
         prep.backend.start_timing()  # e.g. the timing worker's imports, while the teacher loads
         torch.set_num_threads(cfg.finetune.threads)
         # workers starting together: the first one trains the teacher, measures the baseline and creates
         # the study; the others wait here, then load them
         with FileLock(str(run_dir / SETUP_LOCK)):
-            if Path(cfg.source).exists():
-                write_text_atomic(run_dir / STUDY_YAML, Path(cfg.source).read_text())
             try:
                 teacher = teacher_for_run(prep.task, cfg, run_dir, log)
             except ConfigError as exc:
@@ -234,12 +236,19 @@ def open_run(
             ctx.baseline = baseline_for_run(ctx, log)
             ctx.trial_estimate = estimate_trial_s(ctx, log)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
+            if Path(cfg.source).exists():  # the study is set up: the folder now holds it
+                write_text_atomic(run_dir / STUDY_YAML, mask_secrets(Path(cfg.source).read_text()))
+        set_up = True
         if exclusive:  # no other runner writes here: what is half written is debris of a killed run
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
                 discard_dominated_folders(study, run_dir, log)
         with frozen_heap():
             yield ctx, study
+    except ConfigError:
+        if exclusive and not set_up:  # refused: the folder as it was (no other runner writes here)
+            undo.undo()
+        raise
     finally:
         prep.backend.close()
         if exclusive:
@@ -294,7 +303,9 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         with warnings.catch_warnings():  # experimental in Optuna, stable enough for labels
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(OBJECTIVES))
-        study.set_user_attr("config", cfg.model_dump(mode="json"))
+        config = cfg.model_dump(mode="json")
+        config["storage"] = mask_url(config["storage"]) if config.get("storage") else config.get("storage")
+        study.set_user_attr("config", config)
         study.set_user_attr(
             "baseline", {k: b[k] for k in ("metric", "latency_ms", "size_bytes", "metric_name")}
         )

@@ -303,6 +303,14 @@ def _check_metric(task: Task, metric: Metric, out: torch.Tensor, where: str) -> 
     if metric.kind in ("accuracy", "topk", "f1") and targets is not None:
         labels = [targets] + [t for t in (task.train_split.tensors or (None, None))[1:] if t is not None]
         labels.append(task.eval_split.first(256)[1])
+        labels.append(task.train_split.first(2)[1])
+        for t in labels:
+            if t is not None and t.dim() != 1:  # [N, 1] == [N] broadcasts: a silently wrong accuracy
+                raise ConfigError(
+                    f"labels of shape {tuple(t.shape)}: metric {metric.name!r} and the classification loss "
+                    "need one class index per sample, shape [batch] (e.g. a targets adapter that squeezes them)",
+                    field=f"{where}.targets",
+                )
         n_classes = int(max(int(t.max()) for t in labels if t is not None)) + 1
         if out.dim() != 2 or out.shape[1] < n_classes:
             raise ConfigError(
