@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,13 +234,18 @@ class StudyConfig(_Strict):
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class found by following ``loc`` from ``model`` (None if not a model)."""
     current: Any = model
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(str(part))
         if field is None:
             return None
         current = field.annotation
+        if typing.get_origin(current) is dict and parts:  # {key: Model}: the key names no field
+            current = typing.get_args(current)[1]
+            parts.pop(0)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 

@@ -8,9 +8,18 @@ import io
 import os
 from pathlib import Path
 
+# not ours: ONNX Runtime writes a session id file into the temp folder ($TMPDIR) when its providers load
+FOREIGN = {".ses"}
+
+
+def ours(folder: Path) -> list[str]:
+    """The names in ``folder`` (a temp folder), less what other libraries write there (:data:`FOREIGN`)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in FOREIGN)
+
 
 def snapshot(*roots: Path) -> dict[str, tuple[str, int, str]]:
-    """Every entry under ``roots`` (recursively): (kind, size, sha256) by path; absent roots list nothing."""
+    """Every entry under ``roots`` (recursively): (kind, size, sha256) by path; absent roots list nothing
+    (nor the :data:`FOREIGN` files)."""
     out: dict[str, tuple[str, int, str]] = {}
     for root in roots:
         root = Path(root)
@@ -20,6 +29,8 @@ def snapshot(*roots: Path) -> dict[str, tuple[str, int, str]]:
             for d in dirnames:
                 out[str(Path(dirpath) / d)] = ("dir", 0, "")
             for f in filenames:
+                if f in FOREIGN:
+                    continue
                 p = Path(dirpath) / f
                 if p.is_symlink() or not p.is_file():
                     out[str(p)] = ("other", 0, "")

@@ -233,3 +233,46 @@ def test_refused_run_into_a_good_folder_changes_nothing(tmp_path, private_tmp):
     )
     assert snapshot(tmp_path, private_tmp) == before
     assert not list(run.glob("study.db-*"))
+
+
+# ------------------------------------------------------------------------ credentials stay secret
+
+SECRET = "s3cretPW"
+UNREACHABLE = f"postgresql://alice:{SECRET}@127.0.0.1:1/db"
+
+
+def test_an_unreachable_storage_with_a_password_is_refused_without_showing_it(
+    tmp_path, private_tmp, monkeypatch
+):
+    monkeypatch.setenv("AUTOCOMPRESS_STORAGE_RETRY_S", "0")
+    study = _study(tmp_path, storage=UNREACHABLE)
+    line = _refused(
+        tmp_path,
+        private_tmp,
+        ["run", study, "--output", tmp_path / "out"],
+        r"storage: cannot open 'postgresql://alice:\*\*\*@127.0.0.1:1/db': ",
+    )
+    assert SECRET not in line
+    _refused(tmp_path, private_tmp, ["worker", study, "--output", tmp_path / "out"], r"alice:\*\*\*@")
+    (tmp_path / "out").mkdir()
+    for command in ("report", "pick"):
+        before = snapshot(tmp_path, private_tmp)
+        rc, out, err = run_cli(command, tmp_path / "out", "--storage", UNREACHABLE)
+        assert rc in (1, 2) and SECRET not in out + err and "alice:***@" in out + err, (rc, out, err)
+        assert "Traceback" not in err
+        assert snapshot(tmp_path, private_tmp) == before
+
+
+def test_mask_secrets_hides_every_password_form():
+    from autocompress.redact import mask_secrets, mask_url
+
+    for text in (
+        f"cannot open 'postgresql+psycopg2://alice:{SECRET}@127.0.0.1:1/db': x",
+        f"mysql://bob:{SECRET}@host/db?charset=utf8",
+        f"postgresql://alice:p@{SECRET}@host/db",  # a raw "@" in the password
+        f"host=h user=alice password={SECRET} dbname=d",
+        f"postgresql://alice@h/db?password={SECRET}",
+    ):
+        assert SECRET not in mask_secrets(text) and SECRET not in mask_url(text), text
+    assert mask_url(UNREACHABLE) == "postgresql://alice:***@127.0.0.1:1/db"
+    assert mask_secrets("sqlite:///runs/a@b/study.db") == "sqlite:///runs/a@b/study.db"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import BackendError, ExportError
 from ..lowering import LoweringSpec
+from ..scratch import scratch_dir
 from .base import (
     Artifact,
     Backend,
@@ -113,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError("onnxruntime backend: quantized layers need calibration inputs")
         if isinstance(calibration, np.ndarray):
             calibration = (calibration,)
-        with tempfile.TemporaryDirectory(prefix="ac-ort-") as tmp:
+        with scratch_dir("ac-ort-") as tmp:
             fp32 = Path(tmp) / "float.onnx"
             try:
                 export_onnx(model, example_inputs, fp32, io=io)

@@ -233,6 +233,15 @@ def validate_task(task: object, where: str) -> Task:
             f"reading the task's data failed: {type(exc).__name__}: {_one_line(exc)}", field=where
         ) from exc
     model = _model(task, where)
+    empty = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() == 0
+    ]
+    if empty:  # e.g. a width of 0 in the model's options: nothing to compress, nothing to measure
+        raise ConfigError(
+            f"layer {empty[0]!r} of the model has no weights (a width of 0)", field=f"{where}.model"
+        )
     try:
         with torch.no_grad():
             out = task.call(model, example)
