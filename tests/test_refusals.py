@@ -203,8 +203,14 @@ def _tiny(tmp_path: Path, task: str, name: str = "tiny", **fields) -> Path:
             "space.overrides.groups.all",
             r"'fc.\*' matches no compressible layer",
         ),
+        (
+            "trained_mlp",
+            {"budgets__max_metric_drop": 5},
+            "budgets.max_metric_drop",
+            r"5 can never be reached: accuracy spans 1 at most",
+        ),
     ],
-    ids=["export", "stream-epochs", "column-labels", "layers-regex", "groups-regex"],
+    ids=["export", "stream-epochs", "column-labels", "layers-regex", "groups-regex", "drop-5"],
 )
 @pytest.mark.parametrize("folder", ["new", "empty"])
 def test_refused_during_set_up_writes_nothing(tmp_path, private_tmp, task, fields, field, match, folder):
@@ -276,3 +282,18 @@ def test_mask_secrets_hides_every_password_form():
         assert SECRET not in mask_secrets(text) and SECRET not in mask_url(text), text
     assert mask_url(UNREACHABLE) == "postgresql://alice:***@127.0.0.1:1/db"
     assert mask_secrets("sqlite:///runs/a@b/study.db") == "sqlite:///runs/a@b/study.db"
+
+
+@pytest.mark.parametrize("n", [0, -3, True, 2.5])
+def test_run_study_from_python_refuses_a_trial_count_that_is_not_one(tmp_path, private_tmp, n):
+    from autocompress.config import load_config
+    from autocompress.errors import ConfigError
+    from autocompress.search import run_study
+
+    study = _study(tmp_path, output=str(tmp_path / "out"))
+    before = snapshot(tmp_path, private_tmp)
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(study))}: n_trials: {re.escape(repr(n))} is not a count"
+    ):
+        run_study(load_config(study), n_trials=n)
+    assert snapshot(tmp_path, private_tmp) == before

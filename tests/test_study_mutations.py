@@ -58,7 +58,7 @@ LEAVES = {
     "backend.device": ["cuda:0", "npu:0", "gpu", "cpu:1"],
     "backend.threads": [0, -2, "1"],
     "backend.options": [{"nope": 1}, "fast", [1]],
-    "budgets.max_metric_drop": [-0.1, "1%", [0.1], 0.0],
+    "budgets.max_metric_drop": [-0.1, "1%", [0.1], 0.0, 5],
     "budgets.max_metric_drop_rel": [1.5, -1, "x"],
     "budgets.max_size_bytes": [0, 10, -5, 1.5],
     "sampler.name": ["tpee", "bayes", 3],

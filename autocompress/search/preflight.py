@@ -12,7 +12,8 @@ Budget rule (sound: a budget that some plan can meet is never rejected):
   runtime's call overhead and reading the input. That trivial artifact (``Flatten`` of the input) is
   lowered and timed by the same backend at the same batch size; a budget below half its median
   latency (:data:`LATENCY_MARGIN` absorbs timing noise from a busy machine) cannot be met.
-* ``max_metric_drop``: cannot be decided before fine-tuning; any value in [0, 1] is accepted.
+* ``max_metric_drop``: cannot be decided before fine-tuning; any value within the metric's range is
+  accepted (above it, for a bounded metric such as accuracy, the budget would allow anything: refused).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from ..tasks import Task
 
 LATENCY_MARGIN = 0.5
 SQLITE_HEADER = b"SQLite format 3\x00"
+# the largest drop a bounded built-in metric can show: accuracy, top-k and F1 lie in [0, 1], fidelity
+# (a cosine) in [-1, 1]; a max_metric_drop above it allows anything (a percentage written as 5, not 0.05)
+METRIC_SPAN = {"accuracy": 1.0, "topk": 1.0, "f1": 1.0, "fidelity": 2.0}
 
 
 def check_storage(cfg: StudyConfig) -> None:
@@ -184,8 +188,18 @@ class _FirstInput(nn.Module):
 
 
 def check_budgets(cfg: StudyConfig, task: Task, space: SearchSpace, backend: Backend) -> None:
-    """Raise ConfigError for a budget that no plan of the space can meet (see the module docstring)."""
+    """Raise ConfigError for a budget that no plan of the space can meet, or a metric budget larger than
+    the metric's whole range (see the module docstring)."""
     b = cfg.budgets
+    metric = task.metric_obj
+    span = METRIC_SPAN.get(metric.kind)
+    if b.max_metric_drop is not None and span is not None and b.max_metric_drop > span:
+        raise ConfigError(
+            f"{b.max_metric_drop:g} can never be reached: {metric.name} spans {span:g} at most, so the budget "
+            f"would allow anything (it is in the metric's units: {0.01 * span:g} is 1% of its range)",
+            source=cfg.source,
+            field="budgets.max_metric_drop",
+        )
     if b.max_size_bytes is not None:
         model = task.teacher() if task.pretrained else task.model_fn().eval()
         floor = min_artifact_bytes(space, build_inventory(model, task.example_inputs()))
@@ -238,3 +252,18 @@ def check_override_patterns(cfg: StudyConfig, task: Task) -> None:
                 source=cfg.source,
                 field=field,
             )
+
+
+def trial_target(cfg: StudyConfig, n_trials: int | None) -> int:
+    """The completed trials a run aims at: ``n_trials`` (an override) or the study's ``trials.n``.
+
+    Raises:
+        ConfigError: ``n_trials`` is not a count >= 1.
+    """
+    if n_trials is None:
+        return cfg.trials.n
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(
+            f"{n_trials!r} is not a count of trials (>= 1)", source=cfg.source, field="n_trials"
+        )
+    return n_trials

@@ -30,6 +30,7 @@ from .costs import score_front_fully
 from .fidelity import Fidelity
 from .housekeeping import discard_dominated_folders
 from .planned import prediction_line
+from .preflight import trial_target
 from .progress import Progress
 from .run_setup import open_run, retry_attrs
 
@@ -128,7 +129,7 @@ def run_study(
         log: where progress lines go.
         stop_after: stop after this many new trials in this call (used to test resuming).
     """
-    n_target = n_trials or cfg.trials.n
+    n_target = trial_target(cfg, n_trials)
     with open_run(cfg, log, task=task) as (ctx, study):
         stopped = _loop(ctx, study, n_target, stop_after, log)
         score_front_fully(ctx, study, log)
