@@ -13,14 +13,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SCRATCH", "scratch_dir", "scratch_under"]
+__all__ = ["SCRATCH", "run_scratch", "scratch_dir", "scratch_under"]
 
 SCRATCH = ".scratch"  # the run folder's scratch folder
 _root: str | None = None
+
+
+def run_scratch(run_dir: Path, *, shared: bool = False) -> Path:
+    """A run's scratch folder: ``<run folder>/.scratch``, or, when other workers share the run folder
+    (``shared``), a folder of this process's own in it."""
+    folder = Path(run_dir) / SCRATCH
+    return folder / f"{socket.gethostname()}-{os.getpid()}" if shared else folder
 
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:

@@ -8,28 +8,35 @@ import io
 import os
 from pathlib import Path
 
-# not ours: ONNX Runtime writes a session id file into the temp folder ($TMPDIR) when its providers load
+# not ours: what libraries keep in the temp folder ($TMPDIR) for every process that uses them, ONNX
+# Runtime's session id file and torch's compile cache folder (torchinductor_<user>)
 FOREIGN = {".ses"}
+FOREIGN_PREFIXES = ("torchinductor_",)
+
+
+def foreign(name: str) -> bool:
+    return name in FOREIGN or name.startswith(FOREIGN_PREFIXES)
 
 
 def ours(folder: Path) -> list[str]:
-    """The names in ``folder`` (a temp folder), less what other libraries write there (:data:`FOREIGN`)."""
-    return sorted(p.name for p in Path(folder).iterdir() if p.name not in FOREIGN)
+    """The names in ``folder`` (a temp folder), less what libraries keep there (:func:`foreign`)."""
+    return sorted(p.name for p in Path(folder).iterdir() if not foreign(p.name))
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[str, int, str]]:
     """Every entry under ``roots`` (recursively): (kind, size, sha256) by path; absent roots list nothing
-    (nor the :data:`FOREIGN` files)."""
+    (nor the :func:`foreign` ones)."""
     out: dict[str, tuple[str, int, str]] = {}
     for root in roots:
         root = Path(root)
         if not root.exists():
             continue
         for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not foreign(d)]
             for d in dirnames:
                 out[str(Path(dirpath) / d)] = ("dir", 0, "")
             for f in filenames:
-                if f in FOREIGN:
+                if foreign(f):
                     continue
                 p = Path(dirpath) / f
                 if p.is_symlink() or not p.is_file():

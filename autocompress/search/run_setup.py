@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import shutil
-import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from ..rundir import (
     write_json,
     write_text_atomic,
 )
-from ..scratch import SCRATCH, scratch_under
+from ..scratch import run_scratch, scratch_under
 from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
@@ -218,9 +216,9 @@ def open_run(
                 f"another process is running this study in {run_dir}", source=cfg.source, field="output"
             ) from None
     set_up = False
-    scratch = contextlib.ExitStack()  # scratch folders under the run folder (search the module scratch)
+    scratch = contextlib.ExitStack()  # temp folders under the run folder: a killed run leaves none elsewhere
     try:
-        scratch.enter_context(scratch_under(scratch_folder(run_dir, exclusive), clear=True))
+        scratch.enter_context(scratch_under(run_scratch(run_dir, shared=not exclusive)))
         prep.backend.start_timing()  # e.g. the timing worker's imports, while the teacher loads
         torch.set_num_threads(cfg.finetune.threads)
         # workers starting together: the first one trains the teacher, measures the baseline and creates
@@ -259,14 +257,6 @@ def open_run(
         scratch.close()
         if exclusive:
             lock.release()
-
-
-def scratch_folder(run_dir: Path, exclusive: bool) -> Path:
-    """The run's scratch folder: ``.scratch`` (cleared at start: a killed run's leftovers go), or a
-    folder of this process's own in it when other workers share the run folder."""
-    if exclusive:
-        return run_dir / SCRATCH
-    return run_dir / SCRATCH / f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _log_held_out(ctx: RunContext, log: Callable[[str], None]) -> None:

@@ -337,8 +337,10 @@ def test_the_documented_postgresql_url_with_a_password_runs_and_never_shows_it(t
     for p in written:
         assert SECRET.encode() not in p.read_bytes(), p
     assert "postgresql://postgres:***@" in (run / "study.yaml").read_text()
-    study = optuna.load_study(study_name="pgplain", storage=url)
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.load_study(study_name="pgplain", storage=storage)
     assert study.user_attrs["config"]["storage"] == url.replace(SECRET, "***")
-    stored = [study.user_attrs, study.system_attrs]
+    study_id = storage.get_study_id_from_name("pgplain")
+    stored = [study.user_attrs, storage.get_study_system_attrs(study_id)]
     stored += [a for t in study.trials for a in (t.user_attrs, t.system_attrs)]
     assert SECRET not in json.dumps(stored, default=str)
