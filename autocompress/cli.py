@@ -22,10 +22,28 @@ def _overrides(pairs: list[str], flag: str = "--set") -> dict:
     return out
 
 
+def _check_flags(args, **rules: tuple[float, float | None, bool]) -> None:
+    """Each flag (attribute name: (lowest, highest or None, whether the lowest is excluded)) that was given
+    lies in its range, else ConfigError naming the flag."""
+    for name, (low, high, open_low) in rules.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        too_low = value <= low if open_low else value < low
+        if too_low or (high is not None and value > high) or value != value:
+            bound = f"> {low:g}" if open_low else f">= {low:g}"
+            rule = f"{bound} and <= {high:g}" if high is not None else bound
+            raise ConfigError(
+                f"{value:g} is out of range (must be {rule})", source="command line", field=flag
+            )
+
+
 def cmd_run(args) -> int:
     from .config import load_config
     from .search import run_study
 
+    _check_flags(args, n_trials=(1, None, False), stop_after=(1, None, False))
     overrides = _overrides(args.set or [])
     if args.output:
         overrides["output"] = args.output
@@ -76,6 +94,7 @@ def cmd_worker(args) -> int:
     from .config import load_config
     from .search.worker import run_worker
 
+    _check_flags(args, n_trials=(1, None, False))
     overrides = _overrides(args.set or [])
     if args.output:
         overrides["output"] = args.output
@@ -105,6 +124,13 @@ def cmd_pick(args) -> int:
     from .pareto import pick
     from .rundir import open_study
 
+    _check_flags(
+        args,
+        max_latency_ms=(0, None, True),
+        max_size_bytes=(0, None, True),
+        max_metric_drop=(0, None, False),
+        max_metric_drop_rel=(0, 1, False),
+    )
     run_dir = Path(args.run)
     study = open_study(run_dir, args.storage, args.study)
     budgets = {
@@ -143,6 +169,7 @@ def cmd_rebuild(args) -> int:
 def cmd_measure(args) -> int:
     from .measure import format_stats, time_artifact
 
+    _check_flags(args, threads=(1, 256, False), batch_size=(1, 4096, False))
     stats, env = time_artifact(
         args.artifact,
         args.backend,

@@ -14,6 +14,7 @@ Where a study file and its search space are found (:func:`resolve_study_file`, :
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,13 +253,18 @@ class StudyConfig(_Strict):
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class found by following ``loc`` from ``model`` (None if not a model)."""
     current: Any = model
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(str(part))
         if field is None:
             return None
         current = field.annotation
+        if typing.get_origin(current) is dict and parts:  # {key: Model}: the key names no field
+            current = typing.get_args(current)[1]
+            parts.pop(0)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 

@@ -35,6 +35,11 @@ class AutoCompressError(Exception):
 
     category = "error"
 
+    def __str__(self) -> str:
+        from .redact import mask_secrets
+
+        return mask_secrets(super().__str__())  # a storage URL's password never reaches a message
+
 
 class ConfigError(AutoCompressError, ValueError):
     """Bad user input: a study file, a search space, a task, a CLI flag.
@@ -47,7 +52,9 @@ class ConfigError(AutoCompressError, ValueError):
     def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
         self.source = source
         self.field = field
-        self.rule = message
+        from .redact import mask_secrets
+
+        self.rule = message = mask_secrets(message)
         parts = [p for p in (source, field) if p]
         super().__init__(": ".join([*parts, message]))
 

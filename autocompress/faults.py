@@ -9,7 +9,8 @@ Crash points: ``finetune`` (second fine-tuning step), ``export`` (inside ``torch
 ``measure`` (while the artifact is being timed), ``artifact_write`` (trial folder half written in its
 temp folder), ``renamed`` (folder in place, trial not yet told to the storage), ``told`` (trial
 recorded, tables and pruning not yet done), ``discard`` (a dominated artifact half deleted),
-``pareto_export`` (``pareto/`` half rebuilt). Fault kinds (each goes through the real code path):
+``pareto_export`` (``pareto/`` half rebuilt), ``profile`` (the latency profile's first row measured, its
+artifacts in the scratch folder). Fault kinds (each goes through the real code path):
 ``raise`` (an exception), ``nan`` (the fine-tuning loss becomes NaN), ``export`` (the exporter fails on
 the model), ``ort_load`` (the artifact file is corrupted, so the runtime cannot load it), ``hang``
 (every fine-tuning step sleeps 0.5 s, so ``trial_timeout_s`` fires), ``disk_full`` (writing the trial
@@ -39,6 +40,7 @@ CRASH_POINTS = (
     "told",
     "discard",
     "pareto_export",
+    "profile",
 )
 FAULT_KINDS = ("raise", "nan", "export", "ort_load", "hang", "disk_full")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from .pipeline import compress
 from .plan import LayerPlan, Plan
 from .registry import TECHNIQUES
 from .rundir import SENSITIVITY, write_json
+from .scratch import scratch_dir
 
 # (dimension, value): what one layer is set to, everything else untouched
 SETTINGS: tuple[tuple[str, float], ...] = (
@@ -63,7 +63,7 @@ def analyze(
     sign = ctx.metric.sign
     rows = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ac-sens-") as tmp:
+    with scratch_dir("ac-sens-") as tmp:
         stored = getattr(ctx.backend, "stored_bits", None)
         grids = getattr(ctx.backend, "weight_granularity", {})  # e.g. ascend: Linear per tensor only
         kind_bits = getattr(ctx.backend, "bits_by_kind", {})  # e.g. embedding tables: float only

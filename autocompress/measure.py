@@ -37,9 +37,10 @@ def time_artifact(
     try:
         try:
             artifact = be.load_artifact(Path(path))
+            inputs = be.example_inputs_for(artifact)  # reads the file: a foreign one fails here
         except BackendError as exc:
             raise ConfigError(str(exc), source=str(path)) from None
-        stats = be.measure(artifact, be.example_inputs_for(artifact))
+        stats = be.measure(artifact, inputs)
         return stats, environment(be)
     finally:
         be.close()

@@ -62,8 +62,10 @@ class Metric:
         n = len(outputs)
         if self.needs_targets and targets is None:
             raise ConfigError(f"metric {self.name!r} needs targets; the task's `targets` adapter gives none")
+        if self.kind in ("accuracy", "topk", "f1"):
+            targets = class_indices(self.name, targets, n)
         if self.kind == "f1":
-            _confusion_update(state, outputs, np.asarray(targets))
+            _confusion_update(state, outputs, targets)
             return
         if self.kind == "callable" and self.reduce == "all":
             state["outs"].append(outputs)
@@ -88,10 +90,10 @@ class Metric:
 
     def _batch_value(self, outputs: np.ndarray, targets, reference) -> float:
         if self.kind == "accuracy":
-            return float((outputs.reshape(len(outputs), -1).argmax(axis=1) == np.asarray(targets)).mean())
+            return float((outputs.reshape(len(outputs), -1).argmax(axis=1) == targets).mean())
         if self.kind == "topk":
             top = np.argsort(-outputs.reshape(len(outputs), -1), axis=1)[:, : self.k]
-            return float((top == np.asarray(targets).reshape(-1, 1)).any(axis=1).mean())
+            return float((top == targets.reshape(-1, 1)).any(axis=1).mean())
         if self.kind in ("mse", "mae"):
             diff = outputs.reshape(np.asarray(targets).shape) - np.asarray(targets)
             return float(np.mean(diff**2) if self.kind == "mse" else np.mean(np.abs(diff)))
@@ -99,6 +101,22 @@ class Metric:
             return _mean_cosine(outputs, reference)
         args = (outputs, targets, reference) if self.needs_reference else (outputs, targets)
         return _checked(self.name, self.fn(*args))
+
+
+def class_indices(name: str, targets, n: int) -> np.ndarray:
+    """The targets of ``n`` outputs as ``n`` class indices: shape ``[N]``, or ``[N, 1]`` flattened.
+
+    Raises:
+        ConfigError: any other shape (e.g. one-hot rows): comparing it to the predicted classes would
+            broadcast, and the metric would be silently wrong.
+    """
+    t = np.asarray(targets)
+    if t.ndim == 0 or len(t) != n or t.size != n:
+        raise ConfigError(
+            f"metric {name!r} compares one class index per sample; the targets have shape "
+            f"{tuple(t.shape)} for {n} outputs (give class indices of shape [{n}])"
+        )
+    return t.reshape(n)
 
 
 def _checked(name: str, value: object) -> float:

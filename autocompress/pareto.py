@@ -40,6 +40,37 @@ def pareto_mask(points: Sequence[dict], objectives: dict[str, int] = OBJECTIVES)
     return [not d for d in dominated]
 
 
+# A budget met exactly is met: a metric drop of 1 point computed as 0.988 - 0.978 is
+# 0.010000000000000009 in floating point. The one rule of every budget check (feasibility and the
+# front through :func:`constraint_values`, ``pick`` through :func:`within_budgets`): a value exceeds its
+# budget only by more than BUDGET_ATOL + BUDGET_RTOL x |budget|, far below any difference a
+# measurement can show.
+BUDGET_RTOL = 1e-9
+BUDGET_ATOL = 1e-12
+
+# budget name -> the metrics field it bounds
+BUDGET_FIELDS = {
+    "max_metric_drop": "metric_drop",
+    "max_metric_drop_rel": "metric_drop_rel",
+    "max_latency_ms": "latency_ms",
+    "max_size_bytes": "size_bytes",
+}
+
+
+def over_budget(value: float, budget: float) -> float:
+    """How far ``value`` is above ``budget``, rounding forgiven: <= 0 when the budget is met."""
+    return float(value) - float(budget) - (BUDGET_ATOL + BUDGET_RTOL * abs(float(budget)))
+
+
+def constraint_values(m: dict, budgets: dict[str, float | None]) -> dict[str, float]:
+    """Optuna constraint values (<= 0 is feasible) for each budget that is set (see :func:`over_budget`)."""
+    return {
+        field: over_budget(m[field], budgets[name])
+        for name, field in BUDGET_FIELDS.items()
+        if budgets.get(name) is not None
+    }
+
+
 def within_budgets(
     m: dict,
     *,
@@ -48,28 +79,14 @@ def within_budgets(
     max_metric_drop: float | None = None,
     max_metric_drop_rel: float | None = None,
 ) -> bool:
-    """Whether metrics ``m`` meet every given budget (None = no budget)."""
-    if max_latency_ms is not None and m["latency_ms"] > max_latency_ms:
-        return False
-    if max_size_bytes is not None and m["size_bytes"] > max_size_bytes:
-        return False
-    if max_metric_drop_rel is not None and m["metric_drop_rel"] > max_metric_drop_rel + 1e-12:
-        return False
-    return not (max_metric_drop is not None and m["metric_drop"] > max_metric_drop + 1e-12)
-
-
-def constraint_values(m: dict, budgets: dict[str, float | None]) -> dict[str, float]:
-    """Optuna constraint values (<= 0 is feasible) for each budget that is set."""
-    out = {}
-    if budgets.get("max_metric_drop") is not None:
-        out["metric_drop"] = m["metric_drop"] - budgets["max_metric_drop"]
-    if budgets.get("max_metric_drop_rel") is not None:
-        out["metric_drop_rel"] = m["metric_drop_rel"] - budgets["max_metric_drop_rel"]
-    if budgets.get("max_latency_ms") is not None:
-        out["latency_ms"] = m["latency_ms"] - budgets["max_latency_ms"]
-    if budgets.get("max_size_bytes") is not None:
-        out["size_bytes"] = float(m["size_bytes"] - budgets["max_size_bytes"])
-    return out
+    """Whether metrics ``m`` meet every given budget (None = no budget), by :func:`constraint_values`."""
+    budgets = {
+        "max_latency_ms": max_latency_ms,
+        "max_size_bytes": max_size_bytes,
+        "max_metric_drop": max_metric_drop,
+        "max_metric_drop_rel": max_metric_drop_rel,
+    }
+    return all(v <= 0 for v in constraint_values(m, budgets).values())
 
 
 def pick(points: Sequence[dict], **budgets) -> dict | None:

@@ -212,7 +212,23 @@ def test_constraint_values_only_for_set_budgets():
     m = {"metric_drop": 0.02, "latency_ms": 1.5, "size_bytes": 1000}
     assert constraint_values(
         m, {"max_metric_drop": 0.01, "max_latency_ms": None, "max_size_bytes": 2000}
-    ) == {"metric_drop": pytest.approx(0.01), "size_bytes": -1000.0}
+    ) == {"metric_drop": pytest.approx(0.01), "size_bytes": pytest.approx(-1000.0)}
+
+
+def test_a_budget_met_exactly_is_met_by_both_rules():
+    # 10 of 1000 samples lost: 0.988 - 0.978 is 0.010000000000000009 in floating point
+    m = {"metric_drop": 0.988 - 0.978, "metric_drop_rel": (0.988 - 0.978) / 0.988, "latency_ms": 0.1 + 0.2}
+    m["size_bytes"] = 1000
+    assert m["metric_drop"] > 0.01
+    budgets = {"max_metric_drop": 0.01, "max_metric_drop_rel": 0.01 / 0.988, "max_latency_ms": 0.3}
+    budgets["max_size_bytes"] = 1000
+    assert all(v <= 0 for v in constraint_values(m, budgets).values())  # feasible, on the front
+    assert within_budgets(m, **budgets)  # and picked
+    # one sample more is over, by both rules
+    worse = dict(m, metric_drop=0.988 - 0.977)
+    assert constraint_values(worse, budgets)["metric_drop"] > 0
+    assert not within_budgets(worse, **budgets)
+    assert not within_budgets(dict(m, size_bytes=1001), **budgets)
 
 
 def test_layer_groups_share_parameters():

@@ -68,3 +68,51 @@ def sensitive_mlp() -> Task:
         teacher_epochs=10,
         lr=3e-3,
     )
+
+
+def trained_mlp(seed: int = 0, hidden: int = 16) -> Task:
+    """A user's trained model (``model=``, no training by the run); ``seed`` picks other weights."""
+    t = mlp(hidden)
+    torch.manual_seed(seed)
+    return Task(name="trained_mlp", model=t.model_fn().eval(), train=t.train, test=t.test)
+
+
+class _Svd(nn.Module):
+    """A model that cannot be exported to ONNX (``torch.linalg.svdvals`` has no ONNX operator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x) + torch.linalg.svdvals(x.view(-1, 8, 8)).sum(-1, keepdim=True)
+
+
+def not_exportable() -> Task:
+    t = mlp(16)
+    return Task(name="svd", model=_Svd().eval(), train=t.train, test=t.test)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches of the digits data, as a stream without a length."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        for i in range(0, len(self.x), 32):
+            yield self.x[i : i + 32], self.y[i : i + 32]
+
+
+def stream_without_length() -> Task:
+    t = mlp(16)
+    torch.manual_seed(0)
+    return Task(name="stream", model=t.model_fn().eval(), train=_Stream(*t.train), test=t.test)
+
+
+def column_labels() -> Task:
+    """Labels of shape [N, 1] (a user's regression-style layout) with the accuracy metric."""
+    t = trained_mlp()
+    t.train = (t.train[0], t.train[1][:, None])
+    t.test = (t.test[0], t.test[1][:, None])
+    return t

@@ -29,6 +29,7 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import BackendError, MissingDependencyError
 from ..lowering import LoweringSpec
+from ..scratch import scratch_dir
 
 AMCT_PACKAGE = "amct_onnx"
 AMCT_HINT = (
@@ -304,7 +305,6 @@ def qdq_for_amct(
     Raises:
         BackendError: naming the offending node when the graph breaks an AMCT QAT constraint.
     """
-    import tempfile
 
     from .onnxruntime import OnnxRuntimeBackend
 
@@ -316,7 +316,7 @@ def qdq_for_amct(
     ort.reduce_range = False  # Ascend's int8 Cube computes the full 8-bit grid
     ort.int8_connectors = False  # AMCT adapts Q/DQ pairs of Conv / Gemm / MatMul, not around Relu or pooling
     try:
-        with tempfile.TemporaryDirectory(prefix="ac-qdq-") as tmp:
+        with scratch_dir("ac-qdq-") as tmp:
             art = ort.lower(model, example_inputs, int8_layers, Path(tmp), calibration=calibration, io=io)
             qdq = onnx.load(str(art.path))
             rewired = float_consumers_read_float(qdq) + unshare_constant_dequantize(qdq)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import BackendError, MissingDependencyError
 from ..lowering import LoweringSpec
+from ..scratch import scratch_dir
 from .ascend_cann import (
     AIS_BENCH_HINT,
     ATC_HINT,
@@ -116,7 +116,7 @@ def build_atc_input(model, example_inputs, spec, out_dir: Path, calibration=None
     if calibration is None:
         raise BackendError("ascend backend: int8 layers need calibration inputs")
     qdq_for_amct(model, example_inputs, int8, source, calibration, io=io)
-    with tempfile.TemporaryDirectory(prefix="ac-amct-") as tmp:
+    with scratch_dir("ac-amct-") as tmp:
         fake, deploy = convert_qat(source, Path(tmp) / "model", amct=amct)
         shutil.move(str(fake), out_dir / "model_fake_quant.onnx")
         shutil.move(str(deploy), out_dir / "model_deploy.onnx")
@@ -238,7 +238,7 @@ class AscendBackend(TimedInRounds, Backend):
         shape = (self.batch_size, *example_inputs[0].shape[1:])
         mode, keep = atc_precision(layer_bits, self.options.get("precision_mode"))
         keep_nodes = keep_dtype_nodes(src["atc_input"], keep)
-        with tempfile.TemporaryDirectory(prefix="ac-atc-") as tmp:
+        with scratch_dir("ac-atc-") as tmp:
             keep_file = None
             if keep_nodes:
                 keep_file = out_dir / "keep_dtype.cfg"

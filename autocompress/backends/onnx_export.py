@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +30,45 @@ def graph_input_names(path: str | Path) -> list[str]:
     return [v.name for v in model.graph.input if v.name not in inits]
 
 
+@contextlib.contextmanager
+def native_output_kept_on_success():
+    """Hold what native code writes to the process's stdout and stderr (file descriptors 1 and 2) while
+    the block runs: written to stderr after it succeeds, dropped when it raises.
+
+    ``torch.onnx.export`` prints its whole TorchScript IR graph on stderr before raising on an
+    unsupported operator; the error itself (one line) is what a person needs. The held text goes to an
+    unnamed temporary file (nothing is left behind, even if the process is killed).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors (embedded interpreters): nothing to hold
+        yield
+        return
+    ok = False
+    with tempfile.TemporaryFile() as held:
+        try:
+            os.dup2(held.fileno(), 1)
+            os.dup2(held.fileno(), 2)
+            yield
+            ok = True
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -37,7 +80,7 @@ def export_onnx(
     initializers named after the torch parameters."""
     model = model.eval()
     io = io or default_io(len(example_inputs))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), native_output_kept_on_success():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import BackendError, ExportError
 from ..lowering import LoweringSpec
+from ..scratch import scratch_dir
 from .base import (
     Artifact,
     Backend,
@@ -113,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError("onnxruntime backend: quantized layers need calibration inputs")
         if isinstance(calibration, np.ndarray):
             calibration = (calibration,)
-        with tempfile.TemporaryDirectory(prefix="ac-ort-") as tmp:
+        with scratch_dir("ac-ort-") as tmp:
             fp32 = Path(tmp) / "float.onnx"
             try:
                 export_onnx(model, example_inputs, fp32, io=io)
@@ -261,7 +261,13 @@ class OnnxRuntimeBackend(Backend):
         return onnx_fingerprint(artifact.path)
 
     def example_inputs_for(self, artifact: Artifact) -> tuple[torch.Tensor, ...]:
-        model = onnx.load(str(artifact.path), load_external_data=False)
+        try:
+            model = onnx.load(str(artifact.path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX model at all
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BackendError(
+                f"{artifact.path} is not an ONNX model ({type(exc).__name__}: {first})"
+            ) from None
         inits = {i.name for i in model.graph.initializer}
         out = []
         for v in model.graph.input:

@@ -16,10 +16,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import TimingError
+from ..scratch import scratch_dir
 
 
 def pin_to(cores: int | list[int] | None) -> None:
@@ -85,7 +85,7 @@ class WorkerClient:
 
         from .base import LatencyStats
 
-        with tempfile.TemporaryDirectory(prefix="ac-time-") as tmp:
+        with scratch_dir("ac-time-") as tmp:
             xs = (x,) if isinstance(x, np.ndarray) else tuple(x)
             files = [str(Path(tmp) / f"x{i}.npy") for i in range(len(xs))]
             for f, a in zip(files, xs, strict=True):

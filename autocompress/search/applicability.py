@@ -22,7 +22,6 @@ What the narrowed space can change of the model, and what it cannot, is :mod:`.c
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ..inventory import LayerInfo
 from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from ..registry import TECHNIQUES
+from ..scratch import scratch_dir
 from ..space import Param, SearchSpace
 from ..tasks import Task
 from ..tasks.data import deployable
@@ -338,7 +338,7 @@ def _check_settings(teacher: nn.Module, space: SearchSpace, result: Applicabilit
 
 
 def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims) -> None:
-    with tempfile.TemporaryDirectory(prefix="ac-applicability-") as tmp:
+    with scratch_dir("ac-applicability-") as tmp:
         checker = _Checker(task, teacher, backend, seed, Path(tmp))
         for kind in _kinds(space, inventory):
             verdicts = checker.run(kind)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from ..config import StudyConfig
+from ..errors import ConfigError
 from ..training import steps_per_epoch
 
 TARGET_STEPS = 150  # optimizer steps of one trial's fine-tune when the study does not say
@@ -31,9 +32,21 @@ def auto_epochs(task, batch_size: int) -> tuple[int | None, int | None]:
 
 
 def apply_finetune_default(cfg: StudyConfig, task) -> str | None:
-    """Set ``cfg.finetune`` epochs (or steps) from the data when the study leaves both out; the log line."""
+    """Set ``cfg.finetune`` epochs (or steps) from the data when the study leaves both out; the log line.
+
+    Raises:
+        ConfigError: the study counts epochs (``finetune.epochs`` > 0, no ``steps``) of a training split
+            without a length.
+    """
     ft = cfg.finetune
     if {"epochs", "steps"} & ft.model_fields_set:
+        if ft.steps is None and ft.epochs > 0 and steps_per_epoch(task, ft.batch_size) is None:
+            raise ConfigError(
+                f"{ft.epochs} epochs cannot be counted: the task's training split has no length; "
+                "set finetune.steps instead",
+                source=cfg.source,
+                field="finetune.epochs",
+            )
         return None
     epochs, steps = auto_epochs(task, ft.batch_size)
     if epochs is None:

@@ -29,6 +29,37 @@ def trial_folder(run_dir: Path, trial: optuna.trial.FrozenTrial) -> Path | None:
     return (Path(run_dir) / artifact).parent if artifact else None
 
 
+class SetupUndo:
+    """What setting a run up adds to its folder, taken away again when the set-up is refused.
+
+    Made before the run folder is created: it remembers whether the folder existed and which entries it
+    held. :meth:`undo` then removes the folder (and the parents made for it) if it is new, else only the
+    entries added since (never the log files of a database that was there: SQLite folds them back in).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir).absolute()
+        top = self.run_dir
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        self.top = top  # the outermost folder this run creates (when the run folder does not exist)
+        self.before = set(os.listdir(self.run_dir)) if self.run_dir.is_dir() else None
+
+    def undo(self) -> None:
+        if self.before is None:
+            shutil.rmtree(self.top, ignore_errors=True)
+            return
+        for name in sorted(set(os.listdir(self.run_dir)) - self.before):
+            base, dash, kind = name.rpartition("-")
+            if dash and kind in ("wal", "shm", "journal") and base in self.before:
+                continue
+            p = self.run_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def clean_run_dir(run_dir: Path, study: optuna.Study, log: Callable[[str], None] = print) -> list[str]:
     """Delete temp/half-deleted folders and the folders of trials that never completed.
 

@@ -29,15 +29,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ..context import RunContext
+from ..faults import crash_point
 from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from ..rundir import LATENCY_PROFILE, write_json
+from ..scratch import scratch_dir
 
 LEVELS = (0.25, 0.5)  # structured sparsity and rank ratio levels tried (clipped into the domain)
 CHUNK = 8  # artifacts timed side by side with the baseline in one session
@@ -270,7 +271,7 @@ def measure_profile(
             old = {(r["layer"], r["setting"]): r for r in data.get("rows", [])}
     t0 = time.perf_counter()
     rows, reused, skipped = [], 0, 0
-    with tempfile.TemporaryDirectory(prefix="ac-profile-") as tmp:
+    with scratch_dir("ac-profile-") as tmp:
         prof = _Profiler(ctx, Path(tmp), log)
         for layer, label, layers in _items(ctx):
             prior = old.get((layer, label))
@@ -290,6 +291,7 @@ def measure_profile(
                 skipped += 1
                 continue
             rows.append(prof.row(layer, label, layers))
+            crash_point("profile")  # dies with the profile's artifacts in its scratch folder
         prof.flush()
     seconds = time.perf_counter() - t0
     result = {

@@ -47,6 +47,7 @@ from ..errors import ConfigError, MissingDependencyError
 from ..optuna_compat import storage_of
 from ..pareto import OBJECTIVES, objectives_for
 from ..rundir import RAY, TEACHER_META, baseline_metrics_file, trial_dir
+from .preflight import trial_target
 from .progress import Progress
 from .run_setup import open_run
 from .runner import RECORDED, RunSummary, complete_count, finish_run, record_success, suggest_plan
@@ -228,7 +229,7 @@ def run_study_ray(
     """
     if ray is None:
         raise MissingDependencyError('--ray needs Ray Tune: pip install "autocompress[ray]"')
-    n_target = n_trials or cfg.trials.n
+    n_target = trial_target(cfg, n_trials)
     if cfg.early_stopping.name != "none":
         # per-epoch reports carry only the scheduler's metric; the searcher reads the objectives from the
         # final report (multi-objective OptunaSearch ignores intermediate results), so Tune's check that

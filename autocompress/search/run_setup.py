@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..inventory import build_inventory
 from ..optuna_compat import trial_id
 from ..pareto import OBJECTIVES, objectives_for
+from ..redact import mask_secrets, mask_url
 from ..rundir import (
     APPLICABILITY,
     COVERAGE,
@@ -43,13 +44,14 @@ from ..rundir import (
     write_json,
     write_text_atomic,
 )
+from ..scratch import run_scratch, scratch_under
 from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
 from .defaults import apply_finetune_default, apply_space_default
-from .housekeeping import clean_run_dir, discard_dominated_folders
+from .housekeeping import SetupUndo, clean_run_dir, discard_dominated_folders
 from .multifidelity import make_pruner
-from .preflight import check_budgets, check_output, check_storage
+from .preflight import check_budgets, check_output, check_override_patterns, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
 
@@ -127,6 +129,7 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
             )
         note = apply_finetune_default(cfg, task)
         check_budgets(cfg, task, space, backend)
+        check_override_patterns(cfg, task)
     except BaseException:
         backend.close()
         raise
@@ -140,6 +143,15 @@ def _check_storage_url(cfg: StudyConfig) -> None:
         raise exc.at(cfg.source, "storage") from None
 
 
+RETRY_KEEPS = ("warm_start", "planned")  # user attrs of a trial that its retry carries
+
+
+def retry_attrs(user_attrs: dict, number: int) -> dict:
+    """The user attrs of the retry of trial ``number``: what it was (a warm or a planned start, whose
+    prediction is compared with what the retry measures) and ``retry_of``."""
+    return {**{k: user_attrs[k] for k in RETRY_KEEPS if k in user_attrs}, "retry_of": number}
+
+
 def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
     """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
     (and remove what the dead process may have left of their folders)."""
@@ -147,8 +159,10 @@ def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None
         storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
         storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
         storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if t.params:  # the retry keeps what the trial was (a warm or planned start: predicted vs measured)
+            study.enqueue_trial(
+                t.params, user_attrs=retry_attrs(t.user_attrs, t.number), skip_if_exists=False
+            )
         if run_dir is not None:
             for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
                 shutil.rmtree(run_dir / TRIALS / name, ignore_errors=True)
@@ -186,6 +200,7 @@ def open_run(
     """
     prep = prepare(cfg, task)
     run_dir = cfg.output_dir()
+    undo = SetupUndo(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -201,18 +216,15 @@ def open_run(
             raise ConfigError(
                 f"another process is running this study in {run_dir}", source=cfg.source, field="output"
             ) from None
+    set_up = False
+    scratch = contextlib.ExitStack()  # temp folders under the run folder: a killed run leaves none elsewhere
     try:
+        scratch.enter_context(scratch_under(run_scratch(run_dir, shared=not exclusive)))
         prep.backend.start_timing()  # e.g. the timing worker's imports, while the teacher loads
         torch.set_num_threads(cfg.finetune.threads)
         # workers starting together: the first one trains the teacher, measures the baseline and creates
         # the study; the others wait here, then load them
         with FileLock(str(run_dir / SETUP_LOCK)):
-            if Path(cfg.source).is_file():
-                write_text_atomic(run_dir / STUDY_YAML, Path(cfg.source).read_text())
-            else:  # configured in Python: the fields it was given, as a study file
-                write_text_atomic(
-                    run_dir / STUDY_YAML, yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True))
-                )
             try:
                 teacher = teacher_for_run(prep.task, cfg, run_dir, log)
             except ConfigError as exc:
@@ -228,14 +240,27 @@ def open_run(
             ctx.baseline = baseline_for_run(ctx, log)
             ctx.trial_estimate = estimate_trial_s(ctx, log)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
+            # the study is set up: the folder now holds it (a study configured in Python: the fields it
+            # was given, as a study file)
+            if Path(cfg.source).is_file():
+                study_text = Path(cfg.source).read_text()
+            else:
+                study_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True))
+            write_text_atomic(run_dir / STUDY_YAML, mask_secrets(study_text))
+        set_up = True
         if exclusive:  # no other runner writes here: what is half written is debris of a killed run
             clean_run_dir(run_dir, study, log)
             if cfg.trials.keep == "pareto":
                 discard_dominated_folders(study, run_dir, log)
         with frozen_heap():
             yield ctx, study
+    except ConfigError:
+        if exclusive and not set_up:  # refused: the folder as it was (no other runner writes here)
+            undo.undo()
+        raise
     finally:
         prep.backend.close()
+        scratch.close()
         if exclusive:
             lock.release()
 
@@ -288,7 +313,9 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         with warnings.catch_warnings():  # experimental in Optuna, stable enough for labels
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(OBJECTIVES))
-        study.set_user_attr("config", cfg.model_dump(mode="json"))
+        config = cfg.model_dump(mode="json")
+        config["storage"] = mask_url(config["storage"]) if config.get("storage") else config.get("storage")
+        study.set_user_attr("config", config)
         study.set_user_attr(
             "baseline", {k: b[k] for k in ("metric", "latency_ms", "size_bytes", "metric_name")}
         )

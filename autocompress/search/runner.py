@@ -30,8 +30,9 @@ from .costs import score_front_fully
 from .housekeeping import discard_dominated_folders
 from .multifidelity import Fidelity
 from .planned_starts import prediction_line
+from .preflight import trial_target
 from .progress import Progress
-from .run_setup import open_run
+from .run_setup import open_run, retry_attrs
 
 
 @dataclass
@@ -128,7 +129,7 @@ def run_study(
         log: where progress lines go.
         stop_after: stop after this many new trials in this call (used to test resuming).
     """
-    n_target = n_trials or cfg.trials.n
+    n_target = trial_target(cfg, n_trials)
     with open_run(cfg, log, task=task) as (ctx, study):
         stopped = _loop(ctx, study, n_target, stop_after, log)
         score_front_fully(ctx, study, log)
@@ -180,7 +181,8 @@ def execute_trial(
         if fidelity:
             fidelity.finish(trial, TrialState.FAIL)
         if isinstance(exc, RunFolderUnwritable):  # ... but a full disk would fail every next one: stop
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            retry = retry_attrs(trial.user_attrs, trial.number)
+            study.enqueue_trial(trial.params, user_attrs=retry, skip_if_exists=False)
             raise
         return TrialState.FAIL, None, reason
     study.tell(trial, record_success(ctx, trial, metrics))

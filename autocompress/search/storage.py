@@ -40,6 +40,7 @@ from sqlalchemy import exc as sa_exc
 
 from ..errors import ConfigError, StorageUnavailable
 from ..optuna_compat import CACHED_STORAGE_CALLS, BaseHeartbeat, trial_id
+from ..redact import mask_url
 
 JOURNAL_PREFIX = "journal://"
 _HEARTBEAT_ATTR = "autocompress:heartbeat"
@@ -248,13 +249,8 @@ for _name in _RETRIED:
 
 
 def make_url_safe(url: str) -> str:
-    """``url`` with its password hidden (for messages)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<storage URL>"
+    """``url`` with its password hidden (for messages): :func:`autocompress.redact.mask_url`."""
+    return mask_url(url)
 
 
 def retry_window_s(configured: float | None = None) -> float:
@@ -308,7 +304,8 @@ def make_storage(
             callback = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     path = journal_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # a typo must not create folders (run_setup's checks say so first)
+            raise ConfigError(f"cannot open {url!r}: folder {str(path.parent)!r} does not exist")
         if heartbeat_interval_s:
             return HeartbeatJournalStorage(path, heartbeat_interval_s, grace, callback)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -361,9 +358,9 @@ def check_storage_url(url: str) -> None:
 
     try:
         make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         raise ConfigError(
-            f"{url!r} is not a database URL (e.g. sqlite:///runs/x/study.db, postgresql://host/db) "
+            f"{mask_url(url)!r} is not a database URL (e.g. sqlite:///runs/x/study.db, postgresql://host/db) "
             "nor a journal file (journal:///shared/x.log)"
         ) from None
 

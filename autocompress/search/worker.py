@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from ..config import StudyConfig
 from ..optuna_compat import fail_stale_trials, heartbeat, storage_of, trial_id
 from ..rundir import ASK_LOCK, SETUP_LOCK, TRIALS, trial_dir
+from .preflight import trial_target
 from .progress import Progress
 from .run_setup import open_run
 from .runner import RunSummary, execute_trial, make_fidelity
@@ -80,7 +81,7 @@ def run_worker(
     from ..export import export_front
     from ..report_html import write_report
 
-    n_target = n_trials or cfg.trials.n
+    n_target = trial_target(cfg, n_trials)
     with open_run(cfg, log, exclusive=False) as (ctx, study):
         fidelity = make_fidelity(ctx, study)
         gate = FileLock(str(ctx.run_dir / ASK_LOCK))

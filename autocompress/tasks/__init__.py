@@ -41,10 +41,17 @@ def resolve_factory(spec: str, where: str = "task.name"):
         except ConfigError as exc:
             raise ConfigError(f"{exc} (or give 'package.module:factory')", field=where) from None
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{spec!r} is not 'package.module:factory'", field=where)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import task module {module_name!r}: {exc}", field=where) from None
+    except Exception as exc:  # the module itself is broken: a syntax error, raising at import
+        first = (str(exc).strip().splitlines() or [""])[0]  # a SyntaxError's names the file and line
+        raise ConfigError(
+            f"task module {module_name!r} failed to import: {type(exc).__name__}: {first}", field=where
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"module {module_name!r} has no callable {attr!r}", field=where)
@@ -59,5 +66,6 @@ def load_task(spec: str, options: dict | None = None, where: str = "task") -> Ta
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"task factory {spec!r} raised {type(exc).__name__}: {exc}", field=where) from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"task factory {spec!r} raised {type(exc).__name__}: {first}", field=where) from exc
     return validate_task(task, where)

@@ -233,6 +233,15 @@ def validate_task(task: object, where: str) -> Task:
             f"reading the task's data failed: {type(exc).__name__}: {_one_line(exc)}", field=where
         ) from exc
     model = _model(task, where)
+    empty = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() == 0
+    ]
+    if empty:  # e.g. a width of 0 in the model's options: nothing to compress, nothing to measure
+        raise ConfigError(
+            f"layer {empty[0]!r} of the model has no weights (a width of 0)", field=f"{where}.model"
+        )
     try:
         with torch.no_grad():
             out = task.call(model, example)
@@ -303,6 +312,14 @@ def _check_metric(task: Task, metric: Metric, out: torch.Tensor, where: str) -> 
     if metric.kind in ("accuracy", "topk", "f1") and targets is not None:
         labels = [targets] + [t for t in (task.train_split.tensors or (None, None))[1:] if t is not None]
         labels.append(task.eval_split.first(256)[1])
+        labels.append(task.train_split.first(2)[1])
+        for t in labels:
+            if t is not None and t.dim() != 1:  # [N, 1] == [N] broadcasts: a silently wrong accuracy
+                raise ConfigError(
+                    f"labels of shape {tuple(t.shape)}: metric {metric.name!r} and the classification loss "
+                    "need one class index per sample, shape [batch] (e.g. a targets adapter that squeezes them)",
+                    field=f"{where}.targets",
+                )
         n_classes = int(max(int(t.max()) for t in labels if t is not None)) + 1
         if out.dim() != 2 or out.shape[1] < n_classes:
             raise ConfigError(

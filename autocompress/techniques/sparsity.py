@@ -21,7 +21,7 @@ from ..tasks.data import deployable
 from ._build import Build
 from .prune import apply_masks, set_nm, set_sparsity
 from .schedules import SCHEDULES, sparsity_at
-from .structured import IMPORTANCES, ChannelSchedule, prune_to_widths, target_width
+from .structured import IMPORTANCES, ChannelSchedule, output_layers, prune_to_widths, target_width
 
 SPARSITY_KINDS = ("unstructured", "structured", "2:4")
 
@@ -54,9 +54,11 @@ def structured_once(build: Build) -> None:
         return
     notes, modules = build.notes, dict(build.student.named_modules())
     widths = {n: target_width(modules[n].weight.shape[0], r, build.round_to) for n, r in ratios.items()}
+    model, example = deployable(build.student, build.task.io), build.task.example_inputs(2)
+    outputs = output_layers(model, example)
     changes = prune_to_widths(
-        deployable(build.student, build.task.io),
-        build.task.example_inputs(2),
+        model,
+        example,
         widths,
         importance=build.plan.importance,
         round_to=build.round_to,
@@ -65,8 +67,15 @@ def structured_once(build: Build) -> None:
     for name in ratios:
         if name in changes:
             notes[name] = f"structured: output channels {changes[name][0]} -> {changes[name][1]}"
-        else:
+        elif name in outputs:
             notes[name] = "structured: not pruned (the layer produces the model output)"
+        elif widths[name] >= modules[name].weight.shape[0]:
+            notes[name] = (
+                f"structured: not pruned ({ratios[name]:g} of {widths[name]} output channels rounds to "
+                f"none at multiples of {build.round_to})"
+            )
+        else:  # e.g. its channels tied to a width torch-pruning does not change (a head count, a residual)
+            notes[name] = "structured: not pruned (torch-pruning left the layer as is)"
     for name, (before, after) in changes.items():  # coupled layers pruned with their group
         notes.setdefault(name, f"structured (coupled): output channels {before} -> {after}")
 

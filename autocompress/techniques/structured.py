@@ -114,7 +114,11 @@ def prune_channels(
     if not wanted:
         return {}
     before = {n: _width(m) for n, m in matmul_layers(model)}
-    pruner = _pruner(model, example_inputs, wanted, [modules[n] for n in keep], importance, round_to)
+    names = ", ".join(sorted(n for n, m in modules.items() if m in wanted))
+    try:
+        pruner = _pruner(model, example_inputs, wanted, [modules[n] for n in keep], importance, round_to)
+    except (IndexError, KeyError, ValueError, RuntimeError) as exc:  # torch-pruning's graph of the model
+        raise _untraceable(names, exc) from exc
     if importance == "taylor":
         if data is None:
             raise TechniqueError("the taylor importance needs (inputs, labels) to compute gradients")
@@ -125,19 +129,31 @@ def prune_channels(
             nn.functional.cross_entropy(out, data[1]).backward()
         else:  # no class labels: the gradient of the output's energy
             out.float().pow(2).mean().backward()
-    pruner.step()
+    try:
+        pruner.step()
+    except (IndexError, KeyError, ValueError, RuntimeError) as exc:
+        raise _untraceable(names, exc) from exc
     model.zero_grad(set_to_none=True)
     model.eval()
     try:
         with torch.no_grad():
             model(*example_inputs)
     except RuntimeError as exc:  # e.g. attention projections: the graph knows nothing of the heads
-        names = ", ".join(sorted(n for n, m in modules.items() if m in wanted))
         raise TechniqueError(
             f"structured pruning of {names} broke the model's forward pass ({str(exc).splitlines()[0]}); "
             "keep such layers (e.g. attention projections) to unstructured sparsity"
         ) from exc
     return {n: (before[n], _width(m)) for n, m in matmul_layers(model) if _width(m) != before.get(n)}
+
+
+def _untraceable(names: str, exc: BaseException) -> TechniqueError:
+    """torch-pruning failed on the model's dependency graph: what could not be pruned, and why."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return TechniqueError(
+        f"structured pruning of {names}: torch-pruning could not follow the channels through the model's "
+        f"graph ({type(exc).__name__}: {first}); an axis reshaped or transposed between layers (e.g. an "
+        "MLP-Mixer's token mixing) ties channels it cannot trace: keep such layers to unstructured sparsity"
+    )
 
 
 def _width(m: nn.Module) -> int:

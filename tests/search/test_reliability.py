@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+from refusal_helpers import ours
 from reliability_helpers import (
     check_consistent,
     check_referenced_folders,
@@ -18,6 +20,9 @@ from reliability_helpers import (
     popen,
     study_file,
 )
+
+from autocompress.backends.timing import lock_dir
+from autocompress.scratch import SCRATCH
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +37,21 @@ CHAIN = [
 ]
 
 
+def private_temp(tmp_path: Path) -> tuple[Path, dict]:
+    """A temp folder of the test's own (``TMPDIR`` of the processes it starts), and their environment;
+    the device lock stays the machine's (timing is serialized with every other process)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return tmp, {"TMPDIR": str(tmp), "AUTOCOMPRESS_LOCK_DIR": str(lock_dir())}
+
+
 def test_kill_at_every_point_then_resume(tmp_path):
     path, run = study_file(tmp_path, trials={"n": 7})
+    tmp, env = private_temp(tmp_path)
     for point, number in CHAIN:
-        proc = cli("run", path, env={"AUTOCOMPRESS_CRASH_AT": f"{point}@{number}"})
+        proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": f"{point}@{number}"})
         assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-2000:])
+        assert not ours(tmp), (point, ours(tmp))  # nothing of the run
         study = load(run)
         trial = study.trials[number]
         assert trial.state == TrialState.RUNNING, (point, trial.state)  # left RUNNING by the dead process
@@ -47,11 +62,12 @@ def test_kill_at_every_point_then_resume(tmp_path):
         if point in ("measure", "artifact_write"):
             assert (run / "trials" / f".{number:05d}.tmp").is_dir()
     # the last run: killed while rebuilding pareto/ after the search
-    proc = cli("run", path, env={"AUTOCOMPRESS_CRASH_AT": "pareto_export"})
+    proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "pareto_export"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (run / ".pareto.tmp").is_dir()
-    final = cli("run", path)
+    final = cli("run", path, env=env)
     assert final.returncode == 0, final.stderr[-3000:]
+    assert not ours(tmp) and not (run / SCRATCH).exists()
     assert "removed what an interrupted run left behind: .pareto.tmp" in final.stdout
     study = check_consistent(run, 7)
     interrupted = [t.number for t in study.trials if t.user_attrs.get("fail_category") == "interrupted"]
@@ -63,6 +79,31 @@ def test_kill_at_every_point_then_resume(tmp_path):
         assert retry.user_attrs["plan"] == study.trials[n].user_attrs["plan"]
     report = cli_here("report", run)
     assert report.returncode == 0 and "interrupted" in report.stdout
+
+
+def test_killed_during_the_latency_profile_leaves_nothing_in_the_temp_folder(tmp_path):
+    """The profile's artifacts and the timing inputs live in the run folder's scratch folder, which the
+    next run clears: a SIGKILL leaves nothing in the system's temp folder; the retry of the planned
+    trial that was killed keeps its planned record (predicted vs measured)."""
+    path, run = study_file(tmp_path, trials={"n": 1, "planned_starts": 1}, budgets={"max_metric_drop": 0.5})
+    tmp, env = private_temp(tmp_path)
+    proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "profile"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not ours(tmp), ours(tmp)
+    assert [p.name.split("-")[1] for p in (run / SCRATCH).iterdir()] == ["profile"]
+    proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "measure@0"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not ours(tmp), ours(tmp)
+    study = load(run)
+    assert "planned" in study.trials[0].user_attrs, study.trials[0].user_attrs
+    final = cli("run", path, env=env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not ours(tmp) and not (run / SCRATCH).exists()
+    study = load(run)
+    retry = study.trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["planned"] == study.trials[0].user_attrs["planned"]
+    assert f"planned trial 1 ('{retry.user_attrs['planned']['name']}')" in final.stdout
 
 
 def test_sigkill_from_outside_at_a_random_moment(tmp_path):
