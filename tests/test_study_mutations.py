@@ -73,8 +73,9 @@ LEAVES = {
         [{"quant_mode": "fancy"}],
     ],
     "trials.keep": ["everything", 1],
-    "pruner.name": ["asha", "hyperband", 1],
-    "pruner.holdout_fraction": [0, 1, 1.5],
+    "early_stopping.name": ["asha", "hyperband", 1],
+    "pruner.name": ["none"],  # the old key: refused with a pointer to early_stopping
+    "finetune.holdout_fraction": [0, 1, 1.5],
     "workers.heartbeat_interval_s": [0, "5"],
     "seed": ["zero", 1.5, None],
     "storage": [
