@@ -38,6 +38,10 @@ class FinetuneConfig(_Strict):
     # score each trial's post-training model and its fine-tuned one on the held-out part of the training
     # split (pruner.holdout_fraction; trials fine-tune on the rest) and keep the better one
     keep_better: bool = True
+    # which plans fine-tune (autocompress/finetune_policy.py): "always"; "missed_budget" (post-training
+    # first, fine-tuned only when its held-out metric misses the budget and the plan removes weights);
+    # "auto": missed_budget when the study sets neither epochs nor steps, else always
+    when: Literal["auto", "always", "missed_budget"] = "auto"
 
     def trains(self) -> bool:
         """Whether trials fine-tune at all (steps, else epochs, above 0)."""
