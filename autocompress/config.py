@@ -55,6 +55,10 @@ class FinetuneConfig(_Strict):
     # part of the training split held out (never fine-tuned on, not the test split); read by keep_better
     # and by early_stopping (each epoch's score)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    # which plans fine-tune (autocompress/finetune_policy.py): "always"; "missed_budget" (post-training
+    # first, fine-tuned only when its held-out metric misses the budget and the plan removes weights);
+    # "auto": missed_budget when the study sets neither epochs nor steps, else always
+    when: Literal["auto", "always", "missed_budget"] = "auto"
 
     def trains(self) -> bool:
         """Whether trials fine-tune at all (steps, else epochs, above 0)."""

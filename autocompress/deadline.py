@@ -1,4 +1,9 @@
-"""The trial deadline: ``trials.trial_timeout_s``, enforced cooperatively.
+"""The deadlines: the run's ``trials.timeout_s`` and one trial's ``trials.trial_timeout_s``, enforced
+cooperatively.
+
+:func:`run_clock` starts the run's clock when a run starts (before its set-up: the teacher, the
+baseline, the applicability check and the profile count against the budget the user gave); a trial
+then runs until the earlier of its own limit and the run's end.
 
 :func:`trial_scope` starts the clock when a trial starts; :func:`check_deadline` raises
 :class:`TrialTimeout` once it has passed. It is called at every fine-tuning step (a step of a model this tool fine-tunes takes milliseconds to
@@ -19,16 +24,57 @@ from collections.abc import Iterator
 from .errors import TrialTimeout
 
 _trial: contextvars.ContextVar[int | None] = contextvars.ContextVar("autocompress_trial", default=None)
-_deadline: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+_deadline: contextvars.ContextVar[tuple[float, str] | None] = contextvars.ContextVar(
     "autocompress_deadline", default=None
 )
+_run: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "autocompress_run_deadline", default=None
+)
+SETUP_SHARE = 0.3  # the optional parts of set-up (the latency profile) stop past this share of the budget
+
+
+@contextlib.contextmanager
+def run_clock(timeout_s: float | None) -> Iterator[None]:
+    """Mark the code inside as one run whose wall time is limited to ``timeout_s`` (None: no limit),
+    counted from now."""
+    token = _run.set((time.monotonic(), timeout_s) if timeout_s else None)
+    try:
+        yield
+    finally:
+        _run.reset(token)
+
+
+def run_remaining() -> float | None:
+    """Seconds left of the run's wall-time budget (negative once past it; None without a budget)."""
+    r = _run.get()
+    return None if r is None else r[0] + r[1] - time.monotonic()
+
+
+def run_elapsed() -> float | None:
+    """Seconds since the run's clock started (None outside :func:`run_clock` or without a budget)."""
+    r = _run.get()
+    return None if r is None else time.monotonic() - r[0]
+
+
+def setup_over(share: float = SETUP_SHARE) -> bool:
+    """Whether the run has spent more than ``share`` of its wall-time budget (False without one): the
+    optional parts of set-up (profiling more rows) stop there, leaving the rest to trials."""
+    r = _run.get()
+    return r is not None and time.monotonic() - r[0] > share * r[1]
 
 
 @contextlib.contextmanager
 def trial_scope(number: int | None, timeout_s: float | None) -> Iterator[None]:
-    """Mark the code inside as trial ``number``, with a wall-time limit of ``timeout_s`` (None: none)."""
+    """Mark the code inside as trial ``number``, with a wall-time limit of ``timeout_s`` (None: none)
+    and, inside :func:`run_clock`, no later than the run's end."""
     t1 = _trial.set(number)
-    t2 = _deadline.set((time.monotonic() + timeout_s, timeout_s) if timeout_s else None)
+    ends = []
+    if timeout_s:
+        ends.append((time.monotonic() + timeout_s, f"trials.trial_timeout_s = {timeout_s:g} s"))
+    r = _run.get()
+    if r is not None:
+        ends.append((r[0] + r[1], f"the study's wall-time budget (trials.timeout_s = {r[1]:g} s)"))
+    t2 = _deadline.set(min(ends) if ends else None)
     try:
         yield
     finally:
@@ -49,4 +95,4 @@ def check_deadline(stage: str) -> None:
     """
     d = _deadline.get()
     if d is not None and time.monotonic() > d[0]:
-        raise TrialTimeout(f"exceeded trials.trial_timeout_s = {d[1]:g} s during {stage}")
+        raise TrialTimeout(f"exceeded {d[1]} during {stage}")

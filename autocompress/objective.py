@@ -22,6 +22,7 @@ from .context import RunContext  # noqa: F401 - re-exported: the trial's context
 from .deadline import check_deadline, trial_scope
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, crash_point, fault
+from .finetune_policy import recoverable, skip_reason
 from .holdout import holdout_scores
 from .pareto import metric_drop, relative_drop
 from .pipeline import Compressed, compress, finetune_steps
@@ -150,6 +151,15 @@ def _finetuned_wins(finetuned: float, post_training: float, sign: int) -> bool:
     return finetuned == finetuned and sign * finetuned >= sign * post_training
 
 
+def _teacher_holdout(ctx: RunContext) -> float:
+    """The teacher's metric on the held-out part (computed once per run)."""
+    held = ctx.held_out()
+    key = ("teacher_holdout", id(held.split))
+    if key not in ctx.held:
+        ctx.held[key] = holdout_scores([ctx.teacher], held.task, held.split, ctx.teacher)[0]
+    return ctx.held[key]
+
+
 def build_model(
     ctx: RunContext, plan: Plan, on_epoch: Callable[[int, float, nn.Module], None] | None = None
 ) -> tuple[Compressed, dict, dict[str, float]]:
@@ -180,10 +190,32 @@ def build_model(
     t0 = time.perf_counter()
     post = compress(task, ctx.teacher, dataclasses.replace(plan, steps=0), **args)
     t1 = time.perf_counter()
-    tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
-    t2 = time.perf_counter()
-    pt, ft = holdout_scores([post.model, tuned.model], task, held.split, ctx.teacher)
-    seconds = {"post_training": t1 - t0, "holdout": time.perf_counter() - t2}
+    if cfg.finetune.when == "missed_budget":  # post-training first: fine-tune only where it pays
+        (pt,) = holdout_scores([post.model], task, held.split, ctx.teacher)
+        why = skip_reason(
+            pt,
+            _teacher_holdout(ctx),
+            ctx.metric.sign,
+            cfg.budgets,
+            recoverable(ctx.teacher, post.model, plan),
+            ctx.metric.name,
+        )
+        seconds = {"post_training": t1 - t0, "holdout": time.perf_counter() - t1}
+        if why is not None:
+            return (
+                post,
+                {"kept": "post_training", "holdout_post_training": pt, "finetune_skipped": why},
+                seconds,
+            )
+        tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
+        t3 = time.perf_counter()
+        (ft,) = holdout_scores([tuned.model], task, held.split, ctx.teacher)
+        seconds["holdout"] += time.perf_counter() - t3
+    else:
+        tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
+        t3 = time.perf_counter()
+        pt, ft = holdout_scores([post.model, tuned.model], task, held.split, ctx.teacher)
+        seconds = {"post_training": t1 - t0, "holdout": time.perf_counter() - t3}
     record = {"holdout_post_training": pt, "holdout_finetuned": ft}
     if _finetuned_wins(ft, pt, ctx.metric.sign):
         return tuned, {"kept": "finetuned", **record}, seconds

@@ -70,6 +70,7 @@ def estimate_trial_s(ctx: RunContext, log: Callable[[str], None]) -> dict[str, f
         "measure": base_s.get("measure", 0.0),
     }
     est["total"] = sum(est.values())
+    est["step_s"] = step_s
     log(
         f"estimated per trial: {_fmt_s(est['total'])} (fine-tune {steps} steps x {step_s:.3f} s = "
         f"{est['finetune']:.1f} s, lowering {est['lower']:.1f} s, evaluation {est['evaluate']:.1f} s, "

@@ -126,9 +126,12 @@ def coverage(
         excluded.setdefault(c.layer, []).append(c.technique)
     names = {i.name for i in inventory}
     touched = {i.name for i in inventory if _touchable(space, i)}
+    unused = getattr(inventory, "unused", {})  # not in the exported graph: outside the coverage too
     seen: set[int] = set()
     owned: dict[str, int] = {}
     for mname, m in model.named_modules():
+        if mname in unused:
+            continue
         n = 0
         for p in m.parameters(recurse=False):
             if id(p) not in seen:
@@ -163,7 +166,7 @@ def coverage(
         r["share"] = r["params"] / total if total else 0.0
         shown = r["modules"][:3]
         r["part"] = ", ".join(shown) + (f" (+{len(r['modules']) - 3} more)" if len(r["modules"]) > 3 else "")
-    per = _macs(model, task)
+    per = {k: v for k, v in _macs(model, task).items() if k not in unused}
     macs_total = sum(per.values())
     macs_touched = sum(per.get(n, 0.0) for n in touched)
     return {

@@ -16,6 +16,7 @@ import re
 
 from ..config import StudyConfig
 from ..errors import ConfigError
+from ..finetune_policy import auto_lr, time_steps
 from ..training import steps_per_epoch
 
 TARGET_STEPS = 150  # optimizer steps of one trial's fine-tune when the study does not say
@@ -32,31 +33,69 @@ def auto_epochs(task, batch_size: int) -> tuple[int | None, int | None]:
 
 
 def apply_finetune_default(cfg: StudyConfig, task) -> str | None:
-    """Set ``cfg.finetune`` epochs (or steps) from the data when the study leaves both out; the log line.
+    """Set ``cfg.finetune`` from the model and the data where the study leaves it out; the log line.
+
+    Epochs (or steps) for about :data:`TARGET_STEPS` steps when neither is set; ``when: auto`` resolved
+    (:mod:`autocompress.finetune_policy`: ``missed_budget`` for a study that sets no length); the
+    learning rate from the model (:func:`~autocompress.finetune_policy.auto_lr`) when not set.
 
     Raises:
         ConfigError: the study counts epochs (``finetune.epochs`` > 0, no ``steps``) of a training split
             without a length.
     """
     ft = cfg.finetune
-    if {"epochs", "steps"} & ft.model_fields_set:
-        if ft.steps is None and ft.epochs > 0 and steps_per_epoch(task, ft.batch_size) is None:
-            raise ConfigError(
-                f"{ft.epochs} epochs cannot be counted: the task's training split has no length; "
-                "set finetune.steps instead",
-                source=cfg.source,
-                field="finetune.epochs",
+    hands_off = not ({"epochs", "steps"} & ft.model_fields_set)
+    if not hands_off and ft.steps is None and ft.epochs > 0 and steps_per_epoch(task, ft.batch_size) is None:
+        raise ConfigError(
+            f"{ft.epochs} epochs cannot be counted: the task's training split has no length; "
+            "set finetune.steps instead",
+            source=cfg.source,
+            field="finetune.epochs",
+        )
+    update: dict = {}
+    if ft.when == "auto":
+        update["when"] = "missed_budget" if hands_off else "always"
+    parts = []
+    if "lr" not in ft.model_fields_set:
+        model = task.teacher() if task.pretrained else None
+        update["lr"] = auto_lr(model, task.pretrained) if model is not None else ft.lr
+        if update["lr"] != ft.lr:
+            parts.append(f"learning rate {update['lr']:g} (a pretrained model)")
+    if hands_off:
+        epochs, steps = auto_epochs(task, ft.batch_size)
+        rows = task.train_split.rows_per_batch(ft.batch_size)
+        if epochs is None:
+            update["steps"] = steps
+            parts.insert(0, f"{steps} steps per trial (the training split has no length)")
+        else:
+            update["epochs"] = epochs
+            per_epoch = steps_per_epoch(task, ft.batch_size)
+            parts.insert(
+                0,
+                f"{epochs} epochs per trial ({per_epoch} steps of batch {rows} each, ~{TARGET_STEPS} steps)",
             )
+        parts.append("post-training first: a plan is fine-tuned only when it misses the budget")
+    cfg.finetune = ft.model_copy(update=update)
+    return f"finetune: not set in the study; {'; '.join(parts)}" if parts else None
+
+
+def apply_time_budget(cfg: StudyConfig, estimate: dict) -> str | None:
+    """Cap a hands-off study's fine-tune steps so that its trials fit ``trials.timeout_s`` (see
+    :func:`~autocompress.finetune_policy.time_steps`); the log line (None when nothing changed)."""
+    ft = cfg.finetune
+    if ft.when != "missed_budget" or not ft.trains() or not estimate.get("step_s"):
         return None
-    epochs, steps = auto_epochs(task, ft.batch_size)
-    if epochs is None:
-        cfg.finetune = ft.model_copy(update={"steps": steps})
-        return f"finetune: not set in the study; {steps} steps per trial (the training split has no length)"
-    cfg.finetune = ft.model_copy(update={"epochs": epochs})
-    per_epoch = steps_per_epoch(task, ft.batch_size)
+    other = estimate["total"] - estimate["finetune"]
+    cap = time_steps(cfg.trials.timeout_s, cfg.trials.n, other, estimate["step_s"])
+    planned = round(estimate["finetune"] / estimate["step_s"])
+    if cap is None or cap >= planned:
+        return None
+    cfg.finetune = ft.model_copy(update={"steps": cap})
+    share = cfg.trials.timeout_s / cfg.trials.n
     return (
-        f"finetune: not set in the study; {epochs} epochs per trial ({per_epoch} steps of batch "
-        f"{ft.batch_size} each, ~{TARGET_STEPS} steps)"
+        f"finetune: {cap} steps per fine-tuned trial instead of {planned}, to fit {cfg.trials.n} trials in "
+        f"trials.timeout_s ({share:.0f} s each)"
+        + (": plans that miss the budget post-training stay untuned" if cap == 0 else "")
     )
 
 
@@ -76,15 +115,24 @@ def auto_groups(inventory) -> dict[str, str] | None:
     return {g: r.replace("*", r"\d+") for g, r in groups.items()}
 
 
-def apply_space_default(cfg: StudyConfig, space, inventory) -> str | None:
-    """Group a deep model's layers by role when the study names no space; the log line."""
-    if "space" in cfg.model_fields_set or space.model.groups != "layer":
+def apply_space_default(cfg: StudyConfig, space, inventory, task=None) -> str | None:
+    """When the study names no space: group a deep model's layers by role, and for a model scored by
+    its fidelity to the teacher (embeddings) distil the encoder blocks' hidden states besides the
+    output's cosine (``kd.features: hidden``; the applicability check leaves ``none`` to a model
+    without encoder blocks); the log line."""
+    if "space" in cfg.model_fields_set:
         return None
-    groups = auto_groups(inventory)
-    if groups is None:
-        return None
-    space.model = space.model.model_copy(update={"groups": groups})
-    return (
-        f"space: not set in the study; {len(inventory)} layers share parameters by role in "
-        f"{len(groups)} groups (e.g. {next(iter(groups))})"
-    )
+    said = []
+    if task is not None and task.metric_obj.kind == "fidelity" and space.model.kd.features.fixed == "none":
+        kd = space.model.kd.model_copy(update={"features": type(space.model.kd.features)(fixed="hidden")})
+        space.model = space.model.model_copy(update={"kd": kd})
+        said.append("fine-tunes distil the encoder blocks' hidden states (kd.features: hidden)")
+    groups = auto_groups(inventory) if space.model.groups == "layer" else None
+    if groups is not None:
+        space.model = space.model.model_copy(update={"groups": groups})
+        said.insert(
+            0,
+            f"{len(inventory)} layers share parameters by role in {len(groups)} groups "
+            f"(e.g. {next(iter(groups))})",
+        )
+    return f"space: not set in the study; {'; '.join(said)}" if said else None

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..context import RunContext
+from ..deadline import setup_over
 from ..faults import crash_point
 from ..pipeline import compress
 from ..plan import LayerPlan, Plan
@@ -280,12 +281,15 @@ def measure_profile(
                 reused += 1
                 continue
             spent = time.perf_counter() - t0
-            if trial_s and spent > budget_trials * trial_s:
+            over_run = setup_over()  # the run's trials.timeout_s counts set-up too: leave trials the rest
+            if (trial_s and spent > budget_trials * trial_s) or over_run:
                 rows.append(
                     {
                         **_row_head(layer, label, layers),
                         "status": "not measured",
-                        "note": "over the profile's budget",
+                        "note": "over the run's set-up share of trials.timeout_s"
+                        if over_run
+                        else "over the profile's budget",
                     }
                 )
                 skipped += 1

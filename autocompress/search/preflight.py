@@ -202,7 +202,7 @@ def check_budgets(cfg: StudyConfig, task: Task, space: SearchSpace, backend: Bac
         )
     if b.max_size_bytes is not None:
         model = task.teacher() if task.pretrained else task.model_fn().eval()
-        floor = min_artifact_bytes(space, build_inventory(model, task.example_inputs()))
+        floor = min_artifact_bytes(space, build_inventory(model, task.example_inputs(), task.io))
         if b.max_size_bytes < floor:
             raise ConfigError(
                 f"{b.max_size_bytes} bytes cannot be met: every artifact of this search space holds at "

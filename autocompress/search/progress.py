@@ -1,4 +1,5 @@
-"""The progress line of a run: one per trial with its metrics, the front, elapsed time and ETA."""
+"""The progress line of a run: one per trial with its metrics, the front, elapsed time and ETA (and
+the time left of ``trials.timeout_s``, which counts from the run's start)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import optuna
 
 from ..backends import LatencyCache
+from ..deadline import run_remaining
 from ..units import fmt_bytes
 from .costs import _fmt_s
 
@@ -52,6 +54,9 @@ class Progress:
                 f"@ acc {fastest.values[0]:.4f}"
             )
         eta_s = _fmt_s(eta) if eta == eta else "?"
+        left = run_remaining()
+        left_s = f", {_fmt_s(max(left, 0.0))} of the budget left" if left is not None else ""
         self.log(
             f"[{done}/{self.n_target}] trial {number}: {what}{best} | elapsed {_fmt_s(elapsed)}, ETA {eta_s}"
+            f"{left_s}"
         )

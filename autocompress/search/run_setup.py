@@ -25,7 +25,7 @@ from ..backends.device_facts import environment
 from ..config import StudyConfig, resolve_space_file
 from ..context import RunContext, baseline_for_run
 from ..errors import ConfigError
-from ..inventory import build_inventory
+from ..inventory import build_inventory, unused_lines
 from ..optuna_compat import trial_id
 from ..pareto import OBJECTIVES, objectives_for
 from ..redact import mask_secrets, mask_url
@@ -48,7 +48,7 @@ from ..scratch import run_scratch, scratch_under
 from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
-from .defaults import apply_finetune_default, apply_space_default
+from .defaults import apply_finetune_default, apply_space_default, apply_time_budget
 from .housekeeping import SetupUndo, clean_run_dir, discard_dominated_folders
 from .multifidelity import make_pruner
 from .preflight import check_budgets, check_output, check_override_patterns, check_storage
@@ -229,8 +229,10 @@ def open_run(
                 teacher = teacher_for_run(prep.task, cfg, run_dir, log)
             except ConfigError as exc:
                 raise exc.at(cfg.source) from None
-            inventory = build_inventory(teacher, prep.task.example_inputs())
-            for line in [*prep.notes, apply_space_default(cfg, prep.space, inventory)]:
+            inventory = build_inventory(teacher, prep.task.example_inputs(), prep.task.io)
+            for line in unused_lines(inventory):
+                log(line)
+            for line in [*prep.notes, apply_space_default(cfg, prep.space, inventory, prep.task)]:
                 if line:
                     log(line)
             ctx = RunContext(cfg, run_dir, prep.task, teacher, inventory, prep.space, prep.backend)
@@ -239,6 +241,9 @@ def open_run(
             _log_held_out(ctx, log)
             ctx.baseline = baseline_for_run(ctx, log)
             ctx.trial_estimate = estimate_trial_s(ctx, log)
+            capped = apply_time_budget(cfg, ctx.trial_estimate)
+            if capped:
+                log(capped)
             study = _study(ctx, prep.sampler, log, shared=not exclusive)
             # the study is set up: the folder now holds it (a study configured in Python: the fields it
             # was given, as a study file)
@@ -416,7 +421,7 @@ def context_from_folder(
     """
     teacher = load_teacher(task, run_dir, cfg.source)
     ctx = RunContext(
-        cfg, run_dir, task, teacher, build_inventory(teacher, task.example_inputs()), space, backend
+        cfg, run_dir, task, teacher, build_inventory(teacher, task.example_inputs(), task.io), space, backend
     )
     ctx.baseline = read_baseline(run_dir)
     if ctx.baseline is None:

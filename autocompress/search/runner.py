@@ -6,9 +6,7 @@ is :mod:`.progress`; the full-set re-scoring of the front is :func:`.costs.score
 
 from __future__ import annotations
 
-import math
 import os
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from optuna.trial import TrialState
 
 from ..backends.device_facts import environment
 from ..config import StudyConfig
+from ..deadline import run_clock, run_elapsed, run_remaining
 from ..errors import RunFolderUnwritable, failure_category
 from ..faults import crash_point
 from ..objective import RunContext, run_trial
@@ -26,7 +25,7 @@ from ..pareto import OBJECTIVES, constraint_values
 from ..plan import Plan
 from ..rundir import trial_dir
 from ..tasks import Task
-from .costs import score_front_fully
+from .costs import _fmt_s, score_front_fully
 from .housekeeping import discard_dominated_folders
 from .multifidelity import Fidelity
 from .planned_starts import prediction_line
@@ -109,6 +108,7 @@ RECORDED = (
     "kept",
     "holdout_post_training",
     "holdout_finetuned",
+    "finetune_skipped",
 )
 
 
@@ -130,10 +130,24 @@ def run_study(
         stop_after: stop after this many new trials in this call (used to test resuming).
     """
     n_target = trial_target(cfg, n_trials)
-    with open_run(cfg, log, task=task) as (ctx, study):
+    with run_clock(cfg.trials.timeout_s), open_run(cfg, log, task=task) as (ctx, study):
+        _log_setup_time(cfg, log)
         stopped = _loop(ctx, study, n_target, stop_after, log)
-        score_front_fully(ctx, study, log)
+        if stopped != "timeout" or ctx.eval_limit() is None:
+            score_front_fully(ctx, study, log)
+        else:
+            log("the front's models keep their subset scores (no time left to score the whole eval set)")
         return finish_run(ctx, study, n_target, stopped, log)
+
+
+def _log_setup_time(cfg: StudyConfig, log) -> None:
+    """Say how much of the wall-time budget the set-up used (the budget covers the whole run)."""
+    spent, left = run_elapsed(), run_remaining()
+    if spent is not None and left is not None:
+        log(
+            f"set-up took {_fmt_s(spent)} of the {_fmt_s(cfg.trials.timeout_s)} wall-time budget "
+            f"(trials.timeout_s); {_fmt_s(max(left, 0.0))} left for trials"
+        )
 
 
 def finish_run(ctx: RunContext, study: optuna.Study, n_target: int, stopped: str, log) -> RunSummary:
@@ -204,12 +218,14 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         return "done"
     progress = Progress(n_target, done, log)
     progress.cache = ctx.latency_cache
-    deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
     failures = ran = 0
     fidelity = make_fidelity(ctx, study)
     while done < n_target:
-        if time.monotonic() > deadline:
-            log(f"wall-time budget of {cfg.trials.timeout_s} s reached after {done} trials")
+        left = run_remaining()
+        if left is not None and left <= 0:
+            log(
+                f"wall-time budget of {cfg.trials.timeout_s:g} s (set-up included) reached after {done} trials"
+            )
             return "timeout"
         if stop_after is not None and ran >= stop_after:
             return "stop_after"

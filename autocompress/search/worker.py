@@ -17,7 +17,6 @@ What keeps N workers honest is Optuna's:
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 import warnings
@@ -29,6 +28,7 @@ from filelock import FileLock
 from optuna.trial import TrialState
 
 from ..config import StudyConfig
+from ..deadline import run_clock, run_remaining
 from ..optuna_compat import fail_stale_trials, heartbeat, storage_of, trial_id
 from ..rundir import ASK_LOCK, SETUP_LOCK, TRIALS, trial_dir
 from .preflight import trial_target
@@ -82,18 +82,18 @@ def run_worker(
     from ..report_html import write_report
 
     n_target = trial_target(cfg, n_trials)
-    with open_run(cfg, log, exclusive=False) as (ctx, study):
+    with run_clock(cfg.trials.timeout_s), open_run(cfg, log, exclusive=False) as (ctx, study):
         fidelity = make_fidelity(ctx, study)
         gate = FileLock(str(ctx.run_dir / ASK_LOCK))
         done = _counts(study)[TrialState.COMPLETE]
         progress = Progress(n_target, done, log)
-        deadline = time.monotonic() + cfg.trials.timeout_s if cfg.trials.timeout_s else math.inf
         poll_s = min(2.0, cfg.workers.heartbeat_interval_s / 2)
         failures, stopped = 0, "done"
         while True:
-            if time.monotonic() > deadline:
+            left = run_remaining()
+            if left is not None and left <= 0:
                 stopped = "timeout"
-                log(f"wall-time budget of {cfg.trials.timeout_s} s reached")
+                log(f"wall-time budget of {cfg.trials.timeout_s:g} s (this worker's set-up included) reached")
                 break
             with gate:
                 trial, finished = _next_trial(study, n_target, ctx.run_dir)

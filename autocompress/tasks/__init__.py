@@ -7,7 +7,7 @@ import importlib
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import METRICS, Task, accuracy, validate_task, weights_hash
-from .data import IOSpec, Split, deployable, select_output
+from .data import MEAN_POOLING, IOSpec, Split, deployable, mean_pooling, select_output
 from .digits import digits, digits_resnet
 from .mnist1d import mnist1d_cnn, mnist1d_transformer
 
@@ -26,6 +26,8 @@ __all__ = [
     "accuracy",
     "deployable",
     "load_task",
+    "MEAN_POOLING",
+    "mean_pooling",
     "resolve_factory",
     "select_output",
     "validate_task",

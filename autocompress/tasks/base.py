@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..metrics import BUILTIN as METRICS  # noqa: F401 - re-exported by autocompress.tasks
 from ..metrics import Metric, resolve_metric
-from .data import Inputs, IOSpec, Split
+from .data import Inputs, IOSpec, Split, takes_one_dict
 
 LOSSES = ("auto", "ce_kd", "mse", "cosine")
 
@@ -45,10 +45,15 @@ class Task:
             tensor batch is the input, a ``(x, y)`` batch gives ``x``, a dict batch gives its keys but
             ``label(s)`` / ``target(s)``.
         targets: batch -> targets (None for metrics that compare to the teacher).
-        output: which tensor of the output is scored and distilled (see :class:`IOSpec`).
+        output: which tensor of the output is scored and distilled (see :class:`IOSpec`): e.g. a key of
+            a dict output, or ``"mean_pooling"`` for a Hugging Face encoder whose sentence embedding is
+            its token embeddings averaged over the attention mask. A model whose forward takes one dict
+            of inputs (a ``SentenceTransformer``) is called that way; its ``sentence_embedding`` is
+            the default output.
         metric: a built-in name (accuracy, top5, f1, mse, mae, fidelity), a :class:`~autocompress.metrics.Metric`
             or a callable ``fn(outputs, targets) -> float`` (higher is better).
-        loss: fine-tuning loss: ``auto`` (CE + logit KD when the metric needs class targets, else MSE
+        loss: fine-tuning loss: ``auto`` (CE + logit KD when the metric needs class targets, cosine to
+            the teacher for the fidelity metric, else MSE
             to the teacher), ``ce_kd``, ``mse``, ``cosine``, or ``fn(student_out, teacher_out,
             targets) -> loss``.
         dynamic_axes: input name -> {axis: name} exported dynamic (default: batch; and the sequence
@@ -123,7 +128,17 @@ class Task:
                 axes[n] = {0: "batch", 1: "sequence"}  # token ids, masks: any sequence length
             else:
                 axes[n] = {0: "batch"}
-        return IOSpec(names, keyword, self.output, axes)
+        packed = keyword and self._forward_takes_one_dict(names)
+        return IOSpec(names, keyword, self.output, axes, packed=packed)
+
+    def _forward_takes_one_dict(self, names: tuple[str, ...]) -> bool:
+        """Whether the model's forward takes ONE dict of the named inputs (a sentence-transformers
+        model) rather than keyword arguments; read from the trained model's signature (a ``model_fn``
+        model is built once to read it)."""
+        model = self.model if isinstance(self.model, nn.Module) or self.model is None else self.teacher()
+        if model is None:
+            model = self.model_fn() if self.model_fn is not None else None
+        return model is not None and takes_one_dict(model, names)
 
     @property
     def metric_obj(self) -> Metric:
@@ -159,13 +174,14 @@ class Task:
 
     def loss_kind(self) -> str | Callable:
         """The fine-tuning loss: the task's, or for ``auto`` CE + logit KD when the metric scores
-        classes (accuracy, top-k, F1) or a ``model_fn`` task trains on class labels, else MSE to the
-        teacher's outputs."""
+        classes (accuracy, top-k, F1) or a ``model_fn`` task trains on class labels, the cosine to the
+        teacher's outputs when the metric is fidelity (embeddings: the loss is what is scored), else MSE
+        to the teacher's outputs."""
         if callable(self.loss) or self.loss != "auto":
             return self.loss
         m = self.metric_obj
         classes = m.kind in ("accuracy", "topk", "f1") or (m.kind == "callable" and self.model_fn is not None)
-        return "ce_kd" if classes else "mse"
+        return "ce_kd" if classes else "cosine" if m.kind == "fidelity" else "mse"
 
     def score(self, logits: np.ndarray, labels: np.ndarray) -> float:
         """The metric over whole arrays (kept for callers that hold outputs in memory)."""

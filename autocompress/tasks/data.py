@@ -15,6 +15,8 @@ subset, calibration on the first N samples).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,9 +37,13 @@ class IOSpec:
     Attributes:
         input_names: the model's inputs in call order (ONNX input names too).
         keyword: the model takes its inputs by name (``model(**inputs)``), else positionally.
+        packed: the model's forward takes ONE dict of the named inputs (``model({"input_ids": ...,
+            "attention_mask": ...})``: a ``sentence_transformers.SentenceTransformer``).
         output: which tensor of the output is scored and distilled: None (the tensor itself; the
-            first of a tuple; ``logits`` / ``last_hidden_state`` / the first value of a dict or
-            ``ModelOutput``), an index, a key, or a callable on the output.
+            first of a tuple; ``logits`` / ``sentence_embedding`` / ``last_hidden_state`` / the first
+            value of a dict or ``ModelOutput``), an index, a key, ``"mean_pooling"`` (the token
+            embeddings averaged over the ``attention_mask`` input: :func:`mean_pooling`), or a callable
+            on the output, or on the output and the named inputs (``fn(out, inputs)``).
         dynamic_axes: input name -> {axis: name} exported as dynamic (batch always; the sequence
             axis of integer token inputs by default).
     """
@@ -47,11 +53,23 @@ class IOSpec:
     output: int | str | Callable[[Any], torch.Tensor] | None = None
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
     output_name: str = "output"
+    packed: bool = False
 
     def call(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         """The model's selected output tensor for positional ``inputs``."""
-        out = model(**dict(zip(self.input_names, inputs, strict=True))) if self.keyword else model(*inputs)
-        return select_output(out, self.output)
+        return self.invoke(model, inputs)
+
+    def invoke(self, fn: Callable, inputs: Inputs) -> torch.Tensor:
+        """``fn`` (a model or its unbound forward with ``self`` bound) called the model's way on
+        positional ``inputs``; the selected output."""
+        named = dict(zip(self.input_names, inputs, strict=True))
+        if self.packed:
+            out = fn(dict(named))  # a fresh dict: sentence-transformers modules add their outputs to it
+        elif self.keyword:
+            out = fn(**named)
+        else:
+            out = fn(*inputs)
+        return select_output(out, self.output, named)
 
     def onnx_axes(self) -> dict[str, dict[int, str]]:
         axes = {n: dict(self.dynamic_axes.get(n, {0: "batch"})) for n in self.input_names}
@@ -59,10 +77,21 @@ class IOSpec:
         return axes
 
 
-def select_output(out: Any, selector: int | str | Callable | None) -> torch.Tensor:
-    """The tensor of a model's output that is scored: see :attr:`IOSpec.output`."""
+MEAN_POOLING = "mean_pooling"
+DEFAULT_KEYS = ("logits", "sentence_embedding", "last_hidden_state")
+
+
+def select_output(
+    out: Any, selector: int | str | Callable | None, inputs: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The tensor of a model's output that is scored: see :attr:`IOSpec.output`.
+
+    ``inputs``: the named inputs of the call (a two-argument selector and ``"mean_pooling"`` read them).
+    """
+    if selector == MEAN_POOLING and not (hasattr(out, "keys") and MEAN_POOLING in set(out.keys())):
+        return mean_pooling(select_output(out, None), inputs)
     if callable(selector):
-        out = selector(out)
+        out = selector(out, dict(inputs or {})) if _takes_inputs(selector) else selector(out)
     elif isinstance(out, torch.Tensor):
         if selector is not None:
             raise ConfigError(
@@ -77,7 +106,7 @@ def select_output(out: Any, selector: int | str | Callable | None) -> torch.Tens
         elif isinstance(selector, int):
             out = out[keys[selector]]
         else:
-            key = next((k for k in ("logits", "last_hidden_state") if k in keys), keys[0] if keys else None)
+            key = next((k for k in DEFAULT_KEYS if k in keys), keys[0] if keys else None)
             if key is None:
                 raise ConfigError("task.output: the model returned an empty mapping")
             out = out[key]
@@ -90,6 +119,53 @@ def select_output(out: Any, selector: int | str | Callable | None) -> torch.Tens
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"task.output: the selected output is a {type(out).__name__}, not a tensor")
     return out
+
+
+def mean_pooling(tokens: torch.Tensor, inputs: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """Token embeddings ``[batch, sequence, hidden]`` averaged over the positions where the
+    ``attention_mask`` input is 1 (what sentence encoders end with): ``[batch, hidden]``.
+
+    Raises:
+        ConfigError: the call has no ``attention_mask`` input, or ``tokens`` is not 3-D.
+    """
+    mask = (inputs or {}).get("attention_mask")
+    if mask is None:
+        raise ConfigError(
+            f"task.output: {MEAN_POOLING!r} needs an 'attention_mask' input; the inputs are "
+            f"{sorted(inputs or {})}"
+        )
+    if tokens.dim() != 3:
+        raise ConfigError(
+            f"task.output: {MEAN_POOLING!r} averages token embeddings [batch, sequence, hidden]; the "
+            f"output is {tuple(tokens.shape)}"
+        )
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _takes_inputs(fn: Callable) -> bool:
+    """Whether a selector takes the named inputs as a second positional argument."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: one argument
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def takes_one_dict(model: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether ``model.forward`` takes ONE dict of the named inputs (a sentence-transformers model):
+    its only required positional parameter is not one of the input ``names``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
+    ]
+    return len(required) == 1 and required[0].name not in names
 
 
 def deployable(model: nn.Module, io: IOSpec) -> nn.Module:
@@ -117,11 +193,7 @@ def deployable(model: nn.Module, io: IOSpec) -> nn.Module:
 
 
 def _call_as(cls: type, self: nn.Module, io: IOSpec, inputs: Inputs) -> torch.Tensor:
-    if io.keyword:
-        out = cls.forward(self, **dict(zip(io.input_names, inputs, strict=True)))
-    else:
-        out = cls.forward(self, *inputs)
-    return select_output(out, io.output)
+    return io.invoke(functools.partial(cls.forward, self), inputs)
 
 
 # -- batches ------------------------------------------------------------------------------------------
@@ -234,6 +306,20 @@ class Split:
             return len(ds) if ds is not None else None
         except TypeError:
             return None
+
+    def rows_per_batch(self, batch_size: int | None = None) -> int | None:
+        """Samples per batch as this split yields them: ``batch_size`` (default the split's) for
+        tensors, which are batched here; else the source's own (a DataLoader's ``batch_size``, or the
+        first batch's length): a DataLoader or a list of batches is read as the user batched it."""
+        if self.tensors is not None:
+            return batch_size or self.batch_size
+        own = getattr(self._source, "batch_size", None)
+        if isinstance(own, int):
+            return own
+        first = next(iter(self.raw_batches()), None)
+        if first is None:
+            return None
+        return len(self.adapt(first)[2][0])
 
     def adapt(self, batch: Any) -> tuple[tuple[str, ...], bool, Inputs, torch.Tensor | None]:
         names, keyword, tensors = normalize_inputs(self._inputs(batch))

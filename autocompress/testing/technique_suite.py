@@ -110,7 +110,7 @@ def technique_plan(model: nn.Module, task: Task, technique: str | LayerPlanFn) -
     named = {**TECHNIQUES, **TRANSFORMER_TECHNIQUES}
     layer_plan = named[technique] if isinstance(technique, str) else technique
     layers: dict[str, LayerPlan] = {}
-    for i, layer in enumerate(build_inventory(model, task.example_inputs())):
+    for i, layer in enumerate(build_inventory(model, task.example_inputs(), task.io)):
         layers[layer.name] = layer_plan(i, layer.name).for_kind(layer.kind)[0]  # embeddings: bits only
     for name in _recurrent(model):
         lp = layer_plan(0, name)  # the first layer's plan (mixed: 8 bits, rank 0.75)
@@ -249,7 +249,7 @@ TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
 def check_recurrent_layers(case: TechniqueCase) -> None:
     """An LSTM stays outside the inventory with its shapes; only dynamic int8 applies to it (ONNX:
     DynamicQuantizeLSTM), anything else planned on it is noted as not applied."""
-    inventory = {i.name for i in build_inventory(case.teacher, case.task.example_inputs())}
+    inventory = {i.name for i in build_inventory(case.teacher, case.task.example_inputs(), case.task.io)}
     is_onnx = case.artifact.path.suffix == ".onnx"
     ops = [n.op_type for n in onnx.load(str(case.artifact.path)).graph.node] if is_onnx else []
     for name, lstm in _recurrent(case.teacher).items():
