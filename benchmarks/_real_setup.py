@@ -159,6 +159,10 @@ def finetune(root: Path, arch: str, images: int, lr: float, image_size: int = 96
     splits = mnist_splits(root, arch, image_size)
     order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(0))[:images]
     loader = DataLoader(Subset(splits["train"], order.tolist()), batch_size=32, shuffle=False)
+    bn_momentum = {m: m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for m in model.modules():  # TF-trained BatchNorm keeps 99% of its statistics per step: the running
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics would stay ImageNet's after a short fine-tune
+            m.momentum = 0.1
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=len(loader), pct_start=0.1)
     t0 = time.perf_counter()
@@ -179,12 +183,16 @@ def finetune(root: Path, arch: str, images: int, lr: float, image_size: int = 96
     with torch.no_grad():
         for x, y in DataLoader(splits["test"], batch_size=200):
             correct += int((model(x).argmax(1) == y).sum())
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = bn_momentum.get(m, m.momentum)
     record = {
         "arch": arch,
         "num_classes": 10,
         "image_size": image_size,
         "finetune_images": images,
         "lr": lr,
+        "bn_momentum_during_finetune": 0.1,
         "finetune_s": round(train_s, 1),
         "test_accuracy": correct / len(splits["test"]),
         "test_images": len(splits["test"]),
