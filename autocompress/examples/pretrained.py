@@ -148,11 +148,14 @@ def load_sentence_encoder(folder: str | Path) -> MeanPooledEncoder:
         raise ConfigError(f"{folder}: pooling is not mean pooling ({pooling})", field="task.options.root")
     previous = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the checkpoint's unused pooler is left out on purpose
     try:
         encoder = transformers.MPNetModel.from_pretrained(
             folder, add_pooling_layer=False, local_files_only=True, attn_implementation="eager"
         )
     finally:
+        transformers.utils.logging.set_verbosity(verbosity)
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
