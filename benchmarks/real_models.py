@@ -56,7 +56,6 @@ import _real_setup  # noqa: E402
 
 MODELS = ("mobilenet_v2", "efficientnet_lite0", "mpnet_bbc")
 PEERS = ("ort_dynamic", "ort_static", "nncf_quantize", "olive")
-SPACE_MISSING = "search space file 'search_spaces/default.yaml' does not exist"
 
 
 def task_entry(model: str, root: Path, args) -> dict:
@@ -92,41 +91,26 @@ def study_data(model: str, root: Path, run_dir: Path, args) -> dict:
 
 
 def run_study_cli(study: dict, run_dir: Path, log) -> dict:
-    """Run the study with the ``autocompress`` command from a new temporary folder outside the repository;
-    ``{"start", "end", "rc", "log", "note"}`` (wall-clock epoch seconds). Where the installed package has
-    no default search space outside the repository (``SPACE_MISSING``), that is printed and the study
-    runs again with the repository's ``search_spaces/`` copied into the folder (``note`` says so)."""
+    """Run the study with the ``autocompress`` command from a new temporary folder outside the repository
+    (the default search space comes from the installed package); ``{"start", "end", "rc", "log", "note"}``
+    (wall-clock epoch seconds)."""
     exe = shutil.which("autocompress")
     cmd = [exe] if exe else [sys.executable, "-m", "autocompress.cli"]
-    note = ""
-    for attempt in (0, 1):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        folder = Path(tempfile.mkdtemp(prefix="ac-real-"))
-        if attempt:
-            shutil.copytree(ROOT / "search_spaces", folder / "search_spaces")
-        (folder / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-        log_path = run_dir.parent / "study.log"
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log(f"  autocompress run study.yaml  (cwd {folder}; log {log_path})")
-        start = time.time()
-        with open(log_path, "w") as out:
-            rc = subprocess.call(
-                [*cmd, "run", "study.yaml"], cwd=folder, stdout=out, stderr=subprocess.STDOUT
-            )
-        end = time.time()
-        text = log_path.read_text()
-        shutil.rmtree(folder, ignore_errors=True)
-        if rc != 0 and attempt == 0 and SPACE_MISSING in text:
-            note = (
-                f"outside the repository the study stopped: {SPACE_MISSING} (after {end - start:.0f} s); "
-                "ran again with the repository's search_spaces/ copied into the study's folder"
-            )
-            log(f"  {note}")
-            continue
-        break
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix="ac-real-"))
+    (folder / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    log_path = run_dir.parent / "study.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log(f"  autocompress run study.yaml  (cwd {folder}; log {log_path})")
+    start = time.time()
+    with open(log_path, "w") as out:
+        rc = subprocess.call([*cmd, "run", "study.yaml"], cwd=folder, stdout=out, stderr=subprocess.STDOUT)
+    end = time.time()
+    text = log_path.read_text()
+    shutil.rmtree(folder, ignore_errors=True)
     tail = text.strip().splitlines()[-3:]
     log(f"  study exit {rc} after {end - start:.0f} s: {' / '.join(tail)}")
-    return {"start": start, "end": end, "rc": rc, "log": str(log_path), "note": note}
+    return {"start": start, "end": end, "rc": rc, "log": str(log_path), "note": ""}
 
 
 def prepare_folder(cfg, log) -> None:
