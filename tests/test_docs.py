@@ -10,7 +10,8 @@ Code blocks, per page in order, in one fresh folder per page:
 * ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
   runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
 * Other languages (``text``) are output or layouts, not commands, and are not run.
-* A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason.
+* A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
+  of ``docs/results/`` pages (the commands of measurements, minutes to hours each).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ TINY_PRELUDE = """\
 import autocompress as _ac
 
 def _tiny(cfg):
+    if not isinstance(cfg, _ac.StudyConfig):  # a study file or a bundled study's name
+        cfg = _ac.load_config(cfg)
     cfg.trials.n = min(cfg.trials.n, 2)
     cfg.trials.planned_starts = 0
     if cfg.finetune.steps is None:
@@ -77,7 +80,9 @@ def blocks(page: Path) -> list[Block]:
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         mark = MARK.search(before)
         block = Block(page, len(out), m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1)
-        if mark and mark.group(1) == "not-run":
+        if "results" in page.relative_to(ROOT).parts[:2]:
+            block.not_run = "a results page records the command of a measurement; it is not re-run here"
+        elif mark and mark.group(1) == "not-run":
             block.not_run = mark.group(2)
         elif mark:
             block.file = mark.group(2)

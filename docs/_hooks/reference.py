@@ -84,8 +84,11 @@ def _rule(field) -> str:
             if value is not None:
                 parts.append(f"{word} {value}")
         pattern = getattr(meta, "pattern", None)
-        if pattern:
-            parts.append(f"matches `{pattern}`")
+        choices = re.fullmatch(r"\^\(([\w|]+)\)\$", pattern or "")
+        if choices:
+            parts.append("one of " + ", ".join(f"`{c}`" for c in choices.group(1).split("|")))
+        elif pattern:
+            parts.append(f"matches `{pattern}`".replace("|", "\\|"))
     return ", ".join(parts)
 
 
