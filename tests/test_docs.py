@@ -211,6 +211,13 @@ def test_readme_is_a_short_guide():
         assert not re.search(pattern, text, re.I), f"README.md mentions {pattern!r}"
 
 
+def test_pages_hold_no_scratch_paths_or_project_history():
+    for page in PAGES:
+        text = page.read_text()
+        for pattern in (r"/tmp/", r"/work/", r"\bissue \d+", r"\bsession note", r"\bcommit [0-9a-f]{7}"):
+            assert not re.search(pattern, text, re.I), f"{page.relative_to(ROOT)} mentions {pattern!r}"
+
+
 def test_ci_runs_the_readme_test_command():
     command = blocks(ROOT / "README.md")[1].code.strip()
     assert command in (ROOT / ".ci" / "run").read_text()
