@@ -10,6 +10,7 @@ Code blocks, per page in order, in one fresh folder per page:
 * ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
   runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
 * Other languages (``text``) are output or layouts, not commands, and are not run.
+* Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
 * A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
   of ``docs/results/`` pages (the commands of measurements, minutes to hours each).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ MARK = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->\s*$")
 BLOCK_TIMEOUT_S = 300
 
 # Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
-# starts (the examples themselves ask for what a user would).
+# starts, short timing sessions (the examples themselves ask for what a user would).
 TINY_PRELUDE = """\
 import autocompress as _ac
 
@@ -49,12 +51,16 @@ def _tiny(cfg):
         cfg.finetune.epochs = min(cfg.finetune.epochs, 1)
     else:
         cfg.finetune.steps = min(cfg.finetune.steps, 20)
+    cfg.backend.options = {**cfg.backend.options, "timing": {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}
     return cfg
 
 _run_study = _ac.run_study
 _ac.run_study = lambda cfg, *args, **kwargs: _run_study(_tiny(cfg), *args, **kwargs)
 """
-TINY_FLAGS = "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
+TINY_FLAGS = (
+    "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
+    " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
+)
 
 
 @dataclass
@@ -162,8 +168,24 @@ CASES = [b for page in PAGES for b in blocks(page) if b.lang in RUNNABLE]
 
 
 @pytest.fixture(scope="session")
-def page_folders(tmp_path_factory):
-    return functools.cache(lambda page: tmp_path_factory.mktemp(re.sub(r"\W", "_", page.stem)))
+def quickstart_run(tmp_path_factory) -> Path | None:
+    """One tiny run of the bundled quickstart (``runs/quickstart``), as the README's first command leaves
+    it; every page's folder starts with a copy, so a page's ``autocompress run quickstart`` resumes a
+    finished study instead of training and searching again (None if it failed: the pages then say why)."""
+    folder = tmp_path_factory.mktemp("quickstart")
+    failed = _run(["bash", "-c", f"autocompress run quickstart {TINY_FLAGS}"], folder)
+    return None if failed else folder / "runs" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def page_folders(tmp_path_factory, quickstart_run):
+    def make(page: Path) -> Path:
+        folder = tmp_path_factory.mktemp(re.sub(r"\W", "_", page.stem))
+        if quickstart_run is not None:
+            shutil.copytree(quickstart_run, folder / "runs" / "quickstart")
+        return folder
+
+    return functools.cache(make)
 
 
 @pytest.mark.slow
