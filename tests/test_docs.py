@@ -1,0 +1,317 @@
+"""The documentation cannot rot: the site builds in strict mode, the README stays a short guide, the
+architecture page names modules that exist, and every code block of the README and the docs runs.
+
+Code blocks, per page in order, in one fresh folder per page:
+
+* ```` ```python ````: run as a script (with at most 2 trials per study: :data:`TINY_PRELUDE`);
+  after ``<!-- file: NAME -->`` it is written to NAME (and compiled) instead, for later blocks to use.
+* ```` ```yaml ````: parsed; a study file (``name`` and ``task``) is validated with ``load_config``; after
+  ``<!-- file: NAME -->`` it is written to NAME for later blocks to run.
+* ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
+  runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
+* Other languages (``text``) are output or layouts, not commands, and are not run.
+* Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
+* A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
+  of ``docs/results/`` pages (the commands of measurements, minutes to hours each).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(p for p in DOCS.rglob("*.md") if "_hooks" not in p.parts)]
+RUNNABLE = {"python", "bash", "yaml"}
+FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
+MARK = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->\s*$")
+BLOCK_TIMEOUT_S = 300
+
+# Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
+# starts, short timing sessions (the examples themselves ask for what a user would).
+TINY_PRELUDE = """\
+import autocompress as _ac
+
+def _tiny(cfg):
+    if not isinstance(cfg, _ac.StudyConfig):  # a study file or a bundled study's name
+        cfg = _ac.load_config(cfg)
+    cfg.trials.n = min(cfg.trials.n, 2)
+    cfg.trials.planned_starts = 0
+    if cfg.finetune.steps is None:
+        cfg.finetune.epochs = min(cfg.finetune.epochs, 1)
+    else:
+        cfg.finetune.steps = min(cfg.finetune.steps, 20)
+    cfg.backend.options = {**cfg.backend.options, "timing": {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}
+    return cfg
+
+_run_study = _ac.run_study
+_ac.run_study = lambda cfg, *args, **kwargs: _run_study(_tiny(cfg), *args, **kwargs)
+"""
+TINY_FLAGS = (
+    "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
+    " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
+)
+
+
+@dataclass
+class Block:
+    page: Path
+    index: int
+    lang: str
+    code: str
+    line: int
+    not_run: str | None = None
+    file: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of a page with their marker comments."""
+    text = page.read_text()
+    out = []
+    for m in FENCE.finditer(text):
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        mark = MARK.search(before)
+        block = Block(page, len(out), m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1)
+        if "results" in page.relative_to(ROOT).parts[:2]:
+            block.not_run = "a results page records the command of a measurement; it is not re-run here"
+        elif mark and mark.group(1) == "not-run":
+            block.not_run = mark.group(2)
+        elif mark:
+            block.file = mark.group(2)
+        out.append(block)
+    return out
+
+
+def _env(folder: Path) -> dict[str, str]:
+    path = os.pathsep.join([str(folder), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg"}
+
+
+def _bash_line(line: str) -> str:
+    steps = [s.strip() for s in line.split("&&")]
+    steps = [s for s in steps if not re.match(r"pip (install|wheel|download)\b", s)]
+    out = []
+    for step in steps:
+        step = step.replace("PYTHONPATH=. ", "PYTHONPATH=.:$PYTHONPATH ")
+        if re.search(r"\bautocompress (run|worker|inspect)\b", step):
+            step = re.sub(r"--n-trials \d+", "--n-trials 2", step)
+            background = step.endswith("&")
+            step = step.rstrip("& ").rstrip()
+            step = re.sub(r"(\s#.*)?$", f" {TINY_FLAGS}", step, count=1) + (" &" if background else "")
+        out.append(step)
+    return " && ".join(out) or "true"
+
+
+def bash_script(code: str) -> str:
+    """The block as run: continuation lines joined, installs left out, studies made tiny."""
+    joined = code.replace("\\\n", " ")
+    return "\n".join(_bash_line(line) for line in joined.splitlines())
+
+
+def _run(cmd: list[str], folder: Path) -> str | None:
+    try:
+        proc = subprocess.run(
+            cmd, cwd=folder, env=_env(folder), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return f"timed out after {BLOCK_TIMEOUT_S} s"
+    if proc.returncode != 0:
+        return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    return None
+
+
+def run_block(block: Block, folder: Path) -> str | None:
+    """Run one block in the page's folder; None if it passed, else what went wrong."""
+    if block.file:
+        (folder / block.file).write_text(block.code)
+    if block.lang == "python":
+        if block.file:
+            compile(block.code, block.file, "exec")
+            return None
+        script = folder / f"_block_{block.index}.py"
+        script.write_text(TINY_PRELUDE + "\n" + block.code)
+        return _run([sys.executable, script.name], folder)
+    if block.lang == "yaml":
+        data = yaml.safe_load(block.code)
+        if isinstance(data, dict) and {"name", "task"} <= set(data):
+            path = folder / (block.file or f"_block_{block.index}.yaml")
+            path.write_text(block.code)
+            code = f"from autocompress.config import load_config; load_config({str(path)!r})"
+            return _run([sys.executable, "-c", code], folder)
+        return None
+    script = folder / f"_block_{block.index}.sh"
+    script.write_text(bash_script(block.code))
+    return _run(["bash", "-e", "-o", "pipefail", script.name], folder)
+
+
+@functools.cache
+def run_page(page: Path, folder: Path) -> tuple[str | None, ...]:
+    """Every runnable block of the page, in order, in one folder: one outcome per block."""
+    return tuple(None if b.not_run or b.lang not in RUNNABLE else run_block(b, folder) for b in blocks(page))
+
+
+CASES = [b for page in PAGES for b in blocks(page) if b.lang in RUNNABLE]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path | None:
+    """One tiny run of the bundled quickstart (``runs/quickstart``), as the README's first command leaves
+    it; every page's folder starts with a copy, so a page's ``autocompress run quickstart`` resumes a
+    finished study instead of training and searching again (None if it failed: the pages then say why)."""
+    folder = tmp_path_factory.mktemp("quickstart")
+    failed = _run(["bash", "-c", f"autocompress run quickstart {TINY_FLAGS}"], folder)
+    return None if failed else folder / "runs" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def page_folders(tmp_path_factory, quickstart_run):
+    def make(page: Path) -> Path:
+        folder = tmp_path_factory.mktemp(re.sub(r"\W", "_", page.stem))
+        if quickstart_run is not None:
+            shutil.copytree(quickstart_run, folder / "runs" / "quickstart")
+        return folder
+
+    return functools.cache(make)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", CASES, ids=[b.id for b in CASES])
+def test_code_block_runs(block: Block, page_folders):
+    if block.not_run:
+        pytest.skip(f"not run here: {block.not_run}")
+    outcome = run_page(block.page, page_folders(block.page))[block.index]
+    assert outcome is None, f"{block.id} ({block.lang}) failed: {outcome}"
+
+
+def test_not_run_markers_give_a_reason():
+    for page in PAGES:
+        for b in blocks(page):
+            if b.not_run is not None:
+                assert len(b.not_run) >= 10, f"{b.id}: a not-run block needs its reason"
+
+
+def test_bash_blocks_are_made_tiny_and_offline():
+    script = bash_script(
+        "pip install . && autocompress run quickstart\nautocompress worker s.yaml --n-trials 30 &"
+    )
+    assert script.splitlines() == [
+        f"autocompress run quickstart {TINY_FLAGS}",
+        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} &",
+    ]
+    assert bash_script("pip install torch==2.13.0 && pip install -e .") == "true"
+
+
+# -- the README ----------------------------------------------------------------------------------------
+
+
+def test_readme_is_a_short_guide():
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 220, f"README.md has {len(lines)} lines (at most 220)"
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 200]
+    assert not long, f"README.md lines longer than 200 characters: {long}"
+    first = [b.code.strip() for b in blocks(ROOT / "README.md")[:2]]
+    assert first == [
+        "pip install torch==2.13.0 && pip install . && autocompress run quickstart",
+        'pip install torch==2.13.0 && pip install -e ".[dev,docs]" && python -m pytest',
+    ]
+    for pattern in (r"/tmp/", r"/work/", r"\bissue \d+", r"\bsession note", r"\bcommit [0-9a-f]{7}"):
+        assert not re.search(pattern, text, re.I), f"README.md mentions {pattern!r}"
+
+
+def test_pages_hold_no_scratch_paths_or_project_history():
+    for page in PAGES:
+        text = page.read_text()
+        for pattern in (r"/tmp/", r"/work/", r"\bissue \d+", r"\bsession note", r"\bcommit [0-9a-f]{7}"):
+            assert not re.search(pattern, text, re.I), f"{page.relative_to(ROOT)} mentions {pattern!r}"
+
+
+def test_ci_runs_the_readme_test_command():
+    command = blocks(ROOT / "README.md")[1].code.strip()
+    assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_links_exist():
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\((?!https?://)([^)#\s]+)", text)
+    assert targets
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+
+
+# -- the site -------------------------------------------------------------------------------------------
+
+
+def test_architecture_page_names_existing_modules():
+    text = (DOCS / "architecture.md").read_text()
+    named = set(re.findall(r"autocompress/[\w/]+(?:\.py)?", text))
+    assert len(named) > 30
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
+
+
+def _hook():
+    sys.path.insert(0, str(DOCS / "_hooks"))
+    try:
+        import reference
+    finally:
+        sys.path.remove(str(DOCS / "_hooks"))
+    return reference
+
+
+def test_reference_covers_every_study_field_and_command():
+    from pydantic import BaseModel
+
+    from autocompress.cli import build_parser
+    from autocompress.config import StudyConfig
+
+    hook = _hook()
+    schema = hook.study_schema()
+    for model in hook._models(StudyConfig):
+        assert f"### {model.__name__}" in schema
+        for name, field in model.model_fields.items():
+            if not field.exclude:
+                assert f"| `{name}` |" in schema, f"{model.__name__}.{name} missing from the schema page"
+    assert issubclass(StudyConfig, BaseModel)
+    assert "| `epochs` | int | `3` | >= 0, <= 1000 |" in schema
+    cli = hook.cli_reference()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command in sub.choices:
+        assert f"## `autocompress {command}`" in cli
+
+
+def test_folder_nav_entries_list_their_pages(tmp_path):
+    (tmp_path / "howto").mkdir()
+    for name in ("b.md", "index.md", "a.md"):
+        (tmp_path / "howto" / name).write_text("# x\n")
+    nav = _hook()._expand([{"Home": "index.md"}, {"How-to": "howto/"}], tmp_path)
+    assert nav == [{"Home": "index.md"}, {"How-to": ["howto/index.md", "howto/a.md", "howto/b.md"]}]
+
+
+@pytest.mark.slow
+def test_site_builds_in_strict_mode(tmp_path):
+    pytest.importorskip("mkdocs", reason='the docs builder is not installed: pip install -e ".[docs]"')
+    pytest.importorskip("mkdocstrings", reason='mkdocstrings is not installed: pip install -e ".[docs]"')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    assert (tmp_path / "site" / "reference" / "study-file" / "index.html").exists()
+    page = (tmp_path / "site" / "reference" / "python-api" / "index.html").read_text()
+    assert "run_study" in page and "StudyConfig" in page
