@@ -121,17 +121,23 @@ class _Builder:
         if bits == 8:
             return self.op("Cast", [src], to=INT64)
         col = self.op("Unsqueeze", [src, self.const(np.array([1], np.int64))])
-        shifted = self.op("BitShift", [col, self.const(np.arange(8, dtype=np.uint8))], direction="RIGHT")
-        bit = self.op("Mod", [shifted, self.const(np.array(2, np.uint8))])
-        flat = self.op("Reshape", [bit, self.const(np.array([-1], np.int64))])
-        ends = [self.const(np.array([0], np.int64)), self.const(np.array([n * bits], np.int64))]
-        stream = self.op("Slice", [flat, *ends])
+        whole = 8 % bits == 0  # 1, 2, 4 bits: whole values in each byte, read directly
+        step = bits if whole else 1
+        shifts = self.const(np.arange(0, 8, step, dtype=np.uint8))
+        shifted = self.op("BitShift", [col, shifts], direction="RIGHT")
+        part = self.op("Mod", [shifted, self.const(np.array(2**step, np.uint8))])
+        flat = self.op("Reshape", [part, self.const(np.array([-1], np.int64))])
+        count = n if whole else n * bits
+        stream = self.op("Slice", [flat, self.const(np.array([0], np.int64)), self.const(np.array([count]))])
         if bits == 1:
             return stream
+        if whole:
+            return self.op("Cast", [stream], to=INT64)
         rows = self.op("Reshape", [stream, self.const(np.array([n, bits], np.int64))])
-        wide = self.op("Cast", [rows], to=INT64)
-        weighted = self.op("Mul", [wide, self.const((1 << np.arange(bits)).astype(np.int64))])
-        return self.op("ReduceSum", [weighted, self.const(np.array([1], np.int64))], keepdims=0)
+        wide = self.op("Cast", [rows], to=TensorProto.FLOAT)  # exact: sums below 2**8
+        weighted = self.op("Mul", [wide, self.const((1 << np.arange(bits)).astype(np.float32))])
+        total = self.op("ReduceSum", [weighted, self.const(np.array([1], np.int64))], keepdims=0)
+        return self.op("Cast", [total], to=INT64)
 
     def nth(self, flags_i64: str) -> str:
         """For each position, the count of set flags before it (clamped at 0): an index into the values."""
