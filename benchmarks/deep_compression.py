@@ -304,6 +304,49 @@ def table(names: list[str]) -> bool:
     return ok
 
 
+def load_cost(width: int = 1024) -> None:
+    """Two ``width x width`` Linear layers stored dense, shared (5-bit indices), sparse (90%) and both:
+    bytes, session load (where the weights are rebuilt) and per-call latency timed side by side."""
+    import tempfile
+
+    from autocompress.backends import OnnxRuntimeBackend
+    from autocompress.lowering import LayerLowering, LoweringSpec
+    from autocompress.techniques.weight_sharing import share_weight
+
+    torch.manual_seed(0)
+    be = OnnxRuntimeBackend()
+    x = (torch.randn(1, width),)
+    with tempfile.TemporaryDirectory() as tmp:
+        arts = {}
+        for label, bits, sparsity in (
+            ("dense", 0, 0.0),
+            ("shared 5-bit", 5, 0.0),
+            ("sparse 90%", 0, 0.9),
+            ("shared 5-bit + sparse 90%", 5, 0.9),
+        ):
+            m = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)).eval()
+            spec = {}
+            for i in (0, 2):
+                with torch.no_grad():
+                    m[i].weight[torch.rand_like(m[i].weight) < sparsity] = 0.0
+                record = share_weight(m[i], bits).record() if bits else None
+                if bits:
+                    torch.nn.utils.parametrize.remove_parametrizations(
+                        m[i], "weight", leave_parametrized=True
+                    )
+                spec[str(i)] = LayerLowering(shared=record, sparse=sparsity > 0)
+            arts[label] = be.lower(
+                m, x, LoweringSpec(spec) if bits or sparsity else {}, Path(tmp) / str(len(arts))
+            )
+        stats = be.measure_group(list(arts.values())[1:], arts["dense"], x)
+        be.close()
+        compact = zip(list(arts.values())[1:], stats, strict=True)
+        rows = [(arts["dense"], stats[0][1])] + [(a, s) for a, (s, _) in compact]
+        print(f"{'':28s} {'bytes':>10s} {'load ms':>8s} {'call ms':>8s}")
+        for label, (a, s) in zip(arts, rows, strict=True):
+            print(f"{label:28s} {a.size_bytes:>10,d} {load_ms(a.path):>8.1f} {s.median_ms:>8.4f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=[*MODELS, "both"], default="both")
@@ -319,8 +362,12 @@ def main() -> int:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--out", type=Path, default=RUNS, help="folder of the studies")
     ap.add_argument("--limit-train", type=int, default=None, help="first N training images (smoke runs)")
+    ap.add_argument("--load-cost", action="store_true", help="only the load / per-call cost of the formats")
     args = ap.parse_args()
     globals()["RUNS"] = args.out
+    if args.load_cost:
+        load_cost()
+        return 0
     names = list(MODELS) if args.model == "both" else [args.model]
     if not args.table_only:
         torch.set_num_threads(2)
