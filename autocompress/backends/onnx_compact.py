@@ -117,10 +117,9 @@ class _Builder:
 
     def unpack(self, packed: np.ndarray, n: int, bits: int) -> str:
         """Nodes turning a packed stream into ``n`` int64 values (``bits`` 1: uint8 0/1)."""
-        src = self.init(packed.astype(np.uint8))
         if bits == 8:
-            return self.op("Cast", [src], to=INT64)
-        col = self.op("Unsqueeze", [src, self.const(np.array([1], np.int64))])
+            return self.op("Cast", [self.init(packed.astype(np.uint8))], to=INT64)
+        col = self.init(packed.astype(np.uint8).reshape(-1, 1))  # one byte a row: shifted along columns
         whole = 8 % bits == 0  # 1, 2, 4 bits: whole values in each byte, read directly
         step = bits if whole else 1
         shifts = self.const(np.arange(0, 8, step, dtype=np.uint8))
@@ -128,7 +127,11 @@ class _Builder:
         part = self.op("Mod", [shifted, self.const(np.array(2**step, np.uint8))])
         flat = self.op("Reshape", [part, self.const(np.array([-1], np.int64))])
         count = n if whole else n * bits
-        stream = self.op("Slice", [flat, self.const(np.array([0], np.int64)), self.const(np.array([count]))])
+        stream = flat
+        if count != packed.size * 8 // step:  # padding bits at the end
+            stream = self.op(
+                "Slice", [flat, self.const(np.array([0], np.int64)), self.const(np.array([count]))]
+            )
         if bits == 1:
             return stream
         if whole:
@@ -140,10 +143,8 @@ class _Builder:
         return self.op("Cast", [total], to=INT64)
 
     def nth(self, flags_i64: str) -> str:
-        """For each position, the count of set flags before it (clamped at 0): an index into the values."""
-        one = self.const(np.array(1, np.int64))
-        cum = self.op("CumSum", [flags_i64, self.const(np.array(0, np.int64))])
-        return self.op("Max", [self.op("Sub", [cum, one]), self.const(np.array(0, np.int64))])
+        """For each position, the count of set flags before it: the index of its value if it is set."""
+        return self.op("CumSum", [flags_i64, self.const(np.array(0, np.int64))], exclusive=1)
 
 
 def _values(
@@ -208,17 +209,18 @@ def _sparse(b: _Builder, name: str, array, keep, fmt: str, r: int, stream, share
     zero = b.const(np.array(0, np.float32))
     if fmt == "bitmask":
         mask = b.unpack(stream, n, 1)
-        gathered = b.op("Gather", [values, b.nth(b.op("Cast", [mask], to=INT64))])
+        nth = b.nth(b.op("Cast", [mask], to=INT64))  # past the last nonzero: nnz, clamped (not read)
+        last = b.const(np.array(int(keep.sum()) - 1, np.int64))
+        gathered = b.op("Gather", [values, b.op("Min", [nth, last])])
         dense = b.op("Where", [b.op("Cast", [mask], to=TensorProto.BOOL), gathered, zero])
     else:
         entries = b.unpack(stream, len(relative_entries(np.flatnonzero(keep), r)), r)
-        filler = b.const(np.array(2**r - 1, np.int64))
-        one = b.const(np.array(1, np.int64))
-        real = b.op("Not", [b.op("Equal", [entries, filler])])
-        steps = b.op("Where", [real, b.op("Add", [entries, one]), filler])
+        real = b.op("Less", [entries, b.const(np.array(2**r - 1, np.int64))])  # else a filler
+        real_i64 = b.op("Cast", [real], to=INT64)
+        steps = b.op("Add", [entries, real_i64])  # a real entry g moves g + 1, a filler 2**r - 1
         cum = b.op("CumSum", [steps, b.const(np.array(0, np.int64))])
-        positions = b.op("Sub", [cum, one])  # of every entry; a filler's holds a pruned weight: 0
-        gathered = b.op("Gather", [values, b.nth(b.op("Cast", [real], to=INT64))])
+        positions = b.op("Sub", [cum, b.const(np.array(1, np.int64))])  # a filler's: a pruned weight, 0
+        gathered = b.op("Gather", [values, b.nth(real_i64)])
         entry_values = b.op("Where", [real, gathered, zero])
         zeros = b.op(
             "ConstantOfShape",
