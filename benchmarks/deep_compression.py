@@ -286,8 +286,12 @@ def table(names: list[str]) -> bool:
             f"{'latency ms (ORT, b=1)':22s} {'':>10s} {base['latency_ms']:>7.4f} -> {best['latency_ms']:.4f}"
         )
         print(f"{'speedup':22s} {'':>10s} {best['speedup']:>11.2f}x")
-        art = RUNS / name / "trials" / f"{best['number']:05d}" / best["artifact"]
-        if art.exists():
+        where = [
+            RUNS / name / "pareto" / f"trial-{best['number']:05d}" / "model.onnx",
+            RUNS / name / best["artifact"],
+        ]
+        art = next((p for p in where if p.exists()), None)
+        if art is not None:
             base_art = next((RUNS / name / "baseline").glob("*.onnx"))
             print(f"{'session load ms':22s} {'':>10s} {load_ms(base_art):>7.2f} -> {load_ms(art):.2f}")
         plan = {k: (v["sparsity"], v["share_bits"]) for k, v in best["plan"]["layers"].items()}
