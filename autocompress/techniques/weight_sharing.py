@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -234,15 +233,3 @@ SPEC = TechniqueSpec(
     size_floor=size_floor,
 )
 TECHNIQUES.add(SPEC.name, SPEC)
-
-__all__ = ["SHARE_BITS", "SHARE_INITS", "SharedParam", "kmeans_1d", "share_weight", "cluster_point"]
-
-
-def codebook_bytes(bits: int) -> int:
-    """Bytes of one layer's float32 codebook."""
-    return 4 * 2**bits
-
-
-def shared_bytes(n: int, bits: int) -> int:
-    """Bytes of ``n`` packed indices of ``bits`` bits plus the codebook (the dense shared layout)."""
-    return int(np.ceil(n * bits / 8)) + codebook_bytes(bits)
