@@ -179,7 +179,7 @@ def space(name: str) -> dict:
     }
 
 
-def study_file(name: str, epochs: int, trials: int) -> Path:
+def study_file(name: str, epochs: int, trials: int, chunk_s: float = 3000) -> Path:
     run = RUNS / name
     run.mkdir(parents=True, exist_ok=True)
     empty = run / "empty_space.yaml"
@@ -193,7 +193,7 @@ def study_file(name: str, epochs: int, trials: int) -> Path:
         "sampler": {"name": "tpe", "options": {"n_startup_trials": 4, "multivariate": True}},
         "trials": {
             "n": trials,
-            "timeout_s": 3000,
+            "timeout_s": chunk_s,  # no new trial after this many seconds of this call
             "planned_starts": 0,
             "trial_timeout_s": 1800,
             "warm_start": [{"sparsity": 0.92, "share_bits": 5}, {"sparsity": 0.96, "share_bits": 4}],
@@ -216,10 +216,12 @@ def make_task(name: str, data, teacher: nn.Module):
     return Task(name=name, model=teacher, train=tr, eval=te, batch_size=64, calibration_samples=256)
 
 
-def run_study_chunk(name: str, task, epochs: int, trials: int, stop_after: int | None) -> None:
+def run_study_chunk(
+    name: str, task, epochs: int, trials: int, stop_after: int | None, chunk_s: float
+) -> None:
     from autocompress import load_config, run_study
 
-    cfg = load_config(study_file(name, epochs, trials))
+    cfg = load_config(study_file(name, epochs, trials, chunk_s))
     run_study(cfg, task=task, stop_after=stop_after)
 
 
@@ -363,6 +365,7 @@ def main() -> int:
     )
     ap.add_argument("--teacher-epochs", type=int, default=0, help="0: 12 for LeNet-300-100, 6 for LeNet-5")
     ap.add_argument("--stop-after", type=int, default=None, help="new trials in this call (chunks)")
+    ap.add_argument("--chunk-s", type=float, default=3000, help="no new trial after this many seconds")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--out", type=Path, default=RUNS, help="folder of the studies")
     ap.add_argument("--limit-train", type=int, default=None, help="first N training images (smoke runs)")
@@ -382,7 +385,9 @@ def main() -> int:
             t_epochs = args.teacher_epochs or (12 if name == "lenet300" else 6)
             teacher = train_teacher(name, data, t_epochs, cache=not args.limit_train)
             epochs = args.epochs or (8 if name == "lenet300" else 3)
-            run_study_chunk(name, make_task(name, data, teacher), epochs, args.trials, args.stop_after)
+            run_study_chunk(
+                name, make_task(name, data, teacher), epochs, args.trials, args.stop_after, args.chunk_s
+            )
     return 0 if table(names) else 1
 
 
