@@ -81,6 +81,25 @@ def symmetric_grid(weight: torch.Tensor, bits: int, reduce_range: bool = False) 
     )
 
 
+@dataclass
+class SharedWeight:
+    """A weight shared to a codebook (weight sharing): ``w = codebook[index] * keep``.
+
+    ``index`` (int64, torch layout) holds values in ``[0, len(codebook))``; ``keep`` (bool, torch layout)
+    is False where the weight was pruned (exact zeros, not coded), None when nothing was pruned.
+    ``bits`` is the width of one stored index: ``len(codebook) == 2 ** bits``.
+    """
+
+    bits: int
+    codebook: np.ndarray  # float32 [2**bits]
+    index: np.ndarray  # int64, torch layout
+    keep: np.ndarray | None = None  # bool, torch layout
+
+    def weight(self) -> np.ndarray:
+        w = self.codebook[self.index].astype(np.float32)
+        return w if self.keep is None else w * self.keep
+
+
 @dataclass(frozen=True)
 class LayerLowering:
     """How one module of the compressed model is lowered.
@@ -90,11 +109,16 @@ class LayerLowering:
         mode: ``static`` (calibrated activation ranges) or ``dynamic`` (activations quantized at run time).
         weight: the integers, scales and zero points the fine-tune trained (None: the backend uses
             :func:`symmetric_grid`); it also carries the grid's scheme and granularity.
+        shared: the codebook and indices of a weight-shared layer (float bits only), None otherwise.
+        sparse: the weight's zeros are stored as such (the backend stores the nonzeros and their
+            positions where that is smaller than the dense weight).
     """
 
     bits: int = FLOAT_BITS
     mode: str = "static"
     weight: WeightQuant | None = None
+    shared: SharedWeight | None = None
+    sparse: bool = False
 
     @property
     def scheme(self) -> str:

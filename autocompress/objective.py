@@ -129,6 +129,9 @@ def _trial_metrics(
         "latency_cached": cached,
         "size_bytes": artifact.size_bytes,
         "packed_size_bytes_theoretical": artifact.packed_size_bytes,
+        # shared / sparse weights: how each was stored, and the file entropy-coded (labelled: not the size)
+        "compact_weights": artifact.meta.get("compact_weights", {}),
+        "entropy_coded_bytes_lzma": artifact.meta.get("entropy_coded_bytes_lzma"),
         "layer_bits": artifact.layer_bits,
         "sparsity": result.sparsity,
         "kernels": artifact.meta.get("kernels", {}),

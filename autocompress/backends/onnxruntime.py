@@ -44,6 +44,7 @@ from .base import (
     wrong_device,
 )
 from .device_facts import cpu_info, nvidia_smi_info
+from .onnx_compact import compact_artifact
 from .onnx_export import INPUT, OUTPUT, default_io, export_onnx, graph_input_names  # noqa: F401 - re-exported
 from .onnx_rewrite import container_bits
 from .ort_quantize import _Calibration, _quiet, quantize_graph  # noqa: F401 - re-exported
@@ -62,7 +63,10 @@ class OnnxRuntimeBackend(Backend):
     # embedding tables: every stored precision, weight-only and dequantized after the lookup (int8 rows
     # gathered then scaled; 2-4 bits through com.microsoft.GatherBlockQuantized; float16 then Cast)
     bits_by_kind = {"Embedding": stored_bits}
-    sparsity_kinds = ("unstructured",)  # stored dense: zeros save neither bytes nor time
+    # stored as such (nonzeros + bitmask or relative index, rebuilt at load); dense kernels: no time saved
+    sparsity_kinds = ("unstructured", "2:4")
+    # weight sharing: packed indices + codebook, rebuilt by ops ORT folds at session load (matmul layers)
+    shared_weight_kinds = ("Conv1d", "Conv2d", "Linear")
     reduce_range = not cpu_has_vnni()
     # activations stay int8 across Relu / pooling / Add / Concat between int8 layers (ORT's int8 kernels);
     # False quantizes the compute layers only (the QDQ graph AMCT adapts for Ascend)
@@ -135,6 +139,7 @@ class OnnxRuntimeBackend(Backend):
             else:  # float: the fastest of the graph and its transformer-fused versions (measured)
                 kept, fusions = self._optimize_float(model, fp32, example_inputs, Path(tmp))
                 shutil.copyfile(kept, target)
+            compact = compact_artifact(target, model, spec)
             kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
         packed = stored = 0.0
         for name, p in model.named_parameters():
@@ -142,6 +147,9 @@ class OnnxRuntimeBackend(Backend):
             bits = quantized.get(owner, 32) if kind.startswith("weight") else 32  # LSTM: weight_ih_l0
             packed += p.numel() * bits / 8
             stored += p.numel() * container_bits(bits) / 8
+        for rec in compact.get("compact_weights", {}).values():  # shared / sparse: what was written
+            packed += rec["stored_bytes"] - rec["dense_bytes"]
+            stored += rec["stored_bytes"] - rec["dense_bytes"]
         return self.artifact_at(
             target,
             packed,
@@ -152,6 +160,7 @@ class OnnxRuntimeBackend(Backend):
                 "float_optimization": {k: fusions.get(k) for k in ("variant", "decision", "unfused_ms")},
                 "reduce_range": self.reduce_range,
                 "weights_stored_bytes": round(stored),
+                **compact,
             },
         )
 

@@ -14,9 +14,9 @@ structure reuses it, and a profile of the same model on the same device finds it
 Settings (from the layer's domains, after the applicability exclusions): every bit width below float
 (8-bit static, and dynamic where ``quant_mode`` allows it), structured sparsity at
 :data:`LEVELS` inside the sparsity domain, the rank ratio at :data:`LEVELS` inside its domain (the
-space's first rank mode), plus the uniform plans "every layer 8-bit" (static, dynamic): int8 pays
+space's first rank mode), weight sharing at the fewest shared values the space allows, plus the uniform plans "every layer 8-bit" (static, dynamic): int8 pays
 only where activations stay int8 between layers, which no single-layer row can show. Unstructured and
-2:4 masks keep the baseline's dense graph (no latency or size change on dense kernels): not profiled.
+2:4 masks keep the baseline's dense kernels (stored sparse: smaller, not faster): not profiled.
 
 Cost: wall seconds and trial-equivalents (seconds / the run's per-trial estimate). Layers are
 profiled largest first (MACs) and the profile stops at ``budget_trials`` trial-equivalents; the rows
@@ -80,6 +80,10 @@ def layer_settings(space, info) -> list[tuple[str, dict]]:
     for r in _levels(params["rank_ratio"]):
         if r < 1.0:
             out.append((f"rank {r:g}", {"rank_ratio": r, "rank_mode": mode}))
+    init = str(params["share_init"].values()[0])  # weight sharing: the fewest shared values (size, load)
+    shared = [int(v) for v in params["share_bits"].values() if int(v) > 0]
+    if shared:
+        out.append((f"shared {2 ** min(shared)} values", {"share_bits": min(shared), "share_init": init}))
     return out
 
 

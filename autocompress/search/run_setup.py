@@ -94,6 +94,7 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
             source=space.source,  # the space file, and the study whose overrides asked for these bits
             field="bits",
         )
+    _check_shared_weights(space, backend_cls)
     space.granularity_by_kind = dict(getattr(backend_cls, "weight_granularity", {}))
     space.allowed_by_kind["bits"] = dict(getattr(backend_cls, "bits_by_kind", {}))  # e.g. float tables
     try:
@@ -134,6 +135,19 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
         backend.close()
         raise
     return Prepared(cfg, task, space, backend, sampler, (note,) if note else ())
+
+
+def _check_shared_weights(space: SearchSpace, backend_cls) -> None:
+    """Weight sharing needs a backend that rebuilds shared weights at load (``shared_weight_kinds``)."""
+    domains = [space.model.share_bits, *(ls.share_bits for ls in space.model.layers.values())]
+    shared = sorted({int(v) for p in domains if p is not None for v in p.values()} - {0})
+    if shared and not getattr(backend_cls, "shared_weight_kinds", ()):
+        raise ConfigError(
+            f"{shared[0]} is not allowed by backend {backend_cls.name!r}: it cannot rebuild shared weights "
+            "from their indices and codebook at load (weight sharing: backend onnxruntime)",
+            source=space.source,
+            field="share_bits",
+        )
 
 
 def _check_storage_url(cfg: StudyConfig) -> None:

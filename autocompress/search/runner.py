@@ -102,6 +102,8 @@ RECORDED = (
     "size_ratio",
     "metric_drop",
     "packed_size_bytes_theoretical",
+    "compact_weights",  # shared / sparse weights: the format and bytes of each
+    "entropy_coded_bytes_lzma",  # the artifact entropy-coded (labelled: never the size objective)
     "kernels",
     "notes",
     "seconds",

@@ -1,13 +1,21 @@
 """Compression techniques: one module per family. They never import search or backends.
 
 Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
-(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
+(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``weight_sharing``,
+``sparse_storage``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
 (:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
 """
 
 from __future__ import annotations
 
-from . import attention_channels, layerdrop, reconstruct, sparsity  # noqa: F401 - register families, HeadAttention's pruner
+from . import (  # noqa: F401 - register families, HeadAttention's pruner
+    attention_channels,
+    layerdrop,
+    reconstruct,
+    sparse_storage,
+    sparsity,
+    weight_sharing,
+)
 from .distill import FeatureHints, distill_loss, kd_loss
 from .encoder_kd import EncoderDistill, attention_kl, attention_log_probs, encoder_points, hidden_mse
 from .fold import fold_batchnorm

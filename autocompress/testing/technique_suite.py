@@ -57,6 +57,7 @@ __all__ = [
     "check_output_shape_kept",
     "check_plan_round_trips",
     "check_recurrent_layers",
+    "check_shared",
     "check_stored_bits",
     "check_structured",
     "check_two_four",
@@ -81,6 +82,8 @@ TECHNIQUES: dict[str, LayerPlanFn] = {
     "spatial": lambda i, name: LayerPlan(rank_ratio=0.5, rank_mode="spatial"),
     "tucker": lambda i, name: LayerPlan(rank_ratio=0.5, rank_mode="tucker"),
     "mixed": lambda i, name: LayerPlan(bits=(8, 4, 16, 6, 32)[i % 5], rank_ratio=0.75),
+    "shared": lambda i, name: LayerPlan(share_bits=4),
+    "shared+sparse": lambda i, name: LayerPlan(share_bits=3, sparsity=0.8),
 }
 
 
@@ -230,6 +233,21 @@ def check_factorized(case: TechniqueCase, mode: str) -> None:
             check(m and int(m[1] or m[2]) >= int(m[3]) == original_macs, (name, note, original_macs))
 
 
+def check_shared(case: TechniqueCase, bits: int, pruned: bool = False) -> None:
+    """Each layer holds at most ``2**bits`` distinct nonzero values (``pruned``: and exactly its planned
+    share of zeros, stored sparse) and is rebuilt from its codebook in the ONNX file (the artifact's meta
+    says how each was stored)."""
+    stored = case.artifact.meta.get("compact_weights", {}) if case.artifact.path.suffix == ".onnx" else None
+    for name, m in matmul_layers(case.model):
+        w = m.weight.detach()
+        check(len(torch.unique(w[w != 0])) <= 2**bits, (name, len(torch.unique(w[w != 0]))))
+        if pruned:
+            check(int((w == 0).sum()) == round(case.plan.layer(name).sparsity * w.numel()), name)
+            check(stored is None or stored[name]["format"] in ("bitmask", "relative"), (name, stored))
+        check(case.out.lowering.layer(name).shared is not None, name)
+        check(stored is None or name in stored, (name, stored))
+
+
 # built-in technique -> its own checks (run after the common ones)
 TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
     "unstructured": check_unstructured,
@@ -243,6 +261,8 @@ TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
     "heads": check_heads_pruned,
     "layerdrop": check_layers_dropped,
     "heads+layerdrop+int8": lambda case: (check_layers_dropped(case), check_heads_pruned(case)),
+    "shared": lambda case: check_shared(case, 4),
+    "shared+sparse": lambda case: check_shared(case, 3, pruned=True),
 }
 
 
