@@ -56,3 +56,6 @@ def scratch_under(folder: Path, *, clear: bool = True) -> Iterator[Path]:
     finally:
         _root = previous
         shutil.rmtree(folder, ignore_errors=True)
+        if folder.parent.name == SCRATCH:  # a shared worker's own folder: the last one out removes .scratch
+            with contextlib.suppress(OSError):
+                folder.parent.rmdir()

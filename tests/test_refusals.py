@@ -4,6 +4,7 @@ byte-identical to before)."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -119,7 +120,7 @@ def test_task_module_that_cannot_be_imported(tmp_path, private_tmp, monkeypatch,
             r"--threads: 0 is out of range \(must be >= 1 and <= 256\)",
         ),
         (["measure", "{onnx}", "--batch-size", "0"], r"--batch-size: 0 is out of range"),
-        (["measure", "{notonnx}"], r"notonnx.onnx: .*is not an ONNX model \(DecodeError"),
+        (["measure", "{notonnx}"], r"notonnx.onnx: the file is not an ONNX model \(DecodeError"),
     ],
     ids=[
         "n-trials-neg",
@@ -297,3 +298,22 @@ def test_run_study_from_python_refuses_a_trial_count_that_is_not_one(tmp_path, p
     ):
         run_study(load_config(study), n_trials=n)
     assert snapshot(tmp_path, private_tmp) == before
+
+
+def test_a_failed_export_prints_no_ir_dump(tmp_path, capfd):
+    """torch.onnx.export writes its whole TorchScript graph to the process's stderr before it raises on an
+    unsupported operator; the refusal's one line is all that reaches the terminal. A successful export's
+    output is kept."""
+    import torch
+    from tiny_tasks import _Svd
+
+    from autocompress.backends.onnx_export import export_onnx, native_output_kept_on_success
+
+    with pytest.raises(Exception, match="linalg_svdvals"):
+        export_onnx(_Svd().eval(), (torch.randn(1, 64),), tmp_path / "m.onnx")
+    captured = capfd.readouterr()
+    assert "Torch IR graph" not in captured.err + captured.out
+    assert "graph(" not in captured.err + captured.out
+    with native_output_kept_on_success():
+        os.write(2, b"native words\n")
+    assert capfd.readouterr().err == "native words\n"

@@ -274,9 +274,7 @@ class OnnxRuntimeBackend(Backend):
             model = onnx.load(str(artifact.path), load_external_data=False)
         except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX model at all
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BackendError(
-                f"{artifact.path} is not an ONNX model ({type(exc).__name__}: {first})"
-            ) from None
+            raise BackendError(f"the file is not an ONNX model ({type(exc).__name__}: {first})") from None
         inits = {i.name for i in model.graph.initializer}
         out = []
         for v in model.graph.input:
