@@ -8,6 +8,7 @@ the run's budget (2 trial-equivalents of the run's per-trial estimate) unless ``
 
     python benchmarks/setup_cost.py                                # BERT encoder, 6 layers x 128
     python benchmarks/setup_cost.py --study studies/mnist1d_transformer.yaml --set task.options.depth=6
+    python benchmarks/setup_cost.py --tiny-encoder                 # applicability, 1 vs 4 identical layers
 """
 
 from __future__ import annotations
@@ -47,12 +48,59 @@ def _value(text: str):
         return text
 
 
+def tiny_encoder() -> None:
+    """Applicability of the default space on ``TinyTransformer`` (dim 16) with 1 and 4 encoder layers."""
+    import torch
+
+    from autocompress.backends import OnnxRuntimeBackend
+    from autocompress.inventory import build_inventory
+    from autocompress.search.applicability import check_applicability
+    from autocompress.space import SearchSpace
+    from autocompress.tasks import Task
+    from autocompress.testing.models import TinyTransformer
+
+    backend = OnnxRuntimeBackend()
+    try:
+        for depth in (1, 4):
+
+            def fn(depth=depth):
+                return TinyTransformer(length=40, patch=4, dim=16, depth=depth, heads=2)
+
+            torch.manual_seed(0)
+            x = torch.randn(64, 40)
+            with torch.no_grad():
+                y = fn().eval()(x).argmax(1)
+            task = Task(
+                name="enc", model_fn=fn, train=(x[:48], y[:48]), test=(x[48:], y[48:]), teacher_epochs=0
+            )
+            torch.manual_seed(1)
+            teacher = fn().eval()
+            inv = build_inventory(teacher, task.example_inputs())
+            for share in (False, True):
+                space = SearchSpace.from_file(
+                    Path(__file__).resolve().parents[1] / "search_spaces/default.yaml"
+                )
+                t0 = time.perf_counter()
+                r = check_applicability(task, teacher, inv, space, backend, share_roles=share)
+                print(
+                    f"depth {depth}, {'per role ' if share else 'per layer'}: {len(inv)} layers, "
+                    f"{r.applies} compress+forward, {r.lowerings} lowerings, {len(r.checks)} pairs, "
+                    f"{len(r.excluded)} excluded, {time.perf_counter() - t0:.1f} s"
+                )
+    finally:
+        backend.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", default="studies/bert_encoder.yaml")
     ap.add_argument("--set", action="append", default=[], help="dotted.key=value (JSON) overrides")
     ap.add_argument("--no-budget", action="store_true", help="profile every row (no trial-equivalent budget)")
+    ap.add_argument("--tiny-encoder", action="store_true", help="applicability only, 1 vs 4 identical layers")
     args = ap.parse_args(argv)
+    if args.tiny_encoder:
+        tiny_encoder()
+        return 0
     overrides = dict(BERT) if args.study.endswith("bert_encoder.yaml") else {}
     overrides.update({"trials.warm_start": [], "trials.planned_starts": 0})
     for item in args.set:
