@@ -19,6 +19,8 @@ def front_records(study: optuna.Study) -> list[dict]:
     full = study.user_attrs.get("metric_full", {})
     for t in sorted(study.best_trials, key=lambda t: t.user_attrs.get("metric_drop", 0.0)):
         ua = t.user_attrs
+        if ua.get("repeat_of") is not None:  # the same model as an earlier trial (search/repeats.py)
+            continue
         records.append(
             {
                 "trial": t.number,

@@ -91,6 +91,10 @@ class Dim:
         kinds: the inventory layer kinds the field applies to (:data:`LAYER_KINDS`); on a layer of another
             kind it is not asked and keeps its default (the matmul layers unless the technique says more:
             the weight-only bits of an embedding table).
+        values_by_kind: ``(layer kind, values)`` pairs: the only values the field takes there (``quant_mode``: a conv is
+            quantized statically; dynamic int8 is a Linear layer's); a search space offers no other value on
+            that kind (:attr:`~autocompress.space.SearchSpace.allowed_by_kind`), so no trial and no
+            applicability probe tries it.
     """
 
     name: str
@@ -104,6 +108,7 @@ class Dim:
     asked: Callable[[dict[str, Any]], bool] | None = None
     report: bool = True
     kinds: tuple[str, ...] = MATMUL_KINDS
+    values_by_kind: tuple[tuple[str, tuple], ...] = ()  # (kind, values) pairs: a frozen, hashable Dim
 
     @property
     def prefix(self) -> str:

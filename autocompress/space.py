@@ -53,8 +53,11 @@ class SearchSpace:
         # Optuna parameter name -> a narrower domain (sensitivity narrowing, fixed when the study is made)
         self.narrowed: dict[str, Param] = {}
         # per-layer field -> layer kind -> the values the backend runs (e.g. ascend: Linear weight grids
-        # per tensor only); a kind with one value is not asked, others within the values allowed
-        self.allowed_by_kind: dict[str, dict[str, tuple]] = {}
+        # per tensor only); a kind with one value is not asked, others within the values allowed. Seeded
+        # with the techniques' own rules (Dim.values_by_kind: a conv's int8 is static)
+        self.allowed_by_kind: dict[str, dict[str, tuple]] = {
+            d.name: dict(d.values_by_kind) for d in TECHNIQUES.dims() if d.values_by_kind
+        }
 
     @property
     def granularity_by_kind(self) -> dict[str, tuple[str, ...]]:

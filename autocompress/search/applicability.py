@@ -9,7 +9,9 @@ keep the baseline's dense graph: they are not lowered again). To stay cheap, the
 technique are first tried together (one compress, one forward, one lowering); only when that fails is
 each layer tried alone, so that the failing ones are found and the others kept. Structured pruning
 couples layers (a residual stream, a head split): layers that pass alone are tried together again and
-one that breaks the set kept so far is excluded too.
+one that breaks the set kept so far is excluded too. Layers tried alone are tried once per structural role
+(:mod:`.roles`: the same part of identical blocks, at the same setting), the verdict holding for every member:
+the check's cost grows with the model's distinct structure, not its depth.
 
 A pair *fails* (its compress, forward or lowering raises) or has *no effect* (the pipeline skips it:
 a depthwise conv cannot be factorized, a layer produces the model output, 2:4 needs input channels in
@@ -39,6 +41,7 @@ from ..space import Param, SearchSpace
 from ..tasks import Task
 from ..tasks.data import deployable
 from .applicability_result import Applicability, PairCheck, summary_lines  # noqa: F401 - re-exported
+from .roles import role_key, structural_roles
 
 CALIBRATION_SAMPLES = 16  # activation ranges for a lowering that only has to succeed
 
@@ -107,13 +110,28 @@ def _attribute_hint(model: nn.Module, layer: str, reason: str) -> str:
 
 
 class _Checker:
-    def __init__(self, task: Task, teacher: nn.Module, backend, seed: int, tmp: Path):
+    def __init__(
+        self,
+        task: Task,
+        teacher: nn.Module,
+        backend,
+        seed: int,
+        tmp: Path,
+        roles: dict[str, str] | None = None,
+    ):
         self.task, self.teacher, self.backend, self.seed, self.tmp = task, teacher, backend, seed, tmp
-        self.lowerings = 0
+        self.roles = roles or {}  # layer -> structural role (.roles): one check per role and setting
+        self.lowerings = self.applies = 0
         self.together: tuple[str, str] | None = None  # why the layers of the last kind failed together
+
+    def representatives(self, plans: dict[str, LayerPlan]) -> dict[str, str]:
+        """layer -> the first layer of its role with the same plan (itself when it is the first)."""
+        first: dict[str, str] = {}
+        return {n: first.setdefault(role_key(self.roles, {n: lp}), n) for n, lp in plans.items()}
 
     def apply(self, layers: dict[str, LayerPlan]):
         """compress + forward; returns (result, None) or (None, (stage, reason))."""
+        self.applies += 1
         try:
             out = compress(
                 self.task,
@@ -173,7 +191,14 @@ class _Checker:
                 return verdict
             self.together = err
         passed: dict[str, object] = {}
-        for layer, lp in kind.plans.items():  # each layer alone: apply + forward
+        rep = self.representatives(kind.plans)
+        for layer, lp in kind.plans.items():  # each layer alone (one per role): apply + forward
+            if rep[layer] != layer:  # a later member of a role: its first member's verdict
+                if rep[layer] in passed:
+                    passed[layer] = passed[rep[layer]]
+                else:
+                    verdict[layer] = _as_member(verdict[rep[layer]], rep[layer])
+                continue
             out, err = self.apply({layer: lp})
             if err is not None:
                 verdict[layer] = ("fails", err[0], _attribute_hint(self.teacher, layer, err[1]))
@@ -192,9 +217,13 @@ class _Checker:
             if out is not None and self.lower(out, kind) is None:
                 verdict.update({n: ("ok", "", "") for n in passed})
                 return verdict
-        for layer, out in passed.items():
+        lowered: dict[str, tuple[str, str, str]] = {}
+        for layer, out in passed.items():  # each one's lowering alone (one per role)
+            if rep[layer] in lowered:
+                verdict[layer] = _as_member(lowered[rep[layer]], rep[layer])
+                continue
             err = self.lower(out, kind)
-            verdict[layer] = ("fails", *err) if err else ("ok", "", "")
+            verdict[layer] = lowered[layer] = ("fails", *err) if err else ("ok", "", "")
         return verdict
 
     def _greedy(self, kind: _Kind, passed: dict, verdict: dict):
@@ -218,6 +247,12 @@ class _Checker:
                 f"works alone, fails together with {', '.join(kept)} at the same setting: {err[1]}",
             )
         return out, kept
+
+
+def _as_member(verdict: tuple[str, str, str], first: str) -> tuple[str, str, str]:
+    """The verdict of a role's first layer, for another member (its reason says whose it is)."""
+    status, stage, reason = verdict
+    return (status, stage, f"{reason} (checked on {first}, the same structure)" if status != "ok" else reason)
 
 
 def _show(p: Param) -> str:
@@ -277,8 +312,13 @@ def check_applicability(
     *,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    share_roles: bool = True,
 ) -> Applicability:
     """Try every (technique, layer) pair the space allows on ``teacher`` (see the module docstring).
+
+    ``share_roles``: layers of one structural role (:mod:`.roles`: the same part of identical blocks)
+    with the same setting are checked alone once, the first member's verdict holding for the others
+    (the checks of all layers together still run on every member). False checks each layer itself.
 
     Returns the verdicts and the narrowed domains (Optuna parameter name -> Param as a dict, only the
     parameters that changed); nothing is applied to ``space``.
@@ -292,7 +332,13 @@ def check_applicability(
     # machine was measured 20-50x slower (0.8-1.5 s instead of 0.03-0.04 s for a 128 x 576 weight)
     torch.set_num_threads(1)
     try:
-        _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims)
+        roles = (
+            structural_roles(teacher, [i.name for i in inventory], task.example_inputs(), task.io)
+            if share_roles
+            else {}
+        )
+        _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims, roles)
+        result.roles = len(set(roles.values())) if roles else len(inventory)
     finally:
         torch.set_num_threads(threads)
     result.domains, described = _narrowed(space, inventory, removals)
@@ -337,9 +383,9 @@ def _check_settings(teacher: nn.Module, space: SearchSpace, result: Applicabilit
             )
 
 
-def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims) -> None:
+def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims, roles) -> None:
     with scratch_dir("ac-applicability-") as tmp:
-        checker = _Checker(task, teacher, backend, seed, Path(tmp))
+        checker = _Checker(task, teacher, backend, seed, Path(tmp), roles)
         for kind in _kinds(space, inventory):
             verdicts = checker.run(kind)
             if checker.together is not None and all(v[0] == "ok" for v in verdicts.values()):
@@ -353,4 +399,4 @@ def _check_all(task, teacher, inventory, space, backend, seed, result, removals,
                 dims.append((result.checks[-1], kind.dim))
                 if status != "ok":
                     removals.setdefault(f"{layer}|{kind.dim}", set()).add(kind.value)
-        result.lowerings = checker.lowerings
+        result.lowerings, result.applies = checker.lowerings, checker.applies

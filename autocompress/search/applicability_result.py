@@ -37,6 +37,8 @@ class Applicability:
     seconds: float = 0.0
     lowerings: int = 0
     interactions: list[str] = field(default_factory=list)  # techniques that fail only on layers together
+    applies: int = 0  # compress + forward runs (each checks one set of layers)
+    roles: int = 0  # distinct structural roles among the layers (.roles): what the checks scale with
 
     @property
     def excluded(self) -> list[PairCheck]:
@@ -49,6 +51,8 @@ class Applicability:
             "seconds": self.seconds,
             "lowerings": self.lowerings,
             "interactions": self.interactions,
+            "applies": self.applies,
+            "roles": self.roles,
         }
 
     @classmethod
@@ -59,6 +63,8 @@ class Applicability:
             float(d.get("seconds", 0.0)),
             int(d.get("lowerings", 0)),
             list(d.get("interactions", [])),
+            int(d.get("applies", 0)),
+            int(d.get("roles", 0)),
         )
 
 
@@ -66,7 +72,9 @@ def summary_lines(result: Applicability) -> list[str]:
     """The log lines of a check: the count and cost, then one line per excluded pair."""
     lines = [
         f"applicability: {len(result.checks)} (technique, layer) pairs checked on the model in "
-        f"{result.seconds:.1f} s ({result.lowerings} lowerings); {len(result.excluded)} excluded"
+        f"{result.seconds:.1f} s ({result.lowerings} lowerings, {result.applies} compress + forward runs"
+        + (f", layers in {result.roles} structural roles" if result.roles else "")
+        + f"); {len(result.excluded)} excluded"
         + (":" if result.excluded else "")
     ]
     lines += [f"  warning: {w}" for w in result.interactions]

@@ -30,7 +30,7 @@ def score_front_fully(ctx: RunContext, study: optuna.Study, log: Callable[[str],
     base_full = ctx.baseline.get("metric_full", ctx.baseline["metric"])
     done = dict(study.user_attrs.get("metric_full", {}))
     for t in study.best_trials:
-        if str(t.number) in done or "artifact" not in t.user_attrs:
+        if str(t.number) in done or "artifact" not in t.user_attrs or "repeat_of" in t.user_attrs:
             continue
         path = ctx.run_dir / t.user_attrs["artifact"]
         if not path.exists():

@@ -18,6 +18,13 @@ space's first rank mode), weight sharing at the fewest shared values the space a
 only where activations stay int8 between layers, which no single-layer row can show. Unstructured and
 2:4 masks keep the baseline's dense kernels (stored sparse: smaller, not faster): not profiled.
 
+Identical blocks are profiled once: a row whose change is the same setting on the same structural role
+(:mod:`.roles`: the same part of identical blocks, e.g. every encoder layer's ``intermediate.dense``; for
+a group, each member's role) as a row measured before is not lowered again but copies that row's
+figures (``role_of`` names it): the latency and size are the structure's; the metric drop is the first
+member's, an estimate for the others (the planned trials measure theirs). The profile's cost grows with
+the model's distinct structure, not its depth, and its budget covers every role sooner.
+
 Cost: wall seconds and trial-equivalents (seconds / the run's per-trial estimate). Layers are
 profiled largest first (MACs) and the profile stops at ``budget_trials`` trial-equivalents; the rows
 not measured say so. The result is ``latency_profile.json`` in the run folder, keyed by the teacher's
@@ -40,11 +47,25 @@ from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from ..rundir import LATENCY_PROFILE, write_json
 from ..scratch import scratch_dir
+from .one_shot import PROFILE_LABELS, uniform_layers
+from .roles import role_key, structural_roles
 
 LEVELS = (0.25, 0.5)  # structured sparsity and rank ratio levels tried (clipped into the domain)
 CHUNK = 8  # artifacts timed side by side with the baseline in one session
 TIMING = {"warmup_s": 0.05, "min_s": 0.15, "max_s": 0.6, "target_rel_ci": 0.03}
 BUDGET_TRIALS = 2.0  # the profile stops past this many trial-equivalents
+# what a row of one structural role copies from the row measured for it (.roles)
+SHARED = (
+    "status",
+    "note",
+    "fingerprint",
+    "metric",
+    "metric_drop",
+    "size_bytes",
+    "size_ratio",
+    "speedup",
+    "latency_ms",
+)
 
 
 def _levels(p, levels=LEVELS) -> list[float]:
@@ -88,17 +109,12 @@ def layer_settings(space, info) -> list[tuple[str, dict]]:
 
 
 def uniform_settings(space, inventory) -> list[tuple[str, dict[str, dict]]]:
-    """``(label, {layer: fields})`` of the whole-model int8 rows (each layer whose domain allows it)."""
-    out = []
-    for single, label in (("8-bit", "all 8-bit"), ("8-bit dynamic", "all 8-bit dynamic")):
-        layers = {}
-        for info in inventory:
-            offered = dict(layer_settings(space, info))
-            if single in offered:
-                layers[info.name] = offered[single]
-        if len(layers) > 1:
-            out.append((label, layers))
-    return out
+    """``(label, {layer: fields})`` of the whole-model int8 rows: the one-shot plans' layers
+    (:func:`.one_shot.uniform_layers`: static on each layer whose domain allows it; dynamic on the Linear
+    layers with int8 tables), when they change more than one layer."""
+    return [
+        (PROFILE_LABELS[name], layers) for name, layers in uniform_layers(space, inventory) if len(layers) > 1
+    ]
 
 
 def profile_key(ctx: RunContext) -> str:
@@ -254,6 +270,7 @@ def measure_profile(
     trial_s: float | None = None,
     budget_trials: float = BUDGET_TRIALS,
     use_cache: bool = True,
+    share_roles: bool = True,
 ) -> dict:
     """The latency + accuracy profile of the run's teacher (see the module doc); written to the run folder.
 
@@ -261,6 +278,8 @@ def measure_profile(
         trial_s: the estimated seconds of one trial (the cost's unit; no budget when None).
         budget_trials: stop profiling new rows past this many trial-equivalents.
         use_cache: reuse the rows of ``latency_profile.json`` measured for the same key.
+        share_roles: a row of the same setting on the same structural role as a measured one copies it
+            (the module doc); False measures every row itself.
 
     Returns:
         ``{"key", "rows", "seconds", "trial_s", "trial_equivalents", "lowerings", "timed", "reused",
@@ -276,6 +295,12 @@ def measure_profile(
             old = {(r["layer"], r["setting"]): r for r in data.get("rows", [])}
     t0 = time.perf_counter()
     rows, reused, skipped = [], 0, 0
+    names = [i.name for i in ctx.inventory]
+    roles = (
+        structural_roles(ctx.teacher, names, ctx.task.example_inputs(), ctx.task.io) if share_roles else {}
+    )
+    first: dict[str, dict] = {}  # role key -> the row measured for it
+    members: list[tuple[dict, dict]] = []  # (a later member's row, its role's measured row)
     with scratch_dir("ac-profile-") as tmp:
         prof = _Profiler(ctx, Path(tmp), log)
         for layer, label, layers in _items(ctx):
@@ -283,6 +308,11 @@ def measure_profile(
             if prior is not None and prior.get("status") != "not measured":
                 rows.append(prior)
                 reused += 1
+                continue
+            role = role_key(roles, layers) if layer != "*" else None
+            if role in first:  # the same change on the same structure: the role's row, copied below
+                rows.append(_row_head(layer, label, layers))
+                members.append((rows[-1], first[role]))
                 continue
             spent = time.perf_counter() - t0
             over_run = setup_over()  # the run's trials.timeout_s counts set-up too: leave trials the rest
@@ -300,7 +330,12 @@ def measure_profile(
                 continue
             rows.append(prof.row(layer, label, layers))
             crash_point("profile")  # dies with the profile's artifacts in its scratch folder
+            if role is not None:
+                first[role] = rows[-1]
         prof.flush()
+    for row, measured in members:  # after the flush: the measured rows have their timings
+        row.update({k: measured[k] for k in SHARED if k in measured}, role_of=measured["layer"])
+        row["timed"] = f"same structure and setting as {measured['layer']} (one structural role)"
     seconds = time.perf_counter() - t0
     result = {
         "key": key,
@@ -314,6 +349,8 @@ def measure_profile(
         "reused": reused,
         "cache_hits": prof.cache_hits,
         "skipped": skipped,
+        "shared": len(members),
+        "roles": len(set(roles.values())) if roles else len(names),
     }
     write_json(path, result)
     log(profile_line(result))
@@ -325,6 +362,9 @@ def profile_line(p: dict) -> str:
     te = p.get("trial_equivalents")
     cost = f"{p['seconds']:.1f} s" + (f" = {te:.2f} trial-equivalents" if te is not None else "")
     ok = [r for r in p["rows"] if r.get("status") == "ok"]
+    shared = (
+        f", {p['shared']} taken from the same structural role ({p['roles']} roles)" if p.get("shared") else ""
+    )
     best = max(ok, key=lambda r: r["speedup"], default=None)
     fastest = (
         f"; fastest single change: {best['layer']} {best['setting']} {best['speedup']:.2f}x" if best else ""
@@ -332,5 +372,5 @@ def profile_line(p: dict) -> str:
     return (
         f"latency profile: {len(p['rows'])} (layer, setting) rows in {cost} ({p['lowerings']} lowerings, "
         f"{p['timed']} structures timed, {p['cache_hits']} from the latency cache, {p['reused']} rows reused, "
-        f"{p['skipped']} over budget){fastest}"
+        f"{p['skipped']} over budget{shared}){fastest}"
     )

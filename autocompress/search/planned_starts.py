@@ -12,6 +12,7 @@ from ..context import RunContext
 from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from .latency_profile import measure_profile
+from .one_shot import POST_TRAINING, one_shot_plans
 from .planner import Planned, layer_values, merge_same_structure, plan_candidates, structure_key
 
 COMPARED = ("metric_drop", "speedup", "size_ratio")
@@ -39,10 +40,18 @@ def _structure(ctx: RunContext, planned: Planned) -> str:
 
 
 def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
-    """At most ``n`` plans of different structure from the profile (see :func:`.planner.plan_candidates`)."""
-    plans = merge_same_structure(
-        plan_candidates(profile, ctx.space, allowed_drop(ctx)), lambda p: _structure(ctx, p)
-    )
+    """At most ``n`` plans of different structure: the peers' one-call answers first
+    (:func:`.one_shot.one_shot_plans`, post-training), then the profile's (:func:`.planner.plan_candidates`).
+
+    A one-shot plan and a fine-tuned plan of the same structure are two experiments (other weights) and
+    both stay, unless the study does not fine-tune at all (then they are one model)."""
+    trains = ctx.config.finetune.trains()
+
+    def key(p: Planned) -> str:
+        return _structure(ctx, p) + (f"|{p.post_training}" if trains else "")
+
+    first = one_shot_plans(ctx.space, ctx.inventory, profile)
+    plans = merge_same_structure([*first, *plan_candidates(profile, ctx.space, allowed_drop(ctx))], key)
     return [p for p in plans if p.layers][:n]
 
 
@@ -71,15 +80,19 @@ def enqueue_planned(
         params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))
         params.update(ctx.space.plan_params(**plan_schedule(p), kd_temperature=4.0, kd_alpha=0.5))
         record = {**p.predicted, "name": p.name, "choices": p.choices, "merged": p.merged}
-        study.enqueue_trial(params, user_attrs={"warm_start": f"planned: {p.name}", "planned": record})
+        attrs = {"warm_start": f"planned: {p.name}", "planned": record}
+        if p.post_training:  # the trial compresses without fine-tuning (runner.suggest_plan reads it)
+            attrs[POST_TRAINING] = True
+        study.enqueue_trial(params, user_attrs=attrs)
         merged = f" (merged: {'; '.join(p.merged)})" if p.merged else ""
         unprofiled = (
             " (its structure not profiled: the base's figures)" if p.predicted.get("unprofiled") else ""
         )
+        when = "post-training" if p.post_training else "before fine-tuning"
         log(
             f"planned start '{p.name}'{merged}{unprofiled}: predicted {p.predicted['speedup']:.2f}x faster, "
-            f"{p.predicted['size_ratio']:.2f}x smaller, drop {p.predicted['metric_drop']:+.4f} (before "
-            f"fine-tuning): {', '.join(p.choices)}"
+            f"{p.predicted['size_ratio']:.2f}x smaller, drop {p.predicted['metric_drop']:+.4f} ({when}): "
+            f"{', '.join(p.choices)}"
         )
     if not plans:
         log("planned starts: the profile shows no change that fits the budget; the sampler starts alone")

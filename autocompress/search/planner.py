@@ -60,6 +60,7 @@ class Planned:
     predicted: dict
     choices: list[str] = field(default_factory=list)
     merged: list[str] = field(default_factory=list)
+    post_training: bool = False  # the trial compresses without fine-tuning (the peers' one-call answers)
 
 
 def _option(unit: str, kind: str, label: str, fields: dict, rows: list[dict]) -> Option:

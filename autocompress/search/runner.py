@@ -7,6 +7,7 @@ is :mod:`.progress`; the full-set re-scoring of the front is :func:`.costs.score
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ from ..tasks import Task
 from .costs import _fmt_s, score_front_fully
 from .housekeeping import discard_dominated_folders
 from .multifidelity import Fidelity
+from .one_shot import POST_TRAINING
 from .planned_starts import prediction_line
 from .preflight import trial_target
 from .progress import Progress
+from .repeats import MAX_REPEATS_IN_A_ROW, REPEAT_OF, find_repeat, is_repeat, repeat_metrics
 from .run_setup import open_run, retry_attrs
 
 
@@ -41,17 +44,21 @@ class RunSummary:
     study: optuna.Study
     completed: int
     requested: int
-    stopped: str  # "done", "timeout", "failures" or "stop_after"
+    stopped: str  # "done", "timeout", "failures", "stop_after" or "repeats" (nothing new proposed)
 
 
 def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
-    """The trial's plan (every parameter suggested), also stored in the trial's user attrs."""
+    """The trial's plan (every parameter suggested), also stored in the trial's user attrs.
+
+    A trial enqueued as post-training (user attr ``post_training``: the one-shot int8 starts) gets 0
+    fine-tune steps."""
     cfg = ctx.config
+    post_training = bool(trial.user_attrs.get(POST_TRAINING))
     plan = ctx.space.suggest(
         trial,
         ctx.inventory,
         epochs=cfg.finetune.epochs,
-        steps=cfg.finetune.steps,
+        steps=0 if post_training else cfg.finetune.steps,
         lr=cfg.finetune.lr,
         seed=cfg.seed,
     )
@@ -182,7 +189,11 @@ def execute_trial(
     accuracy; neither stops the caller.
     """
     try:
+        t0 = time.perf_counter()
         plan = suggest_plan(ctx, trial)
+        repeat = _tell_repeat(ctx, study, trial, plan, t0)
+        if repeat is not None:
+            return TrialState.COMPLETE, repeat, ""
         hook = fidelity.on_epoch(trial) if fidelity else None
         metrics = run_trial(ctx, plan, trial_dir(ctx.run_dir, trial.number), on_epoch=hook)
     except optuna.TrialPruned as exc:
@@ -208,8 +219,25 @@ def execute_trial(
     return TrialState.COMPLETE, metrics, ""
 
 
+def _tell_repeat(
+    ctx: RunContext, study: optuna.Study, trial: optuna.Trial, plan: Plan, t0: float
+) -> dict | None:
+    """When ``plan`` builds a model a completed trial measured (:mod:`.repeats`): record that trial's
+    results on this one (user attr ``repeat_of``), tell the study, return the metrics; else None."""
+    kinds = {i.name: i.kind for i in ctx.inventory}
+    original = find_repeat(study, plan.to_dict(), kinds, trial.number)
+    if original is None:
+        return None
+    trial.set_user_attr(REPEAT_OF, original.number)
+    metrics = repeat_metrics(ctx, original, RECORDED, t0)
+    record_success(ctx, trial, metrics)
+    study.tell(trial, list(original.values))
+    return metrics
+
+
 def complete_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """Completed trials that measured a model of their own (a repeat of an earlier plan does not count)."""
+    return sum(not is_repeat(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int | None, log) -> str:
@@ -220,7 +248,7 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         return "done"
     progress = Progress(n_target, done, log)
     progress.cache = ctx.latency_cache
-    failures = ran = 0
+    failures = ran = repeats = 0
     fidelity = make_fidelity(ctx, study)
     while done < n_target:
         left = run_remaining()
@@ -244,6 +272,17 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
         if state == TrialState.PRUNED:
             progress.trial(study, done, trial.number, None, reason, pruned=True)
             continue
+        if REPEAT_OF in trial.user_attrs:  # not run: an earlier trial measured the same model
+            repeats += 1
+            log(
+                f"trial {trial.number}: the same model as trial {trial.user_attrs[REPEAT_OF]} (its plan differs "
+                "only in settings that change nothing): not run again, its results recorded"
+            )
+            if repeats >= MAX_REPEATS_IN_A_ROW:
+                log(f"stopping: the sampler proposed {repeats} models already measured in a row")
+                return "repeats"
+            continue
+        repeats = 0
         if cfg.trials.keep == "pareto":
             discard_dominated_folders(study, ctx.run_dir, log)
         done += 1

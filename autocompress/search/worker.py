@@ -33,14 +33,16 @@ from ..optuna_compat import fail_stale_trials, heartbeat, storage_of, trial_id
 from ..rundir import ASK_LOCK, SETUP_LOCK, TRIALS, trial_dir
 from .preflight import trial_target
 from .progress import Progress
+from .repeats import is_repeat
 from .run_setup import open_run
 from .runner import RunSummary, execute_trial, make_fidelity
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    """Trials per state; a repeat of a model already measured (search/repeats.py) is not counted."""
     out = dict.fromkeys(TrialState, 0)
     for t in study.get_trials(deepcopy=False):
-        out[t.state] += 1
+        out[t.state] += not is_repeat(t)
     return out
 
 

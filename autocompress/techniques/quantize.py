@@ -258,6 +258,8 @@ SPEC = TechniqueSpec(
             order=80,
             asked=lambda values: int(values["bits"]) == 8,  # dynamic needs int8 weights
             report=False,
+            # dynamic int8 is a Linear layer's (ORT's MatMulInteger); a conv's int8 is static
+            values_by_kind=(("Conv1d", ("static",)), ("Conv2d", ("static",))),
         ),
     ),
     settings=(Dim("calibration", "minmax", short="quant.calibration", choices=CALIBRATIONS),),

@@ -102,11 +102,18 @@ EXPECTED = {
 def test_exclusions_of_each_reference_model(name, backend):
     task, teacher, inv, space, result = _checked(name, backend)
     assert _excluded(result) == EXPECTED[name]
-    # every allowed pair was checked: 2 bit widths, rank, structured and unstructured per layer; head
-    # pruning at 0.75 and 0.5 and layer dropping on each attention output projection
+    # every allowed pair was checked: 2 bit widths, rank, structured and unstructured per layer; dynamic
+    # int8 on each Linear layer (a conv's int8 is static); head pruning at 0.75 and 0.5 and layer dropping
+    # on each attention output projection
     attention = [i for i in inv if i.name.endswith("self_attn.out_proj")]
-    assert len(result.checks) == 5 * len(inv) + 3 * len(attention)
-    assert all(c.status == "ok" for c in result.checks if c.technique in ("head pruning", "layer dropping"))
+    linear = [i for i in inv if i.kind == "Linear"]
+    assert len(result.checks) == 5 * len(inv) + len(linear) + 3 * len(attention)
+    assert {c.layer for c in result.checks if c.technique == "dynamic int8"} == {i.name for i in linear}
+    assert all(
+        c.status == "ok"
+        for c in result.checks
+        if c.technique in ("head pruning", "layer dropping", "dynamic int8")
+    )
     lowered = {c.technique for c in result.checks if c.status == "ok"} - {
         "unstructured sparsity",
         "2:4 sparsity",

@@ -95,7 +95,9 @@ def test_planned_starts_are_enqueued_with_their_prediction_and_merged_by_structu
     assert [p.name for p in merged] == ["0.3", "int8"] and merged[0].merged == ["0.5"]
     lines: list[str] = []
     plans = enqueue_planned(ctx, study, 4, lines.append, trial_s=1.0)
-    assert 1 <= len(plans) <= 4 and len({_structure(ctx, p) for p in plans}) == len(plans)
+    # a one-shot plan (post-training) and a fine-tuned plan of the same structure are two experiments
+    assert 1 <= len(plans) <= 4 and len({(_structure(ctx, p), p.post_training) for p in plans}) == len(plans)
+    assert plans[0].name == "int8 static everywhere" and plans[0].post_training  # the peers' answer first
     assert lines[0].startswith("latency profile:") and "planned start" in lines[1]
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == len(plans)
