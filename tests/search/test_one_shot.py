@@ -50,7 +50,7 @@ def test_the_first_trials_of_a_hands_off_study_are_int8_everywhere_post_training
                 assert layer["bits"] == 8, (mode, name)
                 want = "dynamic" if mode == "dynamic" and kind == "Linear" else "static"
                 assert layer["quant_mode"] == want, (mode, name)
-            assert metrics["precisions"] and set(metrics["precisions"].values()) == {8}
+            assert metrics["layer_bits"] and set(metrics["layer_bits"].values()) == {8}
 
 
 def _info(name, kind, macs):
