@@ -362,7 +362,7 @@ def test_the_host_kit_says_what_is_missing_and_exits_2(tmp_path):
 
 
 def test_the_host_kit_study_is_valid_and_asks_only_what_the_npu_runs(tmp_path):
-    from autocompress.config import load_config
+    from autocompress.config import load_config, resolve_space_file
     from autocompress.doctor import STUDY, TEST_FILES
     from autocompress.space import SearchSpace
 
@@ -370,7 +370,7 @@ def test_the_host_kit_study_is_valid_and_asks_only_what_the_npu_runs(tmp_path):
     path.write_text(yaml.safe_dump(STUDY))
     cfg = load_config(str(path))
     assert (cfg.backend.name, cfg.backend.device, cfg.trials.n) == ("ascend", "npu:0", 6)
-    space = SearchSpace.from_file(STUDY["space"]["file"], cfg.space.overrides)
+    space = SearchSpace.from_file(resolve_space_file(cfg), cfg.space.overrides)
     assert space.bit_widths() == {8, 16, 32} <= set(AscendBackend.stored_bits)
     assert all((ROOT / f).is_file() for f in TEST_FILES)  # what the kit runs on a host exists here
 
