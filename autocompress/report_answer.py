@@ -14,6 +14,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from .export import front_records
+from .pareto import recommend as pareto_recommend
 from .pareto import within_budgets
 from .units import (  # noqa: F401 - re-exported: the report's number formats
     fmt_bytes,
@@ -62,19 +63,18 @@ def recommend(records: list[dict], budgets: dict) -> tuple[dict | None, str]:
     With a metric budget, the fastest model within every budget (then the smallest): the budget bounds
     what accuracy may be given up. Without one, the most accurate model within the budgets (then the
     fastest), as ``autocompress pick`` chooses."""
-    ok = [r for r in records if within_budgets(r, **{k: budgets.get(k) for k in BUDGET_KEYS})]
-    if not ok:
+    best = pareto_recommend(records, **{k: budgets.get(k) for k in BUDGET_KEYS})
+    if best is None:
         return None, "no Pareto model is within the budgets"
+    n = sum(within_budgets(r, **{k: budgets.get(k) for k in BUDGET_KEYS}) for r in records)
     if budgets.get("max_metric_drop") is not None or budgets.get("max_metric_drop_rel") is not None:
-        best = min(ok, key=lambda r: (r["latency_ms"], r["size_bytes"], r.get("metric_drop") or 0.0))
-        if len(ok) == 1:
+        if n == 1:
             return best, "the only Pareto model within the budgets"
-        return best, f"the fastest of the {len(ok)} Pareto models within the budgets (then the smallest)"
-    best = min(ok, key=lambda r: (r.get("metric_drop") or 0.0, r["latency_ms"], r["size_bytes"]))
-    if len(ok) == 1:
+        return best, f"the fastest of the {n} Pareto models within the budgets (then the smallest)"
+    if n == 1:
         return best, "the only Pareto model within the budgets (no metric budget is set)"
     return best, (
-        f"the most accurate of the {len(ok)} Pareto models within the budgets (no metric budget is set: "
+        f"the most accurate of the {n} Pareto models within the budgets (no metric budget is set: "
         "budgets.max_metric_drop trades accuracy for speed)"
     )
 
