@@ -24,6 +24,7 @@ __all__ = [
     "BaseHeartbeat",
     "STALE_TRIAL_IDS",
     "fail_stale_trials",
+    "first_heartbeat",
     "heartbeat",
     "hypervolume",
     "storage_of",
@@ -64,6 +65,15 @@ def heartbeat(trial: optuna.Trial, study: optuna.Study) -> Iterator[None]:
     """Record ``trial``'s heartbeat in the study's storage while the block runs (no-op without one)."""
     with get_heartbeat_thread(trial_id(trial), storage_of(study)):
         yield
+
+
+def first_heartbeat(trial: optuna.Trial, study: optuna.Study) -> None:
+    """Record ``trial``'s first heartbeat now (no-op without heartbeats). Call right after ``ask``:
+    a RUNNING trial with no heartbeat at all is never stale to Optuna, so a worker killed before its
+    heartbeat thread's first beat would leave the trial RUNNING for ever and the others waiting."""
+    storage = storage_of(study)
+    if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None:
+        storage.record_heartbeat(trial_id(trial))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -42,7 +42,8 @@ def collection(repeats: int) -> tuple[float, float]:
     import matplotlib.pyplot  # noqa: F401  (the report's plots are loaded in a run)
 
     from autocompress.config import load_config
-    from autocompress.search.run_setup import frozen_heap, prepare
+    from autocompress.search.housekeeping import frozen_heap
+    from autocompress.search.run_setup import prepare
 
     prep = prepare(load_config(ROOT / "autocompress/studies/quickstart.yaml"))
     try:

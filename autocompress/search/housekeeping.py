@@ -9,6 +9,8 @@ at the start of the next run (under the run-folder lock, so never while another 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..faults import crash_point
+from ..optuna_compat import trial_id
 from ..rundir import PARETO, TRIALS
 
 TRIAL_FILES = ("model.onnx", "plan.json", "metrics.json", "weights.safetensors")
@@ -115,3 +118,48 @@ def discard_dominated_folders(
     if deleted:
         log(f"keep=pareto: deleted the artifacts of dominated trials {deleted} (records kept; see rebuild)")
     return deleted
+
+
+RETRY_KEEPS = ("warm_start", "planned")  # user attrs of a trial that its retry carries
+
+
+def retry_attrs(user_attrs: dict, number: int) -> dict:
+    """The user attrs of the retry of trial ``number``: what it was (a warm or a planned start, whose
+    prediction is compared with what the retry measures) and ``retry_of``."""
+    return {**{k: user_attrs[k] for k in RETRY_KEEPS if k in user_attrs}, "retry_of": number}
+
+
+def recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
+    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
+    (and remove what the dead process may have left of their folders)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
+        storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
+        storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
+        if t.params:  # the retry keeps what the trial was (a warm or planned start: predicted vs measured)
+            study.enqueue_trial(
+                t.params, user_attrs=retry_attrs(t.user_attrs, t.number), skip_if_exists=False
+            )
+        if run_dir is not None:
+            for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
+                shutil.rmtree(run_dir / TRIALS / name, ignore_errors=True)
+        log(f"trial {t.number} was interrupted; marked failed and queued again")
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Keep what is alive once the run is set up (libraries, data, teacher, baseline) out of the
+    garbage collector's scans while trials run.
+
+    Every trial ends with a full collection, so that the cycles of its model, optimizer and session
+    are freed before the next one (memory stays flat over hours). Without the freeze, that collection
+    walks the whole heap of torch, pandas and matplotlib each time (about 0.1 s per trial for the
+    set-up heap alone: ``python benchmarks/bookkeeping.py``); frozen, it walks only what the trials
+    created.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

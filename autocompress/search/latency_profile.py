@@ -263,6 +263,16 @@ class _Profiler:
         self.pending = []
 
 
+def _over_budget(spent: float, trial_s: float | None, budget_trials: float) -> str | None:
+    """Why no further row is measured (None: go on): the run's trials.timeout_s counts set-up too (leave
+    the trials the rest), and the profile has a budget of its own in trial-equivalents."""
+    if setup_over():
+        return "over the run's set-up share of trials.timeout_s"
+    if trial_s and spent > budget_trials * trial_s:
+        return "over the profile's budget"
+    return None
+
+
 def measure_profile(
     ctx: RunContext,
     log: Callable[[str], None] = print,
@@ -314,18 +324,9 @@ def measure_profile(
                 rows.append(_row_head(layer, label, layers))
                 members.append((rows[-1], first[role]))
                 continue
-            spent = time.perf_counter() - t0
-            over_run = setup_over()  # the run's trials.timeout_s counts set-up too: leave trials the rest
-            if (trial_s and spent > budget_trials * trial_s) or over_run:
-                rows.append(
-                    {
-                        **_row_head(layer, label, layers),
-                        "status": "not measured",
-                        "note": "over the run's set-up share of trials.timeout_s"
-                        if over_run
-                        else "over the profile's budget",
-                    }
-                )
+            over = _over_budget(time.perf_counter() - t0, trial_s, budget_trials)
+            if over:
+                rows.append({**_row_head(layer, label, layers), "status": "not measured", "note": over})
                 skipped += 1
                 continue
             rows.append(prof.row(layer, label, layers))

@@ -5,8 +5,6 @@ an existing run folder (Ray workers, ``autocompress rebuild``)."""
 from __future__ import annotations
 
 import contextlib
-import gc
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +15,6 @@ import optuna
 import torch
 import yaml
 from filelock import FileLock, Timeout
-from optuna.trial import TrialState
 
 from ..backends import Backend, LatencyCache
 from ..backends.cache import cache_path
@@ -26,7 +23,6 @@ from ..config import StudyConfig, resolve_space_file
 from ..context import RunContext, baseline_for_run
 from ..errors import ConfigError
 from ..inventory import build_inventory, unused_lines
-from ..optuna_compat import trial_id
 from ..pareto import OBJECTIVES, objectives_for
 from ..redact import mask_secrets, mask_url
 from ..rundir import (
@@ -35,7 +31,6 @@ from ..rundir import (
     RUN_LOCK,
     SETUP_LOCK,
     STUDY_YAML,
-    TRIALS,
     backend_class,
     build_backend,
     load_teacher,
@@ -49,7 +44,13 @@ from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
 from .defaults import apply_finetune_default, apply_space_default, apply_time_budget
-from .housekeeping import SetupUndo, clean_run_dir, discard_dominated_folders
+from .housekeeping import (
+    SetupUndo,
+    clean_run_dir,
+    discard_dominated_folders,
+    frozen_heap,
+    recover_interrupted,
+)
 from .multifidelity import make_pruner
 from .preflight import check_budgets, check_output, check_override_patterns, check_storage
 from .samplers import make_sampler
@@ -155,51 +156,6 @@ def _check_storage_url(cfg: StudyConfig) -> None:
         check_storage_url(cfg.storage_url())
     except ConfigError as exc:
         raise exc.at(cfg.source, "storage") from None
-
-
-RETRY_KEEPS = ("warm_start", "planned")  # user attrs of a trial that its retry carries
-
-
-def retry_attrs(user_attrs: dict, number: int) -> dict:
-    """The user attrs of the retry of trial ``number``: what it was (a warm or a planned start, whose
-    prediction is compared with what the retry measures) and ``retry_of``."""
-    return {**{k: user_attrs[k] for k in RETRY_KEEPS if k in user_attrs}, "retry_of": number}
-
-
-def _recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None = None) -> None:
-    """Trials left RUNNING by a dead process: mark failed with the reason, enqueue their plan again
-    (and remove what the dead process may have left of their folders)."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
-        storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
-        storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
-        if t.params:  # the retry keeps what the trial was (a warm or planned start: predicted vs measured)
-            study.enqueue_trial(
-                t.params, user_attrs=retry_attrs(t.user_attrs, t.number), skip_if_exists=False
-            )
-        if run_dir is not None:
-            for name in (f".{t.number:05d}.tmp", f"{t.number:05d}"):
-                shutil.rmtree(run_dir / TRIALS / name, ignore_errors=True)
-        log(f"trial {t.number} was interrupted; marked failed and queued again")
-
-
-@contextlib.contextmanager
-def frozen_heap():
-    """Keep what is alive once the run is set up (libraries, data, teacher, baseline) out of the
-    garbage collector's scans while trials run.
-
-    Every trial ends with a full collection, so that the cycles of its model, optimizer and session
-    are freed before the next one (memory stays flat over hours). Without the freeze, that collection
-    walks the whole heap of torch, pandas and matplotlib each time (about 0.1 s per trial for the
-    set-up heap alone: ``python benchmarks/bookkeeping.py``); frozen, it walks only what the trials
-    created.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -370,7 +326,7 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
 
             enqueue_planned(ctx, study, planned, log, (ctx.trial_estimate or {}).get("total"))
     if not shared:
-        _recover_interrupted(study, storage, log, ctx.run_dir)
+        recover_interrupted(study, storage, log, ctx.run_dir)
     return study
 
 

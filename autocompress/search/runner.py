@@ -27,14 +27,14 @@ from ..plan import Plan
 from ..rundir import trial_dir
 from ..tasks import Task
 from .costs import _fmt_s, score_front_fully
-from .housekeeping import discard_dominated_folders
+from .housekeeping import discard_dominated_folders, retry_attrs
 from .multifidelity import Fidelity
 from .one_shot import POST_TRAINING
 from .planned_starts import prediction_line
 from .preflight import trial_target
 from .progress import Progress
 from .repeats import MAX_REPEATS_IN_A_ROW, REPEAT_OF, find_repeat, is_repeat, repeat_metrics
-from .run_setup import open_run, retry_attrs
+from .run_setup import open_run
 
 
 @dataclass

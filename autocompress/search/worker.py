@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from ..config import StudyConfig
 from ..deadline import run_clock, run_remaining
-from ..optuna_compat import fail_stale_trials, heartbeat, storage_of, trial_id
+from ..optuna_compat import fail_stale_trials, first_heartbeat, heartbeat, storage_of, trial_id
 from ..rundir import ASK_LOCK, SETUP_LOCK, TRIALS, trial_dir
 from .preflight import trial_target
 from .progress import Progress
@@ -68,7 +68,9 @@ def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optu
             return None, True
         if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= n_target:
             return None, False  # enough trials under way: wait for them (one may die and come back)
-        return study.ask(), False
+        trial = study.ask()
+        first_heartbeat(trial, study)  # inside the ask lock: no RUNNING trial is left without a beat
+        return trial, False
 
 
 def run_worker(

@@ -308,7 +308,7 @@ REFERENCE_MODELS: dict[str, type[nn.Module]] = {
 def live_objects() -> tuple[int, int]:
     """(live ``torch.nn.Module`` objects, live ONNX Runtime sessions) after a full collection.
 
-    What :func:`autocompress.search.run_setup.frozen_heap` froze (everything alive once a run was set
+    What :func:`autocompress.search.housekeeping.frozen_heap` froze (everything alive once a run was set
     up, teacher included) is out of the collector's view, so during a run this counts what trials
     created and left behind.
     """
