@@ -152,6 +152,11 @@ def quantize_graph(
         qmodel = quantize_dynamic_nodes(current, tmp / "dynamic.onnx", nodes, reduce_range)
         restore_gemms(qmodel, float_model, set(nodes))
         write_dynamic_integers(qmodel, dynamic)
+        # both quantizers name a quantizer node '<tensor>_QuantizeLinear': a static int8 region whose
+        # output also feeds a dynamic layer would get two nodes of one name, which ORT refuses to load
+        for node in qmodel.graph.node:
+            if node.op_type == "DynamicQuantizeLinear" and node.name:
+                node.name = f"{node.name}_dynamic"
         current = tmp / "dynamic_restored.onnx"
         onnx.save(qmodel, str(current))
     eight = [w for w in located if 5 <= w.bits <= 8 and w.mode == "static" and not w.lookup]

@@ -458,3 +458,26 @@ def test_space_rejects_bad_quant_values():
         SearchSpace.from_dict({"quant": {"calibration": {"fixed": "entropy"}}})
     with pytest.raises(ConfigError, match=r"quant_mode.*'dynamic' needs bits 8"):
         SearchSpace.from_dict({"bits": {"fixed": 4}, "quant_mode": {"fixed": "dynamic"}})
+
+
+@pytest.mark.parametrize("rank_ratio", [1.0, 0.5])
+def test_static_convs_feeding_a_dynamic_classifier_lower_to_a_valid_graph(rank_ratio, tmp_path, backend):
+    """int8 static convs whose pooled, flattened output feeds a dynamic int8 classifier (whole or
+    factorized): both quantizers name a quantizer node after that tensor; the artifact must still load
+    (ORT refused it: 'two nodes with same node name') and match the torch model."""
+    task = _task("plain_cnn")
+    teacher = task.model_fn().eval()
+    layers = {
+        "features.0": LayerPlan(bits=8),
+        "features.3": LayerPlan(bits=8),
+        "classifier": LayerPlan(bits=8, quant_mode="dynamic", rank_ratio=rank_ratio),
+    }
+    out = compress(task, teacher, Plan(layers=layers, epochs=0), reduce_range=backend.reduce_range)
+    art = backend.lower(out.model, task.example_inputs(), out.lowering, tmp_path, task.calibration_inputs())
+    g = _graph(art)
+    names = [n.name for n in g.node if n.name]
+    assert len(names) == len(set(names))
+    assert "DynamicQuantizeLinear" in {n.op_type for n in g.node}
+    x = task.test[0]
+    got, ref = _run(backend, art, x), out.model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
