@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
     from .config import load_config
     from .search import run_study
 
-    _check_flags(args, n_trials=(1, None, False), stop_after=(1, None, False))
+    _check_flags(args, n_trials=(1, None, False), stop_after=(0, None, False))
     overrides = _overrides(args.set or [])
     if args.output:
         overrides["output"] = args.output

@@ -359,7 +359,7 @@ def test_study_on_torch_transformer_narrows_before_the_first_trial_and_no_trial_
     summary = run_study(load_config(tmp_path / "mha.yaml"), task=_task("torch_transformer"), log=lines.append)
     first_trial = next(i for i, line in enumerate(lines) if "trial 0" in line)
     head = "\n".join(lines[:first_trial])
-    assert "applicability: 46 (technique, layer) pairs checked" in head and "9 excluded" in head
+    assert "applicability: 54 (technique, layer) pairs checked" in head  # 46 + dynamic int8 per Linear and "9 excluded" in head
     assert "coverage: the search can change 62.5% of the model's parameters" in head
     study = summary.study
     assert study.user_attrs["narrowed_domains"]["rank.encoder.layers.0.self_attn.out_proj"] == {"fixed": 1.0}
