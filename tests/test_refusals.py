@@ -19,7 +19,7 @@ from reliability_helpers import cli
 BASE = {
     "name": "bad",
     "task": {"name": "digits", "options": {"width": 8, "teacher_epochs": 1}},
-    "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+    "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
     "trials": {"n": 1},
 }
 
@@ -153,7 +153,7 @@ def _tiny(tmp_path: Path, task: str, name: str = "tiny", **fields) -> Path:
     data = {
         "name": name,
         "task": {"name": f"tiny_tasks:{task}"},
-        "space": {"file": str(ROOT / "search_spaces/default.yaml")},
+        "space": {"file": str(ROOT / "autocompress/search_spaces/default.yaml")},
         "finetune": {"epochs": 1, "threads": 1},
         "backend": {"options": {"timing": QUICK}},
         "sampler": {"name": "random"},

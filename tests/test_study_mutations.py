@@ -27,7 +27,7 @@ VALID = {
     "name": "mut",
     "task": {"name": "tiny_tasks:trained_mlp", "options": {"seed": 0, "hidden": 16}},
     "space": {
-        "file": str(ROOT / "search_spaces/default.yaml"),
+        "file": str(ROOT / "autocompress/search_spaces/default.yaml"),
         "overrides": {
             "sparsity": {"low": 0.0, "high": 0.5, "step": 0.1},
             "layers": {"2": {"bits": {"fixed": 8}}},
@@ -47,7 +47,7 @@ LEAVES = {
     "name": ["has space", "", 3, ["x"], "ok-name"],
     "task.name": ["digitz", ":factory", "tiny_tasks:", "tiny_tasks:nope", "no_such_mod:f", 7, None],
     "task.options.hidden": ["many", -1, 0, 1.5, [16]],
-    "space.file": ["nowhere.yaml", "/proc/nope/space.yaml", 3, str(ROOT / "studies/quickstart.yaml")],
+    "space.file": ["nowhere.yaml", "/proc/nope/space.yaml", 3, str(ROOT / "autocompress/studies/quickstart.yaml")],
     "space.overrides.sparsity.high": [1.5, -0.1, "half", None, 0.9],
     "space.overrides.layers": [{"(": {"bits": {"fixed": 8}}}, {"classifer": {}}, {"2": {"bitz": 8}}, "2"],
     "space.overrides.groups": [{"g": "["}, {"g": "nomatch.*"}, "everything", {"g": "0|2"}],

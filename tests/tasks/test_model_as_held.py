@@ -141,7 +141,7 @@ def test_a_study_runs_on_a_sentence_transformer_as_held(sentence_model, tmp_path
     path, run = study_file(
         tmp_path,
         task={"name": None},
-        space={"file": str(ROOT / "search_spaces/int8_linear.yaml")},
+        space={"file": str(ROOT / "autocompress/search_spaces/int8_linear.yaml")},
         trials={"n": 1, "warm_start": [{"bits": 8}]},
         finetune={"epochs": 1, "threads": 1, "batch_size": 8},
         budgets={"max_metric_drop": 0.5},
