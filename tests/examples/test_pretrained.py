@@ -7,7 +7,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +17,12 @@ import torch
 from torch import nn
 
 from autocompress.errors import ConfigError
-from autocompress.examples._real_data import (
-    MnistRGB,
-    load_mnist_pickle,
-    read_bbc_news,
-    stratified_split,
-)
+from autocompress.examples._real_data import MnistRGB, read_bbc_news, stratified_split
 from autocompress.examples.efficientnet_lite import efficientnet_lite0, same_pad
 from autocompress.examples.pretrained import MeanPooledEncoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _mnist_pickle import load_mnist_pickle  # noqa: E402 - the benchmarks' set-up step, outside the package
 
 
 def _mnist_pickle(path, n=(6, 3, 4), protocol=2):
