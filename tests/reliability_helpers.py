@@ -15,6 +15,8 @@ import yaml
 from conftest import ROOT, cli_env
 from optuna.trial import TrialState
 
+from autocompress.search.repeats import REPEAT_OF
+
 TRIAL_FILES = {"model.onnx", "plan.json", "metrics.json", "weights.safetensors"}
 # latency measurement cut short: what these tests check (trials recorded once, folders whole, resumes) does
 # not depend on how tight a latency's confidence interval is, and a machine-wide device lock serializes
@@ -102,6 +104,8 @@ def check_referenced_folders(run: Path, study: optuna.Study, *, keep: str = "all
     """Every completed trial points to a whole folder (or, with keep=pareto and off the front, none)."""
     front = {t.number for t in study.best_trials}
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        if REPEAT_OF in t.user_attrs:  # a repeat of an earlier plan: its results, no folder of its own
+            continue
         folder = (run / t.user_attrs["artifact"]).parent
         assert not folder.name.startswith("."), f"trial {t.number} references temp folder {folder}"
         if keep == "pareto" and t.number not in front:
@@ -118,7 +122,7 @@ def check_consistent(run: Path, n: int, *, keep: str = "all") -> optuna.Study:
     """The final state after a completed run: the storage, the folders and the front all agree."""
     study = load(run)
     trials = study.get_trials()
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and REPEAT_OF not in t.user_attrs]
     assert len(complete) == n, [(t.number, t.state.name) for t in trials]
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     for t in trials:
