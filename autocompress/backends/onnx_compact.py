@@ -215,6 +215,8 @@ def _sparse(b: _Builder, name: str, array, keep, fmt: str, r: int, stream, share
         dense = b.op("Where", [b.op("Cast", [mask], to=TensorProto.BOOL), gathered, zero])
     else:
         entries = b.unpack(stream, len(relative_entries(np.flatnonzero(keep), r)), r)
+        if r == 1:  # one-bit streams unpack as uint8 flags
+            entries = b.op("Cast", [entries], to=INT64)
         real = b.op("Less", [entries, b.const(np.array(2**r - 1, np.int64))])  # else a filler
         real_i64 = b.op("Cast", [real], to=INT64)
         steps = b.op("Add", [entries, real_i64])  # a real entry g moves g + 1, a filler 2**r - 1

@@ -274,3 +274,19 @@ def test_registered_with_probe_profile_row_and_report_column():
         {"share_bits": 3, "share_init": "density"},
     )
     assert ("shared 8 values", {"share_bits": 3, "share_init": "density"}) in layer_settings(space, info)
+
+
+def test_sparse_relative_index_of_one_bit_loads_and_matches(backend, tmp_path):
+    """Kept weights in one run (every gap 0): the relative index at r = 1 beats the bitmask; its one-bit
+    stream unpacks as uint8 flags and must still compare as int64 (ORT refused the graph: 'Type
+    parameter (T) of Optype (Less) bound to different types')."""
+    torch.manual_seed(0)
+    model = TwoLinear().eval()
+    with torch.no_grad():
+        model.fc1.weight.view(-1)[1200:] = 0.0
+    spec = LoweringSpec({"fc1": LayerLowering(sparse=True)})
+    art = backend.lower(model, (torch.randn(1, 64),), spec, tmp_path / "a")
+    stored = art.meta["compact_weights"]["fc1"]
+    assert stored["format"] == "relative" and stored["index_bits"] == 1
+    x = torch.randn(8, 64)
+    np.testing.assert_allclose(_run(backend, art, x), model(x).detach().numpy(), atol=1e-5, rtol=1e-5)
