@@ -263,6 +263,24 @@ class _Profiler:
         self.pending = []
 
 
+def _cached_rows(path: Path, key: str) -> dict[tuple[str, str], dict]:
+    """The rows of ``latency_profile.json`` measured for ``key``, by (layer, setting); {} if none."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("key") != key:
+        return {}
+    return {(r["layer"], r["setting"]): r for r in data.get("rows", [])}
+
+
+def _copy_role_rows(members: list[tuple[dict, dict]]) -> None:
+    """Give each later member of a structural role its role's measured figures (after the flush: the
+    measured rows have their timings)."""
+    for row, measured in members:
+        row.update({k: measured[k] for k in SHARED if k in measured}, role_of=measured["layer"])
+        row["timed"] = f"same structure and setting as {measured['layer']} (one structural role)"
+
+
 def _over_budget(spent: float, trial_s: float | None, budget_trials: float) -> str | None:
     """Why no further row is measured (None: go on): the run's trials.timeout_s counts set-up too (leave
     the trials the rest), and the profile has a budget of its own in trial-equivalents."""
@@ -298,11 +316,7 @@ def measure_profile(
     """
     path = ctx.run_dir / LATENCY_PROFILE
     key = profile_key(ctx)
-    old: dict[tuple[str, str], dict] = {}
-    if use_cache and path.exists():
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            old = {(r["layer"], r["setting"]): r for r in data.get("rows", [])}
+    old = _cached_rows(path, key) if use_cache else {}
     t0 = time.perf_counter()
     rows, reused, skipped = [], 0, 0
     names = [i.name for i in ctx.inventory]
@@ -334,9 +348,7 @@ def measure_profile(
             if role is not None:
                 first[role] = rows[-1]
         prof.flush()
-    for row, measured in members:  # after the flush: the measured rows have their timings
-        row.update({k: measured[k] for k in SHARED if k in measured}, role_of=measured["layer"])
-        row["timed"] = f"same structure and setting as {measured['layer']} (one structural role)"
+    _copy_role_rows(members)
     seconds = time.perf_counter() - t0
     result = {
         "key": key,
