@@ -48,6 +48,7 @@ class RunContext:
     latency_cache: LatencyCache | None = None
     references: dict = field(default_factory=dict)  # eval limit -> the teacher's outputs per batch
     trial_estimate: dict | None = None  # the per-trial wall-time estimate (search.costs.estimate_trial_s)
+    trials_left: int | None = None  # trials still to run, this one included (the runner's loop; None: unknown)
     held: dict = field(default_factory=dict, repr=False)  # id(task) -> (task, its HeldOut): held_out()
 
     @property

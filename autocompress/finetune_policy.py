@@ -14,6 +14,9 @@
 Hands-off lengths (:func:`time_steps`): the fine-tune of one trial gets at most
 :data:`FINETUNE_SHARE` of the time each trial has (``trials.timeout_s`` / ``trials.n``), at the step time
 measured before the search, so that the study finishes its trials in the time it was given. The learning
+steps of each fine-tuned trial are then decided when it starts (:func:`rolling_steps`): an equal share of
+the fine-tune time the run has left among the trials still to run, so that the time the post-training
+trials did not spend goes to the plans that need it. The learning
 rate of a pretrained model is small (:func:`auto_lr`): a fine-tune at the rate that trains a model from
 scratch moves a pretrained one away from what made it good.
 """
@@ -29,6 +32,7 @@ from .plan import Plan
 WHEN = ("auto", "always", "missed_budget")
 FINETUNE_SHARE = 0.5  # of one trial's share of trials.timeout_s that its fine-tune may take
 MIN_STEPS = 10  # fewer steps than this recover nothing: the plan is then not fine-tuned
+MAX_GROWTH = 4  # a trial's rolling share is at most this many times the steps planned at set-up
 
 
 def within_budget(score: float, reference: float, sign: int, budgets) -> bool | None:
@@ -92,4 +96,30 @@ def time_steps(timeout_s: float | None, n_trials: int, other_s: float, step_s: f
         return None
     per_trial = timeout_s / max(1, n_trials)
     steps = int(max(0.0, FINETUNE_SHARE * per_trial - other_s) / step_s)
+    return steps if steps >= MIN_STEPS else 0
+
+
+def rolling_steps(
+    planned: int,
+    remaining_s: float | None,
+    trials_left: int | None,
+    other_s: float,
+    step_s: float,
+    trial_timeout_s: float | None = None,
+) -> int:
+    """The fine-tune steps of the trial starting now under a run-wide wall-time budget.
+
+    The fine-tune time left (``remaining_s`` less ``other_s`` for each of the ``trials_left`` trials,
+    this one included) is shared equally among those trials: post-training trials spend none of their
+    share, so the plans fine-tuned later get what the earlier ones left. At most :data:`MAX_GROWTH` x
+    ``planned`` (the steps set at set-up), within ``trial_timeout_s`` where one is set; 0 when fewer
+    than :data:`MIN_STEPS` fit. ``planned`` unchanged without a budget (no run clock, or no count of
+    the trials left: a worker of a shared study).
+    """
+    if remaining_s is None or not trials_left or step_s <= 0 or planned <= 0:
+        return planned
+    share = (remaining_s - trials_left * other_s) / trials_left
+    if trial_timeout_s:
+        share = min(share, FINETUNE_SHARE * trial_timeout_s - other_s)
+    steps = min(int(max(0.0, share) / step_s), MAX_GROWTH * planned)
     return steps if steps >= MIN_STEPS else 0

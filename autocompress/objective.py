@@ -19,10 +19,10 @@ from torch import nn
 from .backends import Artifact, timed_or_cached
 from .backends.device_facts import environment
 from .context import RunContext  # noqa: F401 - re-exported: the trial's context
-from .deadline import check_deadline, trial_scope
+from .deadline import check_deadline, run_remaining, trial_scope
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, crash_point, fault
-from .finetune_policy import recoverable, skip_reason
+from .finetune_policy import recoverable, rolling_steps, skip_reason
 from .holdout import holdout_scores
 from .pareto import metric_drop, relative_drop
 from .pipeline import Compressed, compress, finetune_steps
@@ -210,6 +210,14 @@ def build_model(
                 {"kept": "post_training", "holdout_post_training": pt, "finetune_skipped": why},
                 seconds,
             )
+        plan, steps = _rolling(ctx, plan, task)
+        if steps == 0:
+            why = "no fine-tune time is left in the run's wall-time budget (trials.timeout_s)"
+            return (
+                post,
+                {"kept": "post_training", "holdout_post_training": pt, "finetune_skipped": why},
+                seconds,
+            )
         tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
         t3 = time.perf_counter()
         (ft,) = holdout_scores([tuned.model], task, held.split, ctx.teacher)
@@ -219,11 +227,26 @@ def build_model(
         t3 = time.perf_counter()
         pt, ft = holdout_scores([post.model, tuned.model], task, held.split, ctx.teacher)
         seconds = {"post_training": t1 - t0, "holdout": time.perf_counter() - t3}
-    record = {"holdout_post_training": pt, "holdout_finetuned": ft}
+    steps = finetune_steps(task, plan, cfg.finetune.batch_size)
+    record = {"holdout_post_training": pt, "holdout_finetuned": ft, "finetune_steps": steps}
     if _finetuned_wins(ft, pt, ctx.metric.sign):
         return tuned, {"kept": "finetuned", **record}, seconds
     post.losses, post.train_s = tuned.losses, tuned.train_s  # what the fine-tune did, though not kept
     return post, {"kept": "post_training", **record}, seconds
+
+
+def _rolling(ctx: RunContext, plan: Plan, task) -> tuple[Plan, int]:
+    """The plan with this trial's share of the fine-tune time the run has left
+    (:func:`~autocompress.finetune_policy.rolling_steps`), and its steps."""
+    cfg, est = ctx.config, ctx.trial_estimate or {}
+    planned = finetune_steps(task, plan, cfg.finetune.batch_size)
+    if not est.get("step_s"):
+        return plan, planned
+    other = est["total"] - est["finetune"]
+    steps = rolling_steps(
+        planned, run_remaining(), ctx.trials_left, other, est["step_s"], cfg.trials.trial_timeout_s
+    )
+    return (plan if steps == planned else dataclasses.replace(plan, steps=steps)), steps
 
 
 def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:

@@ -12,7 +12,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from autocompress.config import Budgets, StudyConfig
 from autocompress.context import RunContext
-from autocompress.finetune_policy import auto_lr, recoverable, skip_reason, time_steps, within_budget
+from autocompress.finetune_policy import (
+    auto_lr,
+    recoverable,
+    rolling_steps,
+    skip_reason,
+    time_steps,
+    within_budget,
+)
 from autocompress.objective import build_model
 from autocompress.plan import LayerPlan, Plan
 from autocompress.rundir import build_backend
@@ -64,6 +71,14 @@ def test_budget_and_recoverability_rules():
     # 24 trials in 20 minutes: 50 s each, half of it for the fine-tune after 5 s of the rest, 0.1 s a step
     assert time_steps(1200, 24, 5.0, 0.1) == 200
     assert time_steps(120, 24, 5.0, 0.1) == 0 and time_steps(None, 24, 5.0, 0.1) is None
+    # 1000 s left for 5 trials (this one included), 20 s of the rest each, 1 s a step: (1000 - 100) / 5
+    assert rolling_steps(100, 1000.0, 5, 20.0, 1.0) == 180
+    assert rolling_steps(40, 1000.0, 5, 20.0, 1.0) == 160  # at most 4x the steps planned at set-up
+    assert rolling_steps(100, 1000.0, 5, 20.0, 1.0, trial_timeout_s=100.0) == 30  # half of 100 s less 20
+    assert rolling_steps(100, 105.0, 5, 20.0, 1.0) == 0  # 1 s each: fewer than 10 steps fit
+    assert (
+        rolling_steps(100, None, 5, 20.0, 1.0) == 100 and rolling_steps(100, 1000.0, None, 20.0, 1.0) == 100
+    )
     assert auto_lr(teacher, pretrained=False) == 1e-3 and auto_lr(teacher, pretrained=True) == 3e-4
     assert auto_lr(nn.Linear(2000, 2000), pretrained=True) == 1e-4
 
@@ -119,3 +134,20 @@ def test_hands_off_defaults_read_the_real_batch_size_and_fit_the_time(digits_tea
     given = StudyConfig(name="s", task={"name": "t"}, finetune={"epochs": 2, "lr": 1e-2})
     assert apply_finetune_default(given, task) is None and given.finetune.when == "always"
     assert apply_time_budget(given, est) is None
+
+
+def test_a_fine_tuned_trial_gets_its_share_of_the_run_time_left(digits_task, digits_teacher, backend):
+    from autocompress.deadline import run_clock
+
+    ctx = _ctx(digits_task, digits_teacher, backend, {"max_metric_drop": 0.01})
+    ctx.trial_estimate = {"finetune": 2.0, "total": 3.0, "step_s": 0.01}  # 1 s of the rest a trial
+    plan = Plan(
+        layers={n: LayerPlan(sparsity=0.5, sparsity_kind="structured") for n in LAYERS[:-1]}, steps=5
+    )
+    ctx.trials_left = 4
+    with run_clock(9.0):  # (9 - 4 x 1) / 4 = 1.25 s: 125 steps, capped at 4 x 5
+        _, kept, _ = build_model(ctx, plan)
+    assert kept["kept"] in ("finetuned", "post_training") and kept["finetune_steps"] == 20, kept
+    with run_clock(4.2):  # (4.2 - 4) / 4 s: 5 steps at most, fewer than the 10 worth running
+        _, kept, _ = build_model(ctx, plan)
+    assert kept["finetune_skipped"].startswith("no fine-tune time is left"), kept

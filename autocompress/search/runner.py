@@ -261,6 +261,7 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
             return "stop_after"
         trial = study.ask()
         ran += 1
+        ctx.trials_left = n_target - done
         state, metrics, reason = execute_trial(ctx, study, trial, fidelity)
         if state == TrialState.FAIL:
             failures += 1
