@@ -108,11 +108,29 @@ def auto_groups(inventory) -> dict[str, str] | None:
     """``{group: regex}`` sharing parameters among layers of the same role, for deep models (else None)."""
     if len(inventory) <= GROUP_ABOVE:
         return None
-    groups: dict[str, str] = {}
+    members: dict[str, dict[str, list[str]]] = {}
     for info in inventory:
-        role = role_of(info.name)
-        groups.setdefault(role, "\\.".join(p if p == "*" else re.escape(p) for p in role.split(".")))
-    return {g: r.replace("*", r"\d+") for g, r in groups.items()}
+        members.setdefault(role_of(info.name), {}).setdefault(shape_class(info), []).append(info.name)
+    groups: dict[str, str] = {}
+    for role, by_shape in members.items():
+        if len(by_shape) == 1:  # one kind of layer under this name: the name pattern is the group
+            groups[role] = "\\.".join(r"\d+" if p == "*" else re.escape(p) for p in role.split("."))
+            continue
+        for shape, names in by_shape.items():  # e.g. the 1x1 and the depthwise convs of inverted residuals
+            groups[f"{role} ({shape})"] = "|".join(re.escape(n) for n in names)
+    return groups
+
+
+def shape_class(info) -> str:
+    """What kind of layer ``info`` is beyond its name: ``depthwise 3x3``, ``Conv2d 1x1``, ``Linear``...
+    Layers under one name pattern share parameters only within one class (a depthwise conv quantizes
+    and prunes unlike the pointwise conv beside it)."""
+    kernel = "x".join(str(k) for k in info.kernel)
+    if info.kind.startswith("Conv"):
+        if info.groups > 1 and info.groups == info.in_features:
+            return f"depthwise {kernel}"
+        return f"{info.kind} {kernel}" + (f" groups {info.groups}" if info.groups > 1 else "")
+    return info.kind
 
 
 def apply_space_default(cfg: StudyConfig, space, inventory, task=None) -> str | None:

@@ -53,3 +53,21 @@ def test_deep_models_share_parameters_by_role_when_the_study_names_no_space():
     assert len({plan.layers[f"layers.{i}.attn.q"].bits for i in range(6)}) == 1
     named = SearchSpace.from_dict({})
     assert apply_space_default(StudyConfig(name="s", task={"name": "t"}, space={}), named, inv) is None
+
+
+def test_layers_of_one_name_pattern_share_parameters_only_within_one_kind_of_layer():
+    """MobileNetV2's ``features.*.conv.*.0`` names both the 1x1 expansion convs and the depthwise 3x3
+    convs (block 1 has no expansion): they are two groups, each of one kind of layer."""
+    import re
+
+    from autocompress.examples.mobilenet_v2 import MobileNetV2
+
+    model = MobileNetV2(num_classes=10).eval()
+    inv = build_inventory(model, (torch.randn(1, 3, 32, 32),))
+    groups = auto_groups(inv)
+    members = {g: [i for i in inv if re.fullmatch(p, i.name)] for g, p in groups.items()}
+    assert sum(len(m) for m in members.values()) == len(inv) == 53  # every layer in exactly one group
+    dw, pw = members["features.*.conv.*.0 (depthwise 3x3)"], members["features.*.conv.*.0 (Conv2d 1x1)"]
+    assert len(dw) == 17 and all(i.groups == i.in_features > 1 for i in dw)
+    assert len(pw) == 16 and all(i.groups == 1 and i.kernel == (1, 1) for i in pw)
+    assert "features.*.conv.2" in groups and "features.1.conv.0.0" in {i.name for i in dw}
