@@ -9,7 +9,8 @@
    calibrated by min-max or percentile), with the Relu / pooling / Add / Concat nodes between them
    (:func:`.qdq.int8_region`) when ``int8_connectors``, so ORT fuses them into int8 kernels; a
    spatial mean runs as int8 global pooling, a classifier Gemm gives float logits (:mod:`.qdq`);
-3. the integers ORT computed are replaced by the ones the fine-tune trained (:mod:`.onnx_rewrite`);
+3. the integers ORT computed are replaced by the ones the fine-tune trained (:mod:`.onnx_rewrite`),
+   and the static convs' biases corrected for the mean shift int8 rounding adds (:mod:`.bias_correction`);
 4. 2- to 4-bit layers: packed INT4 weight-only DequantizeLinear; 16-bit layers: float16 + Cast;
 5. embedding tables (``nn.Embedding``, any bits below float): stored packed, weight-only, and
    dequantized after the lookup (:func:`.onnx_lookup.lookup_weight_only`).
@@ -29,6 +30,7 @@ from onnx import numpy_helper
 
 from ..errors import BackendError, ExportError
 from ..lowering import LoweringSpec, symmetric_grid
+from .bias_correction import SAMPLES, correct_biases
 from .onnx_export import INPUT, graph_input_names
 from .onnx_lookup import lookup_block, lookup_weight_only
 from .onnx_rewrite import (
@@ -80,6 +82,16 @@ class _Calibration:
 
     def rewind(self):  # pragma: no cover - not used by MinMax
         pass
+
+
+def _feeds(data, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """The first :data:`.bias_correction.SAMPLES` calibration samples as graph feeds, 16 a batch."""
+    data = (data,) if isinstance(data, np.ndarray) else tuple(data)
+    n = min(len(data[0]), SAMPLES)
+    return [
+        {k: np.ascontiguousarray(a[i : min(i + 16, n)]) for k, a in zip(names, data, strict=True)}
+        for i in range(0, n, 16)
+    ]
 
 
 def _located(graph, model, spec: LoweringSpec, reduce_range: bool) -> tuple[list[LocatedWeight], list[str]]:
@@ -172,6 +184,7 @@ def quantize_graph(
         write_trained_integers(qmodel, float_model, eight)
         if int8_connectors:
             float_gemm_outputs(qmodel.graph)
+        correct_biases(qmodel, current, _feeds(calibration, graph_input_names(current)), nodes)
     for w in located:
         if w.lookup:
             lookup_weight_only(qmodel, w)

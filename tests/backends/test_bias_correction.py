@@ -1,0 +1,76 @@
+"""Bias correction of static int8 convs: the quantized graph's per-channel output means are the float
+graph's on the calibration samples, and the artifact still runs QLinearConv kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import autocompress.backends.ort_quantize as oq
+from autocompress.backends.bias_correction import _as_consumed, _channel_means, _session
+from autocompress.config import StudyConfig
+from autocompress.lowering import LayerLowering, LoweringSpec
+from autocompress.rundir import build_backend
+
+
+class TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # depthwise: few weights, a visible shift
+        self.c = nn.Conv2d(16, 8, 1)
+        with torch.no_grad():
+            self.b.weight.mul_(3.0)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))).mean((2, 3))
+
+
+def _lower(tmp, calibration):
+    backend = build_backend(StudyConfig.model_validate({"name": "bc", "task": {"name": "digits"}}))
+    spec = LoweringSpec({n: LayerLowering(bits=8) for n in ("a", "b", "c")}, "minmax")
+    art = backend.lower(TwoConvs().eval(), (torch.randn(1, 3, 12, 12),), spec, tmp, calibration=calibration)
+    backend.close()
+    return onnx.load(str(art.path))
+
+
+def _shift(model: onnx.ModelProto, float_model: onnx.ModelProto, feeds) -> float:
+    """Largest per-channel mean difference of the convs' outputs, quantized (as consumed) - float."""
+    convs = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "QLinearConv")]
+    seen = _as_consumed(model, convs)
+    names = [c for c in convs if c in {o for n in float_model.graph.node for o in n.output}]
+    q = _session(model, [seen[c] for c in names])
+    f = _session(float_model, names)
+    worst = 0.0
+    for c in names:
+        qm = _channel_means([q.run([seen[c]], feed)[0] for feed in feeds])
+        fm = _channel_means([f.run([c], feed)[0] for feed in feeds])
+        worst = max(worst, float(np.abs(qm - fm).max()))
+    return worst
+
+
+def test_bias_correction_removes_the_int8_mean_shift_of_the_convs(tmp_path, monkeypatch):
+    calibration = np.random.default_rng(0).normal(size=(64, 3, 12, 12)).astype(np.float32)
+    feeds = oq._feeds(calibration, ["input"])
+    captured = {}
+    real = oq.correct_biases
+
+    def spy(qmodel, float_path, feeds_, nodes):
+        captured["float"] = onnx.load(str(float_path))
+        before = onnx.ModelProto()
+        before.CopyFrom(qmodel)
+        captured["before"] = before
+        captured["n"] = real(qmodel, float_path, feeds_, nodes)
+        return captured["n"]
+
+    monkeypatch.setattr(oq, "correct_biases", spy)
+    corrected = _lower(tmp_path / "on", calibration)
+    assert captured["n"] == 3  # every static int8 conv with a bias
+    assert "QLinearConv" not in {n.op_type for n in corrected.graph.node}  # QDQ form: fused at load
+    before = _shift(captured["before"], captured["float"], feeds)
+    after = _shift(corrected, captured["float"], feeds)
+    assert before > 1e-3, before
+    assert after < 0.5 * before, (before, after)  # one step; the Relu's clip keeps part of the shift
