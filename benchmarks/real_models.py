@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -106,11 +107,14 @@ def run_study_cli(study: dict, run_dir: Path, log) -> dict:
     with open(log_path, "w") as out:
         rc = subprocess.call([*cmd, "run", "study.yaml"], cwd=folder, stdout=out, stderr=subprocess.STDOUT)
     end = time.time()
+    # the largest resident set of any process the study waited for (its own, its timing workers'):
+    # Linux reports it in KiB; the benchmark's earlier children (set-up) are far smaller
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     text = log_path.read_text()
     shutil.rmtree(folder, ignore_errors=True)
     tail = text.strip().splitlines()[-3:]
     log(f"  study exit {rc} after {end - start:.0f} s: {' / '.join(tail)}")
-    return {"start": start, "end": end, "rc": rc, "log": str(log_path), "note": ""}
+    return {"start": start, "end": end, "rc": rc, "log": str(log_path), "note": "", "peak_rss_gb": peak_gb}
 
 
 def prepare_folder(cfg, log) -> None:
@@ -314,6 +318,11 @@ def summary(result: dict) -> list[str]:
             f"study: {f['completed']} completed trials ({f['failed']} failed) in {_wall(ran['end'] - ran['start'])}; "
             f"set-up (start to first trial) {_wall(f['setup_s'])}; latency profile {_wall(f['profile_s'])} "
             f"({_f(f['profile_trial_equivalents'], '.2f')} trial-equivalents)"
+            + (
+                f"; peak memory {ran['peak_rss_gb']:.2f} GB (largest process)"
+                if ran.get("peak_rss_gb")
+                else ""
+            )
         )
         if ran.get("note"):
             out.append(f"note: {ran['note']}")
