@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_rewrite import int32_grid
+
 SAMPLES = 64  # calibration samples the means are taken over
 
 
@@ -158,6 +160,6 @@ def _write_bias(source, bias: np.ndarray) -> None:
     if source[0] == "float":
         source[1].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), source[1].name))
         return
-    scale = numpy_helper.to_array(source[2]).astype(np.float64)
-    q = np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    scale = numpy_helper.to_array(source[2])
+    q = int32_grid(bias, scale)  # saturates where a corrected bias no longer fits (not seen in practice)
     source[1].CopyFrom(numpy_helper.from_array(q, source[1].name))

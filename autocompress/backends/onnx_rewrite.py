@@ -179,25 +179,52 @@ def write_trained_integers(
             w_dq = _producer(g, node.input[1])
             if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.input[0] != f"{w.init}_quantized":
                 continue
-            _set(inits, w_dq.input[0], w.q_onnx().astype(np.int8))
-            _set(inits, w_dq.input[1], w.scale)
+            b_dq = _producer(g, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            x_dq = _producer(g, node.input[0])
+            has_bias = b_dq is not None and b_dq.op_type == "DequantizeLinear" and x_dq is not None
+            q, scale = w.q_onnx(), w.scale
+            if has_bias:
+                x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]))
+                bias = numpy_helper.to_array(float_inits[b_dq.input[0].removesuffix("_quantized")])
+                if w.zero is None:
+                    q, scale = _fit_bias(q, scale, bias, x_scale)
+            _set(inits, w_dq.input[0], q.astype(np.int8))
+            _set(inits, w_dq.input[1], scale)
             _set(inits, w_dq.input[2], w.zero_point(np.int8))
             if w.scale.ndim == 0:  # per tensor: no axis
                 kept = [a for a in w_dq.attribute if a.name != "axis"]
                 del w_dq.attribute[:]
                 w_dq.attribute.extend(kept)
-            if len(node.input) < 3 or not node.input[2]:
+            if not has_bias:
                 continue
-            b_dq, x_dq = _producer(g, node.input[2]), _producer(g, node.input[0])
-            if b_dq is None or b_dq.op_type != "DequantizeLinear" or x_dq is None:
-                continue
-            x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]))
-            bias = numpy_helper.to_array(float_inits[b_dq.input[0].removesuffix("_quantized")])
-            b_scale = np.broadcast_to(x_scale * w.scale, bias.shape).astype(np.float32)
-            _set(inits, b_dq.input[0], np.round(bias / b_scale).astype(np.int32))
+            b_scale = np.broadcast_to(x_scale * scale, bias.shape).astype(np.float32)
+            _set(inits, b_dq.input[0], int32_grid(bias, b_scale))
             _set(inits, b_dq.input[1], b_scale)
             if len(b_dq.input) > 2 and b_dq.input[2]:
                 _set(inits, b_dq.input[2], np.zeros(bias.shape, np.int32))
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _fit_bias(q: np.ndarray, scale: np.ndarray, bias: np.ndarray, x_scale: float):
+    """The weight integers and scale at which ``bias`` fits int32 at ``x_scale * scale`` (the scale
+    ``QLinearConv`` reads it at): unchanged unless the input was calibrated to (almost) a constant 0,
+    where the output channel's weight scale widens (and its integers shrink) until the bias fits."""
+    need = np.abs(bias).astype(np.float64) / (INT32_MAX * max(x_scale, 1e-45)) * (1 + 1e-6)
+    if scale.ndim == 0:
+        need = need.max(initial=0.0)
+    wider = np.maximum(scale.astype(np.float64), need)
+    if np.all(wider == scale):
+        return q, scale
+    ratio = (scale / wider).reshape((-1,) + (1,) * (q.ndim - 1)) if scale.ndim else scale / wider
+    return np.round(q * ratio), wider.astype(np.float32)
+
+
+def int32_grid(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``values / scale`` rounded to int32 (in float64: float32 cannot hold the int32 limits), saturated."""
+    ratio = np.asarray(values, np.float64) / np.asarray(scale, np.float64)
+    return np.clip(np.round(ratio), -INT32_MAX - 1, INT32_MAX).astype(np.int32)
 
 
 def write_dynamic_integers(qmodel: onnx.ModelProto, weights: list[LocatedWeight]) -> None:

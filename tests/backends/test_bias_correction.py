@@ -74,3 +74,40 @@ def test_bias_correction_removes_the_int8_mean_shift_of_the_convs(tmp_path, monk
     after = _shift(corrected, captured["float"], feeds)
     assert before > 1e-3, before
     assert after < 0.5 * before, (before, after)  # one step; the Relu's clip keeps part of the shift
+
+
+class DeadInput(nn.Module):
+    """A conv whose input is almost 0 everywhere (a conv with weights of 1e-9), so its calibrated scale
+    times the weight scale is too small for the bias to fit int32 at it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.a.weight.fill_(1e-9)
+            self.a.bias.zero_()
+            self.b.bias.copy_(torch.tensor([0.5, -0.25, 2.0, 0.0]))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+
+def test_a_conv_with_an_almost_zero_input_keeps_its_bias(tmp_path):
+    """bias / (x_scale * w_scale) is beyond int32: the bias still reaches the output (it was cast to
+    int32 out of range, with a numpy warning, and came out as garbage)."""
+    import warnings
+
+    import onnxruntime as ort
+
+    backend = build_backend(StudyConfig.model_validate({"name": "bc", "task": {"name": "digits"}}))
+    spec = LoweringSpec({n: LayerLowering(bits=8) for n in ("a", "b")}, "minmax")
+    calibration = np.abs(np.random.default_rng(0).normal(size=(16, 3, 8, 8))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        art = backend.lower(
+            DeadInput().eval(), (torch.randn(1, 3, 8, 8),), spec, tmp_path, calibration=calibration
+        )
+    backend.close()
+    out = ort.InferenceSession(str(art.path)).run(None, {"input": calibration[:2]})[0]
+    np.testing.assert_allclose(out, np.tile([0.5, -0.25, 2.0, 0.0], (2, 1)), atol=0.01)  # the output grid
