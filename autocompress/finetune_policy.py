@@ -112,7 +112,7 @@ def rolling_steps(
     The fine-tune time left (``remaining_s`` less ``other_s`` for each of the ``trials_left`` trials,
     this one included) is shared equally among those trials: post-training trials spend none of their
     share, so the plans fine-tuned later get what the earlier ones left. At most :data:`MAX_GROWTH` x
-    ``planned`` (the steps set at set-up), within ``trial_timeout_s`` where one is set; 0 when fewer
+    ``planned`` (the study's length before any time cap), within ``trial_timeout_s`` where one is set; 0 when fewer
     than :data:`MIN_STEPS` fit. ``planned`` unchanged without a budget (no run clock, or no count of
     the trials left: a worker of a shared study).
     """

@@ -3,6 +3,7 @@ only when its held-out metric misses the budget and it removed weights; lengths 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -140,14 +141,19 @@ def test_a_fine_tuned_trial_gets_its_share_of_the_run_time_left(digits_task, dig
     from autocompress.deadline import run_clock
 
     ctx = _ctx(digits_task, digits_teacher, backend, {"max_metric_drop": 0.01})
-    ctx.trial_estimate = {"finetune": 2.0, "total": 3.0, "step_s": 0.01}  # 1 s of the rest a trial
-    plan = Plan(
-        layers={n: LayerPlan(sparsity=0.5, sparsity_kind="structured") for n in LAYERS[:-1]}, steps=5
-    )
+    # 1 s of the rest a trial; the study's length before any time cap: 5 steps (0.05 s)
+    ctx.trial_estimate = {"finetune": 0.05, "total": 1.05, "step_s": 0.01}
+    plan = Plan(layers={n: LayerPlan(sparsity=0.5, sparsity_kind="structured") for n in LAYERS[:-1]}, steps=5)
     ctx.trials_left = 4
     with run_clock(9.0):  # (9 - 4 x 1) / 4 = 1.25 s: 125 steps, capped at 4 x 5
         _, kept, _ = build_model(ctx, plan)
     assert kept["kept"] in ("finetuned", "post_training") and kept["finetune_steps"] == 20, kept
+    capped = dataclasses.replace(plan, steps=10)  # set-up capped the length below the study's: the
+    ctx.trial_estimate = {"finetune": 2.0, "total": 3.0, "step_s": 0.01}  # share is of the uncapped 200
+    with run_clock(9.0):  # (9 - 4 x 1) / 4 = 1.25 s: about 125 steps (less the post-training model's time)
+        _, kept, _ = build_model(ctx, capped)
+    assert 90 <= kept["finetune_steps"] <= 125, kept
+    ctx.trial_estimate = {"finetune": 0.05, "total": 1.05, "step_s": 0.01}
     with run_clock(4.2):  # (4.2 - 4) / 4 s: 5 steps at most, fewer than the 10 worth running
         _, kept, _ = build_model(ctx, plan)
     assert kept["finetune_skipped"].startswith("no fine-tune time is left"), kept

@@ -16,7 +16,7 @@ import re
 
 from ..config import StudyConfig
 from ..errors import ConfigError
-from ..finetune_policy import auto_lr, time_steps
+from ..finetune_policy import MIN_STEPS, auto_lr, time_steps
 from ..training import steps_per_epoch
 
 TARGET_STEPS = 150  # optimizer steps of one trial's fine-tune when the study does not say
@@ -81,7 +81,13 @@ def apply_finetune_default(cfg: StudyConfig, task) -> str | None:
 
 def apply_time_budget(cfg: StudyConfig, estimate: dict) -> str | None:
     """Cap a hands-off study's fine-tune steps so that its trials fit ``trials.timeout_s`` (see
-    :func:`~autocompress.finetune_policy.time_steps`); the log line (None when nothing changed)."""
+    :func:`~autocompress.finetune_policy.time_steps`); the log line (None when nothing changed).
+
+    The cap is what a trial is planned with; the local runner then gives each fine-tuned trial its
+    share of the time the run has left when it starts
+    (:func:`~autocompress.finetune_policy.rolling_steps`), so the cap never goes below
+    :data:`~autocompress.finetune_policy.MIN_STEPS`: a plan stays fine-tunable when set-up took
+    longer than expected and the post-training trials leave time over."""
     ft = cfg.finetune
     if ft.when != "missed_budget" or not ft.trains() or not estimate.get("step_s"):
         return None
@@ -90,12 +96,13 @@ def apply_time_budget(cfg: StudyConfig, estimate: dict) -> str | None:
     planned = round(estimate["finetune"] / estimate["step_s"])
     if cap is None or cap >= planned:
         return None
+    cap = max(cap, MIN_STEPS)
     cfg.finetune = ft.model_copy(update={"steps": cap})
     share = cfg.trials.timeout_s / cfg.trials.n
     return (
         f"finetune: {cap} steps per fine-tuned trial instead of {planned}, to fit {cfg.trials.n} trials in "
-        f"trials.timeout_s ({share:.0f} s each)"
-        + (": plans that miss the budget post-training stay untuned" if cap == 0 else "")
+        f"trials.timeout_s ({share:.0f} s each); each fine-tuned trial gets its share of the time left "
+        "when it starts"
     )
 
 
