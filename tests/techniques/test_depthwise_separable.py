@@ -17,6 +17,7 @@ from autocompress.finetune_policy import recoverable
 from autocompress.inventory import build_inventory
 from autocompress.pipeline import compress
 from autocompress.plan import LayerPlan, Plan
+from autocompress.report import layer_table
 from autocompress.search.applicability import check_applicability
 from autocompress.search.latency_profile import layer_settings
 from autocompress.space import SearchSpace
@@ -203,3 +204,17 @@ def test_int8_on_a_substituted_model_lowers_to_grouped_convs_and_matches(tmp_pat
         ref = out.model(x).numpy()
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_the_report_has_a_separable_column():
+    plan = Plan(layers={"features.3": LayerPlan(separable=2), "features.0": LayerPlan(bits=8)})
+    note = "depthwise-separable x2: MACs 4608 -> 1312"
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=1.0, user_attrs={"plan": plan.to_dict(), "notes": {"features.3": note}}
+        )
+    )
+    table = layer_table(study).set_index("layer")
+    assert table.loc["features.3", "separable"] == 2 and table.loc["features.3", "note"] == note
+    assert table.loc["features.0", "separable"] == 0
