@@ -12,6 +12,8 @@ include the substitution) says whether the substitution is on the feasible front
     python benchmarks/depthwise_separable.py [--models resnet,mobilenet,resnet18] [--steps 100]
         [--trials 6] [--no-study]
 
+``--models ''`` runs the study alone. Each teacher is trained once and kept under ``runs/_checkpoints/``.
+
 The ResNet-18's checkpoint is trained on first use (``runs/_checkpoints/resnet18.safetensors``, 3 epochs
 on the digits, a few minutes on 2 cores).
 The reference models are trained here on the same digits as the ResNet-18 (tinted, 3 x 32 x 32, 10 epochs).
@@ -28,12 +30,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from autocompress.backends import OnnxRuntimeBackend
 from autocompress.pipeline import compress
 from autocompress.plan import LayerPlan, Plan
 from autocompress.techniques.depthwise_separable import separable_macs, why_not_separable
 
+CHECKPOINTS = Path("runs/_checkpoints")
 TEACHER_EPOCHS = 10  # the reference models' training on the digits (batch 32, Adam 3e-3, cosine)
 RESNET18 = {
     "checkpoint": "runs/_checkpoints/resnet18.safetensors",
@@ -46,7 +50,7 @@ RESNET18 = {
 @functools.cache
 def make_task(name: str):
     """``(task, teacher)``: the study's ResNet-18 (its checkpoint), or a reference model trained here on the
-    same tinted digits at 32 x 32 (``--teacher-epochs``), the task holding the trained teacher."""
+    same tinted digits at 32 x 32 (:data:`TEACHER_EPOCHS`), the task holding the trained teacher."""
     from autocompress import Task
 
     if name == "resnet18":
@@ -60,10 +64,24 @@ def make_task(name: str):
 
     train, test = (d.tensors for d in splits(32, seed=0))
     cls = REFERENCE_MODELS[name]
-    task = Task(
-        name=name, model_fn=cls, train=train, test=test, teacher_epochs=TEACHER_EPOCHS, batch_size=32, lr=3e-3
-    )
-    teacher = train_teacher(task).eval()
+    path = CHECKPOINTS / f"depthwise_separable_{name}.safetensors"  # trained once, reused by later runs
+    if path.exists():
+        teacher = cls()
+        teacher.load_state_dict(load_file(str(path)))
+    else:
+        task = Task(
+            name=name,
+            model_fn=cls,
+            train=train,
+            test=test,
+            teacher_epochs=TEACHER_EPOCHS,
+            batch_size=32,
+            lr=3e-3,
+        )
+        teacher = train_teacher(task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+    teacher.eval()
     return Task(name=name, model=teacher, train=train, test=test, batch_size=64), teacher
 
 
@@ -199,7 +217,7 @@ def main() -> int:
     be = OnnxRuntimeBackend(batch_size=1, threads=1)
     try:
         with tempfile.TemporaryDirectory(prefix="ac-dws-") as tmp:
-            for name in args.models.split(","):
+            for name in filter(None, args.models.split(",")):
                 print_row(measure_model(name, args.steps, be, Path(tmp)))
             if not args.no_study:
                 run_small_study(args.trials, args.steps, Path(tmp) / "study")
