@@ -146,6 +146,7 @@ def print_row(r: dict) -> None:
 
 def study_yaml(folder: Path, trials: int, steps: int) -> Path:
     """A small study on the ResNet-style model: float or int8, substituted or not, per group of layers."""
+    folder.mkdir(parents=True, exist_ok=True)
     empty = folder / "empty_space.yaml"
     empty.write_text("{}\n")
     space = {
@@ -173,7 +174,6 @@ def study_yaml(folder: Path, trials: int, steps: int) -> Path:
             "planned_starts": 0,
             "warm_start": [{"bits": 8}, {"separable": 1}, {"separable": 1, "bits": 8}],
         },
-        "pruner": {"name": "none"},
         "seed": 0,
         "output": str(folder / "run"),
     }
