@@ -14,7 +14,8 @@ structure reuses it, and a profile of the same model on the same device finds it
 Settings (from the layer's domains, after the applicability exclusions): every bit width below float
 (8-bit static, and dynamic where ``quant_mode`` allows it), structured sparsity at
 :data:`LEVELS` inside the sparsity domain, the rank ratio at :data:`LEVELS` inside its domain (the
-space's first rank mode), weight sharing at the fewest shared values the space allows, plus the uniform plans "every layer 8-bit" (static, dynamic): int8 pays
+space's first rank mode), weight sharing at the fewest shared values the space allows, each
+depthwise-separable multiplier on the standard convs with a kernel above 1x1, plus the uniform plans "every layer 8-bit" (static, dynamic): int8 pays
 only where activations stay int8 between layers, which no single-layer row can show. Unstructured and
 2:4 masks keep the baseline's dense kernels (stored sparse: smaller, not faster): not profiled.
 
@@ -105,6 +106,9 @@ def layer_settings(space, info) -> list[tuple[str, dict]]:
     shared = [int(v) for v in params["share_bits"].values() if int(v) > 0]
     if shared:
         out.append((f"shared {2 ** min(shared)} values", {"share_bits": min(shared), "share_init": init}))
+    for m in sorted({int(v) for v in params["separable"].values()} - {0}):  # depthwise-separable
+        if info.kind == "Conv2d" and info.groups == 1 and max(info.kernel) > 1:
+            out.append((f"separable x{m}", {"separable": m}))
     return out
 
 

@@ -1,8 +1,8 @@
 """Compression techniques: one module per family. They never import search or backends.
 
 Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
-(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``weight_sharing``,
-``sparse_storage``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
+(``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``depthwise_separable``, ``quantize``,
+``weight_sharing``, ``sparse_storage``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
 (:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import (  # noqa: F401 - register families, HeadAttention's pruner
     attention_channels,
+    depthwise_separable,
     layerdrop,
     reconstruct,
     sparse_storage,

@@ -39,6 +39,7 @@ from ..pipeline import Compressed, compress
 from ..plan import LayerPlan, Plan, Schedule
 from ..tasks import Task
 from ..techniques._modules import get_module
+from ..techniques.depthwise_separable import separable_macs, why_not_separable
 from ._check import check
 from .backend_suite import lower
 from .models import REFERENCE_MODELS
@@ -57,6 +58,7 @@ __all__ = [
     "check_output_shape_kept",
     "check_plan_round_trips",
     "check_recurrent_layers",
+    "check_separable",
     "check_shared",
     "check_stored_bits",
     "check_structured",
@@ -84,6 +86,8 @@ TECHNIQUES: dict[str, LayerPlanFn] = {
     "mixed": lambda i, name: LayerPlan(bits=(8, 4, 16, 6, 32)[i % 5], rank_ratio=0.75),
     "shared": lambda i, name: LayerPlan(share_bits=4),
     "shared+sparse": lambda i, name: LayerPlan(share_bits=3, sparsity=0.8),
+    "separable": lambda i, name: LayerPlan(separable=1),
+    "separable+int8": lambda i, name: LayerPlan(separable=1, bits=8),
 }
 
 
@@ -248,6 +252,37 @@ def check_shared(case: TechniqueCase, bits: int, pruned: bool = False) -> None:
         check(stored is None or name in stored, (name, stored))
 
 
+def check_separable(case: TechniqueCase) -> None:
+    """Each planned Conv2d is a depthwise k x k conv (``groups = C_in``, the layer's stride, padding and
+    dilation) then a 1x1 conv, with the MACs its note states, or the note is true of the layer; the ONNX
+    graph has one grouped ``Conv`` per depthwise conv of the model."""
+    for name, layer in matmul_layers(case.teacher):
+        m = case.plan.layer(name).separable
+        if m == 0:
+            continue
+        now, note = get_module(case.model, name), case.out.notes.get(name, "")
+        if not isinstance(now, nn.Sequential):
+            check(note == why_not_separable(layer, m), (name, note))
+            continue
+        dw, pw = now
+        c_in, geometry = layer.in_channels, ("kernel_size", "stride", "padding", "dilation")
+        check(dw.groups == c_in and dw.out_channels == m * c_in, (name, dw))
+        check(all(getattr(dw, k) == getattr(layer, k) for k in geometry), (name, dw, layer))
+        check(pw.kernel_size == (1, 1) and pw.out_channels == layer.out_channels, (name, pw))
+        original, substituted = separable_macs(layer, m)
+        check(note == f"depthwise-separable x{m}: MACs {original} -> {substituted}", (name, note))
+    if case.artifact.path.suffix == ".onnx":
+        graph = onnx.load(str(case.artifact.path)).graph
+        grouped = [
+            n.name
+            for n in graph.node
+            if n.op_type in ("Conv", "QLinearConv")
+            and any(a.name == "group" and a.i > 1 for a in n.attribute)
+        ]
+        wanted = [n for n, mod in matmul_layers(case.model) if isinstance(mod, nn.Conv2d) and mod.groups > 1]
+        check(len(grouped) == len(wanted), (grouped, wanted))
+
+
 # built-in technique -> its own checks (run after the common ones)
 TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
     "unstructured": check_unstructured,
@@ -263,6 +298,8 @@ TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
     "heads+layerdrop+int8": lambda case: (check_layers_dropped(case), check_heads_pruned(case)),
     "shared": lambda case: check_shared(case, 4),
     "shared+sparse": lambda case: check_shared(case, 3, pruned=True),
+    "separable": check_separable,
+    "separable+int8": check_separable,
 }
 
 
