@@ -9,6 +9,8 @@ Code blocks, per page in order, in one fresh folder per page:
   ``<!-- file: NAME -->`` it is written to NAME for later blocks to run.
 * ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
   runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
+* A study of a built-in task (``digits``, ...) trains its teacher for at most :data:`TEACHER_EPOCHS`
+  epochs (Python and command line alike, so that a page's later commands find the same teacher).
 * Other languages (``text``) are output or layouts, not commands, and are not run.
 * Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
 * A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
@@ -37,21 +39,25 @@ FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
 MARK = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->\s*$")
 BLOCK_TIMEOUT_S = 300
 
+TEACHER_EPOCHS = 2  # a built-in task's teacher (its default, 20, is most of a tiny study's time)
 # Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
 # starts, short timing sessions (the examples themselves ask for what a user would).
-TINY_PRELUDE = """\
+TINY_PRELUDE = f"""\
 import autocompress as _ac
 
 def _tiny(cfg):
     if not isinstance(cfg, _ac.StudyConfig):  # a study file or a bundled study's name
         cfg = _ac.load_config(cfg)
+    if cfg.task.name and ":" not in cfg.task.name:  # a built-in task trains its teacher
+        epochs = min(cfg.task.options.get("teacher_epochs", {TEACHER_EPOCHS}), {TEACHER_EPOCHS})
+        cfg.task.options = {{**cfg.task.options, "teacher_epochs": epochs}}
     cfg.trials.n = min(cfg.trials.n, 2)
     cfg.trials.planned_starts = 0
     if cfg.finetune.steps is None:
         cfg.finetune.epochs = min(cfg.finetune.epochs, 1)
     else:
         cfg.finetune.steps = min(cfg.finetune.steps, 20)
-    cfg.backend.options = {**cfg.backend.options, "timing": {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}
+    cfg.backend.options = {{**cfg.backend.options, "timing": {{"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}}}
     return cfg
 
 _run_study = _ac.run_study
@@ -61,6 +67,7 @@ TINY_FLAGS = (
     "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
     " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
 )
+TEACHER_FLAG = f"--set task.options.teacher_epochs={TEACHER_EPOCHS}"
 
 
 @dataclass
@@ -101,25 +108,41 @@ def _env(folder: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg"}
 
 
-def _bash_line(line: str) -> str:
+def _builtin_task(study: str, folder: Path | None) -> bool:
+    """Whether the study file (in ``folder``) or bundled study ``study`` names a built-in task."""
+    from autocompress.config import resolve_study_file
+    from autocompress.errors import ConfigError
+
+    here = folder / study if folder is not None else None
+    try:
+        path = here if here is not None and here.is_file() else resolve_study_file(study)
+    except ConfigError:
+        return False
+    name = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("name")
+    return bool(name) and ":" not in name
+
+
+def _bash_line(line: str, folder: Path | None) -> str:
     steps = [s.strip() for s in line.split("&&")]
     steps = [s for s in steps if not re.match(r"pip (install|wheel|download)\b", s)]
     out = []
     for step in steps:
         step = step.replace("PYTHONPATH=. ", "PYTHONPATH=.:$PYTHONPATH ")
-        if re.search(r"\bautocompress (run|worker|inspect)\b", step):
+        study = re.search(r"\bautocompress (?:run|worker|inspect) (\S+)", step)
+        if study:
             step = re.sub(r"--n-trials \d+", "--n-trials 2", step)
             background = step.endswith("&")
             step = step.rstrip("& ").rstrip()
-            step = re.sub(r"(\s#.*)?$", f" {TINY_FLAGS}", step, count=1) + (" &" if background else "")
+            flags = f"{TINY_FLAGS} {TEACHER_FLAG}" if _builtin_task(study.group(1), folder) else TINY_FLAGS
+            step = re.sub(r"(\s#.*)?$", f" {flags}", step, count=1) + (" &" if background else "")
         out.append(step)
     return " && ".join(out) or "true"
 
 
-def bash_script(code: str) -> str:
-    """The block as run: continuation lines joined, installs left out, studies made tiny."""
+def bash_script(code: str, folder: Path | None = None) -> str:
+    """The block as run in ``folder``: continuation lines joined, installs left out, studies made tiny."""
     joined = code.replace("\\\n", " ")
-    return "\n".join(_bash_line(line) for line in joined.splitlines())
+    return "\n".join(_bash_line(line, folder) for line in joined.splitlines())
 
 
 def _run(cmd: list[str], folder: Path) -> str | None:
@@ -154,7 +177,7 @@ def run_block(block: Block, folder: Path) -> str | None:
             return _run([sys.executable, "-c", code], folder)
         return None
     script = folder / f"_block_{block.index}.sh"
-    script.write_text(bash_script(block.code))
+    script.write_text(bash_script(block.code, folder))
     return _run(["bash", "-e", "-o", "pipefail", script.name], folder)
 
 
@@ -173,7 +196,7 @@ def quickstart_run(tmp_path_factory) -> Path | None:
     it; every page's folder starts with a copy, so a page's ``autocompress run quickstart`` resumes a
     finished study instead of training and searching again (None if it failed: the pages then say why)."""
     folder = tmp_path_factory.mktemp("quickstart")
-    failed = _run(["bash", "-c", f"autocompress run quickstart {TINY_FLAGS}"], folder)
+    failed = _run(["bash", "-c", bash_script("autocompress run quickstart")], folder)
     return None if failed else folder / "runs" / "quickstart"
 
 
@@ -204,13 +227,19 @@ def test_not_run_markers_give_a_reason():
                 assert len(b.not_run) >= 10, f"{b.id}: a not-run block needs its reason"
 
 
-def test_bash_blocks_are_made_tiny_and_offline():
+def test_bash_blocks_are_made_tiny_and_offline(tmp_path):
+    (tmp_path / "own.yaml").write_text("name: own\ntask: {name: my_tasks:make_task}\n")
+    (tmp_path / "s.yaml").write_text("name: s\ntask: {name: digits_resnet}\n")
     script = bash_script(
-        "pip install . && autocompress run quickstart\nautocompress worker s.yaml --n-trials 30 &"
+        "pip install . && autocompress run quickstart\nautocompress worker s.yaml --n-trials 30 &\n"
+        "autocompress run own.yaml\nautocompress worker missing.yaml",
+        tmp_path,
     )
     assert script.splitlines() == [
-        f"autocompress run quickstart {TINY_FLAGS}",
-        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} &",
+        f"autocompress run quickstart {TINY_FLAGS} {TEACHER_FLAG}",  # the bundled study's task: digits
+        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} {TEACHER_FLAG} &",
+        f"autocompress run own.yaml {TINY_FLAGS}",  # the user's own task takes its own options
+        f"autocompress worker missing.yaml {TINY_FLAGS}",
     ]
     assert bash_script("pip install torch==2.13.0 && pip install -e .") == "true"
 
