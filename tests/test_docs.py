@@ -1,7 +1,7 @@
 """The documentation cannot rot: the site builds in strict mode, the README stays a short guide, the
 architecture page names modules that exist, and every code block of the README and the docs runs.
 
-Code blocks, per page in order, in one fresh folder per page:
+Code blocks, per page in order, in one fresh folder per page (two pages at a time: :func:`page_outcomes`):
 
 * ```` ```python ````: run as a script (with at most 2 trials per study: :data:`TINY_PRELUDE`);
   after ``<!-- file: NAME -->`` it is written to NAME (and compiled) instead, for later blocks to use.
@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,12 +224,31 @@ def page_folders(tmp_path_factory, quickstart_run):
     return functools.cache(make)
 
 
+# pages run at once: a page's blocks wait mostly on one single-threaded process at a time (imports, ONNX
+# export, one-thread timing), so two pages keep both cores of a 2-core CI machine busy
+PAGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def page_outcomes(request, page_folders):
+    """The pages of the selected blocks that run, in the background from the first test that asks, in
+    page order, :data:`PAGE_WORKERS` pages at a time (each page's blocks in order, in its own folder):
+    page -> future of :func:`run_page`'s outcomes."""
+    specs = [getattr(item, "callspec", None) for item in request.session.items]
+    chosen = [c.params["block"] for c in specs if c is not None and isinstance(c.params.get("block"), Block)]
+    pages = [p for p in PAGES if any(b.page == p and not b.not_run for b in chosen)]
+    pool = ThreadPoolExecutor(max_workers=PAGE_WORKERS, thread_name_prefix="docs-page")
+    futures = {page: pool.submit(run_page, page, page_folders(page)) for page in pages}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block", CASES, ids=[b.id for b in CASES])
-def test_code_block_runs(block: Block, page_folders):
+def test_code_block_runs(block: Block, page_outcomes):
     if block.not_run:
         pytest.skip(f"not run here: {block.not_run}")
-    outcome = run_page(block.page, page_folders(block.page))[block.index]
+    outcome = page_outcomes[block.page].result()[block.index]
     assert outcome is None, f"{block.id} ({block.lang}) failed: {outcome}"
 
 
