@@ -14,7 +14,6 @@ Where a study file and its search space are found (:func:`resolve_study_file`, :
 from __future__ import annotations
 
 import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from .bundled import BUNDLED_SPACES, BUNDLED_STUDIES, bundled_file, bundled_names
 from .errors import ConfigError
+from .validation_errors import format_validation_error
 
 
 class _Strict(BaseModel):
@@ -254,51 +254,12 @@ class StudyConfig(_Strict):
         return self.storage or f"sqlite:///{self.output_dir() / 'study.db'}"
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class found by following ``loc`` from ``model`` (None if not a model)."""
-    current: Any = model
-    parts = list(loc)
-    while parts:
-        part = parts.pop(0)
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return None
-        current = field.annotation
-        if typing.get_origin(current) is dict and parts:  # {key: Model}: the key names no field
-            current = typing.get_args(current)[1]
-            parts.pop(0)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
 # study-file keys that were renamed: the old key is refused with the new one (field path -> rule)
 RENAMED: dict[str, str] = {
     "pruner": "renamed; use early_stopping: (Optuna's early stopping of hopeless trials; its "
     "holdout_fraction is now finetune.holdout_fraction)",
     "early_stopping.holdout_fraction": "moved; use finetune.holdout_fraction",
 }
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> tuple[str, str]:
-    """(field path, rule) of the first error, with a did-you-mean for unknown keys."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    field = ".".join(str(p) for p in loc) or "<root>"
-    if err["type"] == "extra_forbidden" and model is StudyConfig and field in RENAMED:
-        return field, RENAMED[field]
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
-        known = sorted(parent.model_fields) if parent else []
-        known = [k for k in known if k != "source"]
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return field, f"unknown key{hint}; allowed: {', '.join(known)}"
-    if err["type"] == "missing":
-        return field, "required field is missing"
-    value = err.get("input")
-    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-    return field, f"{err['msg']}{shown}"
 
 
 def resolve_study_file(study: str | Path) -> Path:
@@ -356,7 +317,7 @@ def validate_config(data: dict[str, Any], source: str) -> StudyConfig:
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as exc:
-        field, rule = format_validation_error(exc, StudyConfig)
+        field, rule = format_validation_error(exc, StudyConfig, RENAMED)
         raise ConfigError(rule, source=source, field=field) from None
     cfg.source = source
     return cfg

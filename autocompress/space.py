@@ -74,7 +74,7 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<space>") -> SearchSpace:
-        from .config import format_validation_error
+        from .validation_errors import format_validation_error
 
         schema = space_model()
         try:

@@ -1,14 +1,16 @@
 """The documentation cannot rot: the site builds in strict mode, the README stays a short guide, the
 architecture page names modules that exist, and every code block of the README and the docs runs.
 
-Code blocks, per page in order, in one fresh folder per page:
+Code blocks, per page in order, in one fresh folder per page (two pages at a time: :func:`page_outcomes`):
 
 * ```` ```python ````: run as a script (with at most 2 trials per study: :data:`TINY_PRELUDE`);
   after ``<!-- file: NAME -->`` it is written to NAME (and compiled) instead, for later blocks to use.
-* ```` ```yaml ````: parsed; a study file (``name`` and ``task``) is validated with ``load_config``; after
-  ``<!-- file: NAME -->`` it is written to NAME for later blocks to run.
+* ```` ```yaml ````: parsed; a study file (``name`` and ``task``) is validated with ``load_config`` (in
+  the test's process); after ``<!-- file: NAME -->`` it is written to NAME for later blocks to run.
 * ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
   runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
+* A study of a built-in task (``digits``, ...) trains its teacher for at most :data:`TEACHER_EPOCHS`
+  epochs (Python and command line alike, so that a page's later commands find the same teacher).
 * Other languages (``text``) are output or layouts, not commands, and are not run.
 * Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
 * A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
@@ -23,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,21 +40,25 @@ FENCE = re.compile(r"^```([\w+-]*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
 MARK = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->\s*$")
 BLOCK_TIMEOUT_S = 300
 
+TEACHER_EPOCHS = 2  # a built-in task's teacher (its default, 20, is most of a tiny study's time)
 # Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
 # starts, short timing sessions (the examples themselves ask for what a user would).
-TINY_PRELUDE = """\
+TINY_PRELUDE = f"""\
 import autocompress as _ac
 
 def _tiny(cfg):
     if not isinstance(cfg, _ac.StudyConfig):  # a study file or a bundled study's name
         cfg = _ac.load_config(cfg)
+    if cfg.task.name and ":" not in cfg.task.name:  # a built-in task trains its teacher
+        epochs = min(cfg.task.options.get("teacher_epochs", {TEACHER_EPOCHS}), {TEACHER_EPOCHS})
+        cfg.task.options = {{**cfg.task.options, "teacher_epochs": epochs}}
     cfg.trials.n = min(cfg.trials.n, 2)
     cfg.trials.planned_starts = 0
     if cfg.finetune.steps is None:
         cfg.finetune.epochs = min(cfg.finetune.epochs, 1)
     else:
         cfg.finetune.steps = min(cfg.finetune.steps, 20)
-    cfg.backend.options = {**cfg.backend.options, "timing": {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}
+    cfg.backend.options = {{**cfg.backend.options, "timing": {{"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}}}
     return cfg
 
 _run_study = _ac.run_study
@@ -61,6 +68,7 @@ TINY_FLAGS = (
     "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
     " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
 )
+TEACHER_FLAG = f"--set task.options.teacher_epochs={TEACHER_EPOCHS}"
 
 
 @dataclass
@@ -101,25 +109,41 @@ def _env(folder: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg"}
 
 
-def _bash_line(line: str) -> str:
+def _builtin_task(study: str, folder: Path | None) -> bool:
+    """Whether the study file (in ``folder``) or bundled study ``study`` names a built-in task."""
+    from autocompress.config import resolve_study_file
+    from autocompress.errors import ConfigError
+
+    here = folder / study if folder is not None else None
+    try:
+        path = here if here is not None and here.is_file() else resolve_study_file(study)
+    except ConfigError:
+        return False
+    name = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("name")
+    return bool(name) and ":" not in name
+
+
+def _bash_line(line: str, folder: Path | None) -> str:
     steps = [s.strip() for s in line.split("&&")]
     steps = [s for s in steps if not re.match(r"pip (install|wheel|download)\b", s)]
     out = []
     for step in steps:
         step = step.replace("PYTHONPATH=. ", "PYTHONPATH=.:$PYTHONPATH ")
-        if re.search(r"\bautocompress (run|worker|inspect)\b", step):
+        study = re.search(r"\bautocompress (?:run|worker|inspect) (\S+)", step)
+        if study:
             step = re.sub(r"--n-trials \d+", "--n-trials 2", step)
             background = step.endswith("&")
             step = step.rstrip("& ").rstrip()
-            step = re.sub(r"(\s#.*)?$", f" {TINY_FLAGS}", step, count=1) + (" &" if background else "")
+            flags = f"{TINY_FLAGS} {TEACHER_FLAG}" if _builtin_task(study.group(1), folder) else TINY_FLAGS
+            step = re.sub(r"(\s#.*)?$", f" {flags}", step, count=1) + (" &" if background else "")
         out.append(step)
     return " && ".join(out) or "true"
 
 
-def bash_script(code: str) -> str:
-    """The block as run: continuation lines joined, installs left out, studies made tiny."""
+def bash_script(code: str, folder: Path | None = None) -> str:
+    """The block as run in ``folder``: continuation lines joined, installs left out, studies made tiny."""
     joined = code.replace("\\\n", " ")
-    return "\n".join(_bash_line(line) for line in joined.splitlines())
+    return "\n".join(_bash_line(line, folder) for line in joined.splitlines())
 
 
 def _run(cmd: list[str], folder: Path) -> str | None:
@@ -131,6 +155,19 @@ def _run(cmd: list[str], folder: Path) -> str | None:
         return f"timed out after {BLOCK_TIMEOUT_S} s"
     if proc.returncode != 0:
         return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    return None
+
+
+def _validate(path: Path) -> str | None:
+    """Validate a study file as ``load_config`` does (in this process: validation imports no task and
+    writes nothing, and a new interpreter would spend seconds importing torch per block)."""
+    from autocompress.config import load_config
+    from autocompress.errors import ConfigError
+
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        return f"not a valid study file: {exc}"
     return None
 
 
@@ -150,11 +187,10 @@ def run_block(block: Block, folder: Path) -> str | None:
         if isinstance(data, dict) and {"name", "task"} <= set(data):
             path = folder / (block.file or f"_block_{block.index}.yaml")
             path.write_text(block.code)
-            code = f"from autocompress.config import load_config; load_config({str(path)!r})"
-            return _run([sys.executable, "-c", code], folder)
+            return _validate(path)
         return None
     script = folder / f"_block_{block.index}.sh"
-    script.write_text(bash_script(block.code))
+    script.write_text(bash_script(block.code, folder))
     return _run(["bash", "-e", "-o", "pipefail", script.name], folder)
 
 
@@ -173,7 +209,7 @@ def quickstart_run(tmp_path_factory) -> Path | None:
     it; every page's folder starts with a copy, so a page's ``autocompress run quickstart`` resumes a
     finished study instead of training and searching again (None if it failed: the pages then say why)."""
     folder = tmp_path_factory.mktemp("quickstart")
-    failed = _run(["bash", "-c", f"autocompress run quickstart {TINY_FLAGS}"], folder)
+    failed = _run(["bash", "-c", bash_script("autocompress run quickstart")], folder)
     return None if failed else folder / "runs" / "quickstart"
 
 
@@ -188,12 +224,31 @@ def page_folders(tmp_path_factory, quickstart_run):
     return functools.cache(make)
 
 
+# pages run at once: a page's blocks wait mostly on one single-threaded process at a time (imports, ONNX
+# export, one-thread timing), so two pages keep both cores of a 2-core CI machine busy
+PAGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def page_outcomes(request, page_folders):
+    """The pages of the selected blocks that run, in the background from the first test that asks, in
+    page order, :data:`PAGE_WORKERS` pages at a time (each page's blocks in order, in its own folder):
+    page -> future of :func:`run_page`'s outcomes."""
+    specs = [getattr(item, "callspec", None) for item in request.session.items]
+    chosen = [c.params["block"] for c in specs if c is not None and isinstance(c.params.get("block"), Block)]
+    pages = [p for p in PAGES if any(b.page == p and not b.not_run for b in chosen)]
+    pool = ThreadPoolExecutor(max_workers=PAGE_WORKERS, thread_name_prefix="docs-page")
+    futures = {page: pool.submit(run_page, page, page_folders(page)) for page in pages}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block", CASES, ids=[b.id for b in CASES])
-def test_code_block_runs(block: Block, page_folders):
+def test_code_block_runs(block: Block, page_outcomes):
     if block.not_run:
         pytest.skip(f"not run here: {block.not_run}")
-    outcome = run_page(block.page, page_folders(block.page))[block.index]
+    outcome = page_outcomes[block.page].result()[block.index]
     assert outcome is None, f"{block.id} ({block.lang}) failed: {outcome}"
 
 
@@ -204,13 +259,19 @@ def test_not_run_markers_give_a_reason():
                 assert len(b.not_run) >= 10, f"{b.id}: a not-run block needs its reason"
 
 
-def test_bash_blocks_are_made_tiny_and_offline():
+def test_bash_blocks_are_made_tiny_and_offline(tmp_path):
+    (tmp_path / "own.yaml").write_text("name: own\ntask: {name: my_tasks:make_task}\n")
+    (tmp_path / "s.yaml").write_text("name: s\ntask: {name: digits_resnet}\n")
     script = bash_script(
-        "pip install . && autocompress run quickstart\nautocompress worker s.yaml --n-trials 30 &"
+        "pip install . && autocompress run quickstart\nautocompress worker s.yaml --n-trials 30 &\n"
+        "autocompress run own.yaml\nautocompress worker missing.yaml",
+        tmp_path,
     )
     assert script.splitlines() == [
-        f"autocompress run quickstart {TINY_FLAGS}",
-        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} &",
+        f"autocompress run quickstart {TINY_FLAGS} {TEACHER_FLAG}",  # the bundled study's task: digits
+        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} {TEACHER_FLAG} &",
+        f"autocompress run own.yaml {TINY_FLAGS}",  # the user's own task takes its own options
+        f"autocompress worker missing.yaml {TINY_FLAGS}",
     ]
     assert bash_script("pip install torch==2.13.0 && pip install -e .") == "true"
 

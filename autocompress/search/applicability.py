@@ -37,10 +37,11 @@ from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from ..registry import TECHNIQUES
 from ..scratch import scratch_dir
-from ..space import Param, SearchSpace
+from ..space import SearchSpace
 from ..tasks import Task
 from ..tasks.data import deployable
 from .applicability_result import Applicability, PairCheck, summary_lines  # noqa: F401 - re-exported
+from .narrowing import MODEL, check_settings, narrowed_domains  # noqa: F401 - MODEL re-exported
 from .roles import role_key, structural_roles
 
 CALIBRATION_SAMPLES = 16  # activation ranges for a lowering that only has to succeed
@@ -255,54 +256,6 @@ def _as_member(verdict: tuple[str, str, str], first: str) -> tuple[str, str, str
     return (status, stage, f"{reason} (checked on {first}, the same structure)" if status != "ok" else reason)
 
 
-def _show(p: Param) -> str:
-    if p.fixed is not None:
-        return f"fixed {p.fixed}"
-    if p.choices is not None:
-        return "{" + ", ".join(str(v) for v in p.choices) + "}"
-    return f"[{p.low:g}, {p.high:g}]"
-
-
-def _narrowed(space: SearchSpace, inventory, removals: dict[str, set]) -> tuple[dict[str, dict], dict]:
-    """Domains without the removed values: (Optuna name -> Param dict, (layer, dim) -> description)."""
-    domains: dict[str, dict] = {}
-    described: dict[tuple[str, str], str] = {}
-    collapse = {  # a categorical left with no value: the dimension it enables is switched off instead
-        dim: (target, {"fixed": value})
-        for t in TECHNIQUES.specs()
-        for dim, (target, value) in (t.collapse or {}).items()
-    }
-    for layer in dict.fromkeys(i.name for i in inventory):
-        params = space.layer_domains(layer)
-        group = space.group_of(layer)
-        for dim in collapse:
-            gone = removals.get(f"{layer}|{dim}")
-            if not gone:
-                continue
-            p = params[dim]
-            kept = [v for v in p.values() if v not in gone and str(v) not in {str(g) for g in gone}]
-            if kept:
-                new_name, new = (
-                    f"{TECHNIQUES.dim(dim).prefix}.{group}",
-                    ({"fixed": kept[0]} if len(kept) == 1 else {"choices": kept}),
-                )
-            else:
-                target, new = collapse[dim]
-                new_name = f"{TECHNIQUES.dim(target).prefix}.{group}"
-            if new_name in domains and domains[new_name] != new:  # a group member removed more already
-                new = _intersect(domains[new_name], new)
-            domains[new_name] = new
-            described[(layer, dim)] = f"{new_name} -> {_show(Param.model_validate(new))}"
-    return domains, described
-
-
-def _intersect(a: dict, b: dict) -> dict:
-    va = [a["fixed"]] if "fixed" in a else list(a.get("choices", []))
-    vb = [b["fixed"]] if "fixed" in b else list(b.get("choices", []))
-    both = [v for v in va if v in vb] or vb[:1]
-    return {"fixed": both[0]} if len(both) == 1 else {"choices": both}
-
-
 def check_applicability(
     task: Task,
     teacher: nn.Module,
@@ -341,46 +294,15 @@ def check_applicability(
         result.roles = len(set(roles.values())) if roles else len(inventory)
     finally:
         torch.set_num_threads(threads)
-    result.domains, described = _narrowed(space, inventory, removals)
+    result.domains, described = narrowed_domains(space, inventory, removals)
     for c, dim in dims:
         c.removed = described.get((c.layer, dim), "") if c.status != "ok" else ""
-    _check_settings(teacher, space, result)
+    check_settings(teacher, space, result)
     result.seconds = time.perf_counter() - t0
     if log is not None:
         for line in summary_lines(result):
             log(line)
     return result
-
-
-MODEL = "(model)"  # the layer of a check on the model as a whole (a plan-wide setting)
-
-
-def _check_settings(teacher: nn.Module, space: SearchSpace, result: Applicability) -> None:
-    """Plan-wide choices the model as a whole cannot use (the techniques' ``inapplicable``): removed
-    from their domains (what no choice is left of falls back to the setting's default)."""
-    defaults = {d.short or d.name: d.default for d in TECHNIQUES.settings()}
-    for spec in TECHNIQUES.specs():
-        if spec.inapplicable is None:
-            continue
-        for key, (gone, why) in spec.inapplicable(teacher).items():
-            p = space.plan_param(key)
-            removed = [v for v in p.values() if v in gone]
-            if not removed:
-                continue
-            kept = [v for v in p.values() if v not in gone] or [defaults[key]]
-            new = {"fixed": kept[0]} if len(kept) == 1 else {"choices": kept}
-            result.domains[key] = new
-            result.checks.append(
-                PairCheck(
-                    MODEL,
-                    spec.name,
-                    f"{key} {', '.join(map(str, removed))}",
-                    "no effect",
-                    "apply",
-                    why,
-                    f"{key} -> {_show(Param.model_validate(new))}",
-                )
-            )
 
 
 def _check_all(task, teacher, inventory, space, backend, seed, result, removals, dims, roles) -> None:

@@ -49,9 +49,10 @@ class Progress:
         best = ""
         if front:
             fastest = min(front, key=lambda t: t.values[1])
+            name = fastest.user_attrs.get("metric_name") or (m or {}).get("metric_name", "metric")
             best = (
                 f" | front {len(front)} | fastest feasible {fastest.user_attrs.get('speedup', 1):.2f}x "
-                f"@ acc {fastest.values[0]:.4f}"
+                f"@ {name} {fastest.values[0]:.4f}"
             )
         eta_s = _fmt_s(eta) if eta == eta else "?"
         left = run_remaining()

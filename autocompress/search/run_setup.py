@@ -26,8 +26,6 @@ from ..inventory import build_inventory, unused_lines
 from ..pareto import OBJECTIVES, objectives_for
 from ..redact import mask_secrets, mask_url
 from ..rundir import (
-    APPLICABILITY,
-    COVERAGE,
     RUN_LOCK,
     SETUP_LOCK,
     STUDY_YAML,
@@ -36,7 +34,6 @@ from ..rundir import (
     load_teacher,
     read_baseline,
     teacher_for_run,
-    write_json,
     write_text_atomic,
 )
 from ..scratch import run_scratch, scratch_under
@@ -55,6 +52,7 @@ from .multifidelity import make_pruner
 from .preflight import check_budgets, check_output, check_override_patterns, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
+from .study_narrowing import narrow_by_applicability, narrow_by_sensitivity
 
 
 def directions_for(task: Task) -> list[str]:
@@ -296,14 +294,14 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         )
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
-        _applicability(ctx, study, log)
+        narrow_by_applicability(ctx, study, log)
         sensitivity = None
         if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
             from ..inspection import analyze
 
             sensitivity = analyze(ctx, log=log)
         if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
-            _narrow(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
+            narrow_by_sensitivity(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
         warm_starts, planned = cfg.trials.starts()
         for ws in warm_starts:
             params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
@@ -328,46 +326,6 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
     if not shared:
         recover_interrupted(study, storage, log, ctx.run_dir)
     return study
-
-
-def _applicability(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
-    """Check every (technique, layer) pair of the space on the teacher, remove what cannot work from
-    the domains (kept in the study's user attrs, like every narrowing), state the coverage; both also
-    go to the run folder (``applicability.json``, ``coverage.json``)."""
-    from .applicability import Applicability, check_applicability, summary_lines
-    from .coverage import coverage, coverage_lines
-
-    if "applicability" in study.user_attrs:  # another worker made the study: the same verdicts
-        result = Applicability.from_dict(study.user_attrs["applicability"])
-        for line in summary_lines(result) + coverage_lines(study.user_attrs["coverage"]):
-            log(line)
-        return
-    result = check_applicability(
-        ctx.task, ctx.teacher, ctx.inventory, ctx.space, ctx.backend, seed=ctx.config.seed, log=log
-    )
-    narrowed = {**study.user_attrs.get("narrowed_domains", {}), **result.domains}
-    ctx.space.narrow(narrowed)
-    cov = coverage(ctx.teacher, ctx.task, ctx.inventory, ctx.space, result)
-    for line in coverage_lines(cov):
-        log(line)
-    write_json(ctx.run_dir / APPLICABILITY, result.to_dict())
-    write_json(ctx.run_dir / COVERAGE, cov)
-    study.set_user_attr("narrowed_domains", narrowed)
-    study.set_user_attr("applicability", result.to_dict())
-    study.set_user_attr("coverage", cov)
-
-
-def _narrow(ctx: RunContext, study: optuna.Study, sensitivity, max_drop: float, log) -> None:
-    """Narrow the space's per-layer domains by the sensitivity table; the study keeps them (resumes
-    and workers read them back from its user attrs)."""
-    from ..inspection import narrow_domains, narrowing_summary
-
-    narrowed = narrow_domains(ctx.space, ctx.inventory, sensitivity, max_drop)
-    log(narrowing_summary(ctx.space, ctx.inventory, narrowed, max_drop))
-    narrowed = {**study.user_attrs.get("narrowed_domains", {}), **narrowed}  # within the applicable ones
-    ctx.space.narrow(narrowed)
-    study.set_user_attr("narrowed_domains", narrowed)
-    study.set_user_attr("sensitivity_narrow", max_drop)
 
 
 def resume_seed(seed: int, n_trials: int) -> int:

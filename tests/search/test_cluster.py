@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import ROOT, cli_env
 from optuna.trial import TrialState
-from reliability_helpers import QUICK_TIMING
+from reliability_helpers import QUICK_TIMING, cli_here
 
 from autocompress.search.repeats import REPEAT_OF
 
@@ -187,7 +187,7 @@ def test_ray_cluster_survives_a_lost_node(tmp_path, ray_cluster):
     # the trial that ran on the lost node was retried by Tune (its failure is in Tune's records)
     errors = [p for p in (run / "ray").rglob("error*.txt")]
     assert errors, "no trial was lost with the node"
-    report = subprocess.run(_cmd("report", run), env=cli_env(), capture_output=True, text=True, timeout=120)
+    report = cli_here("report", run)
     assert report.returncode == 0, report.stderr
 
     # a driver that dies mid-trial: the same command again continues the same study
@@ -271,11 +271,5 @@ def test_two_workers_share_a_journal_and_survive_a_killed_worker(tmp_path):
     assert failed[0].params.items() <= retries[0].params.items()
     assert len({t.number for t in complete}) == n
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
-    report = subprocess.run(
-        _cmd("report", run, "--storage", f"journal://{journal}"),
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    report = cli_here("report", run, "--storage", f"journal://{journal}")
     assert report.returncode == 0, report.stderr

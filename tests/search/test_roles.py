@@ -129,7 +129,16 @@ def _study(tmp_path, depth: int) -> dict:
             "name": "mnist1d_transformer",
             "options": {"dim": 16, "depth": depth, "heads": 2, "teacher_epochs": 1, "num_samples": 400},
         },
-        "space": {"file": str(SPACE)},
+        # one profiled setting of each kind (int8 static and dynamic, channels removed, a factorization):
+        # the profile's cost is its lowerings, (roles) x (settings), measured twice here
+        "space": {
+            "file": str(SPACE),
+            "overrides": {
+                "bits": {"choices": [8, 32]},
+                "sparsity": {"choices": [0.0, 0.5]},
+                "rank_ratio": {"choices": [0.5, 1.0]},
+            },
+        },
         "finetune": {"epochs": 1, "threads": 1},
         "backend": {"options": {"timing": {"warmup_s": 0.02, "min_s": 0.05, "max_s": 0.2}}},
         "budgets": {"max_metric_drop": 0.05},
@@ -146,6 +155,8 @@ def test_the_profile_lowers_once_per_role_and_copies_the_row_to_the_other_member
         with open_run(load_config(tmp_path / f"s{depth}.yaml"), log=lambda s: None) as (ctx, _):
             profiles[depth] = measure_profile(ctx, log=lambda s: None, use_cache=False)
     one, three = profiles[1], profiles[3]
+    settings = {r["setting"] for r in three["rows"]}
+    assert {"8-bit", "8-bit dynamic", "structured 0.5", "rank 0.5"} <= settings, settings
     assert three["lowerings"] == one["lowerings"] and three["roles"] == one["roles"]
     assert len(three["rows"]) > len(one["rows"]) and three["shared"] == len(three["rows"]) - len(one["rows"])
     first = {(r["layer"], r["setting"]): r for r in three["rows"]}

@@ -12,7 +12,8 @@ from torch import nn
 from autocompress.errors import ConfigError
 from autocompress.pipeline import compress
 from autocompress.plan import Plan
-from autocompress.search.applicability import MODEL, Applicability, _check_settings
+from autocompress.search.applicability import Applicability
+from autocompress.search.narrowing import MODEL, check_settings
 from autocompress.space import SearchSpace
 from autocompress.tasks import Task
 from autocompress.techniques import (
@@ -124,14 +125,14 @@ def test_offered_only_where_there_are_encoder_layers():
 def test_applicability_removes_feature_kd_from_a_model_without_encoder_layers():
     space = SearchSpace.from_dict({"kd": {"features": {"choices": ["none", "hidden", "hidden+attention"]}}})
     result = Applicability()
-    _check_settings(PlainCNN(), space, result)
+    check_settings(PlainCNN(), space, result)
     assert result.domains == {"kd.features": {"fixed": "none"}}
     (check,) = result.checks
     assert (check.layer, check.status, check.removed) == (MODEL, "no effect", "kd.features -> fixed none")
     space.narrow(result.domains)
     assert space.plan_param("kd.features").fixed == "none"
     encoder = Applicability()
-    _check_settings(_torch_encoder()[0], SearchSpace.from_dict(space.model.model_dump()), encoder)
+    check_settings(_torch_encoder()[0], SearchSpace.from_dict(space.model.model_dump()), encoder)
     assert encoder.domains == {} and encoder.checks == []
     with pytest.raises(ConfigError, match="kd.features"):
         SearchSpace.from_dict({"kd": {"features": {"choices": ["none", "logits"]}}})
