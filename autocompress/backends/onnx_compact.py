@@ -176,22 +176,31 @@ def _values(
     return b.op("Gather", [book, index]), packed.size, shared.codebook.size * 4
 
 
-def _best_positions(keep: np.ndarray) -> tuple[str, int, tuple[np.ndarray, ...]]:
-    """(format, relative bits or rice parameter or 0, the stored streams) of the fewest bytes."""
-    best = ("bitmask", 0, (np.packbits(keep.astype(np.uint8), bitorder="little"),))
-    size = best[2][0].size
+def _position_candidates(keep: np.ndarray) -> list[tuple[str, int, tuple[np.ndarray, ...]]]:
+    """Per position format, (format, relative bits or rice parameter or 0, the stored streams) at its
+    fewest bytes: the bitmask, the relative index at its best ``r``, the Rice code at its best ``k``."""
     positions = np.flatnonzero(keep)
-    for r in range(1, 9):
-        entries = relative_entries(positions, r)
-        if (len(entries) * r + 7) // 8 < size:
-            best = ("relative", r, (pack_bits(entries, r),))
-            size = best[2][0].size
-    for k in range(1, 9):
-        unary, low = rice_streams(positions, k)
-        if (unary.size + 7) // 8 + (low.size * k + 7) // 8 < size:
-            best = ("rice", k, (pack_bits(unary, 1), pack_bits(low, k)))
-            size = sum(part.size for part in best[2])
-    return best
+    out = [("bitmask", 0, (np.packbits(keep.astype(np.uint8), bitorder="little"),))]
+    r = min(range(1, 9), key=lambda r: len(relative_entries(positions, r)) * r)
+    out.append(("relative", r, (pack_bits(relative_entries(positions, r), r),)))
+    k = min(range(1, 9), key=lambda k: len(rice_streams(positions, k)[0]) + len(positions) * k)
+    unary, low = rice_streams(positions, k)
+    out.append(("rice", k, (pack_bits(unary, 1), pack_bits(low, k))))
+    return out
+
+
+def _best_positions(array, keep, shared, index) -> tuple[str, int, tuple[np.ndarray, ...]]:
+    """The position format of the fewest bytes, its streams and the nodes rebuilding it counted (each
+    built once in a scratch graph: the Rice code's rebuild takes a few hundred bytes more than the
+    relative index's, more than it saves on a small layer)."""
+
+    def cost(candidate) -> int:
+        scratch = _Builder()
+        scratch.start(0)
+        _sparse(scratch, "w", array, keep, *candidate, shared, index)
+        return sum(part.size for part in candidate[2]) + sum(node.ByteSize() for node in scratch.nodes)
+
+    return min(_position_candidates(keep), key=cost)
 
 
 def rebuild_nodes(
@@ -213,7 +222,7 @@ def rebuild_nodes(
     keep = flat != 0
     pruned = shared.keep is not None if shared is not None else sparse
     if pruned and keep.any():
-        fmt, r, stream = _best_positions(keep)
+        fmt, r, stream = _best_positions(array, keep, shared, index)
         nnz = int(keep.sum())
         sparse_bytes = sum(part.size for part in stream) + (nnz * (shared.bits if shared else 32) + 7) // 8
         if shared is not None or sparse_bytes < n * 4:

@@ -305,16 +305,29 @@ def test_registered_with_probe_profile_row_and_report_column():
 
 
 def test_sparse_relative_index_of_one_bit_loads_and_matches(backend, tmp_path):
-    """Kept weights in one run (every gap 0): the relative index at r = 1 beats the bitmask; its one-bit
-    stream unpacks as uint8 flags and must still compare as int64 (ORT refused the graph: 'Type
-    parameter (T) of Optype (Less) bound to different types')."""
+    """Kept weights in one run (every gap 0): the relative index at r = 1 beats the bitmask and the Rice
+    code, nodes counted; its one-bit stream unpacks as uint8 flags and must still compare as int64 (ORT
+    refused the graph: 'Type parameter (T) of Optype (Less) bound to different types')."""
     torch.manual_seed(0)
-    model = TwoLinear().eval()
+    model = TwoLinear(512, 64).eval()
     with torch.no_grad():
-        model.fc1.weight.view(-1)[1200:] = 0.0
+        model.fc1.weight.view(-1)[20000:] = 0.0
     spec = LoweringSpec({"fc1": LayerLowering(sparse=True)})
-    art = backend.lower(model, (torch.randn(1, 64),), spec, tmp_path / "a")
+    art = backend.lower(model, (torch.randn(1, 512),), spec, tmp_path / "a")
     stored = art.meta["compact_weights"]["fc1"]
     assert stored["format"] == "relative" and stored["index_bits"] == 1
-    x = torch.randn(8, 64)
+    assert _layer_bytes(art.path, 0) == 20000 // 8 + 20000 * 4
+    x = torch.randn(8, 512)
     np.testing.assert_allclose(_run(backend, art, x), model(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_small_layer_keeps_the_format_whose_rebuild_is_smaller(backend, tmp_path):
+    """200 weights, 90% pruned: the Rice code's streams would be a few bytes smaller than the bitmask's 25,
+    its rebuild nodes several hundred bytes larger: the bitmask is written."""
+    torch.manual_seed(0)
+    model = TwoLinear(20, 10).eval()
+    with torch.no_grad():
+        model.fc1.weight[torch.rand(10, 20) < 0.9] = 0.0
+    spec = LoweringSpec({"fc1": LayerLowering(sparse=True)})
+    art = backend.lower(model, (torch.randn(1, 20),), spec, tmp_path / "a")
+    assert art.meta["compact_weights"]["fc1"]["format"] == "bitmask"
