@@ -365,7 +365,7 @@ def main() -> int:
         "--epochs",
         type=int,
         default=0,
-        help="fine-tuning epochs per trial (0: 8 for LeNet-300-100, 3 for LeNet-5)",
+        help="fine-tuning epochs per trial (0: 20 for LeNet-300-100, 2 for LeNet-5)",
     )
     ap.add_argument("--teacher-epochs", type=int, default=0, help="0: 12 for LeNet-300-100, 6 for LeNet-5")
     ap.add_argument("--stop-after", type=int, default=None, help="new trials in this call (chunks)")
@@ -388,7 +388,7 @@ def main() -> int:
         for name in names:
             t_epochs = args.teacher_epochs or (12 if name == "lenet300" else 6)
             teacher = train_teacher(name, data, t_epochs, cache=not args.limit_train)
-            epochs = args.epochs or (8 if name == "lenet300" else 3)
+            epochs = args.epochs or (20 if name == "lenet300" else 2)
             run_study_chunk(
                 name, make_task(name, data, teacher), epochs, args.trials, args.stop_after, args.chunk_s
             )
