@@ -202,7 +202,6 @@ def study_file(name: str, epochs: int, trials: int, chunk_s: float = 3000) -> Pa
             "trial_timeout_s": 1800,
             "warm_start": WARM[name],
         },
-        "pruner": {"name": "none"},
         "seed": 0,
         "output": str(run),
     }
