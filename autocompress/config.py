@@ -47,6 +47,8 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(3, ge=0, le=1000)
     steps: int | None = Field(None, ge=0)  # optimizer steps per trial instead of epochs (0: PTQ only)
     lr: float = Field(1e-3, gt=0, le=1.0)
+    # the rate over the fine-tune: constant, or cosine (lr down to 0 at the last step; Plan.lr_schedule)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     batch_size: int = Field(64, ge=1)
     threads: int = Field(2, ge=1, le=256)
     # score each trial's post-training model and its fine-tuned one on the held-out part of the training

@@ -179,6 +179,9 @@ def _finetune(
             if step % every == 0 and build.advance(step / total):
                 opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
                 ds.train()
+            if plan.lr_schedule != "constant":
+                for group in opt.param_groups:
+                    group["lr"] = plan.lr_at(step / total)
             with torch.no_grad():
                 t_out = ts(*inputs)
             loss = distill_loss(loss_kind, ds(*inputs), t_out, targets, plan.kd_temperature, plan.kd_alpha)

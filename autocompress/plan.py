@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
 from .lowering import FLOAT_BITS  # noqa: F401 - re-exported: bits of a float layer
 from .registry import TECHNIQUES
+
+LR_SCHEDULES = ("constant", "cosine")  # Plan.lr_schedule
 
 
 def _choices(name: str) -> tuple:
@@ -159,6 +162,9 @@ class Plan:
         steps: fine-tuning optimizer steps; when set it decides the length instead of ``epochs``
             (0 = post-training compression only).
         lr: fine-tuning learning rate.
+        lr_schedule: how the rate moves over the fine-tune: ``constant``, or ``cosine`` (from ``lr`` down
+            to 0 at the last step, a half cosine over the steps). A constant plan's dict omits the field,
+            so plans written before it existed keep their fingerprints.
         seed: seed of the fine-tuning run.
         importance: channel importance for structured pruning (``l1``, ``l2``, ``taylor``).
         hints: module names whose outputs are distilled (feature KD), with weight ``hint_weight``.
@@ -178,6 +184,7 @@ class Plan:
     epochs: int = 3
     steps: int | None = None
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     seed: int = 0
     importance: str = "l1"
     hints: tuple[str, ...] = ()
@@ -207,6 +214,11 @@ class Plan:
             raise ConfigError(f"steps {self.steps} must be >= 0", field="steps")
         if self.epochs < 0:
             raise ConfigError(f"epochs {self.epochs} must be >= 0", field="epochs")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lr_schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}",
+                field="lr_schedule",
+            )
         if not isinstance(self.lsq, bool):
             raise ConfigError(f"lsq {self.lsq!r} must be true or false", field="lsq")
 
@@ -215,6 +227,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(replace(self, layers={}))
+        if d["lr_schedule"] == "constant":
+            del d["lr_schedule"]
         d["layers"] = {k: v.to_dict() for k, v in sorted(self.layers.items())}
         return d
 
@@ -231,6 +245,12 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
+
+    def lr_at(self, progress: float) -> float:
+        """The fine-tuning rate at ``progress`` (0 to 1) of the fine-tune (see ``lr_schedule``)."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        return self.lr
 
     def fingerprint(self) -> str:
         """Hash of the whole plan (same plan = same compressed model, given the same teacher)."""

@@ -12,7 +12,7 @@ Formats (all bit streams are little-endian: value ``i`` occupies bits ``i*b .. i
   and places nothing; ``r`` (1 to 8) is the one giving the fewest bytes;
 - the nonzeros: float32 values, or (a shared layer) ``b``-bit indices into the codebook.
 
-Per layer the smallest of dense, bitmask and relative is written; ``ScatterElements`` puts the nonzeros
+Per layer the smallest of dense, bitmask, relative and rice is written; ``ScatterElements`` puts the nonzeros
 into a ``ConstantOfShape`` zero tensor. Pure functions over ``onnx`` protos (no session).
 """
 
@@ -66,13 +66,30 @@ def decode_relative(entries: np.ndarray, r: int) -> np.ndarray:
     return (np.cumsum(steps) - 1)[real]
 
 
+def rice_streams(positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Golomb-Rice code of the gaps of sorted ``positions``: (unary stream of 0/1 flags, ``k``-bit low parts)."""
+    gaps = np.diff(np.concatenate([[-1], positions])) - 1
+    high, low = gaps >> k, gaps & (2**k - 1)
+    unary = np.ones(int(high.sum()) + len(gaps), dtype=np.int64)
+    unary[np.cumsum(high + 1) - 1] = 0  # each gap's terminating zero
+    return unary, low
+
+
+def decode_rice(unary: np.ndarray, low: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the nonzeros from Golomb-Rice streams (the graph does the same): the ``i``-th nonzero
+    sits at ``2**k * (ones before the i-th zero) + sum(low[:i+1] + 1) - 1``."""
+    zeros = np.flatnonzero(unary == 0)
+    ones_before = np.cumsum(unary)[zeros]
+    return (ones_before << k) + np.cumsum(low + 1) - 1
+
+
 @dataclass
 class Stored:
     """How one weight was written: ``format`` (``dense``, ``bitmask``, ``relative``), the bytes of each part."""
 
     layer: str
     format: str
-    index_bits: int  # relative: bits per entry; else 0
+    index_bits: int  # relative: bits per entry; rice: its parameter k; else 0
     positions_bytes: int
     values_bytes: int
     codebook_bytes: int
@@ -159,15 +176,31 @@ def _values(
     return b.op("Gather", [book, index]), packed.size, shared.codebook.size * 4
 
 
-def _best_positions(keep: np.ndarray) -> tuple[str, int, np.ndarray]:
-    """(format, relative bits or 0, stored stream) of the fewest bytes."""
-    best = ("bitmask", 0, np.packbits(keep.astype(np.uint8), bitorder="little"))
+def _position_candidates(keep: np.ndarray) -> list[tuple[str, int, tuple[np.ndarray, ...]]]:
+    """Per position format, (format, relative bits or rice parameter or 0, the stored streams) at its
+    fewest bytes: the bitmask, the relative index at its best ``r``, the Rice code at its best ``k``."""
     positions = np.flatnonzero(keep)
-    for r in range(1, 9):
-        entries = relative_entries(positions, r)
-        if (len(entries) * r + 7) // 8 < best[2].size:
-            best = ("relative", r, pack_bits(entries, r))
-    return best
+    out = [("bitmask", 0, (np.packbits(keep.astype(np.uint8), bitorder="little"),))]
+    r = min(range(1, 9), key=lambda r: len(relative_entries(positions, r)) * r)
+    out.append(("relative", r, (pack_bits(relative_entries(positions, r), r),)))
+    k = min(range(1, 9), key=lambda k: len(rice_streams(positions, k)[0]) + len(positions) * k)
+    unary, low = rice_streams(positions, k)
+    out.append(("rice", k, (pack_bits(unary, 1), pack_bits(low, k))))
+    return out
+
+
+def _best_positions(array, keep, shared, index) -> tuple[str, int, tuple[np.ndarray, ...]]:
+    """The position format of the fewest bytes, its streams and the nodes rebuilding it counted (each
+    built once in a scratch graph: the Rice code's rebuild takes a few hundred bytes more than the
+    relative index's, more than it saves on a small layer)."""
+
+    def cost(candidate) -> int:
+        scratch = _Builder()
+        scratch.start(0)
+        _sparse(scratch, "w", array, keep, *candidate, shared, index)
+        return sum(part.size for part in candidate[2]) + sum(node.ByteSize() for node in scratch.nodes)
+
+    return min(_position_candidates(keep), key=cost)
 
 
 def rebuild_nodes(
@@ -189,9 +222,9 @@ def rebuild_nodes(
     keep = flat != 0
     pruned = shared.keep is not None if shared is not None else sparse
     if pruned and keep.any():
-        fmt, r, stream = _best_positions(keep)
+        fmt, r, stream = _best_positions(array, keep, shared, index)
         nnz = int(keep.sum())
-        sparse_bytes = stream.size + (nnz * (shared.bits if shared else 32) + 7) // 8
+        sparse_bytes = sum(part.size for part in stream) + (nnz * (shared.bits if shared else 32) + 7) // 8
         if shared is not None or sparse_bytes < n * 4:
             return _sparse(b, name, array, keep, fmt, r, stream, shared, index)
     if shared is None:  # sparse storage would not be smaller: the plain float weight
@@ -208,30 +241,67 @@ def _sparse(b: _Builder, name: str, array, keep, fmt: str, r: int, stream, share
     values, vb, cb = _values(b, flat[keep], codes, shared)
     zero = b.const(np.array(0, np.float32))
     if fmt == "bitmask":
-        mask = b.unpack(stream, n, 1)
+        mask = b.unpack(stream[0], n, 1)
         nth = b.nth(b.op("Cast", [mask], to=INT64))  # past the last nonzero: nnz, clamped (not read)
         last = b.const(np.array(int(keep.sum()) - 1, np.int64))
         gathered = b.op("Gather", [values, b.op("Min", [nth, last])])
         dense = b.op("Where", [b.op("Cast", [mask], to=TensorProto.BOOL), gathered, zero])
     else:
-        entries = b.unpack(stream, len(relative_entries(np.flatnonzero(keep), r)), r)
-        if r == 1:  # one-bit streams unpack as uint8 flags
-            entries = b.op("Cast", [entries], to=INT64)
-        real = b.op("Less", [entries, b.const(np.array(2**r - 1, np.int64))])  # else a filler
-        real_i64 = b.op("Cast", [real], to=INT64)
-        steps = b.op("Add", [entries, real_i64])  # a real entry g moves g + 1, a filler 2**r - 1
-        cum = b.op("CumSum", [steps, b.const(np.array(0, np.int64))])
-        positions = b.op("Sub", [cum, b.const(np.array(1, np.int64))])  # a filler's: a pruned weight, 0
-        gathered = b.op("Gather", [values, b.nth(real_i64)])
-        entry_values = b.op("Where", [real, gathered, zero])
+        if fmt == "relative":
+            positions, values = _relative_positions(b, stream[0], np.flatnonzero(keep), r, values, zero)
+        else:
+            positions = _rice_positions(b, stream, np.flatnonzero(keep), r)
         zeros = b.op(
             "ConstantOfShape",
             [b.const(np.array([n], np.int64))],
             value=numpy_helper.from_array(np.zeros(1, np.float32)),
         )
-        dense = b.op("ScatterElements", [zeros, positions, entry_values], axis=0)
+        dense = b.op("ScatterElements", [zeros, positions, values], axis=0)
     b.op("Reshape", [dense, b.const(np.array(array.shape, np.int64))], out=name)
-    return Stored(name, fmt, r, stream.size, vb, cb, n * 4)
+    return Stored(name, fmt, r, sum(part.size for part in stream), vb, cb, n * 4)
+
+
+def _int64(b: _Builder, unpacked: str, bits: int) -> str:
+    """One-bit streams unpack as uint8 flags: as int64 like the wider ones."""
+    return b.op("Cast", [unpacked], to=INT64) if bits == 1 else unpacked
+
+
+def _relative_positions(b: _Builder, stream, positions, r: int, values: str, zero: str) -> tuple[str, str]:
+    """(position of each entry, its value): a filler's position is a pruned weight's, its value 0."""
+    entries = _int64(b, b.unpack(stream, len(relative_entries(positions, r)), r), r)
+    real = b.op("Less", [entries, b.const(np.array(2**r - 1, np.int64))])  # else a filler
+    real_i64 = b.op("Cast", [real], to=INT64)
+    steps = b.op("Add", [entries, real_i64])  # a real entry g moves g + 1, a filler 2**r - 1
+    cum = b.op("CumSum", [steps, b.const(np.array(0, np.int64))])
+    where = b.op("Sub", [cum, b.const(np.array(1, np.int64))])
+    gathered = b.op("Gather", [values, b.nth(real_i64)])
+    return where, b.op("Where", [real, gathered, zero])
+
+
+def _rice_positions(b: _Builder, streams, positions, k: int) -> str:
+    """The nonzeros' positions from the Golomb-Rice streams (as :func:`decode_rice`). The ``i``-th zero
+    flag's count of ones before it is moved to slot ``i`` by a scatter over a permutation (the one flags
+    go to the slots after the ``nnz`` first, which are cut off): ORT folds it, which it does not for
+    ``NonZero``."""
+    unary, low = rice_streams(positions, k)
+    nnz = len(positions)
+    flags = b.op("Cast", [b.unpack(streams[0], unary.size, 1)], to=INT64)
+    axis, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    ones = b.op("CumSum", [flags, axis])  # at a zero flag: the ones before it; at a one: itself included
+    nth_zero = b.op("CumSum", [b.op("Sub", [one, flags]), axis], exclusive=1)
+    after = b.op("Add", [ones, b.const(np.array(nnz - 1, np.int64))])
+    slot = b.op("Where", [b.op("Cast", [flags], to=TensorProto.BOOL), after, nth_zero])
+    blank = b.op(
+        "ConstantOfShape",
+        [b.const(np.array([unary.size], np.int64))],
+        value=numpy_helper.from_array(np.zeros(1, np.int64)),
+    )
+    placed = b.op("ScatterElements", [blank, slot, ones], axis=0)
+    head = b.op("Slice", [placed, b.const(np.array([0], np.int64)), b.const(np.array([nnz], np.int64))])
+    high = b.op("Mul", [head, b.const(np.array(2**k, np.int64))])
+    lows = _int64(b, b.unpack(streams[1], low.size, k), k)
+    cum = b.op("CumSum", [b.op("Add", [lows, one]), axis])
+    return b.op("Sub", [b.op("Add", [high, cum]), one])
 
 
 def _find(graph: onnx.GraphProto, layer: str, weight: np.ndarray) -> tuple[TensorProto, bool] | None:

@@ -6,6 +6,7 @@ is :mod:`.progress`; the full-set re-scoring of the front is :func:`.costs.score
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import traceback
@@ -62,6 +63,8 @@ def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
         lr=cfg.finetune.lr,
         seed=cfg.seed,
     )
+    if cfg.finetune.lr_schedule != plan.lr_schedule:
+        plan = dataclasses.replace(plan, lr_schedule=cfg.finetune.lr_schedule)
     trial.set_user_attr("plan", plan.to_dict())
     # what a rebuild needs besides the plan: seed, threads, library versions, device
     trial.set_user_attr("seed", cfg.seed)

@@ -14,8 +14,10 @@ from torch import nn
 from autocompress.backends import OnnxRuntimeBackend
 from autocompress.backends.onnx_compact import (
     decode_relative,
+    decode_rice,
     pack_bits,
     relative_entries,
+    rice_streams,
     unpack_bits,
 )
 from autocompress.errors import BackendError, ConfigError
@@ -24,7 +26,17 @@ from autocompress.plan import LayerPlan, Plan, Schedule
 from autocompress.registry import TECHNIQUES
 from autocompress.techniques.weight_sharing import SharedParam, cluster_point, kmeans_1d, share_weight
 
-FOLD_OPS = {"Gather", "ScatterElements", "BitShift", "ReduceSum", "CumSum", "Where", "ConstantOfShape"}
+FOLD_OPS = {
+    "Gather",
+    "ScatterElements",
+    "BitShift",
+    "ReduceSum",
+    "CumSum",
+    "Where",
+    "ConstantOfShape",
+    "NonZero",
+    "Not",
+}
 
 
 @pytest.fixture(scope="module")
@@ -164,30 +176,46 @@ def test_sparse_bitmask_bytes_match_hand_computation(backend, tmp_path):
     np.testing.assert_allclose(_run(backend, art, x), model(x).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_relative_bytes_match_hand_computation(backend, tmp_path):
-    """95% sparse: the relative index at its best width r (entries counted by hand, fillers included) +
-    the nonzeros, when that is smaller than the bitmask."""
+def test_sparse_position_bytes_match_hand_computation(backend, tmp_path):
+    """95% sparse: the smaller of the relative index at its best width r (entries counted by hand, fillers
+    included) and the Golomb-Rice code at its best k (a unary bit per 2**k of each gap, a terminating bit,
+    k low bits) + the nonzeros; at this sparsity the Rice code is the smaller."""
     torch.manual_seed(1)
     model = TwoLinear(512, 256).eval()
     with torch.no_grad():
         model.fc1.weight[torch.rand(256, 512) < 0.95] = 0.0
     flat = model.fc1.weight.detach().numpy().ravel()
     nnz = int((flat != 0).sum())
+    gaps = np.diff(np.concatenate([[-1], np.flatnonzero(flat)])) - 1
 
-    def entries(r: int) -> int:  # by hand: each gap g costs g // (2**r - 1) fillers + one entry
-        pos = np.flatnonzero(flat)
-        gaps = np.diff(np.concatenate([[-1], pos])) - 1
-        return int(len(gaps) + (gaps // (2**r - 1)).sum())
+    def relative(r: int) -> int:  # by hand: each gap g costs g // (2**r - 1) fillers + one entry
+        return (int(len(gaps) + (gaps // (2**r - 1)).sum()) * r + 7) // 8
 
-    best = min(range(1, 9), key=lambda r: (entries(r) * r + 7) // 8)
-    positions = min((entries(best) * best + 7) // 8, flat.size // 8)
+    def rice(k: int) -> int:
+        return (int((gaps >> k).sum()) + nnz + 7) // 8 + (nnz * k + 7) // 8
+
+    r = min(range(1, 9), key=relative)
+    k = min(range(1, 9), key=rice)
+    assert rice(k) < relative(r) < flat.size // 8
     spec = LoweringSpec({"fc1": LayerLowering(sparse=True)})
     art = backend.lower(model, (torch.randn(1, 512),), spec, tmp_path / "a")
     stored = art.meta["compact_weights"]["fc1"]
-    assert stored["format"] == "relative" and stored["index_bits"] == best
-    assert _layer_bytes(art.path, 0) == positions + nnz * 4
+    assert stored["format"] == "rice" and stored["index_bits"] == k
+    assert _layer_bytes(art.path, 0) == rice(k) + nnz * 4
     x = torch.randn(8, 512)
     np.testing.assert_allclose(_run(backend, art, x), model(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_rice_code_by_hand_and_round_trip():
+    """Positions 0, 5, 6, 40 at k = 2: gaps 0, 4, 0, 33 -> high parts 0, 1, 0, 8 in unary (ones, then a
+    zero), low parts 0, 0, 0, 1."""
+    unary, low = rice_streams(np.array([0, 5, 6, 40]), 2)
+    assert unary.tolist() == [0, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    assert low.tolist() == [0, 0, 0, 1]
+    rng = np.random.default_rng(0)
+    for k in range(1, 9):
+        positions = np.flatnonzero(rng.random(3000) < 0.07)
+        np.testing.assert_array_equal(decode_rice(*rice_streams(positions, k), k), positions)
 
 
 def test_95_percent_sparse_layer_is_5x_smaller_than_its_dense_twin(backend, tmp_path):
@@ -277,16 +305,29 @@ def test_registered_with_probe_profile_row_and_report_column():
 
 
 def test_sparse_relative_index_of_one_bit_loads_and_matches(backend, tmp_path):
-    """Kept weights in one run (every gap 0): the relative index at r = 1 beats the bitmask; its one-bit
-    stream unpacks as uint8 flags and must still compare as int64 (ORT refused the graph: 'Type
-    parameter (T) of Optype (Less) bound to different types')."""
+    """Kept weights in one run (every gap 0): the relative index at r = 1 beats the bitmask and the Rice
+    code, nodes counted; its one-bit stream unpacks as uint8 flags and must still compare as int64 (ORT
+    refused the graph: 'Type parameter (T) of Optype (Less) bound to different types')."""
     torch.manual_seed(0)
-    model = TwoLinear().eval()
+    model = TwoLinear(512, 64).eval()
     with torch.no_grad():
-        model.fc1.weight.view(-1)[1200:] = 0.0
+        model.fc1.weight.view(-1)[20000:] = 0.0
     spec = LoweringSpec({"fc1": LayerLowering(sparse=True)})
-    art = backend.lower(model, (torch.randn(1, 64),), spec, tmp_path / "a")
+    art = backend.lower(model, (torch.randn(1, 512),), spec, tmp_path / "a")
     stored = art.meta["compact_weights"]["fc1"]
     assert stored["format"] == "relative" and stored["index_bits"] == 1
-    x = torch.randn(8, 64)
+    assert _layer_bytes(art.path, 0) == 20000 // 8 + 20000 * 4
+    x = torch.randn(8, 512)
     np.testing.assert_allclose(_run(backend, art, x), model(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_small_layer_keeps_the_format_whose_rebuild_is_smaller(backend, tmp_path):
+    """200 weights, 90% pruned: the Rice code's streams would be a few bytes smaller than the bitmask's 25,
+    its rebuild nodes several hundred bytes larger: the bitmask is written."""
+    torch.manual_seed(0)
+    model = TwoLinear(20, 10).eval()
+    with torch.no_grad():
+        model.fc1.weight[torch.rand(10, 20) < 0.9] = 0.0
+    spec = LoweringSpec({"fc1": LayerLowering(sparse=True)})
+    art = backend.lower(model, (torch.randn(1, 20),), spec, tmp_path / "a")
+    assert art.meta["compact_weights"]["fc1"]["format"] == "bitmask"
