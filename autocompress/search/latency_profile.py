@@ -105,6 +105,8 @@ def layer_settings(space, info) -> list[tuple[str, dict]]:
     shared = [int(v) for v in params["share_bits"].values() if int(v) > 0]
     if shared:
         out.append((f"shared {2 ** min(shared)} values", {"share_bits": min(shared), "share_init": init}))
+    if "linear" in [str(v) for v in params["attention"].values()]:  # its attention block, kernelized
+        out.append(("linear attention", {"attention": "linear"}))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
 (``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``quantize``, ``weight_sharing``,
-``sparse_storage``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
+``sparse_storage``, ``linear_attention``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
 (:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import (  # noqa: F401 - register families, HeadAttention's pruner
     attention_channels,
     layerdrop,
+    linear_attention,
     reconstruct,
     sparse_storage,
     sparsity,

@@ -42,7 +42,12 @@ from ..techniques._modules import get_module
 from ._check import check
 from .backend_suite import lower
 from .models import REFERENCE_MODELS
-from .transformer_checks import TRANSFORMER_TECHNIQUES, check_heads_pruned, check_layers_dropped
+from .transformer_checks import (
+    TRANSFORMER_TECHNIQUES,
+    check_heads_pruned,
+    check_layers_dropped,
+    check_linear_attention,
+)
 
 __all__ = [
     "TECHNIQUES",
@@ -50,6 +55,7 @@ __all__ = [
     "TRANSFORMER_TECHNIQUES",
     "check_heads_pruned",
     "check_layers_dropped",
+    "check_linear_attention",
     "TechniqueCase",
     "TechniqueConformance",
     "check_artifact_agrees",
@@ -263,6 +269,8 @@ TECHNIQUE_CHECKS: dict[str, Callable[[TechniqueCase], None]] = {
     "heads+layerdrop+int8": lambda case: (check_layers_dropped(case), check_heads_pruned(case)),
     "shared": lambda case: check_shared(case, 4),
     "shared+sparse": lambda case: check_shared(case, 3, pruned=True),
+    "linear_attention": check_linear_attention,
+    "linear_attention+heads": lambda case: (check_linear_attention(case), check_heads_pruned(case)),
 }
 
 
