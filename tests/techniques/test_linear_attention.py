@@ -212,3 +212,27 @@ def test_the_latency_profile_measures_linear_attention_where_the_space_offers_it
     assert ("linear attention", {"attention": "linear"}) in layer_settings(offered, info)
     plain = SearchSpace.from_dict({"bits": {"fixed": 32}})
     assert all(label != "linear attention" for label, _ in layer_settings(plain, info))
+
+
+def test_applicability_keeps_linear_attention_on_attention_outputs_only():
+    from autocompress.backends import OnnxRuntimeBackend
+    from autocompress.inventory import build_inventory
+    from autocompress.search.applicability import check_applicability
+
+    task = reference_task("torch_transformer", samples=16)
+    teacher = task.model_fn().eval()
+    inv = build_inventory(teacher, task.example_inputs())
+    fixed = {"sparsity": {"fixed": 0.0}, "rank_ratio": {"fixed": 1.0}, "bits": {"fixed": 32}}
+    space = SearchSpace.from_dict({**fixed, "attention": {"choices": ["softmax", "linear"]}})
+    be = OnnxRuntimeBackend()
+    try:
+        result = check_applicability(task, teacher, inv, space, be)
+    finally:
+        be.close()
+    attention = {i.name for i in inv if i.name.endswith("self_attn.out_proj")}
+    checks = {c.layer: c.status for c in result.checks if c.technique == "linear attention"}
+    assert checks == {i.name: "ok" if i.name in attention else "no effect" for i in inv}
+    space.narrow(result.domains)
+    for i in inv:
+        offered = [str(v) for v in space._layer_params(i.name)["attention"].values()]
+        assert ("linear" in offered) == (i.name in attention), (i.name, offered)
