@@ -34,11 +34,17 @@ from autocompress.tasks.data import deployable
 
 CHECKPOINT = "runs/_checkpoints/bert_encoder"
 LAYERS = 6
+SIZES: dict = {}  # --tiny: a 2-layer encoder of width 64 in a temporary folder (a check of the script itself)
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "amx_int8")
 
 
 def _outputs() -> list[str]:
-    return [f"encoder.layer.{i}.attention.output.dense" for i in range(LAYERS)]
+    return [f"encoder.layer.{i}.attention.output.dense" for i in range(SIZES.get("layers", LAYERS))]
+
+
+def _group(lo: int, hi: int) -> str:
+    """The attention output projections of blocks ``lo`` to ``hi - 1`` (a regular expression)."""
+    return f"encoder\\.layer\\.({'|'.join(map(str, range(lo, hi)))})\\.attention\\.output\\.dense"
 
 
 def _plan(epochs: int, lr: float) -> Plan:
@@ -58,7 +64,12 @@ def _fidelity(be, task, art, reference) -> float:
 def one_length(seq: int, epochs: int, lr: float, samples: tuple[int, int], tmp: Path) -> dict:
     """Teacher, linear post-training and linear after KD at one sequence length: latency and fidelity."""
     task = bert_encoder(
-        checkpoint=CHECKPOINT, seq_len=seq, train_samples=samples[0], eval_samples=samples[1], batch_size=8
+        checkpoint=SIZES.get("checkpoint", CHECKPOINT),
+        seq_len=seq,
+        train_samples=samples[0],
+        eval_samples=samples[1],
+        batch_size=8,
+        **{k: v for k, v in SIZES.items() if k != "checkpoint"},
     )
     teacher = task.teacher().eval()
     ts = deployable(teacher, task.io)
@@ -91,7 +102,7 @@ def _report(rows: list[dict]) -> None:
             fid = r["fidelity"][name]
             print(
                 f"{r['seq']:>8}  {name:<10}  {ref.median_ms:9.2f} -> {stats.median_ms:9.2f} (n={stats.n}/{ref.n})"
-                f"   {speed:6.3f}x   {fid:.4f}   {base - fid:+.4f}"
+                f"   {speed:6.3f}x   {fid:.5f}   {base - fid:+.5f}"
             )
         print(
             f"{'':>8}  (teacher's own fidelity {base:.4f}; KD fine-tune {r['epochs']} epochs, {r['train_s']:.0f} s)"
@@ -105,6 +116,8 @@ def small_study(trials: int, epochs: int, lr: float) -> int:
     from autocompress.config import load_config
 
     folder = Path(tempfile.mkdtemp(prefix="ac-linear-attention-"))
+    layers = SIZES.get("layers", LAYERS)
+    half = layers // 2
     try:
         cfg = load_config(
             Path(__file__).resolve().parents[1] / "autocompress/studies/bert_encoder.yaml",
@@ -116,7 +129,8 @@ def small_study(trials: int, epochs: int, lr: float) -> int:
                 "task.options.seq_len": 512,
                 "task.options.train_samples": 64,
                 "task.options.eval_samples": 32,
-                "task.options.checkpoint": CHECKPOINT,
+                "task.options.checkpoint": SIZES.get("checkpoint", CHECKPOINT),
+                **{f"task.options.{k}": v for k, v in SIZES.items() if k != "checkpoint"},
                 "finetune.epochs": epochs,
                 "finetune.steps": None,
                 "finetune.lr": lr,
@@ -138,10 +152,7 @@ def small_study(trials: int, epochs: int, lr: float) -> int:
                         "alpha": {"fixed": 0.5},
                         "features": {"fixed": "hidden+attention"},
                     },
-                    "groups": {
-                        "attn_lo": "encoder\\.layer\\.[0-2]\\.attention\\.output\\.dense",
-                        "attn_hi": "encoder\\.layer\\.[3-5]\\.attention\\.output\\.dense",
-                    },
+                    "groups": {"attn_lo": _group(0, half), "attn_hi": _group(half, layers)},
                     "layers": {
                         ".*attention\\.output\\.dense": {
                             "attention": {"choices": ["softmax", "linear"]},
@@ -161,8 +172,8 @@ def small_study(trials: int, epochs: int, lr: float) -> int:
             )
             on_front = on_front or bool(linear)
             print(
-                f"  trial {m.trial}: fidelity {m.metric:.4f} (drop {m.metric_drop:+.4f}), speedup "
-                f"{m.speedup:.3f}x, linear attention on {len(linear)} of {LAYERS} blocks"
+                f"  trial {m.trial}: fidelity {m.metric:.5f} (drop {m.metric_drop:+.5f}), speedup "
+                f"{m.speedup:.3f}x, linear attention on {len(linear)} of {SIZES.get('layers', LAYERS)} blocks"
             )
         print(f"linear attention on the front: {'yes' if on_front else 'no'}")
     finally:
@@ -180,7 +191,12 @@ def main() -> int:
     ap.add_argument("--study", action="store_true", help="also run the small study at sequence 512")
     ap.add_argument("--study-only", action="store_true")
     ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer, width-64 encoder: checks the script only")
     args = ap.parse_args()
+    if args.tiny:
+        tiny_dir = tempfile.mkdtemp(prefix="ac-tiny-bert-")
+        SIZES.update(layers=2, hidden=64, heads=4, intermediate=128, vocab_size=2000)
+        SIZES["checkpoint"] = str(Path(tiny_dir) / "bert")
     torch.manual_seed(0)
     torch.set_num_threads(2)
     feats = ", ".join(f"{f} {'yes' if cpu_has_any((f,)) else 'no'}" for f in CPU_FEATURES)
@@ -193,7 +209,7 @@ def main() -> int:
                     one_length(seq, args.epochs, args.lr, (args.train_samples, args.eval_samples), Path(tmp))
                 )
         print(
-            f"BertModel 6x384 (config-initialized), onnxruntime cpu float, batch 1, 1 thread; fidelity on "
+            f"BertModel {SIZES.get('layers', LAYERS)}x{SIZES.get('hidden', 384)} (config-initialized), onnxruntime cpu float, batch 1, 1 thread; fidelity on "
             f"{args.eval_samples} eval samples; every attention block linear (phi(x) = elu(x) + 1)"
         )
         _report(rows)
