@@ -236,3 +236,38 @@ def test_applicability_keeps_linear_attention_on_attention_outputs_only():
     for i in inv:
         offered = [str(v) for v in space._layer_params(i.name)["attention"].values()]
         assert ("linear" in offered) == (i.name in attention), (i.name, offered)
+
+
+def test_a_run_offering_linear_attention_to_a_model_without_attention_is_refused_with_one_line(
+    tmp_path, monkeypatch
+):
+    import yaml
+    from conftest import ROOT
+    from refusal_helpers import one_line, run_cli, snapshot
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "linear",
+                "task": {"name": "tiny_tasks:trained_mlp"},
+                "space": {
+                    "file": str(ROOT / "autocompress/search_spaces/default.yaml"),
+                    "overrides": {"attention": {"choices": ["softmax", "linear"]}},
+                },
+                "trials": {"n": 1},
+                "output": str(tmp_path / "run"),
+            }
+        )
+    )
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli("run", study)
+    line = one_line(err)
+    assert rc == 2
+    assert line == (
+        f"error: {ROOT / 'autocompress/search_spaces/default.yaml'} (+ overrides in {study}): attention: linear "
+        "is not allowed: the model has no attention module (nn.MultiheadAttention, HeadAttention, BERT-style "
+        "self-attention) whose output projection is a compressible layer"
+    )
+    assert snapshot(tmp_path) == before  # nothing written
