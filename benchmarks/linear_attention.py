@@ -125,16 +125,17 @@ def small_study(trials: int, epochs: int, lr: float) -> int:
                 "output": str(folder / "run"),
                 "trials.n": trials,
                 "trials.timeout_s": None,
-                "trials.eval_samples": 32,
+                "trials.eval_samples": 16,
                 "task.options.seq_len": 512,
-                "task.options.train_samples": 64,
-                "task.options.eval_samples": 32,
+                "task.options.train_samples": 32,
+                "task.options.eval_samples": 16,
                 "task.options.checkpoint": SIZES.get("checkpoint", CHECKPOINT),
                 **{f"task.options.{k}": v for k, v in SIZES.items() if k != "checkpoint"},
                 "finetune.epochs": epochs,
                 "finetune.steps": None,
                 "finetune.lr": lr,
                 "finetune.batch_size": 8,
+                "finetune.threads": 2,
                 "space.overrides": {
                     "bits": {"fixed": 32},
                     "sparsity": {"fixed": 0.0},
@@ -186,8 +187,8 @@ def main() -> int:
     ap.add_argument("--seqs", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--epochs", type=int, default=2, help="KD fine-tune epochs over the training samples")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--train-samples", type=int, default=128)
-    ap.add_argument("--eval-samples", type=int, default=64)
+    ap.add_argument("--train-samples", type=int, default=64)
+    ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--study", action="store_true", help="also run the small study at sequence 512")
     ap.add_argument("--study-only", action="store_true")
     ap.add_argument("--trials", type=int, default=4)
