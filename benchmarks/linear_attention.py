@@ -93,8 +93,9 @@ def one_length(seq: int, epochs: int, lr: float, samples: tuple[int, int], tmp: 
     return {"seq": seq, "fidelity": fid, "timed": timed, "train_s": train_s, "epochs": epochs}
 
 
-def _report(rows: list[dict]) -> None:
-    print("sequence  variant      latency ms (teacher -> variant)   speedup   fidelity   drop")
+def _report(rows: list[dict], header: bool = True) -> None:
+    if header:
+        print("sequence  variant      latency ms (teacher -> variant)   speedup   fidelity   drop")
     for r in rows:
         base = r["fidelity"]["teacher"]
         for name, (stats, ref) in zip(("linear", "linear+kd"), r["timed"], strict=True):
@@ -203,17 +204,18 @@ def main() -> int:
     feats = ", ".join(f"{f} {'yes' if cpu_has_any((f,)) else 'no'}" for f in CPU_FEATURES)
     print(f"cpu: {cpu_info()['name']}, {cpu_info()['count']} cores; {feats}")
     if not args.study_only:
-        rows = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for seq in args.seqs:
-                rows.append(
-                    one_length(seq, args.epochs, args.lr, (args.train_samples, args.eval_samples), Path(tmp))
-                )
         print(
-            f"BertModel {SIZES.get('layers', LAYERS)}x{SIZES.get('hidden', 384)} (config-initialized), onnxruntime cpu float, batch 1, 1 thread; fidelity on "
-            f"{args.eval_samples} eval samples; every attention block linear (phi(x) = elu(x) + 1)"
+            f"BertModel {SIZES.get('layers', LAYERS)}x{SIZES.get('hidden', 384)} (config-initialized), "
+            f"onnxruntime cpu float, batch 1, 1 thread; fidelity on {args.eval_samples} eval samples; every "
+            "attention block linear (phi(x) = elu(x) + 1)"
         )
-        _report(rows)
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, seq in enumerate(args.seqs):  # each length printed as soon as it is measured
+                row = one_length(
+                    seq, args.epochs, args.lr, (args.train_samples, args.eval_samples), Path(tmp)
+                )
+                _report([row], header=i == 0)
+                sys.stdout.flush()
     if args.study or args.study_only:
         return small_study(args.trials, 1, args.lr)
     return 0
