@@ -50,10 +50,12 @@ def within_budget(score: float, reference: float, sign: int, budgets) -> bool | 
 
 def recoverable(teacher: nn.Module, post: nn.Module, plan: Plan) -> bool:
     """Whether fine-tuning has something to recover: the post-training model's layers have fewer
-    weights than the teacher's (structured removal, heads, layers, low rank) or the plan zeroes some (sparsity). Rounding
-    to a few bits also zeroes weights; that is quantization, not removal."""
+    weights than the teacher's (structured removal, heads, layers, low rank), the plan zeroes some (sparsity)
+    or replaces softmax attention by linear attention (a structural change). Rounding to a few bits also
+    zeroes weights; that is quantization, not removal."""
     sparse = any((getattr(lp, "sparsity", 0.0) or 0.0) > 0 for lp in plan.layers.values())
-    return _weights(post) < _weights(teacher) or sparse
+    linear = any(getattr(lp, "attention", "softmax") == "linear" for lp in plan.layers.values())
+    return _weights(post) < _weights(teacher) or sparse or linear
 
 
 def _weights(model: nn.Module) -> int:

@@ -177,6 +177,8 @@ class TechniqueSpec:
         inapplicable: ``(model) -> {setting's space key: (values, why)}``: values of plan-wide settings that
             cannot apply to the model as a whole (feature KD on a model without encoder layers); the
             applicability check removes them from the settings' domains before the search.
+        check_model: ``(space, model, source) -> None`` raising ConfigError (``model()`` builds the model): a space the model as a whole
+            cannot use (linear attention on a model without attention), refused before the first trial.
     """
 
     name: str
@@ -189,6 +191,7 @@ class TechniqueSpec:
     collapse: dict[str, tuple[str, Any]] | None = None
     size_floor: Callable[[dict, Any, dict], None] | None = None
     inapplicable: Callable[[Any], dict[str, tuple[tuple, str]]] | None = None
+    check_model: Callable[[Any, Any, Any], None] | None = None
 
     @property
     def order(self) -> float:

@@ -109,6 +109,8 @@ def layer_settings(space, info) -> list[tuple[str, dict]]:
     for m in sorted({int(v) for v in params["separable"].values()} - {0}):  # depthwise-separable
         if info.kind == "Conv2d" and info.groups == 1 and max(info.kernel) > 1:
             out.append((f"separable x{m}", {"separable": m}))
+    if "linear" in [str(v) for v in params["attention"].values()]:  # its attention block, kernelized
+        out.append(("linear attention", {"attention": "linear"}))
     return out
 
 

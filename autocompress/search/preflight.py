@@ -254,6 +254,21 @@ def check_override_patterns(cfg: StudyConfig, task: Task) -> None:
             )
 
 
+def check_model_rules(cfg: StudyConfig, task: Task, space: SearchSpace) -> None:
+    """The techniques' ``check_model`` rules: a space the model as a whole cannot use is refused
+    (ConfigError naming the space file and the field). The model is built only when a rule asks for it."""
+    built: list[nn.Module] = []
+
+    def model() -> nn.Module:
+        if not built:
+            built.append(task.teacher() if task.pretrained else task.model_fn().eval())
+        return built[0]
+
+    for spec in TECHNIQUES.specs():
+        if spec.check_model is not None:
+            spec.check_model(space, model, space.source or cfg.source)
+
+
 def trial_target(cfg: StudyConfig, n_trials: int | None) -> int:
     """The completed trials a run aims at: ``n_trials`` (an override) or the study's ``trials.n``.
 

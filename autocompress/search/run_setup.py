@@ -49,7 +49,7 @@ from .housekeeping import (
     recover_interrupted,
 )
 from .multifidelity import make_pruner
-from .preflight import check_budgets, check_output, check_override_patterns, check_storage
+from .preflight import check_budgets, check_model_rules, check_output, check_override_patterns, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
 from .study_narrowing import narrow_by_applicability, narrow_by_sensitivity
@@ -130,6 +130,7 @@ def prepare(cfg: StudyConfig, task: Task | None = None) -> Prepared:
         note = apply_finetune_default(cfg, task)
         check_budgets(cfg, task, space, backend)
         check_override_patterns(cfg, task)
+        check_model_rules(cfg, task, space)
     except BaseException:
         backend.close()
         raise

@@ -2,8 +2,8 @@
 
 Importing this package registers the built-in families in :data:`autocompress.registry.TECHNIQUES`
 (``fold``, ``layerdrop``, ``heads``, ``sparsity``, ``lowrank``, ``depthwise_separable``, ``quantize``,
-``weight_sharing``, ``sparse_storage``, ``distill``, ``encoder_kd``): each module owns its per-layer fields
-(:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
+``weight_sharing``, ``sparse_storage``, ``linear_attention``, ``distill``, ``encoder_kd``): each module owns
+its per-layer fields (:class:`~autocompress.registry.Dim`), its pipeline steps and their order, its applicability probes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from . import (  # noqa: F401 - register families, HeadAttention's pruner
     attention_channels,
     depthwise_separable,
     layerdrop,
+    linear_attention,
     reconstruct,
     sparse_storage,
     sparsity,

@@ -22,7 +22,7 @@ names) and structured pruning keep the names, so a student block distils from th
 from. Features are collected by forward hooks on both models (nothing of the models is edited; the hooks
 are removed when the fine-tune ends or fails). Attention distributions are recomputed in the hook from the
 module's inputs and its query/key projections (``softmax(q k^T / sqrt(d) + mask)``: the modules' fused
-kernels return none); while features are distilled, torch's fused inference path of
+kernels return none; a linear attention's normalized kernel weights, see :mod:`.linear_attention`); while features are distilled, torch's fused inference path of
 ``nn.TransformerEncoderLayer`` is switched off (``torch.backends.mha.set_fastpath_enabled``), so that the
 teacher's attention modules run and their hooks fire. When the student kept fewer heads, each kept head
 is matched with the teacher head it came from (:class:`HeadAttention` and pruned BERT attention record
@@ -46,6 +46,7 @@ from ..registry import TECHNIQUES, Dim, TechniqueSpec
 from ..tasks.data import deployable
 from ._modules import get_module
 from .heads import HeadAttention, _is_bert_attention
+from .linear_attention import is_linear, linear_log_probs
 
 FEATURE_KINDS = ("none", "hidden", "attention", "hidden+attention")
 _MHA_ARGS = (  # nn.MultiheadAttention.forward's parameters, in order
@@ -110,9 +111,14 @@ def _additive(mask: torch.Tensor, dtype, masked_is_true: bool) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _log_probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+def _log_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None, linear: bool = False
+) -> torch.Tensor:
     """``log softmax(q k^T * scale + mask)`` over keys, [b, heads, n_q, n_k]; masked keys get the
-    lowest finite score (a finite log-probability: a fully masked row is uniform, never NaN)."""
+    lowest finite score (a finite log-probability: a fully masked row is uniform, never NaN). ``linear``:
+    the normalized weights of linear attention instead (:func:`.linear_attention.linear_log_probs`)."""
+    if linear:
+        return linear_log_probs(q, k, mask)
     scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores + mask
@@ -151,7 +157,7 @@ def _mha_log_probs(m: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     if pad is not None:
         pad = _additive(pad, q.dtype, masked_is_true=True).reshape(b, 1, 1, n_k)
         mask = pad if mask is None else mask + pad
-    return _log_probs(q, k, d**-0.5, mask)
+    return _log_probs(q, k, d**-0.5, mask, is_linear(m))
 
 
 def _bert_log_probs(m: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -165,7 +171,7 @@ def _bert_log_probs(m: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     k = k.reshape(b, n, heads, d).transpose(1, 2)
     if mask is not None:  # transformers' masks: additive floats, or booleans that are True where kept
         mask = _additive(mask, q.dtype, masked_is_true=False)
-    return _log_probs(q, k, float(getattr(m, "scaling", d**-0.5)), mask)
+    return _log_probs(q, k, float(getattr(m, "scaling", d**-0.5)), mask, is_linear(m))
 
 
 def attention_log_probs(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -85,15 +85,25 @@ class HeadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first or unbatched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        b, n_q, n_k, h, d = query.shape[0], query.shape[1], key.shape[1], self.num_heads, self.head_dim
+        b, n_q, h, d = query.shape[0], query.shape[1], self.num_heads, self.head_dim
         w = self.in_proj_weight.chunk(3)
         bias = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q, k, v = (
             F.linear(x, wi, bi).reshape(b, x.shape[1], h, d).transpose(1, 2)
             for x, wi, bi in zip((query, key, value), w, bias, strict=True)
         )
+        out = self._attend(q, k, v, attn_mask, key_padding_mask, is_causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, h * d))
+        if not self.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        return (out.squeeze(1) if unbatched else out), None
+
+    def _attend(self, q, k, v, attn_mask, key_padding_mask, is_causal: bool) -> torch.Tensor:
+        """Softmax attention of ``q, k, v`` ``[batch, heads, tokens, head_dim]`` (a subclass may swap the
+        kernel: :class:`~autocompress.techniques.linear_attention.LinearHeadAttention`)."""
+        b, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
         mask = self._mask(attn_mask, key_padding_mask, b, n_q, n_k, q.dtype)
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -101,10 +111,6 @@ class HeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=bool(is_causal and mask is None),
         )
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, h * d))
-        if not self.batch_first or unbatched:
-            out = out.transpose(0, 1)
-        return (out.squeeze(1) if unbatched else out), None
 
     def _mask(self, attn_mask, key_padding_mask, b: int, n_q: int, n_k: int, dtype) -> torch.Tensor | None:
         """One additive float mask ``[b or 1, heads or 1, n_q, n_k]`` (``nn.MultiheadAttention``'s

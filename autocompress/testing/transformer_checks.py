@@ -1,5 +1,5 @@
 """The technique conformance suite's checks of the transformer techniques (head pruning, layer
-dropping): the plans of :data:`TRANSFORMER_TECHNIQUES` on the reference models with attention
+dropping, linear attention): the plans of :data:`TRANSFORMER_TECHNIQUES` on the reference models with attention
 (``torch_transformer``, ``bert``), and what must then hold of the compressed model, layer by layer.
 
 The checks take a :class:`~autocompress.testing.technique_suite.TechniqueCase` (this module does not
@@ -17,6 +17,7 @@ from ..plan import LayerPlan
 from ..techniques._modules import get_module
 from ..techniques.heads import attention_of, head_count, heads_to_keep
 from ..techniques.layerdrop import block_of
+from ..techniques.linear_attention import is_linear
 from ._check import check
 
 LayerPlanFn = Callable[[int, str], LayerPlan]
@@ -29,6 +30,8 @@ TRANSFORMER_TECHNIQUES: dict[str, LayerPlanFn] = {
     "heads+layerdrop+int8": lambda i, name: LayerPlan(
         heads_kept=0.5, keep_layer=False, bits=8, quant_mode="dynamic"
     ),
+    "linear_attention": lambda i, name: LayerPlan(attention="linear"),
+    "linear_attention+heads": lambda i, name: LayerPlan(attention="linear", heads_kept=0.5),
 }
 
 
@@ -82,3 +85,23 @@ def check_layers_dropped(case: Any) -> None:
         else:
             check(note.startswith("layer not dropped") and "keeps at least one" in note, (name, note))
             check(prefix in names and len(get_module(case.model, block[0])) == 1, (name, note))
+
+
+def check_linear_attention(case: Any) -> None:
+    """Each attention planned ``attention: linear`` computes linear attention in the compressed model, as
+    its note says; on any other layer the note says it is no attention output."""
+    for name, _ in compressible_layers(case.teacher):
+        if case.plan.layer(name).attention != "linear":
+            continue
+        note = _part(case.out.notes.get(name, ""), "linear attention", "attention kept softmax")
+        if attention_of(case.teacher, name) is None:
+            check(
+                note.startswith("attention kept softmax") and "is not the output projection" in note,
+                (name, note),
+            )
+            continue
+        now = attention_of(case.model, name)
+        check(now is not None, f"{name}: no attention left")
+        module = now[1] if hasattr(now[1], "in_proj_weight") else now[1].self
+        check(is_linear(module), (name, type(module).__name__))
+        check(note.startswith("linear attention: ") and "elu(x) + 1" in note, (name, note))

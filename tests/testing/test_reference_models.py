@@ -27,12 +27,12 @@ class TestReferenceModels(TechniqueConformance):
 
 
 class TestTransformerTechniques(TechniqueConformance):
-    """Head pruning, layer dropping and dynamic int8 together (every block planned away: one stays) on the
-    models with attention modules (``nn.TransformerEncoder``, a transformers BERT); ``heads`` and
+    """Head pruning, layer dropping and dynamic int8 together (every block planned away: one stays), linear
+    attention alone and with head pruning, on the models with attention modules (``nn.TransformerEncoder``, a transformers BERT); ``heads`` and
     ``layerdrop`` alone are in :data:`~autocompress.testing.transformer_checks.TRANSFORMER_TECHNIQUES` too."""
 
     models = ("torch_transformer", "bert")
-    techniques = ("heads+layerdrop+int8",)
+    techniques = ("heads+layerdrop+int8", "linear_attention", "linear_attention+heads")
 
 
 class TestEmbeddingTables(TechniqueConformance):
