@@ -115,6 +115,7 @@ def prune_channels(
         return {}
     before = {n: _width(m) for n, m in matmul_layers(model)}
     names = ", ".join(sorted(n for n, m in modules.items() if m in wanted))
+    shapes = _output_shapes(model, example_inputs)
     try:
         pruner = _pruner(model, example_inputs, wanted, [modules[n] for n in keep], importance, round_to)
     except (IndexError, KeyError, ValueError, RuntimeError) as exc:  # torch-pruning's graph of the model
@@ -143,7 +144,27 @@ def prune_channels(
             f"structured pruning of {names} broke the model's forward pass ({str(exc).splitlines()[0]}); "
             "keep such layers (e.g. attention projections) to unstructured sparsity"
         ) from exc
+    now = _output_shapes(model, example_inputs)
+    if now != shapes:  # e.g. a layer writing a residual stream that a pooled embedding is taken from
+        raise TechniqueError(
+            f"structured pruning of {names} changed the model's output shape {shapes} -> {now}: their "
+            "channels reach the output (a residual stream); keep such layers to unstructured sparsity"
+        )
     return {n: (before[n], _width(m)) for n, m in matmul_layers(model) if _width(m) != before.get(n)}
+
+
+def _output_shapes(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[list[int]]:
+    """The shapes of the tensors the model returns (nested outputs flattened, in order); run in eval
+    mode (a forward in training mode would move BatchNorm's running statistics)."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs)
+    finally:
+        model.train(training)
+    flat = torch.utils._pytree.tree_leaves(out)
+    return [list(t.shape) for t in flat if isinstance(t, torch.Tensor)]
 
 
 def _untraceable(names: str, exc: BaseException) -> TechniqueError:

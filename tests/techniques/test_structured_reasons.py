@@ -69,3 +69,25 @@ def test_torch_pruning_lost_across_a_transpose_says_what_and_why(layer):
         r"model's graph \(IndexError: .*\); an axis reshaped or transposed between layers",
     ):
         prune_channels(model, (torch.randn(2, 4, 8),), {layer: 0.5})
+
+
+class _Pooled(nn.Module):
+    """A residual stream whose mean is the output (a sentence embedding): no layer returns it as is."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.mlp = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return (h + self.mlp(h)).mean(1)
+
+
+def test_pruning_that_reaches_a_pooled_output_is_refused_with_the_reason():
+    """Pruning the stream's channels would change the embedding's width (8 -> 4): a trial that did so
+    failed later with a broadcast error against the teacher's embedding."""
+    model = _Pooled().eval()
+    x = torch.randn(2, 4, 6)
+    with pytest.raises(TechniqueError, match=r"embed, mlp changed the model's output shape \[\[2, 8\]\] -> "):
+        prune_channels(model, (x,), {"embed": 0.5, "mlp": 0.5})
