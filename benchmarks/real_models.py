@@ -236,6 +236,10 @@ def run_model(model: str, root: Path, args, log) -> dict:
         (run_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
         with contextlib.chdir(ROOT):
             prepare_folder(load_config(run_dir / "study.yaml"), log)
+    elif args.analyse_only:
+        if not (run_dir / "baseline" / "model.onnx").is_file():
+            result["error"] = f"--analyse-only: {run_dir} holds no study run (no baseline)"
+            return result
     else:
         ran = run_study_cli(study, run_dir, log)
         result["study_run"] = ran
@@ -376,6 +380,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timing sessions (median ratio kept)")
     p.add_argument("--timing-max-s", type=float, default=None, help="cap of one timing session")
     p.add_argument("--finetune-images", type=int, default=4000, help="MNIST images of the set-up's fine-tune")
+    p.add_argument(
+        "--analyse-only",
+        action="store_true",
+        help="score and time the peers against the study already run into --out (no new study)",
+    )
     p.add_argument("--no-study", action="store_true", help="peers only (the float baseline, no search)")
     p.add_argument("--no-targets", action="store_true", help="report only: exit 0 whatever the figures")
     args = p.parse_args(argv)
