@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _peers  # noqa: E402
-from _peers import PEERS, PeerInput, PeerResult, run_peer  # noqa: E402
+from _peers import PEERS, PeerInput, PeerResult, error_line, run_peer  # noqa: E402
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
 
@@ -471,7 +471,12 @@ def build_rows(args, cfg, run_dir: Path, t: Targets, log) -> tuple[list[dict], d
         for r in rows:
             if r.get("artifact") is None:
                 continue
-            r["metric"] = base_metric if r["kind"] == "baseline" else ctx.score(r["artifact"], full=True)
+            try:
+                r["metric"] = base_metric if r["kind"] == "baseline" else ctx.score(r["artifact"], full=True)
+            except Exception as exc:  # an answer that does not run on the eval data is a failed answer
+                r.update(status="failed", reason=f"scoring failed: {error_line(exc)}", artifact=None)
+                log(f"  {r['name']}: {r['reason']}")
+                continue
             r["drop"], r["drop_rel"] = drops(r["metric"], base_metric, sign)
             r["size_bytes"] = r["artifact"].size_bytes
             r["size_ratio"] = baseline.size_bytes / r["size_bytes"]
