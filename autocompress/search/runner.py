@@ -121,6 +121,7 @@ RECORDED = (
     "holdout_post_training",
     "holdout_finetuned",
     "finetune_skipped",
+    "finetune_steps",  # the steps the trial's fine-tune was given (its share of the run's time left)
 )
 
 
