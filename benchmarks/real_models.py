@@ -180,6 +180,13 @@ def peers_args(args):
                               timing_max_s=args.timing_max_s)  # fmt: skip
 
 
+def spread(total: int, n: int | None) -> list[int]:
+    """``n`` indices evenly spread over ``range(total)`` (all of them when ``n`` is None or larger)."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted({int(i * total / n) for i in range(n)})
+
+
 def add_probe(rows: list[dict], cfg, root: Path, args, log) -> dict:
     """Each row's probe accuracy (and drop below the float baseline's) on the eval split's embeddings."""
     import numpy as np
@@ -189,8 +196,11 @@ def add_probe(rows: list[dict], cfg, root: Path, args, log) -> dict:
     from autocompress.search.run_setup import prepare
 
     train, evaluation, y_train, y_eval = bbc_samples(root)
-    train, y_train = train[: args.probe_train_samples], y_train[: args.probe_train_samples]
-    evaluation, y_eval = evaluation[: args.eval_samples], y_eval[: args.eval_samples]
+    # the splits list the articles class by class: a subset is spread over them, not their head
+    keep = spread(len(train), args.probe_train_samples)
+    train, y_train = [train[i] for i in keep], [y_train[i] for i in keep]
+    keep = spread(len(evaluation), args.eval_samples)
+    evaluation, y_eval = [evaluation[i] for i in keep], [y_eval[i] for i in keep]
     prep = prepare(cfg)
     try:
         from autocompress.examples.pretrained import MPNET, load_sentence_encoder
@@ -374,7 +384,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--train-samples", type=int, default=None, help="train split's first N (fine-tune, calibration)"
     )
-    p.add_argument("--probe-train-samples", type=int, default=None, help="articles the probe is fitted on")
+    p.add_argument(
+        "--probe-train-samples",
+        type=int,
+        default=None,
+        help="articles the probe is fitted on (spread over the classes)",
+    )
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers of benchmarks/_peers.py")
     p.add_argument("--candidates", type=int, default=3, help="front models re-measured")
     p.add_argument("--rounds", type=int, default=3, help="timing sessions (median ratio kept)")
