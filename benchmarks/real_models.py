@@ -247,6 +247,7 @@ def run_model(model: str, root: Path, args, log) -> dict:
         with contextlib.chdir(ROOT):
             prepare_folder(load_config(run_dir / "study.yaml"), log)
     elif args.analyse_only:
+        result["analysed"] = True
         if not (run_dir / "baseline" / "model.onnx").is_file():
             result["error"] = f"--analyse-only: {run_dir} holds no study run (no baseline)"
             return result
@@ -352,7 +353,11 @@ def summary(result: dict) -> list[str]:
                 f"trials, {_wall(m['seconds'])} from the study's start (goal: <= 3 trials)"
             )
     else:
-        out.append("no study (--no-study): peers only")
+        out.append(
+            "the study already in the run folder (--analyse-only): see its log"
+            if result.get("analysed")
+            else "no study (--no-study): peers only"
+        )
     if result.get("probe"):
         p = result["probe"]
         out.append(f"probe: logistic regression on {p['probe_train_articles']} train articles' float "
