@@ -240,13 +240,12 @@ def _rolling(ctx: RunContext, plan: Plan, task) -> tuple[Plan, int]:
     (:func:`~autocompress.finetune_policy.rolling_steps`), and its steps."""
     cfg, est = ctx.config, ctx.trial_estimate or {}
     planned = finetune_steps(task, plan, cfg.finetune.batch_size)
-    if not est.get("step_s") or run_remaining() is None or not ctx.trials_left:
+    remaining = run_remaining()
+    if not est.get("step_s") or remaining is None or not ctx.trials_left:
         return plan, planned  # no run-wide budget (or a worker of a shared study): as planned
     other = est["total"] - est["finetune"]
     base = max(planned, round(est["finetune"] / est["step_s"]))  # the length before any time cap
-    steps = rolling_steps(
-        base, run_remaining(), ctx.trials_left, other, est["step_s"], cfg.trials.trial_timeout_s
-    )
+    steps = rolling_steps(base, remaining, ctx.trials_left, other, est["step_s"], cfg.trials.trial_timeout_s)
     return (plan if steps == planned else dataclasses.replace(plan, steps=steps)), steps
 
 
