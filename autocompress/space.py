@@ -345,7 +345,7 @@ class SearchSpace:
                         continue
                 else:
                     v = min(max(float(v), p.low), p.high)
-                    if p.step:
-                        v = p.low + round((v - p.low) / p.step) * p.step
+                    if p.step:  # on the step's grid, without float noise past the range's end
+                        v = min(round(p.low + round((v - p.low) / p.step) * p.step, 12), p.high)
                 out.setdefault(f"{TECHNIQUES.dim(k).prefix}.{self.group_of(info.name)}", v)
         return out

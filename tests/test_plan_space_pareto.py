@@ -132,6 +132,20 @@ def test_warm_start_params_only_set_searched_dimensions():
     }
 
 
+def test_warm_start_values_land_on_the_step_grid_inside_the_range():
+    # 0.5 + 7 * 0.05 is 0.8500000000000001 in floats: past the range's end, Optuna warned and kept it
+    space = SearchSpace.from_file(
+        ROOT_SPACE, {"sparsity": {"low": 0.5, "high": 0.85, "step": 0.05}, "layers": {}}
+    )
+    params = space.params_from_layers(
+        INV, {"features.0": {"sparsity": 0.85}, "classifier": {"sparsity": 0.62}}
+    )
+    assert params["sparsity.features.0"] == 0.85
+    assert params["sparsity.classifier"] == 0.6
+    dist = optuna.distributions.FloatDistribution(0.5, 0.85, step=0.05)
+    assert all(dist._contains(v) for k, v in params.items() if k.startswith("sparsity."))
+
+
 def test_warm_start_plan_wide_settings_only_when_searched_and_admissible():
     space = SearchSpace.from_file(ROOT_SPACE, {"kd": {"alpha": {"fixed": 0.5}}})
     assert space.plan_params(schedule_kind="one_shot", kd_temperature=4.0, kd_alpha=0.9) == {
