@@ -4,10 +4,13 @@ post-training one is merged into it, and the profile's one-unit rows skip bias c
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import yaml
 from conftest import ROOT
 
+import autocompress.backends.bias_correction as bc
 import autocompress.backends.ort_quantize as oq
 from autocompress.config import load_config
 from autocompress.search import open_run
@@ -84,17 +87,24 @@ def test_the_mixed_plan_is_enqueued_right_after_int8_everywhere(run):
 def test_the_profile_bias_corrects_its_whole_model_rows_only(run, monkeypatch):
     ctx, _ = run
     calls: list[int] = []
-    real = oq.correct_biases
+    measured: list[int] = []
+    real, real_measure = oq.correct_biases, bc._measure
 
     def counting(qmodel, float_path, feeds, nodes):
         calls.append(len(nodes))
         return real(qmodel, float_path, feeds, nodes)
 
+    def measuring(qmodel, float_model, sources, feeds):
+        measured.append(len(sources))
+        return real_measure(qmodel, float_model, sources, feeds)
+
     monkeypatch.setattr(oq, "correct_biases", counting)
+    monkeypatch.setattr(bc, "_measure", measuring)
+    monkeypatch.setattr(bc, "_MEMO", OrderedDict())  # nothing corrected before in this process
     p = measure_profile(ctx, log=lambda s: None, use_cache=False)
     lowered = [r for r in p["rows"] if r["status"] == "ok" and r["setting"] in ("8-bit", "all 8-bit")]
     assert {r["layer"] for r in lowered} - {"*"} and len([r for r in lowered if r["layer"] == "*"]) == 1
-    assert len(calls) == 1  # the all-8-bit row; no one-unit 8-bit row
+    assert len(calls) == len(measured) == 1  # the all-8-bit row; no one-unit 8-bit row
     first_unit = next(i for i, r in enumerate(p["rows"]) if r["layer"] != "*")
     unit_settings = [r["setting"] for r in p["rows"][first_unit:]]
     n8 = unit_settings.count("8-bit")
@@ -103,6 +113,13 @@ def test_the_profile_bias_corrects_its_whole_model_rows_only(run, monkeypatch):
     from autocompress.pipeline import compress
     from autocompress.plan import LayerPlan, Plan
 
-    out = compress(ctx.task, ctx.teacher, Plan(layers={k: LayerPlan(**v) for k, v in _int8(ctx).items()}))
-    ctx.lower(out.model, ctx.run_dir / "bc-trial", out.lowering)
-    assert len(calls) == 2
+    plan = Plan(layers={k: LayerPlan(**v) for k, v in _int8(ctx).items()}, epochs=0, seed=ctx.config.seed)
+    out = compress(ctx.task, ctx.teacher, plan, reduce_range=ctx.backend.reduce_range)
+    art = ctx.lower(out.model, ctx.run_dir / "bc-trial", out.lowering)
+    # ... with the biases the profile's all-8-bit row measured (the same graph: not measured again)
+    assert len(calls) == 2 and len(measured) == 1
+    row = next(r for r in p["rows"] if r["layer"] == "*" and r["setting"] == "all 8-bit")
+    assert ctx.score(art) == pytest.approx(row["metric"])
+    bc._MEMO.clear()  # another process: measured again, to the same biases
+    again = ctx.lower(out.model, ctx.run_dir / "bc-trial-2", out.lowering)
+    assert len(measured) == 2 and again.path.read_bytes() == art.path.read_bytes()
