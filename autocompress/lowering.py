@@ -136,10 +136,14 @@ class LoweringSpec:
     Attributes:
         layers: effective module name -> :class:`LayerLowering` (absent modules stay float).
         calibration: activation calibration of the 8-bit static layers (``minmax`` / ``percentile``).
+        bias_correction: correct the static int8 convs' output means on calibration samples where the
+            backend does (:mod:`autocompress.backends.bias_correction`); a latency profile's one-unit
+            rows turn it off (it is one full-graph pass per conv, and the trials get it).
     """
 
     layers: dict[str, LayerLowering] = field(default_factory=dict)
     calibration: str = "minmax"
+    bias_correction: bool = True
 
     @classmethod
     def coerce(cls, spec: LoweringSpec | Mapping[str, int] | None) -> LoweringSpec:

@@ -184,7 +184,8 @@ def quantize_graph(
         write_trained_integers(qmodel, float_model, eight)
         if int8_connectors:
             float_gemm_outputs(qmodel.graph)
-        correct_biases(qmodel, current, _feeds(calibration, graph_input_names(current)), nodes)
+        if spec.bias_correction:
+            correct_biases(qmodel, current, _feeds(calibration, graph_input_names(current)), nodes)
     for w in located:
         if w.lookup:
             lookup_weight_only(qmodel, w)

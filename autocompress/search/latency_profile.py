@@ -12,12 +12,13 @@ structures are timed side by side with the baseline artifact in short shared ses
 structure reuses it, and a profile of the same model on the same device finds its pairs there).
 
 Settings (from the layer's domains, after the applicability exclusions): every bit width below float
-(8-bit static, and dynamic where ``quant_mode`` allows it), structured sparsity at
-:data:`LEVELS` inside the sparsity domain, the rank ratio at :data:`LEVELS` inside its domain (the
-space's first rank mode), weight sharing at the fewest shared values the space allows, each
-depthwise-separable multiplier on the standard convs with a kernel above 1x1, plus the uniform plans "every layer 8-bit" (static, dynamic): int8 pays
-only where activations stay int8 between layers, which no single-layer row can show. Unstructured and
-2:4 masks keep the baseline's dense kernels (stored sparse: smaller, not faster): not profiled.
+(8-bit static, and dynamic where ``quant_mode`` allows it), structured sparsity at :data:`LEVELS` inside
+the sparsity domain, the rank ratio at :data:`LEVELS` inside its domain (the space's first rank mode),
+weight sharing at the fewest shared values the space allows, each depthwise-separable multiplier on the
+standard convs with a kernel above 1x1, plus the uniform plans "every layer 8-bit" (static, dynamic):
+int8 pays only where activations stay int8 between layers, which no single-layer row can show.
+Unstructured and 2:4 masks keep the dense kernels: not profiled. Every unit's 8-bit row (its int8
+sensitivity) comes first; one-unit rows are lowered without bias correction, whole-model rows with it.
 
 Identical blocks are profiled once: a row whose change is the same setting on the same structural role
 (:mod:`.roles`: the same part of identical blocks, e.g. every encoder layer's ``intermediate.dense``; for
@@ -26,9 +27,8 @@ figures (``role_of`` names it): the latency and size are the structure's; the me
 member's, an estimate for the others (the planned trials measure theirs). The profile's cost grows with
 the model's distinct structure, not its depth, and its budget covers every role sooner.
 
-Cost: wall seconds and trial-equivalents (seconds / the run's per-trial estimate). Layers are
-profiled largest first (MACs) and the profile stops at ``budget_trials`` trial-equivalents; the rows
-not measured say so. The result is ``latency_profile.json`` in the run folder, keyed by the teacher's
+Cost: wall seconds and trial-equivalents (seconds / the run's per-trial estimate). Layers go largest
+first (MACs); the profile stops at ``budget_trials`` trial-equivalents (the rows not measured say so). The result is ``latency_profile.json`` in the run folder, keyed by the teacher's
 weights, the backend's timing identity and the eval subset: rows already there are reused.
 """
 
@@ -39,6 +39,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ..context import RunContext
@@ -49,6 +50,7 @@ from ..plan import LayerPlan, Plan
 from ..rundir import LATENCY_PROFILE, write_json
 from ..scratch import scratch_dir
 from .one_shot import PROFILE_LABELS, uniform_layers
+from .one_shot_mixed import SENSITIVITY
 from .roles import role_key, structural_roles
 
 LEVELS = (0.25, 0.5)  # structured sparsity and rank ratio levels tried (clipped into the domain)
@@ -161,7 +163,8 @@ def _items(ctx: RunContext) -> list[tuple[str, str, dict[str, dict]]]:
             continue
         for label in [lb for lb in offered[0] if all(lb in o for o in offered)]:
             items.append((unit, label, {i.name: o[label] for i, o in zip(infos, offered, strict=True)}))
-    return items
+    # every unit's 8-bit row first: the sensitivity .one_shot_mixed plans from covers every unit
+    return sorted(items, key=lambda it: 0 if it[0] == "*" else 1 if it[1] == SENSITIVITY else 2)
 
 
 def _row_head(layer: str, label: str, layers: dict[str, dict]) -> dict:
@@ -196,7 +199,9 @@ class _Profiler:
                 reduce_range=ctx.backend.reduce_range,
                 round_to=ctx.backend.preferred_channel_multiple,
             )
-            art = ctx.lower(out.model, self.tmp / f"{len(self.pending)}-{self.lowerings}", out.lowering)
+            # one-unit rows: no bias correction (a full-graph pass per int8 conv and calibration batch)
+            spec = out.lowering if layer == "*" else replace(out.lowering, bias_correction=False)
+            art = ctx.lower(out.model, self.tmp / f"{len(self.pending)}-{self.lowerings}", spec)
         except Exception as exc:  # the applicability check let it through: the profile says why
             return {**row, "status": "fails", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
         self.lowerings += 1

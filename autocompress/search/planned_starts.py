@@ -9,10 +9,12 @@ from collections.abc import Callable
 import optuna
 
 from ..context import RunContext
+from ..finetune_policy import recoverable
 from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from .latency_profile import measure_profile
 from .one_shot import POST_TRAINING, one_shot_plans
+from .one_shot_mixed import mixed_plan
 from .planner import Planned, layer_values, merge_same_structure, plan_candidates, structure_key
 
 COMPARED = ("metric_drop", "speedup", "size_ratio")
@@ -28,30 +30,51 @@ def allowed_drop(ctx: RunContext) -> float | None:
 
 
 def _structure(ctx: RunContext, planned: Planned) -> str:
+    """The plan's structure key (:func:`.planner.structure_key`), plus whether it is fine-tuned where a
+    fine-tuned trial of it could end with other weights than a post-training one (:func:`tuning_differs`)."""
     layers = {k: LayerPlan(**v) for k, v in layer_values(planned, ctx.inventory).items()}
+    plan = Plan(layers=layers, epochs=0, seed=ctx.config.seed)
     out = compress(
         ctx.task,
         ctx.teacher,
-        Plan(layers=layers, epochs=0, seed=ctx.config.seed),
+        plan,
         reduce_range=ctx.backend.reduce_range,
         round_to=ctx.backend.preferred_channel_multiple,
     )
-    return structure_key(out)
+    key = structure_key(out)
+    return key + (f"|{planned.post_training}" if tuning_differs(ctx, plan, out.model) else "")
+
+
+def tuning_differs(ctx: RunContext, plan: Plan, post_model) -> bool:
+    """Whether a fine-tuned trial of ``plan`` can differ from its post-training trial: the study trains,
+    and unless it fine-tunes only plans that miss the budget and remove weights (``finetune.when:
+    missed_budget`` with ``keep_better`` and a held-out part, which first score the post-training model)
+    the plan removes some (:func:`~autocompress.finetune_policy.recoverable`). Otherwise the fine-tuned
+    trial keeps its post-training model and repeats the post-training trial."""
+    ft = ctx.config.finetune
+    if not ft.trains():
+        return False
+    if ft.when != "missed_budget" or not ft.keep_better or ctx.held_out().split is None:
+        return True
+    return recoverable(ctx.teacher, post_model, plan)
 
 
 def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
     """At most ``n`` plans of different structure: the peers' one-call answers first
-    (:func:`.one_shot.one_shot_plans`, post-training), then the profile's (:func:`.planner.plan_candidates`).
+    (:func:`.one_shot.one_shot_plans`, post-training), the int8 plan with its most sensitive layers kept
+    float (:func:`.one_shot_mixed.mixed_plan`, post-training), then the profile's
+    (:func:`.planner.plan_candidates`).
 
     A one-shot plan and a fine-tuned plan of the same structure are two experiments (other weights) and
-    both stay, unless the study does not fine-tune at all (then they are one model)."""
-    trains = ctx.config.finetune.trains()
-
-    def key(p: Planned) -> str:
-        return _structure(ctx, p) + (f"|{p.post_training}" if trains else "")
-
+    both stay only where the fine-tuned trial can end with other weights (:func:`tuning_differs`): a
+    hands-off study does not fine-tune a plan that only quantizes, so its fine-tuned twin would repeat
+    the post-training trial."""
     first = one_shot_plans(ctx.space, ctx.inventory, profile)
-    plans = merge_same_structure([*first, *plan_candidates(profile, ctx.space, allowed_drop(ctx))], key)
+    mixed = mixed_plan(ctx.space, ctx.inventory, profile, allowed_drop(ctx))
+    first += [mixed] if mixed is not None else []
+    plans = merge_same_structure(
+        [*first, *plan_candidates(profile, ctx.space, allowed_drop(ctx))], lambda p: _structure(ctx, p)
+    )
     return [p for p in plans if p.layers][:n]
 
 
