@@ -125,8 +125,9 @@ class OnnxRuntimeBackend(Backend):
                 raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
             target = out_dir / "model.onnx"
             fusions: dict = {}
+            kept: dict[str, float] = {}
             if quantized:
-                quantize_graph(
+                kept = quantize_graph(
                     model,
                     fp32,
                     target,
@@ -137,8 +138,11 @@ class OnnxRuntimeBackend(Backend):
                     int8_connectors=self.int8_connectors,
                 )
             else:  # float: the fastest of the graph and its transformer-fused versions (measured)
-                kept, fusions = self._optimize_float(model, fp32, example_inputs, Path(tmp))
-                shutil.copyfile(kept, target)
+                fastest, fusions = self._optimize_float(model, fp32, example_inputs, Path(tmp))
+                shutil.copyfile(fastest, target)
+            if kept:  # dynamic layers whose input has outliers: lowered float (see .dynamic_outliers)
+                spec = spec.only(set(spec.layers) - set(kept))
+                quantized = spec.quantized()
             compact = compact_artifact(target, model, spec)
             kernels = self._kernels(target, Path(tmp) / "optimized.onnx")
         packed = stored = 0.0
@@ -159,6 +163,7 @@ class OnnxRuntimeBackend(Backend):
                 "transformer_fusions": fusions.get("transformer_fusions", {}),
                 "float_optimization": {k: fusions.get(k) for k in ("variant", "decision", "unfused_ms")},
                 "reduce_range": self.reduce_range,
+                "dynamic_kept_float": kept,
                 "weights_stored_bytes": round(stored),
                 **compact,
             },

@@ -4,7 +4,10 @@
 :class:`~autocompress.lowering.LoweringSpec` says:
 
 1. ``dynamic`` int8 layers (Linear, LSTM): ORT's ``quantize_dynamic`` restricted to their nodes; the
-   Gemms it rewrites as MatMul + Add without quantizing them are restored;
+   Gemms it rewrites as MatMul + Add without quantizing them are restored. A dynamic layer whose input,
+   measured on the calibration data and quantized per tensor as ORT does at run time, keeps a
+   channel-averaged SQNR below :data:`.dynamic_outliers.OUTLIER_SQNR_DB` (a few outlier values set the
+   input's range) is kept float (:mod:`.dynamic_outliers`);
 2. 5- to 8-bit ``static`` layers: ORT's ``quantize_static`` (QDQ, per-channel weights, activations
    calibrated by min-max or percentile), with the Relu / pooling / Add / Concat nodes between them
    (:func:`.qdq.int8_region`) when ``int8_connectors``, so ORT fuses them into int8 kernels; a
@@ -31,6 +34,7 @@ from onnx import numpy_helper
 from ..errors import BackendError, ExportError
 from ..lowering import LoweringSpec, symmetric_grid
 from .bias_correction import SAMPLES, correct_biases
+from .dynamic_outliers import OUTLIER_SQNR_DB, outlier_layers
 from .onnx_export import INPUT, graph_input_names
 from .onnx_lookup import lookup_block, lookup_weight_only
 from .onnx_rewrite import (
@@ -144,8 +148,14 @@ def quantize_graph(
     *,
     reduce_range: bool,
     int8_connectors: bool = True,
-) -> None:
-    """Write to ``target`` the quantized form of the float graph ``fp32`` exported from ``model``."""
+    outlier_sqnr_db: float | None = OUTLIER_SQNR_DB,
+) -> dict[str, float]:
+    """Write to ``target`` the quantized form of the float graph ``fp32`` exported from ``model``.
+
+    Returns:
+        the dynamic int8 layers kept float because their input's channel-averaged SQNR under run-time
+        quantization is below ``outlier_sqnr_db`` (None: none is), with that SQNR in dB.
+    """
     float_model = onnx.load(str(fp32))
     if any(_int4_dequantize(model, layer, b) for layer, b in spec.quantized().items()):
         float_model = onnx.version_converter.convert_version(float_model, 21)  # INT4 needs opset 21
@@ -154,6 +164,11 @@ def quantize_graph(
     modules = dict(model.named_modules())
     qmodel, current = float_model, fp32
     dynamic = [w for w in located if w.mode == "dynamic" and not w.lookup]
+    kept: dict[str, float] = {}
+    if dynamic and outlier_sqnr_db is not None:
+        feeds = _feeds(calibration, graph_input_names(fp32))
+        kept = outlier_layers(fp32, {w.layer: w.nodes for w in dynamic}, feeds, outlier_sqnr_db)
+        dynamic = [w for w in dynamic if w.layer not in kept]
     if dynamic or recurrent:
         nodes = [n for w in dynamic for n in w.nodes]
         for layer in recurrent:
@@ -194,6 +209,7 @@ def quantize_graph(
         elif w.bits == 16:
             half_weight(qmodel.graph, w)
     onnx.save(qmodel, str(target))
+    return kept
 
 
 def quantize_dynamic_nodes(fp32: Path, out: Path, nodes: list[str], reduce_range: bool):
