@@ -10,7 +10,8 @@ Code blocks, per page in order, in one fresh folder per page (two pages at a tim
 * ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
   runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
 * A study of a built-in task (``digits``, ...) trains its teacher for at most :data:`TEACHER_EPOCHS`
-  epochs (Python and command line alike, so that a page's later commands find the same teacher).
+  epochs and, where the task has a ``width``, builds its model at most :data:`TASK_WIDTH` wide (Python
+  and command line alike, so that a page's later commands find the same teacher).
 * Other languages (``text``) are output or layouts, not commands, and are not run.
 * Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
 * A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
@@ -41,17 +42,36 @@ MARK = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->\s*$")
 BLOCK_TIMEOUT_S = 300
 
 TEACHER_EPOCHS = 2  # a built-in task's teacher (its default, 20, is most of a tiny study's time)
+# a built-in task's model width, where it has one (digits' 64 makes its teacher, each trial's fine-tuning
+# and the channel pruning and factorizations of its 128-channel convs most of a tiny study's time)
+TASK_WIDTH = 16
+# The options that make built-in task ``name`` tiny: its teacher's epochs and, where the task has one, its
+# model's width, capped (never raised above what ``options`` or the task's default give). Defined here
+# and in every Python block's prelude alike.
+TINY_TASK_OPTIONS = f"""\
+def _tiny_task_options(name, options):
+    import inspect
+    from autocompress.tasks import resolve_factory
+
+    params = inspect.signature(resolve_factory(name)).parameters
+    caps = {{"teacher_epochs": {TEACHER_EPOCHS}, "width": {TASK_WIDTH}}}
+    return {{k: min(options.get(k, params[k].default), cap) for k, cap in caps.items() if k in params}}
+"""
+_namespace: dict = {}
+exec(TINY_TASK_OPTIONS, _namespace)
+_tiny_task_options = _namespace["_tiny_task_options"]
 # Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
 # starts, short timing sessions (the examples themselves ask for what a user would).
 TINY_PRELUDE = f"""\
 import autocompress as _ac
 
+{TINY_TASK_OPTIONS}
+
 def _tiny(cfg):
     if not isinstance(cfg, _ac.StudyConfig):  # a study file or a bundled study's name
         cfg = _ac.load_config(cfg)
     if cfg.task.name and ":" not in cfg.task.name:  # a built-in task trains its teacher
-        epochs = min(cfg.task.options.get("teacher_epochs", {TEACHER_EPOCHS}), {TEACHER_EPOCHS})
-        cfg.task.options = {{**cfg.task.options, "teacher_epochs": epochs}}
+        cfg.task.options = {{**cfg.task.options, **_tiny_task_options(cfg.task.name, cfg.task.options)}}
     cfg.trials.n = min(cfg.trials.n, 2)
     cfg.trials.planned_starts = 0
     if cfg.finetune.steps is None:
@@ -68,7 +88,6 @@ TINY_FLAGS = (
     "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
     " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
 )
-TEACHER_FLAG = f"--set task.options.teacher_epochs={TEACHER_EPOCHS}"
 
 
 @dataclass
@@ -109,8 +128,9 @@ def _env(folder: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg"}
 
 
-def _builtin_task(study: str, folder: Path | None) -> bool:
-    """Whether the study file (in ``folder``) or bundled study ``study`` names a built-in task."""
+def _task_flags(study: str, folder: Path | None) -> str:
+    """``--set`` flags making the task of the study file (in ``folder``) or bundled study ``study`` tiny,
+    where it is a built-in task (a user's own task takes its own options)."""
     from autocompress.config import resolve_study_file
     from autocompress.errors import ConfigError
 
@@ -118,9 +138,13 @@ def _builtin_task(study: str, folder: Path | None) -> bool:
     try:
         path = here if here is not None and here.is_file() else resolve_study_file(study)
     except ConfigError:
-        return False
-    name = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("name")
-    return bool(name) and ":" not in name
+        return ""
+    task = (yaml.safe_load(path.read_text()) or {}).get("task") or {}
+    name = task.get("name")
+    if not name or ":" in name:
+        return ""
+    tiny = _tiny_task_options(name, task.get("options") or {})
+    return "".join(f" --set task.options.{key}={value}" for key, value in tiny.items())
 
 
 def _bash_line(line: str, folder: Path | None) -> str:
@@ -134,7 +158,7 @@ def _bash_line(line: str, folder: Path | None) -> str:
             step = re.sub(r"--n-trials \d+", "--n-trials 2", step)
             background = step.endswith("&")
             step = step.rstrip("& ").rstrip()
-            flags = f"{TINY_FLAGS} {TEACHER_FLAG}" if _builtin_task(study.group(1), folder) else TINY_FLAGS
+            flags = TINY_FLAGS + _task_flags(study.group(1), folder)
             step = re.sub(r"(\s#.*)?$", f" {flags}", step, count=1) + (" &" if background else "")
         out.append(step)
     return " && ".join(out) or "true"
@@ -267,9 +291,10 @@ def test_bash_blocks_are_made_tiny_and_offline(tmp_path):
         "autocompress run own.yaml\nautocompress worker missing.yaml",
         tmp_path,
     )
+    tiny_task = f"--set task.options.teacher_epochs={TEACHER_EPOCHS} --set task.options.width={TASK_WIDTH}"
     assert script.splitlines() == [
-        f"autocompress run quickstart {TINY_FLAGS} {TEACHER_FLAG}",  # the bundled study's task: digits
-        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} {TEACHER_FLAG} &",
+        f"autocompress run quickstart {TINY_FLAGS} {tiny_task}",  # the bundled study's task: digits
+        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} {tiny_task} &",
         f"autocompress run own.yaml {TINY_FLAGS}",  # the user's own task takes its own options
         f"autocompress worker missing.yaml {TINY_FLAGS}",
     ]
