@@ -13,7 +13,8 @@ Code blocks, per page in order, in one fresh folder per page (two pages at a tim
   epochs and, where the task has a ``width``, builds its model at most :data:`TASK_WIDTH` wide (Python
   and command line alike, so that a page's later commands find the same teacher).
 * Other languages (``text``) are output or layouts, not commands, and are not run.
-* Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
+* Each page that names the quickstart starts with ``runs/quickstart`` from one tiny quickstart run
+  (:func:`quickstart_run`); the other pages run beside that run.
 * A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
   of ``docs/results/`` pages (the commands of measurements, minutes to hours each).
 """
@@ -227,25 +228,13 @@ def run_page(page: Path, folder: Path) -> tuple[str | None, ...]:
 CASES = [b for page in PAGES for b in blocks(page) if b.lang in RUNNABLE]
 
 
-@pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory) -> Path | None:
-    """One tiny run of the bundled quickstart (``runs/quickstart``), as the README's first command leaves
-    it; every page's folder starts with a copy, so a page's ``autocompress run quickstart`` resumes a
-    finished study instead of training and searching again (None if it failed: the pages then say why)."""
-    folder = tmp_path_factory.mktemp("quickstart")
+def quickstart_run(folder: Path) -> Path | None:
+    """One tiny run of the bundled quickstart (``runs/quickstart``) in ``folder``, as the README's first
+    command leaves it; the folder of every page that names the quickstart starts with a copy, so a page's
+    ``autocompress run quickstart`` resumes a finished study instead of training and searching again (None
+    if it failed: the pages then say why)."""
     failed = _run(["bash", "-c", bash_script("autocompress run quickstart")], folder)
     return None if failed else folder / "runs" / "quickstart"
-
-
-@pytest.fixture(scope="session")
-def page_folders(tmp_path_factory, quickstart_run):
-    def make(page: Path) -> Path:
-        folder = tmp_path_factory.mktemp(re.sub(r"\W", "_", page.stem))
-        if quickstart_run is not None:
-            shutil.copytree(quickstart_run, folder / "runs" / "quickstart")
-        return folder
-
-    return functools.cache(make)
 
 
 # pages run at once: a page's blocks wait mostly on one single-threaded process at a time (imports, ONNX
@@ -254,15 +243,28 @@ PAGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
-def page_outcomes(request, page_folders):
-    """The pages of the selected blocks that run, in the background from the first test that asks, in
-    page order, :data:`PAGE_WORKERS` pages at a time (each page's blocks in order, in its own folder):
-    page -> future of :func:`run_page`'s outcomes."""
+def page_outcomes(request, tmp_path_factory):
+    """The pages of the selected blocks that run, in the background from the first test that asks,
+    :data:`PAGE_WORKERS` at a time (each page's blocks in order, in its own folder): page -> future of
+    :func:`run_page`'s outcomes. The quickstart run goes first; pages that never name the quickstart run
+    beside it, the others wait for it and start from a copy of its run folder."""
     specs = [getattr(item, "callspec", None) for item in request.session.items]
     chosen = [c.params["block"] for c in specs if c is not None and isinstance(c.params.get("block"), Block)]
     pages = [p for p in PAGES if any(b.page == p and not b.not_run for b in chosen)]
+    needs = {p: "quickstart" in p.read_text() for p in pages}
+    folders = {p: tmp_path_factory.mktemp(re.sub(r"\W", "_", p.stem)) for p in pages}
     pool = ThreadPoolExecutor(max_workers=PAGE_WORKERS, thread_name_prefix="docs-page")
-    futures = {page: pool.submit(run_page, page, page_folders(page)) for page in pages}
+    quickstart = (
+        pool.submit(quickstart_run, tmp_path_factory.mktemp("quickstart")) if any(needs.values()) else None
+    )
+
+    def page_job(page: Path) -> tuple[str | None, ...]:
+        if needs[page] and (run := quickstart.result()) is not None:
+            shutil.copytree(run, folders[page] / "runs" / "quickstart")
+        return run_page(page, folders[page])
+
+    order = sorted(pages, key=lambda p: needs[p])  # the pages that need no quickstart run first (stable)
+    futures = {page: pool.submit(page_job, page) for page in order}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
