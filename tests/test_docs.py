@@ -10,9 +10,11 @@ Code blocks, per page in order, in one fresh folder per page (two pages at a tim
 * ```` ```bash ````: run with ``bash -e``; ``pip install/wheel/download`` steps are left out (the test
   runs in the installed environment) and ``autocompress run|worker|inspect`` get at most 2 trials.
 * A study of a built-in task (``digits``, ...) trains its teacher for at most :data:`TEACHER_EPOCHS`
-  epochs (Python and command line alike, so that a page's later commands find the same teacher).
+  epochs and, where the task has a ``width``, builds its model at most :data:`TASK_WIDTH` wide (Python
+  and command line alike, so that a page's later commands find the same teacher).
 * Other languages (``text``) are output or layouts, not commands, and are not run.
-* Each page's folder starts with ``runs/quickstart`` from one tiny quickstart run (:func:`quickstart_run`).
+* Each page that names the quickstart starts with ``runs/quickstart`` from one tiny quickstart run
+  (:func:`quickstart_run`); the other pages run beside that run.
 * A block after ``<!-- not-run: REASON -->`` is reported as skipped with that reason; so are the blocks
   of ``docs/results/`` pages (the commands of measurements, minutes to hours each).
 """
@@ -41,17 +43,36 @@ MARK = re.compile(r"<!--\s*(not-run|file):\s*(.*?)\s*-->\s*$")
 BLOCK_TIMEOUT_S = 300
 
 TEACHER_EPOCHS = 2  # a built-in task's teacher (its default, 20, is most of a tiny study's time)
+# a built-in task's model width, where it has one (digits' 64 makes its teacher, each trial's fine-tuning
+# and the channel pruning and factorizations of its 128-channel convs most of a tiny study's time)
+TASK_WIDTH = 16
+# The options that make built-in task ``name`` tiny: its teacher's epochs and, where the task has one, its
+# model's width, capped (never raised above what ``options`` or the task's default give). Defined here
+# and in every Python block's prelude alike.
+TINY_TASK_OPTIONS = f"""\
+def _tiny_task_options(name, options):
+    import inspect
+    from autocompress.tasks import resolve_factory
+
+    params = inspect.signature(resolve_factory(name)).parameters
+    caps = {{"teacher_epochs": {TEACHER_EPOCHS}, "width": {TASK_WIDTH}}}
+    return {{k: min(options.get(k, params[k].default), cap) for k, cap in caps.items() if k in params}}
+"""
+_namespace: dict = {}
+exec(TINY_TASK_OPTIONS, _namespace)
+_tiny_task_options = _namespace["_tiny_task_options"]
 # Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
 # starts, short timing sessions (the examples themselves ask for what a user would).
 TINY_PRELUDE = f"""\
 import autocompress as _ac
 
+{TINY_TASK_OPTIONS}
+
 def _tiny(cfg):
     if not isinstance(cfg, _ac.StudyConfig):  # a study file or a bundled study's name
         cfg = _ac.load_config(cfg)
     if cfg.task.name and ":" not in cfg.task.name:  # a built-in task trains its teacher
-        epochs = min(cfg.task.options.get("teacher_epochs", {TEACHER_EPOCHS}), {TEACHER_EPOCHS})
-        cfg.task.options = {{**cfg.task.options, "teacher_epochs": epochs}}
+        cfg.task.options = {{**cfg.task.options, **_tiny_task_options(cfg.task.name, cfg.task.options)}}
     cfg.trials.n = min(cfg.trials.n, 2)
     cfg.trials.planned_starts = 0
     if cfg.finetune.steps is None:
@@ -68,7 +89,6 @@ TINY_FLAGS = (
     "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
     " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
 )
-TEACHER_FLAG = f"--set task.options.teacher_epochs={TEACHER_EPOCHS}"
 
 
 @dataclass
@@ -109,8 +129,9 @@ def _env(folder: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg"}
 
 
-def _builtin_task(study: str, folder: Path | None) -> bool:
-    """Whether the study file (in ``folder``) or bundled study ``study`` names a built-in task."""
+def _task_flags(study: str, folder: Path | None) -> str:
+    """``--set`` flags making the task of the study file (in ``folder``) or bundled study ``study`` tiny,
+    where it is a built-in task (a user's own task takes its own options)."""
     from autocompress.config import resolve_study_file
     from autocompress.errors import ConfigError
 
@@ -118,9 +139,13 @@ def _builtin_task(study: str, folder: Path | None) -> bool:
     try:
         path = here if here is not None and here.is_file() else resolve_study_file(study)
     except ConfigError:
-        return False
-    name = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("name")
-    return bool(name) and ":" not in name
+        return ""
+    task = (yaml.safe_load(path.read_text()) or {}).get("task") or {}
+    name = task.get("name")
+    if not name or ":" in name:
+        return ""
+    tiny = _tiny_task_options(name, task.get("options") or {})
+    return "".join(f" --set task.options.{key}={value}" for key, value in tiny.items())
 
 
 def _bash_line(line: str, folder: Path | None) -> str:
@@ -134,7 +159,7 @@ def _bash_line(line: str, folder: Path | None) -> str:
             step = re.sub(r"--n-trials \d+", "--n-trials 2", step)
             background = step.endswith("&")
             step = step.rstrip("& ").rstrip()
-            flags = f"{TINY_FLAGS} {TEACHER_FLAG}" if _builtin_task(study.group(1), folder) else TINY_FLAGS
+            flags = TINY_FLAGS + _task_flags(study.group(1), folder)
             step = re.sub(r"(\s#.*)?$", f" {flags}", step, count=1) + (" &" if background else "")
         out.append(step)
     return " && ".join(out) or "true"
@@ -203,25 +228,13 @@ def run_page(page: Path, folder: Path) -> tuple[str | None, ...]:
 CASES = [b for page in PAGES for b in blocks(page) if b.lang in RUNNABLE]
 
 
-@pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory) -> Path | None:
-    """One tiny run of the bundled quickstart (``runs/quickstart``), as the README's first command leaves
-    it; every page's folder starts with a copy, so a page's ``autocompress run quickstart`` resumes a
-    finished study instead of training and searching again (None if it failed: the pages then say why)."""
-    folder = tmp_path_factory.mktemp("quickstart")
+def quickstart_run(folder: Path) -> Path | None:
+    """One tiny run of the bundled quickstart (``runs/quickstart``) in ``folder``, as the README's first
+    command leaves it; the folder of every page that names the quickstart starts with a copy, so a page's
+    ``autocompress run quickstart`` resumes a finished study instead of training and searching again (None
+    if it failed: the pages then say why)."""
     failed = _run(["bash", "-c", bash_script("autocompress run quickstart")], folder)
     return None if failed else folder / "runs" / "quickstart"
-
-
-@pytest.fixture(scope="session")
-def page_folders(tmp_path_factory, quickstart_run):
-    def make(page: Path) -> Path:
-        folder = tmp_path_factory.mktemp(re.sub(r"\W", "_", page.stem))
-        if quickstart_run is not None:
-            shutil.copytree(quickstart_run, folder / "runs" / "quickstart")
-        return folder
-
-    return functools.cache(make)
 
 
 # pages run at once: a page's blocks wait mostly on one single-threaded process at a time (imports, ONNX
@@ -230,15 +243,28 @@ PAGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
-def page_outcomes(request, page_folders):
-    """The pages of the selected blocks that run, in the background from the first test that asks, in
-    page order, :data:`PAGE_WORKERS` pages at a time (each page's blocks in order, in its own folder):
-    page -> future of :func:`run_page`'s outcomes."""
+def page_outcomes(request, tmp_path_factory):
+    """The pages of the selected blocks that run, in the background from the first test that asks,
+    :data:`PAGE_WORKERS` at a time (each page's blocks in order, in its own folder): page -> future of
+    :func:`run_page`'s outcomes. The quickstart run goes first; pages that never name the quickstart run
+    beside it, the others wait for it and start from a copy of its run folder."""
     specs = [getattr(item, "callspec", None) for item in request.session.items]
     chosen = [c.params["block"] for c in specs if c is not None and isinstance(c.params.get("block"), Block)]
     pages = [p for p in PAGES if any(b.page == p and not b.not_run for b in chosen)]
+    needs = {p: "quickstart" in p.read_text() for p in pages}
+    folders = {p: tmp_path_factory.mktemp(re.sub(r"\W", "_", p.stem)) for p in pages}
     pool = ThreadPoolExecutor(max_workers=PAGE_WORKERS, thread_name_prefix="docs-page")
-    futures = {page: pool.submit(run_page, page, page_folders(page)) for page in pages}
+    quickstart = (
+        pool.submit(quickstart_run, tmp_path_factory.mktemp("quickstart")) if any(needs.values()) else None
+    )
+
+    def page_job(page: Path) -> tuple[str | None, ...]:
+        if needs[page] and (run := quickstart.result()) is not None:
+            shutil.copytree(run, folders[page] / "runs" / "quickstart")
+        return run_page(page, folders[page])
+
+    order = sorted(pages, key=lambda p: needs[p])  # the pages that need no quickstart run first (stable)
+    futures = {page: pool.submit(page_job, page) for page in order}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -267,9 +293,10 @@ def test_bash_blocks_are_made_tiny_and_offline(tmp_path):
         "autocompress run own.yaml\nautocompress worker missing.yaml",
         tmp_path,
     )
+    tiny_task = f"--set task.options.teacher_epochs={TEACHER_EPOCHS} --set task.options.width={TASK_WIDTH}"
     assert script.splitlines() == [
-        f"autocompress run quickstart {TINY_FLAGS} {TEACHER_FLAG}",  # the bundled study's task: digits
-        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} {TEACHER_FLAG} &",
+        f"autocompress run quickstart {TINY_FLAGS} {tiny_task}",  # the bundled study's task: digits
+        f"autocompress worker s.yaml --n-trials 2 {TINY_FLAGS} {tiny_task} &",
         f"autocompress run own.yaml {TINY_FLAGS}",  # the user's own task takes its own options
         f"autocompress worker missing.yaml {TINY_FLAGS}",
     ]
