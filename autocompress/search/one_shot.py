@@ -65,9 +65,18 @@ def linear_heavy(inventory, layers: dict[str, dict]) -> bool:
     return total > 0 and dynamic >= LINEAR_SHARE * total
 
 
+def whole_row(profile: dict, name: str) -> dict | None:
+    """The profile's measured whole-model row of the one-shot plan ``name`` (None: not measured)."""
+    row = next(
+        (r for r in profile.get("rows", []) if r["layer"] == "*" and r["setting"] == PROFILE_LABELS[name]),
+        None,
+    )
+    return row if row is not None and row.get("status") == "ok" and row.get("speedup") else None
+
+
 def _predicted(row: dict | None, baseline: dict) -> dict:
     """The plan's prediction: its whole-model profile row, or the float model when none was measured."""
-    if row is not None and row.get("status") == "ok" and row.get("speedup"):
+    if row is not None:
         keys = ("metric_drop", "speedup", "size_ratio", "latency_ms", "size_bytes")
         return {**{k: row[k] for k in keys}, "budget": None}
     return {
@@ -83,12 +92,11 @@ def _predicted(row: dict | None, baseline: dict) -> dict:
 
 def one_shot_plans(space, inventory, profile: dict) -> list[Planned]:
     """The post-training int8-everywhere plans (static, then dynamic where the model is Linear-heavy)."""
-    rows = {r["setting"]: r for r in profile.get("rows", []) if r["layer"] == "*"}
     out = []
     for name, layers in uniform_layers(space, inventory):
         if name == DYNAMIC and not linear_heavy(inventory, layers):
             continue
-        predicted = _predicted(rows.get(PROFILE_LABELS[name]), profile["baseline"])
+        predicted = _predicted(whole_row(profile, name), profile["baseline"])
         choices = [f"{name} ({len(layers)} layers), post-training"]
         out.append(
             Planned(name, {k: dict(v) for k, v in layers.items()}, predicted, choices, post_training=True)

@@ -29,7 +29,7 @@ kept float within the MACs cap, or when the model has no static int8 layers.
 
 from __future__ import annotations
 
-from .one_shot import PROFILE_LABELS, STATIC, uniform_layers
+from .one_shot import STATIC, uniform_layers, whole_row
 from .planner import DEFAULT_DROP, Planned
 
 SENSITIVITY = "8-bit"  # the profile's one-unit setting read as int8 sensitivity (static, per channel)
@@ -106,9 +106,7 @@ def mixed_plan(space, inventory, profile: dict, allowed_drop: float | None) -> P
     if not any(u["drop"] > 0 for u in units):
         return None
     allowed = allowed_drop or DEFAULT_DROP
-    rows = {r["setting"]: r for r in profile.get("rows", []) if r["layer"] == "*"}
-    whole = rows.get(PROFILE_LABELS[STATIC])
-    whole = whole if whole is not None and whole.get("status") == "ok" and whole.get("speedup") else None
+    whole = whole_row(profile, STATIC)
     macs = {i.name: i.macs or 0 for i in inventory}
     cap = MAX_FLOAT_MACS * sum(macs[n] for n in static)
     whole_drop = float(whole["metric_drop"]) if whole is not None else sum(u["drop"] for u in units)

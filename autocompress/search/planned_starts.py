@@ -69,11 +69,12 @@ def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
     both stay only where the fine-tuned trial can end with other weights (:func:`tuning_differs`): a
     hands-off study does not fine-tune a plan that only quantizes, so its fine-tuned twin would repeat
     the post-training trial."""
+    drop = allowed_drop(ctx)
     first = one_shot_plans(ctx.space, ctx.inventory, profile)
-    mixed = mixed_plan(ctx.space, ctx.inventory, profile, allowed_drop(ctx))
+    mixed = mixed_plan(ctx.space, ctx.inventory, profile, drop)
     first += [mixed] if mixed is not None else []
     plans = merge_same_structure(
-        [*first, *plan_candidates(profile, ctx.space, allowed_drop(ctx))], lambda p: _structure(ctx, p)
+        [*first, *plan_candidates(profile, ctx.space, drop)], lambda p: _structure(ctx, p)
     )
     return [p for p in plans if p.layers][:n]
 
