@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendError
-from .onnx_rewrite import LocatedWeight, weight_only_dq
+from .onnx_rewrite import LocatedWeight, drop_initializers, weight_only_dq
 
 MS_DOMAIN = "com.microsoft"
 GATHER_BLOCK_MIN = 16  # GatherBlockQuantized: block sizes are powers of two from 16
@@ -57,9 +57,8 @@ def _replace_gather(graph: onnx.GraphProto, gather: onnx.NodeProto, nodes: list[
 
 
 def _drop_initializer(graph: onnx.GraphProto, name: str, new: list[TensorProto]) -> None:
-    kept = [i for i in graph.initializer if i.name != name]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *new])
+    drop_initializers(graph, {name})
+    graph.initializer.extend(new)
 
 
 def _per_row(values: np.ndarray, rows: int) -> np.ndarray:

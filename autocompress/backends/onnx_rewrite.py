@@ -264,18 +264,25 @@ def restore_gemms(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, keep: s
     have = {i.name for i in g.initializer}
     g.initializer.extend(float_inits[k] for k in used if k in float_inits and k not in have)
     inputs = {i for n in g.node for i in n.input}
-    kept = [i for i in g.initializer if i.name in inputs or "_Transposed" not in i.name]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    drop_initializers(g, {i.name for i in g.initializer if i.name not in inputs and "_Transposed" in i.name})
+
+
+def drop_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Delete the initializers named ``names`` in place.
+
+    In place, by index: emptying the field and extending it with the kept tensors copies every weight
+    (the whole model, once per call; on a 110M-parameter encoder, one call per layer grew the process
+    to 17 GB)."""
+    for i in reversed([k for k, t in enumerate(graph.initializer) if t.name in names]):
+        del graph.initializer[i]
 
 
 def _replace_initializer(
     graph: onnx.GraphProto, name: str, new: list[TensorProto], node: onnx.NodeProto
 ) -> None:
     """Swap initializer ``name`` for ``new`` tensors and a ``node`` that outputs ``name`` from them."""
-    kept = [i for i in graph.initializer if i.name != name]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *new])
+    drop_initializers(graph, {name})
+    graph.initializer.extend(new)
     graph.node.insert(0, node)
 
 
