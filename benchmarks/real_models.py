@@ -255,9 +255,11 @@ def run_model(model: str, root: Path, args, log) -> dict:
         ran = run_study_cli(study, run_dir, log)
         result["study_run"] = ran
         start = ran["start"]
-        if not (run_dir / "baseline" / "model.onnx").is_file():
-            result["error"] = f"the study wrote no baseline (exit {ran['rc']}; see {ran['log']})"
-            return result
+        killed = f", killed by signal {-ran['rc']}" if ran["rc"] < 0 else ""
+        for need, what in (("baseline/model.onnx", "baseline"), ("study.yaml", "study file")):
+            if not (run_dir / need).is_file():
+                result["error"] = f"the study wrote no {what} (exit {ran['rc']}{killed}; see {ran['log']})"
+                return result
     facts = study_facts(run_dir, start)
     with contextlib.chdir(ROOT):  # the analysis, not the study: the default space resolves here
         cfg = load_config(run_dir / "study.yaml", {"output": str(run_dir)})
