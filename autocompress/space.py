@@ -285,6 +285,22 @@ class SearchSpace:
             lsq=bool(self.model.quant.lsq.suggest(trial, "quant.lsq")),
         )
 
+    def plan_from_params(
+        self,
+        inventory: list[LayerInfo],
+        params: dict[str, Any],
+        *,
+        epochs: int,
+        lr: float,
+        seed: int,
+        steps: int | None = None,
+    ) -> Plan:
+        """The Plan of the Optuna values ``params`` without a trial: a dimension ``params`` leaves out (or
+        gives a value outside its domain) takes its domain's first choice or the low end of its range.
+        Nothing is recorded in a study (a study's first trials run such plans before the applicability
+        check narrows the domains: Optuna refuses other choices for a parameter once a trial holds it)."""
+        return self.suggest(_Given(params), inventory, epochs=epochs, lr=lr, seed=seed, steps=steps)
+
     def params_for(self, inventory: list[LayerInfo], **uniform: Any) -> dict[str, Any]:
         """Optuna parameter values of a uniform plan, for ``study.enqueue_trial`` (warm starts).
 
@@ -349,3 +365,19 @@ class SearchSpace:
                         v = min(round(p.low + round((v - p.low) / p.step) * p.step, 12), p.high)
                 out.setdefault(f"{TECHNIQUES.dim(k).prefix}.{self.group_of(info.name)}", v)
         return out
+
+
+class _Given:
+    """Stands in for an Optuna trial in :meth:`SearchSpace.plan_from_params`: the given values, else
+    each domain's first value."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        v = self.params.get(name)
+        return v if v is not None and v in choices else choices[0]
+
+    def suggest_float(self, name: str, low: float, high: float, *, step=None, log: bool = False) -> float:
+        v = self.params.get(name)
+        return low if v is None else min(max(float(v), low), high)

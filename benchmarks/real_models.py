@@ -171,6 +171,9 @@ def study_facts(run_dir: Path, start: float | None) -> dict:
         "failed": sum(t.state == TrialState.FAIL for t in study.get_trials(deepcopy=False)),
         "setup_s": (min(starts) - start) if starts and start is not None else None,
         "profile_s": profile.get("seconds"),
+        # the applicability check, the profile and the planned starts, after the first trials
+        "second_stage_s": (study.user_attrs.get("setup_second_stage") or {}).get("seconds"),
+        "first_end_s": min((t["end_s"] for t in trials), default=None),
         "profile_trial_equivalents": profile.get("trial_equivalents"),
     }
 
@@ -333,7 +336,9 @@ def summary(result: dict) -> list[str]:
     if ran:
         out.append(
             f"study: {f['completed']} completed trials ({f['failed']} failed) in {_wall(ran['end'] - ran['start'])}; "
-            f"set-up (start to first trial) {_wall(f['setup_s'])}; latency profile {_wall(f['profile_s'])} "
+            f"set-up (start to first trial) {_wall(f['setup_s'])}; first trial completed "
+            f"{_wall(f.get('first_end_s'))} from the start; applicability + profile (after the first trials) "
+            f"{_wall(f.get('second_stage_s'))}, of which latency profile {_wall(f['profile_s'])} "
             f"({_f(f['profile_trial_equivalents'], '.2f')} trial-equivalents)"
             + (
                 f"; peak memory {ran['peak_rss_gb']:.2f} GB (largest process)"

@@ -132,9 +132,10 @@ def check_consistent(run: Path, n: int, *, keep: str = "all") -> optuna.Study:
     # every interrupted trial was queued again with the same parameters
     retries = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
     for t in trials:
-        if t.user_attrs.get("fail_category") == "interrupted" and t.params:
+        if t.user_attrs.get("fail_category") == "interrupted" and (t.params or "fixed_plan" in t.user_attrs):
             assert t.number in retries, f"interrupted trial {t.number} was not retried"
             assert retries[t.number].params == t.params
+            assert retries[t.number].user_attrs.get("fixed_plan") == t.user_attrs.get("fixed_plan")
     # nothing half written left, no folder without a completed trial
     debris = [p.name for p in [*run.iterdir(), *(run / "trials").iterdir()] if p.name.startswith(".")]
     assert not debris, debris

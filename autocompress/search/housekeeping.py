@@ -22,6 +22,8 @@ from optuna.trial import TrialState
 from ..faults import crash_point
 from ..optuna_compat import trial_id
 from ..rundir import PARETO, TRIALS
+from .first_trials import FIXED_PLAN
+from .one_shot import POST_TRAINING
 
 TRIAL_FILES = ("model.onnx", "plan.json", "metrics.json", "weights.safetensors")
 
@@ -120,7 +122,8 @@ def discard_dominated_folders(
     return deleted
 
 
-RETRY_KEEPS = ("warm_start", "planned")  # user attrs of a trial that its retry carries
+# user attrs of a trial that its retry carries: what it was, and how it runs (post-training, a fixed plan)
+RETRY_KEEPS = ("warm_start", "planned", POST_TRAINING, FIXED_PLAN)
 
 
 def retry_attrs(user_attrs: dict, number: int) -> dict:
@@ -136,7 +139,8 @@ def recover_interrupted(study: optuna.Study, storage, log, run_dir: Path | None 
         storage.set_trial_user_attr(trial_id(t), "fail_reason", "interrupted: the process running it died")
         storage.set_trial_user_attr(trial_id(t), "fail_category", "interrupted")
         storage.set_trial_state_values(trial_id(t), TrialState.FAIL)
-        if t.params:  # the retry keeps what the trial was (a warm or planned start: predicted vs measured)
+        if t.params or FIXED_PLAN in t.user_attrs:  # the retry keeps what the trial was (a warm or
+            # planned start: predicted vs measured) and runs the same plan
             study.enqueue_trial(
                 t.params, user_attrs=retry_attrs(t.user_attrs, t.number), skip_if_exists=False
             )

@@ -310,6 +310,7 @@ def measure_profile(
     budget_trials: float = BUDGET_TRIALS,
     use_cache: bool = True,
     share_roles: bool = True,
+    given: dict | None = None,
 ) -> dict:
     """The latency + accuracy profile of the run's teacher (see the module doc); written to the run folder.
 
@@ -319,6 +320,8 @@ def measure_profile(
         use_cache: reuse the rows of ``latency_profile.json`` measured for the same key.
         share_roles: a row of the same setting on the same structural role as a measured one copies it
             (the module doc); False measures every row itself.
+        given: rows measured elsewhere, by (layer, setting): the study's first trials ran the whole-model
+            int8 plans (:mod:`.first_trials`), so their rows are not lowered again.
 
     Returns:
         ``{"key", "rows", "seconds", "trial_s", "trial_equivalents", "lowerings", "timed", "reused",
@@ -330,6 +333,7 @@ def measure_profile(
     old = _cached_rows(path, key) if use_cache else {}
     t0 = time.perf_counter()
     rows, reused, skipped = [], 0, 0
+    given = given or {}
     names = [i.name for i in ctx.inventory]
     roles = (
         structural_roles(ctx.teacher, names, ctx.task.example_inputs(), ctx.task.io) if share_roles else {}
@@ -339,7 +343,7 @@ def measure_profile(
     with scratch_dir("ac-profile-") as tmp:
         prof = _Profiler(ctx, Path(tmp), log)
         for layer, label, layers in _items(ctx):
-            prior = old.get((layer, label))
+            prior = given.get((layer, label)) or old.get((layer, label))
             if prior is not None and prior.get("status") != "not measured":
                 rows.append(prior)
                 reused += 1
@@ -371,6 +375,7 @@ def measure_profile(
         "lowerings": prof.lowerings,
         "timed": prof.timed,
         "reused": reused,
+        "from_trials": sum((r["layer"], r["setting"]) in given for r in rows),
         "cache_hits": prof.cache_hits,
         "skipped": skipped,
         "shared": len(members),
@@ -389,12 +394,13 @@ def profile_line(p: dict) -> str:
     shared = (
         f", {p['shared']} taken from the same structural role ({p['roles']} roles)" if p.get("shared") else ""
     )
+    trials = f" ({p['from_trials']} measured by the first trials)" if p.get("from_trials") else ""
     best = max(ok, key=lambda r: r["speedup"], default=None)
     fastest = (
         f"; fastest single change: {best['layer']} {best['setting']} {best['speedup']:.2f}x" if best else ""
     )
     return (
         f"latency profile: {len(p['rows'])} (layer, setting) rows in {cost} ({p['lowerings']} lowerings, "
-        f"{p['timed']} structures timed, {p['cache_hits']} from the latency cache, {p['reused']} rows reused, "
+        f"{p['timed']} structures timed, {p['cache_hits']} from the latency cache, {p['reused']} rows reused{trials}, "
         f"{p['skipped']} over budget{shared}){fastest}"
     )

@@ -4,10 +4,12 @@ What every quantization toolkit does first, in one call and without training: ON
 ``quantize_static`` (QDQ, int8 weights per channel, activation ranges calibrated on data; NNCF's
 ``quantize`` and Olive's CPU post-training defaults do the same to a CNN, depthwise convs included) and
 ``quantize_dynamic`` (int8 weights, activations quantized at run time: MatMul/Gemm, and the embedding
-tables' ``Gather``). A study plans them before the profile's plans (:func:`one_shot_plans`, called by
-:func:`.planned.make_plans`), each marked post-training (the user attr :data:`POST_TRAINING`: the trial's
-plan has 0 fine-tune steps), so that after its first trials the front holds what the one-liner would
-give, measured on the device like every trial, whatever the profile predicted.
+tables' ``Gather``). A study runs them as its first trials, right after the baseline and before the
+applicability check and the profile (:func:`one_shot_plans` without a profile, enqueued by
+:mod:`.first_trials`), each marked post-training (the user attr :data:`POST_TRAINING`: the trial's plan
+has 0 fine-tune steps), so that within minutes of the start the front holds what the one-liner would
+give, measured on the device like every trial. The profile's plans (:func:`.planned_starts.make_plans`)
+skip the structures these trials measured.
 
 * ``int8 static everywhere``: every layer whose domain offers 8-bit static (convs, Linear layers, and
   the embedding tables where the backend stores them below float, weight-only) at 8 bits, static.
@@ -16,9 +18,9 @@ give, measured on the device like every trial, whatever the profile predicted.
   float. Planned only where the dynamic layers carry at least :data:`LINEAR_SHARE` of the model's MACs
   (a Linear/MatMul-heavy model): on a CNN it would be the float model with an int8 classifier.
 
-The profile's whole-model rows (``all 8-bit``, ``all 8-bit dynamic``: :func:`uniform_layers` is both)
-are the plans' predictions; a plan whose row was not measured is predicted as the float model
-(``unprofiled``).
+Planned from a profile, the profile's whole-model rows (``all 8-bit``, ``all 8-bit dynamic``:
+:func:`uniform_layers` is both) are the plans' predictions; a plan whose row was not measured is
+predicted as the float model (``unprofiled``). Planned first, before any profile, they have none.
 """
 
 from __future__ import annotations
@@ -90,13 +92,16 @@ def _predicted(row: dict | None, baseline: dict) -> dict:
     }
 
 
-def one_shot_plans(space, inventory, profile: dict) -> list[Planned]:
-    """The post-training int8-everywhere plans (static, then dynamic where the model is Linear-heavy)."""
+def one_shot_plans(space, inventory, profile: dict | None = None) -> list[Planned]:
+    """The post-training int8-everywhere plans (static, then dynamic where the model is Linear-heavy).
+
+    ``profile``: the latency profile, whose whole-model rows predict the plans; None (the study's first
+    trials, planned before any profile): no prediction (``predicted`` is empty)."""
     out = []
     for name, layers in uniform_layers(space, inventory):
         if name == DYNAMIC and not linear_heavy(inventory, layers):
             continue
-        predicted = _predicted(whole_row(profile, name), profile["baseline"])
+        predicted = _predicted(whole_row(profile, name), profile["baseline"]) if profile is not None else {}
         choices = [f"{name} ({len(layers)} layers), post-training"]
         out.append(
             Planned(name, {k: dict(v) for k, v in layers.items()}, predicted, choices, post_training=True)

@@ -4,7 +4,7 @@ measured."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import optuna
 
@@ -59,11 +59,14 @@ def tuning_differs(ctx: RunContext, plan: Plan, post_model) -> bool:
     return recoverable(ctx.teacher, post_model, plan)
 
 
-def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
+def make_plans(ctx: RunContext, profile: dict, n: int, measured: Sequence[Planned] = ()) -> list[Planned]:
     """At most ``n`` plans of different structure: the peers' one-call answers first
     (:func:`.one_shot.one_shot_plans`, post-training), the int8 plan with its most sensitive layers kept
     float (:func:`.one_shot_mixed.mixed_plan`, post-training), then the profile's
     (:func:`.planner.plan_candidates`).
+
+    ``measured``: the plans the study's first trials ran before the profile (:mod:`.first_trials`): a plan
+    of the same structure as one of them is not planned again (listed in its ``merged``).
 
     A one-shot plan and a fine-tuned plan of the same structure are two experiments (other weights) and
     both stay only where the fine-tuned trial can end with other weights (:func:`tuning_differs`): a
@@ -74,9 +77,10 @@ def make_plans(ctx: RunContext, profile: dict, n: int) -> list[Planned]:
     mixed = mixed_plan(ctx.space, ctx.inventory, profile, drop)
     first += [mixed] if mixed is not None else []
     plans = merge_same_structure(
-        [*first, *plan_candidates(profile, ctx.space, drop)], lambda p: _structure(ctx, p)
+        [*measured, *first, *plan_candidates(profile, ctx.space, drop)], lambda p: _structure(ctx, p)
     )
-    return [p for p in plans if p.layers][:n]
+    ran = {id(p) for p in measured}
+    return [p for p in plans if p.layers and id(p) not in ran][:n]
 
 
 # a plan that removes channels reaches its widths gradually over the first half of fine-tuning
@@ -94,11 +98,20 @@ def plan_schedule(planned: Planned) -> dict:
 
 
 def enqueue_planned(
-    ctx: RunContext, study: optuna.Study, n: int, log: Callable[[str], None], trial_s: float | None
+    ctx: RunContext,
+    study: optuna.Study,
+    n: int,
+    log: Callable[[str], None],
+    trial_s: float | None,
+    measured: Sequence[Planned] = (),
+    given: dict | None = None,
 ) -> list[Planned]:
-    """Profile the teacher, plan, and enqueue up to ``n`` planned trials (user attr ``planned``)."""
-    profile = measure_profile(ctx, log, trial_s=trial_s)
-    plans = make_plans(ctx, profile, n)
+    """Profile the teacher, plan, and enqueue up to ``n`` planned trials (user attr ``planned``).
+
+    ``measured``: the plans the study's first trials ran (not planned again); ``given``: profile rows
+    those trials measured (:func:`~.latency_profile.measure_profile`'s ``given``)."""
+    profile = measure_profile(ctx, log, trial_s=trial_s, given=given)
+    plans = make_plans(ctx, profile, n, measured)
     study.set_user_attr("latency_profile", {k: v for k, v in profile.items() if k != "rows"})
     for p in plans:
         params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))
@@ -118,16 +131,18 @@ def enqueue_planned(
             f"{p.predicted['size_ratio']:.2f}x smaller, drop {p.predicted['metric_drop']:+.4f} ({when}): "
             f"{', '.join(p.choices)}"
         )
-    if not plans:
+    if not plans and not measured:
         log("planned starts: the profile shows no change that fits the budget; the sampler starts alone")
+    elif not plans:
+        log("planned starts: the profile plans nothing the first trials have not measured")
     return plans
 
 
 def prediction_errors(user_attrs: dict) -> dict[str, float] | None:
     """A completed planned trial's measured minus predicted ``metric_drop``, ``speedup``, ``size_ratio``."""
     planned = user_attrs.get("planned")
-    if not planned or "speedup" not in user_attrs:
-        return None
+    if not planned or "speedup" not in user_attrs or any(k not in planned for k in COMPARED):
+        return None  # not planned, not measured, or planned without a prediction (the first trials)
     return {k: float(user_attrs[k]) - float(planned[k]) for k in COMPARED}
 
 

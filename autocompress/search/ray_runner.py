@@ -47,6 +47,7 @@ from ..errors import ConfigError, MissingDependencyError
 from ..optuna_compat import storage_of
 from ..pareto import OBJECTIVES, objectives_for
 from ..rundir import RAY, TEACHER_META, baseline_metrics_file, trial_dir
+from .first_trials import complete_setup, setup_pending
 from .preflight import trial_target
 from .progress import Progress
 from .run_setup import open_run
@@ -236,6 +237,8 @@ def run_study_ray(
         # every result holds the searcher's metrics does not apply (its documented switch)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with open_run(cfg, log) as (ctx, study):
+        if setup_pending(study):  # the first trials stay first in the queue; Tune runs them in parallel
+            complete_setup(ctx, study, log)  # with the sampler's, so the driver sets the rest up before
         run_dir = ctx.run_dir.resolve()
         # "local": a Ray instance started for this run only (no cluster)
         ray.init(

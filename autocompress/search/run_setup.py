@@ -41,6 +41,7 @@ from ..space import SearchSpace
 from ..tasks import Task, load_task, validate_task
 from .costs import estimate_trial_s
 from .defaults import apply_finetune_default, apply_space_default, apply_time_budget
+from .first_trials import EARLY, SETUP_STAGE, enqueue_first, finish_setup
 from .housekeeping import (
     SetupUndo,
     clean_run_dir,
@@ -52,7 +53,6 @@ from .multifidelity import make_pruner
 from .preflight import check_budgets, check_model_rules, check_output, check_override_patterns, check_storage
 from .samplers import make_sampler
 from .storage import check_storage_url, make_storage
-from .study_narrowing import narrow_by_applicability, narrow_by_sensitivity
 
 
 def directions_for(task: Task) -> list[str]:
@@ -258,7 +258,9 @@ def _log_held_out(ctx: RunContext, log: Callable[[str], None]) -> None:
 
 
 def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = False) -> optuna.Study:
-    """Create or load the study; on creation store the run's facts and enqueue the warm starts.
+    """Create or load the study; on creation store the run's facts and enqueue the first trials (the
+    peers' one-call answers, :mod:`.first_trials`), or, when a study plans none, set it up whole
+    (applicability, warm starts).
 
     ``shared``: other workers run trials of this study right now, so RUNNING trials are not ours to
     recover; Optuna's heartbeat finds the dead ones instead (see :mod:`.storage`).
@@ -295,35 +297,13 @@ def _study(ctx: RunContext, sampler, log: Callable[[str], None], shared: bool = 
         )
         study.set_user_attr("inventory", [i.to_dict() for i in ctx.inventory])
         study.set_user_attr("environment", environment(ctx.backend))
-        narrow_by_applicability(ctx, study, log)
-        sensitivity = None
-        if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
-            from ..inspection import analyze
-
-            sensitivity = analyze(ctx, log=log)
-        if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
-            narrow_by_sensitivity(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
-        warm_starts, planned = cfg.trials.starts()
-        for ws in warm_starts:
-            params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
-            params.update(
-                ctx.space.plan_params(
-                    schedule_kind=ws.schedule, kd_temperature=ws.kd_temperature, kd_alpha=ws.kd_alpha
-                )
-            )
-            study.enqueue_trial(params, user_attrs={"warm_start": ws.model_dump_json()})
-        if cfg.trials.sensitivity_start is not None:
-            from ..inspection import gentle_plan
-
-            gentle = gentle_plan(sensitivity, cfg.trials.sensitivity_start)
-            study.enqueue_trial(
-                ctx.space.params_from_layers(ctx.inventory, gentle),
-                user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
-            )
-        if planned:
-            from .planned_starts import enqueue_planned
-
-            enqueue_planned(ctx, study, planned, log, (ctx.trial_estimate or {}).get("total"))
+        _, planned = cfg.trials.starts()
+        first = []
+        if planned:  # the peers' one-call answers first; the rest of the set-up after them
+            study.set_user_attr(SETUP_STAGE, EARLY)
+            first = enqueue_first(ctx, study, planned, log)
+        if not first:
+            finish_setup(ctx, study, log)
     if not shared:
         recover_interrupted(study, storage, log, ctx.run_dir)
     return study

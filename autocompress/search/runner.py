@@ -28,6 +28,7 @@ from ..plan import Plan
 from ..rundir import trial_dir
 from ..tasks import Task
 from .costs import _fmt_s, score_front_fully
+from .first_trials import FIXED_PLAN, complete_setup, setup_due
 from .housekeeping import discard_dominated_folders, retry_attrs
 from .multifidelity import Fidelity
 from .one_shot import POST_TRAINING
@@ -52,17 +53,21 @@ def suggest_plan(ctx: RunContext, trial: optuna.Trial) -> Plan:
     """The trial's plan (every parameter suggested), also stored in the trial's user attrs.
 
     A trial enqueued as post-training (user attr ``post_training``: the one-shot int8 starts) gets 0
-    fine-tune steps."""
+    fine-tune steps; one enqueued with its plan (user attr ``fixed_plan``: the study's first trials,
+    :mod:`.first_trials`) runs that plan and suggests no parameter."""
     cfg = ctx.config
     post_training = bool(trial.user_attrs.get(POST_TRAINING))
-    plan = ctx.space.suggest(
-        trial,
-        ctx.inventory,
-        epochs=cfg.finetune.epochs,
-        steps=0 if post_training else cfg.finetune.steps,
-        lr=cfg.finetune.lr,
-        seed=cfg.seed,
-    )
+    if FIXED_PLAN in trial.user_attrs:
+        plan = Plan.from_dict(trial.user_attrs[FIXED_PLAN])
+    else:
+        plan = ctx.space.suggest(
+            trial,
+            ctx.inventory,
+            epochs=cfg.finetune.epochs,
+            steps=0 if post_training else cfg.finetune.steps,
+            lr=cfg.finetune.lr,
+            seed=cfg.seed,
+        )
     if cfg.finetune.lr_schedule != plan.lr_schedule:
         plan = dataclasses.replace(plan, lr_schedule=cfg.finetune.lr_schedule)
     trial.set_user_attr("plan", plan.to_dict())
@@ -263,6 +268,13 @@ def _loop(ctx: RunContext, study: optuna.Study, n_target: int, stop_after: int |
             return "timeout"
         if stop_after is not None and ran >= stop_after:
             return "stop_after"
+        if setup_due(study):  # the first trials are done: the applicability check and the profile
+            t0 = time.perf_counter()
+            complete_setup(ctx, study, log)
+            left = run_remaining()
+            budget = f"; {_fmt_s(max(left, 0.0))} of the wall-time budget left" if left is not None else ""
+            log(f"the rest of the set-up took {_fmt_s(time.perf_counter() - t0)}{budget}")
+            continue
         trial = study.ask()
         ran += 1
         ctx.trials_left = n_target - done

@@ -9,6 +9,10 @@ What keeps N workers honest is Optuna's:
   :func:`optuna.storages.fail_stale_trials`, which fails the trials of dead workers (no heartbeat within
   the grace period) and, through :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`, queues a copy
   of each (same parameters) that the next ``ask`` picks up;
+* the study's first trials (the peers' one-call answers) are enqueued by the worker that creates the
+  study; the first worker that finds none of them waiting runs the rest of the set-up (applicability,
+  profile, planned starts: :mod:`.first_trials`) under the run folder's set-up lock, once, while the
+  others finish theirs or wait for it, then narrow their own space from the study;
 * a worker asks only while ``completed + running < trials.n``; this check and the ask hold the run
   folder's ``ask.lock`` (a file lock, shared by the hosts that mount the run folder), so the study stops
   at exactly ``trials.n`` completed trials. A worker whose host cannot see that lock can overshoot by at
@@ -31,6 +35,7 @@ from ..config import StudyConfig
 from ..deadline import run_clock, run_remaining
 from ..optuna_compat import fail_stale_trials, first_heartbeat, heartbeat, storage_of, trial_id
 from ..rundir import ASK_LOCK, SETUP_LOCK, TRIALS, trial_dir
+from .first_trials import complete_setup, setup_due, sync_domains
 from .preflight import trial_target
 from .progress import Progress
 from .repeats import is_repeat
@@ -57,20 +62,24 @@ def _remove_partial_folders(study: optuna.Study, run_dir: Path) -> None:
         shutil.rmtree(trials_dir / f"{t.number:05d}", ignore_errors=True)
 
 
-def _next_trial(study: optuna.Study, n_target: int, run_dir: Path) -> tuple[optuna.Trial | None, bool]:
-    """(trial to run or None, whether the study is done). Call holding the ask lock."""
+def _next_trial(ctx, study: optuna.Study, n_target: int) -> tuple[optuna.Trial | None, bool, bool]:
+    """(trial to run or None, whether the study is done, whether the set-up's second stage is due: the
+    first trials all started, :mod:`.first_trials`). Call holding the ask lock."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fail_stale_trials is experimental; ask warns about heartbeats
         fail_stale_trials(study)
-        _remove_partial_folders(study, run_dir)
+        _remove_partial_folders(study, ctx.run_dir)
         counts = _counts(study)
         if counts[TrialState.COMPLETE] >= n_target:
-            return None, True
+            return None, True, False
         if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= n_target:
-            return None, False  # enough trials under way: wait for them (one may die and come back)
+            return None, False, False  # enough trials under way: wait for them (one may die and come back)
+        if setup_due(study):  # the sampler must not ask in domains the stage has yet to narrow
+            return None, False, True
+        sync_domains(ctx, study)  # narrowed by the worker that ran the second stage
         trial = study.ask()
         first_heartbeat(trial, study)  # inside the ask lock: no RUNNING trial is left without a beat
-        return trial, False
+        return trial, False, False
 
 
 def run_worker(
@@ -100,9 +109,12 @@ def run_worker(
                 log(f"wall-time budget of {cfg.trials.timeout_s:g} s (this worker's set-up included) reached")
                 break
             with gate:
-                trial, finished = _next_trial(study, n_target, ctx.run_dir)
+                trial, finished, setup = _next_trial(ctx, study, n_target)
             if finished:
                 break
+            if setup:  # the first worker here runs the set-up's second stage; the others wait for it
+                complete_setup(ctx, study, log)
+                continue
             if trial is None:
                 time.sleep(poll_s)
                 continue

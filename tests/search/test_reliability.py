@@ -83,30 +83,54 @@ def test_kill_at_every_point_then_resume(tmp_path):
 
 def test_killed_during_the_latency_profile_leaves_nothing_in_the_temp_folder(tmp_path):
     """The profile's artifacts and the timing inputs live in the run folder's scratch folder, which the
-    next run clears: a SIGKILL leaves nothing in the system's temp folder; the retry of the planned
-    trial that was killed keeps its planned record (predicted vs measured)."""
-    path, run = study_file(tmp_path, trials={"n": 1, "planned_starts": 1}, budgets={"max_metric_drop": 0.5})
+    next run clears: a SIGKILL leaves nothing in the system's temp folder; the profile (after the first
+    trial, int8 everywhere) runs again on resume; the retry of the planned trial that was killed keeps its
+    planned record (predicted vs measured)."""
+    path, run = study_file(tmp_path, trials={"n": 2, "planned_starts": 2}, budgets={"max_metric_drop": 0.5})
     tmp, env = private_temp(tmp_path)
     proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "profile"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not ours(tmp), ours(tmp)
     assert [p.name.split("-")[1] for p in (run / SCRATCH).iterdir()] == ["profile"]
+    study = load(run)
+    assert study.trials[0].state == TrialState.COMPLETE and "fixed_plan" in study.trials[0].user_attrs
+    assert study.user_attrs["setup_stage"] == "early"  # the set-up's second stage is still due
     # killed inside the planned trial (writing its artifact: its latency may come from the profile's
     # cache, so it need not be timed at all)
-    proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "artifact_write@0"})
+    proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "artifact_write@1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not ours(tmp), ours(tmp)
     study = load(run)
-    assert study.trials[0].state == TrialState.RUNNING
-    assert "planned" in study.trials[0].user_attrs, study.trials[0].user_attrs
+    assert study.user_attrs["setup_stage"] == "done"
+    assert study.trials[1].state == TrialState.RUNNING
+    assert "planned" in study.trials[1].user_attrs, study.trials[1].user_attrs
     final = cli("run", path, env=env)
     assert final.returncode == 0, final.stderr[-3000:]
     assert not ours(tmp) and not (run / SCRATCH).exists()
+    assert "latency profile:" not in final.stdout  # the second stage ran once
     study = load(run)
-    retry = study.trials[1]
-    assert retry.user_attrs["retry_of"] == 0 and retry.state == TrialState.COMPLETE
-    assert retry.user_attrs["planned"] == study.trials[0].user_attrs["planned"]
-    assert f"planned trial 1 ('{retry.user_attrs['planned']['name']}')" in final.stdout
+    retry = study.trials[2]
+    assert retry.user_attrs["retry_of"] == 1 and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["planned"] == study.trials[1].user_attrs["planned"]
+    assert f"planned trial 2 ('{retry.user_attrs['planned']['name']}')" in final.stdout
+
+
+def test_a_first_trial_killed_is_retried_with_its_plan(tmp_path):
+    """A first trial (a fixed plan, no Optuna parameters) killed mid-way is queued again with its plan
+    and post-training mark, and runs before the set-up's second stage."""
+    path, run = study_file(tmp_path, trials={"n": 2, "planned_starts": 2}, budgets={"max_metric_drop": 0.5})
+    tmp, env = private_temp(tmp_path)
+    proc = cli("run", path, env={**env, "AUTOCOMPRESS_CRASH_AT": "measure@0"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    final = cli("run", path, env=env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    study = check_consistent(run, 2)
+    first, retry = study.trials[0], study.trials[1]
+    assert first.state == TrialState.FAIL and retry.user_attrs["retry_of"] == 0
+    assert retry.state == TrialState.COMPLETE and retry.params == {}
+    assert retry.user_attrs["plan"] == first.user_attrs["fixed_plan"] == retry.user_attrs["fixed_plan"]
+    assert retry.user_attrs["post_training"] and retry.user_attrs["plan"]["steps"] == 0
+    assert final.stdout.index("[1/2] trial 1") < final.stdout.index("latency profile:")
 
 
 def test_sigkill_from_outside_at_a_random_moment(tmp_path):
