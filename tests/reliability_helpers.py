@@ -22,6 +22,10 @@ TRIAL_FILES = {"model.onnx", "plan.json", "metrics.json", "weights.safetensors"}
 # not depend on how tight a latency's confidence interval is, and a machine-wide device lock serializes
 # every timing on the host (the default rounds run 0.5-3 s per trial and baseline)
 QUICK_TIMING = {"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}
+# backend options timing in the search process instead of a timing worker (``isolate: false``): for the
+# tests that check no latency and nothing of the worker, it spares every run the worker's start (a second
+# interpreter importing torch and the package: seconds of CPU beside the run's own on a 2-core runner)
+NO_TIMING_WORKER = {"isolate": False}
 
 
 def study_file(tmp_path: Path, name: str = "rel", **changes) -> tuple[Path, Path]:

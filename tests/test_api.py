@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from reliability_helpers import QUICK_TIMING, cli_here
+from reliability_helpers import NO_TIMING_WORKER, QUICK_TIMING, cli_here
 from torch import nn
 
 import autocompress
@@ -33,7 +33,7 @@ def result(tmp_path_factory):
         task=TASK,
         space={"overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}}},
         finetune={"epochs": 1, "threads": 1},
-        backend={"options": {"timing": dict(QUICK_TIMING)}},
+        backend={"options": {"timing": dict(QUICK_TIMING), **NO_TIMING_WORKER}},
         sampler={"name": "random"},
         budgets={"max_metric_drop": BUDGET},
         trials={"n": 4, "warm_start": [{"bits": 8}, {"bits": 32}], "eval_samples": EVAL_SAMPLES},

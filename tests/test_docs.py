@@ -3,7 +3,7 @@ architecture page names modules that exist, and every code block of the README a
 
 Code blocks, per page in order, in one fresh folder per page (two pages at a time: :func:`page_outcomes`):
 
-* ```` ```python ````: run as a script (with at most 2 trials per study: :data:`TINY_PRELUDE`);
+* ```` ```python ````: run as a script (with at most 2 trials per study, on one thread: :data:`TINY_PRELUDE`);
   after ``<!-- file: NAME -->`` it is written to NAME (and compiled) instead, for later blocks to use.
 * ```` ```yaml ````: parsed; a study file (``name`` and ``task``) is validated with ``load_config`` (in
   the test's process); after ``<!-- file: NAME -->`` it is written to NAME for later blocks to run.
@@ -61,8 +61,9 @@ def _tiny_task_options(name, options):
 _namespace: dict = {}
 exec(TINY_TASK_OPTIONS, _namespace)
 _tiny_task_options = _namespace["_tiny_task_options"]
-# Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch, no planned
-# starts, short timing sessions (the examples themselves ask for what a user would).
+# Put before every Python block: each study it runs stops at 2 trials, 1 fine-tuning epoch on one thread,
+# no planned starts, short timing sessions in the study's own process (no timing worker) (the examples
+# themselves ask for what a user would).
 TINY_PRELUDE = f"""\
 import autocompress as _ac
 
@@ -75,19 +76,25 @@ def _tiny(cfg):
         cfg.task.options = {{**cfg.task.options, **_tiny_task_options(cfg.task.name, cfg.task.options)}}
     cfg.trials.n = min(cfg.trials.n, 2)
     cfg.trials.planned_starts = 0
+    cfg.finetune.threads = 1
     if cfg.finetune.steps is None:
         cfg.finetune.epochs = min(cfg.finetune.epochs, 1)
     else:
         cfg.finetune.steps = min(cfg.finetune.steps, 20)
-    cfg.backend.options = {{**cfg.backend.options, "timing": {{"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}}}
+    cfg.backend.options = {{
+        **cfg.backend.options, "timing": {{"warmup_s": 0.05, "min_s": 0.1, "max_s": 0.5}}, "isolate": False
+    }}
     return cfg
 
 _run_study = _ac.run_study
 _ac.run_study = lambda cfg, *args, **kwargs: _run_study(_tiny(cfg), *args, **kwargs)
 """
+# After every Python block: what is alive is frozen, so that the interpreter's last garbage collection
+# does not walk torch's whole heap just before the process ends (as the ``autocompress`` program does).
+TINY_EPILOGUE = "\n\nimport gc as _gc\n\n_gc.freeze()\n"
 TINY_FLAGS = (
-    "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1"
-    " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}'"
+    "--set trials.n=2 --set trials.planned_starts=0 --set finetune.epochs=1 --set finetune.threads=1"
+    " --set 'backend.options.timing={warmup_s: 0.05, min_s: 0.1, max_s: 0.5}' --set backend.options.isolate=false"
 )
 
 
@@ -126,7 +133,10 @@ def blocks(page: Path) -> list[Block]:
 
 def _env(folder: Path) -> dict[str, str]:
     path = os.pathsep.join([str(folder), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg"}
+    # one torch (OpenMP) thread per process: PAGE_WORKERS pages run at once, one per core (two pages of
+    # two-thread processes on 2 cores spin on each other's cores)
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "MPLBACKEND": "Agg", **threads}
 
 
 def _task_flags(study: str, folder: Path | None) -> str:
@@ -205,7 +215,7 @@ def run_block(block: Block, folder: Path) -> str | None:
             compile(block.code, block.file, "exec")
             return None
         script = folder / f"_block_{block.index}.py"
-        script.write_text(TINY_PRELUDE + "\n" + block.code)
+        script.write_text(TINY_PRELUDE + "\n" + block.code + TINY_EPILOGUE)
         return _run([sys.executable, script.name], folder)
     if block.lang == "yaml":
         data = yaml.safe_load(block.code)

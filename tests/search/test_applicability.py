@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
-from reliability_helpers import QUICK_TIMING
+from reliability_helpers import NO_TIMING_WORKER, QUICK_TIMING
 from torch import nn
 
 from autocompress.backends import OnnxRuntimeBackend
@@ -346,7 +346,8 @@ def test_study_on_torch_transformer_narrows_before_the_first_trial_and_no_trial_
         "task": {"name": None},
         "space": {"file": str(SPACE)},
         "finetune": {"epochs": 1},
-        "backend": {"options": {"timing": dict(QUICK_TIMING)}},  # latency is not what this test checks
+        # latency is not what this test checks: short rounds, in this process
+        "backend": {"options": {"timing": dict(QUICK_TIMING), **NO_TIMING_WORKER}},
         "sampler": {"name": "random"},
         "trials": {
             "n": 4,
@@ -359,7 +360,9 @@ def test_study_on_torch_transformer_narrows_before_the_first_trial_and_no_trial_
     summary = run_study(load_config(tmp_path / "mha.yaml"), task=_task("torch_transformer"), log=lines.append)
     first_trial = next(i for i, line in enumerate(lines) if "trial 0" in line)
     head = "\n".join(lines[:first_trial])
-    assert "applicability: 54 (technique, layer) pairs checked" in head  # 46 + dynamic int8 per Linear and "9 excluded" in head
+    assert (
+        "applicability: 54 (technique, layer) pairs checked" in head
+    )  # 46 + dynamic int8 per Linear and "9 excluded" in head
     assert "coverage: the search can change 62.5% of the model's parameters" in head
     study = summary.study
     assert study.user_attrs["narrowed_domains"]["rank.encoder.layers.0.self_attn.out_proj"] == {"fixed": 1.0}

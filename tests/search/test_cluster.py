@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import ROOT, cli_env
 from optuna.trial import TrialState
-from reliability_helpers import QUICK_TIMING, cli_here
+from reliability_helpers import NO_TIMING_WORKER, QUICK_TIMING, cli_here
 
 from autocompress.search.repeats import REPEAT_OF
 
@@ -49,6 +49,8 @@ def _study_file(tmp_path: Path, name: str, n: int, **changes) -> tuple[Path, Pat
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 2, "threads": 1},
+        # each trial's timing worker also keeps its trial running for seconds after its folder appears:
+        # the Ray tests kill the node once two trials have folders (without one, trials are gone first)
         "backend": {"options": {"timing": dict(QUICK_TIMING)}},
         "budgets": {"max_metric_drop": 0.2},
         "sampler": {"name": "random"},
@@ -74,7 +76,7 @@ def _wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | N
     t0 = time.monotonic()
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+            raise AssertionError(f"{proc.args[:4]} exited ({proc.returncode}) before {what}")
         if time.monotonic() - t0 > timeout_s:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
@@ -123,6 +125,11 @@ def _ray_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     )
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _kill_node(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
@@ -142,14 +149,17 @@ def ray_cluster(tmp_path):
         env,
         tmp_path / "head.log",
     )
-    time.sleep(2)
+    _wait_for(lambda: _listening(port), 60, "the head node's port", head)  # then the worker can join
     worker = _ray_node(["--address", f"127.0.0.1:{port}"], env, tmp_path / "worker.log")
     try:
         yield {"address": f"127.0.0.1:{port}", "env": env, "head": head, "worker": worker}
     finally:
         for node in (worker, head):
             _kill_node(node, signal.SIGTERM)
-        time.sleep(1)
+        deadline = time.monotonic() + 1  # a second to stop on their own, then killed
+        for node in (worker, head):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=max(0.0, deadline - time.monotonic()))
         for node in (worker, head):
             _kill_node(node, signal.SIGKILL)
             node.wait(timeout=30)
@@ -231,6 +241,8 @@ def test_two_workers_share_a_journal_and_survive_a_killed_worker(tmp_path):
         n,
         storage=f"journal://{journal}",
         workers={"heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 2},
+        # no latency checked: no timing worker beside each worker (the kill waits on RUNNING trials)
+        backend={"options": {"timing": dict(QUICK_TIMING), **NO_TIMING_WORKER}},
     )
     journal.parent.mkdir()
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))

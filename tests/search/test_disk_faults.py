@@ -61,7 +61,7 @@ def _check_resumed(run: Path, n: int, failed: int) -> None:
 
 
 def test_disk_full_fault_stops_the_study_then_resumes(tmp_path):
-    path, run = study_file(tmp_path, trials={"n": 4, "max_failures": 5})
+    path, run = study_file(tmp_path, trials={"n": 4, "max_failures": 5}, backend__options__isolate=False)
     proc = cli("run", path, env={"AUTOCOMPRESS_FAULT": "disk_full@2"})
     line = _one_error_line(proc)
     assert line.startswith("error: RunFolderUnwritable: cannot write the trial folder in ")
@@ -102,7 +102,7 @@ def _fill(filler: Path) -> int:
 
 
 def test_real_full_disk_then_read_only_folder(tmp_path):
-    path, run = study_file(tmp_path, trials={"n": 2, "max_failures": 5})
+    path, run = study_file(tmp_path, trials={"n": 2, "max_failures": 5}, backend__options__isolate=False)
     with _tmpfs(run / "trials", "8m"):
         # the disk is full: the first trial fails writing its artifact, the study stops at once
         filler = run / "trials" / "filler"

@@ -142,6 +142,7 @@ def test_two_workers_on_postgres_survive_a_killed_worker(tmp_path, server_url):
         trials={"n": n},
         storage=url,
         workers={"heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 2},
+        backend__options__isolate=False,  # no latency checked: no timing worker beside each worker
     )
     workers = [_worker(path, tmp_path / f"w{i}.log") for i in range(2)]
 
@@ -181,6 +182,7 @@ def test_database_restart_mid_study(tmp_path, own_server):
         storage=url,
         # the retry window from the study file (workers.storage_retry_s); outages are scaled to it
         workers={"heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 3, "storage_retry_s": RETRY_S},
+        backend__options__isolate=False,  # no latency checked: no timing worker beside each worker
     )
     # 1. down within the retry window (5 s of 30 s: five heartbeat intervals, three failed reconnects):
     # both workers wait, reconnect and go on
@@ -318,7 +320,7 @@ def test_the_documented_postgresql_url_with_a_password_runs_and_never_shows_it(t
     url = db.set(drivername="postgresql", password=SECRET).render_as_string(hide_password=False)
     assert url.startswith("postgresql://") and SECRET in url
     assert make_url(url).get_dialect().driver == "psycopg"  # what the plain form needs
-    path, run = study_file(tmp_path, "pgplain", trials={"n": 1}, storage=url)
+    path, run = study_file(tmp_path, "pgplain", trials={"n": 1}, storage=url, backend__options__isolate=False)
     proc = subprocess.run(
         [sys.executable, "-m", "autocompress.cli", "run", str(path)],
         capture_output=True,

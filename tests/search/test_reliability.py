@@ -156,7 +156,7 @@ def test_sigkill_from_outside_at_a_random_moment(tmp_path):
 
 def test_faulty_trials_fail_alone_with_a_reason(tmp_path):
     # the hanging trial waits out trials.trial_timeout_s; the others take well under a second here
-    path, run = study_file(tmp_path, trials={"n": 3, "trial_timeout_s": 3.0})
+    path, run = study_file(tmp_path, trials={"n": 3, "trial_timeout_s": 3.0}, backend__options__isolate=False)
     faults = "raise@1,nan@2,export@3,ort_load@4,hang@5"
     proc = cli("run", path, env={"AUTOCOMPRESS_FAULT": faults})
     assert proc.returncode == 0, proc.stderr[-3000:]

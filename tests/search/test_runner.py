@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, cli_env
-from reliability_helpers import QUICK_TIMING, cli_here
+from reliability_helpers import NO_TIMING_WORKER, QUICK_TIMING, cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,9 @@ def _study(tmp_path, name="tiny", **changes) -> tuple:
             "overrides": {"sparsity": {"low": 0.0, "high": 0.5, "step": 0.1}},
         },
         "finetune": {"epochs": 1},
-        # short timing rounds: these tests check the run folder, resumes and budgets, not latencies
-        "backend": {"options": {"timing": dict(QUICK_TIMING)}},
+        # short timing rounds, no timing worker: these tests check the run folder, resumes and budgets,
+        # not latencies
+        "backend": {"options": {"timing": dict(QUICK_TIMING), **NO_TIMING_WORKER}},
         "sampler": {"name": "random"},
         "trials": {"n": 4, "warm_start": [{"bits": 8}]},  # explicit: no planned starts (profile)
         "output": str(tmp_path / "run"),
@@ -123,7 +124,7 @@ def test_run_writes_the_run_folder_and_resumes(tmp_path):
         plan = json.loads((folder / "plan.json").read_text())
         assert plan == study.trials[rec["trial"]].user_attrs["plan"]
 
-    again = _cli("run", study_file)  # a complete study runs nothing more
+    again = cli_here("run", study_file)  # a complete study runs nothing more (here: no new process)
     assert "nothing to run" in again.stdout and len(_load(run).trials) == 4
 
     report = cli_here("report", run)
