@@ -1,5 +1,6 @@
 """What a run costs and the front's final scores: the per-trial estimate printed before the search,
-and the whole-eval-set scores of the front's models when the search compared them on a subset."""
+the latency profile's cost line, and the whole-eval-set scores of the front's models when the search
+compared them on a subset."""
 
 from __future__ import annotations
 
@@ -77,3 +78,23 @@ def estimate_trial_s(ctx: RunContext, log: Callable[[str], None]) -> dict[str, f
         f"timing {est['measure']:.1f} s); {cfg.trials.n} trials ~ {_fmt_s(est['total'] * cfg.trials.n)}"
     )
     return est
+
+
+def profile_line(p: dict) -> str:
+    """One line: what the profile measured and what it cost."""
+    te = p.get("trial_equivalents")
+    cost = f"{p['seconds']:.1f} s" + (f" = {te:.2f} trial-equivalents" if te is not None else "")
+    ok = [r for r in p["rows"] if r.get("status") == "ok"]
+    shared = (
+        f", {p['shared']} taken from the same structural role ({p['roles']} roles)" if p.get("shared") else ""
+    )
+    trials = f" ({p['from_trials']} measured by the first trials)" if p.get("from_trials") else ""
+    best = max(ok, key=lambda r: r["speedup"], default=None)
+    fastest = (
+        f"; fastest single change: {best['layer']} {best['setting']} {best['speedup']:.2f}x" if best else ""
+    )
+    return (
+        f"latency profile: {len(p['rows'])} (layer, setting) rows in {cost} ({p['lowerings']} lowerings, "
+        f"{p['timed']} structures timed, {p['cache_hits']} from the latency cache, {p['reused']} rows reused{trials}, "
+        f"{p['skipped']} over budget{shared}){fastest}"
+    )

@@ -49,6 +49,7 @@ from ..pipeline import compress
 from ..plan import LayerPlan, Plan
 from ..rundir import LATENCY_PROFILE, write_json
 from ..scratch import scratch_dir
+from .costs import profile_line
 from .one_shot import PROFILE_LABELS, uniform_layers
 from .one_shot_mixed import SENSITIVITY
 from .roles import role_key, structural_roles
@@ -302,6 +303,12 @@ def _over_budget(spent: float, trial_s: float | None, budget_trials: float) -> s
     return None
 
 
+def _roles(ctx: RunContext) -> dict[str, str]:
+    """Layer -> structural role (:mod:`.roles`) of the run's inventory."""
+    names = [i.name for i in ctx.inventory]
+    return structural_roles(ctx.teacher, names, ctx.task.example_inputs(), ctx.task.io)
+
+
 def measure_profile(
     ctx: RunContext,
     log: Callable[[str], None] = print,
@@ -330,20 +337,17 @@ def measure_profile(
     """
     path = ctx.run_dir / LATENCY_PROFILE
     key = profile_key(ctx)
-    old = _cached_rows(path, key) if use_cache else {}
+    given = given or {}
+    old = {**(_cached_rows(path, key) if use_cache else {}), **given}  # the first trials' rows first
     t0 = time.perf_counter()
     rows, reused, skipped = [], 0, 0
-    given = given or {}
-    names = [i.name for i in ctx.inventory]
-    roles = (
-        structural_roles(ctx.teacher, names, ctx.task.example_inputs(), ctx.task.io) if share_roles else {}
-    )
+    roles = _roles(ctx) if share_roles else {}
     first: dict[str, dict] = {}  # role key -> the row measured for it
     members: list[tuple[dict, dict]] = []  # (a later member's row, its role's measured row)
     with scratch_dir("ac-profile-") as tmp:
         prof = _Profiler(ctx, Path(tmp), log)
         for layer, label, layers in _items(ctx):
-            prior = given.get((layer, label)) or old.get((layer, label))
+            prior = old.get((layer, label))
             if prior is not None and prior.get("status") != "not measured":
                 rows.append(prior)
                 reused += 1
@@ -379,28 +383,8 @@ def measure_profile(
         "cache_hits": prof.cache_hits,
         "skipped": skipped,
         "shared": len(members),
-        "roles": len(set(roles.values())) if roles else len(names),
+        "roles": len(set(roles.values())) if roles else len(ctx.inventory),
     }
     write_json(path, result)
     log(profile_line(result))
     return result
-
-
-def profile_line(p: dict) -> str:
-    """One line: what the profile measured and what it cost."""
-    te = p.get("trial_equivalents")
-    cost = f"{p['seconds']:.1f} s" + (f" = {te:.2f} trial-equivalents" if te is not None else "")
-    ok = [r for r in p["rows"] if r.get("status") == "ok"]
-    shared = (
-        f", {p['shared']} taken from the same structural role ({p['roles']} roles)" if p.get("shared") else ""
-    )
-    trials = f" ({p['from_trials']} measured by the first trials)" if p.get("from_trials") else ""
-    best = max(ok, key=lambda r: r["speedup"], default=None)
-    fastest = (
-        f"; fastest single change: {best['layer']} {best['setting']} {best['speedup']:.2f}x" if best else ""
-    )
-    return (
-        f"latency profile: {len(p['rows'])} (layer, setting) rows in {cost} ({p['lowerings']} lowerings, "
-        f"{p['timed']} structures timed, {p['cache_hits']} from the latency cache, {p['reused']} rows reused{trials}, "
-        f"{p['skipped']} over budget{shared}){fastest}"
-    )
