@@ -3,6 +3,7 @@ layer, setting), the :class:`Applicability` result stored in the run folder, and
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 
@@ -68,8 +69,12 @@ class Applicability:
         )
 
 
+SAME_STRUCTURE = re.compile(r" \(checked on (?P<first>[^,()]+), the same structure\)")
+
+
 def summary_lines(result: Applicability) -> list[str]:
-    """The log lines of a check: the count and cost, then one line per excluded pair."""
+    """The log lines of a check: the count and cost, then one line per excluded pair; the layers that
+    took their verdict from a layer of the same structure are named on that layer's line."""
     lines = [
         f"applicability: {len(result.checks)} (technique, layer) pairs checked on the model in "
         f"{result.seconds:.1f} s ({result.lowerings} lowerings, {result.applies} compress + forward runs"
@@ -78,11 +83,25 @@ def summary_lines(result: Applicability) -> list[str]:
         + (":" if result.excluded else "")
     ]
     lines += [f"  warning: {w}" for w in result.interactions]
+    groups: dict[tuple[str, str, str], list[PairCheck]] = {}  # (checked layer, technique, setting)
     for c in result.excluded:
+        m = SAME_STRUCTURE.search(c.reason)
+        groups.setdefault((m.group("first") if m else c.layer, c.technique, c.setting), []).append(c)
+    for (checked, _, _), members in groups.items():
+        c = next((m for m in members if m.layer == checked), members[0])
+        others = [m.layer for m in members if m is not c]
         lines.append(
             f"  {c.layer}: {c.technique} at {c.setting} {c.status}"
             + (f" ({c.stage})" if c.status == "fails" else "")
             + f": {c.reason}"
             + (f" [{c.removed}]" if c.removed else "")
+            + (f"; the same for {len(others)} more of its structure ({_names(others)})" if others else "")
         )
     return lines
+
+
+def _names(layers: list[str], shown: int = 2) -> str:
+    """``a, b and 9 more`` (all of them when there are few)."""
+    if len(layers) <= shown + 1:
+        return ", ".join(layers)
+    return f"{', '.join(layers[:shown])} and {len(layers) - shown} more"

@@ -13,9 +13,11 @@ Which modules: attention modules are ``nn.MultiheadAttention`` (also inside ``nn
 the project's :class:`~autocompress.techniques.heads.HeadAttention` (what head pruning leaves) and
 BERT-style self-attention (transformers' ``BertSelfAttention`` and its copies: ``query``/``key``/``value``
 Linears and ``attention_head_size``); an encoder block is the item of a layer list (``nn.ModuleList`` /
-``nn.Sequential``: ``nn.TransformerEncoder.layers``, BERT's ``encoder.layer``) that holds an attention.
-A model with neither offers no choice but ``none`` (the applicability check removes the others before
-the search).
+``nn.Sequential``: ``nn.TransformerEncoder.layers``, BERT's ``encoder.layer``) that holds an attention,
+or any module with Linear query / key / value projections (MPNet's self-attention, whose relative
+position bias is not recomputed here: such a model offers ``hidden`` but not ``attention``). A model
+with neither offers no choice but ``none`` (the applicability check removes the others before the
+search).
 
 Student and teacher points are paired by name: head pruning, layer dropping (kept blocks keep their teacher
 names) and structured pruning keep the names, so a student block distils from the teacher block it came
@@ -82,11 +84,29 @@ def _block_of(model: nn.Module, name: str) -> str | None:
     return None
 
 
+# query / key / value projections by their names in common encoders (BERT, MPNet, DistilBERT, ViT-style)
+_QKV_NAMES = (("query", "key", "value"), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+
+
+def _has_qkv(m: nn.Module) -> bool:
+    """An attention written with Linear query / key / value projections (whatever computes it)."""
+    return any(all(isinstance(getattr(m, p, None), nn.Linear) for p in names) for names in _QKV_NAMES)
+
+
 def encoder_points(model: nn.Module) -> tuple[list[str], list[str]]:
     """``(encoder blocks, attention modules)`` of ``model`` by name, in model order (see the module
-    docstring); both empty for a model without transformer encoder layers."""
-    attentions = [n for n, m in model.named_modules() if n and _is_self_attention(model, n, m)]
-    blocks = list(dict.fromkeys(b for b in map(lambda n: _block_of(model, n), attentions) if b))
+    docstring); both empty for a model without transformer encoder layers. Blocks also come from
+    attentions whose distributions are not recomputed here (MPNet's, with its relative position bias;
+    any module with Linear ``q``/``k``/``v`` or ``query``/``key``/``value`` projections): their hidden
+    states are distilled, their attention maps are not."""
+    attentions, holders = [], []
+    for n, m in model.named_modules():
+        if n and _is_self_attention(model, n, m):
+            attentions.append(n)
+            holders.append(n)
+        elif n and _has_qkv(m):
+            holders.append(n)
+    blocks = list(dict.fromkeys(b for b in map(lambda n: _block_of(model, n), holders) if b))
     return blocks, attentions
 
 
@@ -350,12 +370,18 @@ def inapplicable(model: nn.Module) -> dict[str, tuple[tuple, str]]:
     gone = tuple(v for v in FEATURE_KINDS if v not in can)
     if not gone:
         return {}
-    why = (
-        "no transformer encoder layers (nn.TransformerEncoderLayer / nn.MultiheadAttention, HeadAttention, "
-        "BERT-style self-attention)"
-        if can == ("none",)
-        else "no encoder block (an item of a layer list) holds the attention modules"
-    )
+    if can == ("none",):
+        why = (
+            "no transformer encoder layers (nn.TransformerEncoderLayer / nn.MultiheadAttention, HeadAttention, "
+            "BERT-style self-attention, Linear q/k/v projections in a layer list)"
+        )
+    elif "attention" not in can:
+        why = (
+            "its attention distributions are not recomputed here (only nn.MultiheadAttention's, "
+            "HeadAttention's and BERT-style self-attention's); the blocks' hidden states are distilled"
+        )
+    else:
+        why = "no encoder block (an item of a layer list) holds the attention modules"
     return {"kd.features": (gone, why)}
 
 

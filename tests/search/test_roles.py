@@ -13,7 +13,7 @@ from autocompress.backends import OnnxRuntimeBackend
 from autocompress.config import load_config
 from autocompress.inventory import build_inventory
 from autocompress.search import open_run
-from autocompress.search.applicability import check_applicability
+from autocompress.search.applicability import Applicability, PairCheck, check_applicability, summary_lines
 from autocompress.search.latency_profile import measure_profile
 from autocompress.search.roles import role_key, signature, structural_roles
 from autocompress.space import SearchSpace
@@ -120,6 +120,24 @@ def test_shared_verdicts_equal_the_verdicts_checked_layer_by_layer(backend):
     ]
     assert shared.domains == each.domains and shared.applies < each.applies
     assert any("the same structure" in c.reason for c in shared.excluded)
+
+
+def test_the_log_names_a_role_once_with_the_layers_that_share_its_verdict():
+    same = " (checked on enc.0.fc, the same structure)"
+    checks = [PairCheck("enc.0.fc", "int4", "bits 4", "fails", "lowering", "no kernel", "bits.enc.*.fc")]
+    checks += [
+        PairCheck(f"enc.{i}.fc", "int4", "bits 4", "fails", "lowering", "no kernel" + same, "bits.enc.*.fc")
+        for i in range(1, 12)
+    ]
+    checks.append(PairCheck("head", "int4", "bits 4", "no effect", "", "too small", "bits.head"))
+    checks.append(PairCheck("enc.0.fc", "low rank", "ratio 0.1", "ok"))
+    lines = summary_lines(Applicability(checks, roles=2))
+    assert lines[0].endswith("13 excluded:") and len(lines) == 3
+    assert lines[1] == (
+        "  enc.0.fc: int4 at bits 4 fails (lowering): no kernel [bits.enc.*.fc]; "
+        "the same for 11 more of its structure (enc.1.fc, enc.2.fc and 9 more)"
+    )
+    assert lines[2] == "  head: int4 at bits 4 no effect: too small [bits.head]"
 
 
 def _study(tmp_path, depth: int) -> dict:

@@ -23,7 +23,7 @@ from autocompress.techniques import (
     encoder_points,
     prune_heads,
 )
-from autocompress.techniques.encoder_kd import offered
+from autocompress.techniques.encoder_kd import inapplicable, offered
 from autocompress.testing.models import BertClassifier, PlainCNN, TinyTransformer, TorchTransformer
 
 
@@ -117,7 +117,8 @@ def test_offered_only_where_there_are_encoder_layers():
     teacher, _ = _torch_encoder()
     assert offered(teacher) == ("none", "hidden", "attention", "hidden+attention")
     assert offered(PlainCNN()) == ("none",)
-    assert offered(TinyTransformer()) == ("none",)  # attention of plain Linear layers: nothing to hook
+    # attention of plain q/k/v Linears in a layer list: its blocks' hidden states, not its attention maps
+    assert offered(TinyTransformer()) == ("none", "hidden")
     with pytest.raises(Exception, match="no transformer encoder layers"):
         EncoderDistill(PlainCNN(), PlainCNN(), "hidden")
 
@@ -158,3 +159,39 @@ def test_the_fine_tune_uses_the_feature_loss_and_leaves_no_hook():
     without = compress(task, teacher, Plan(steps=4)).losses
     assert hooks(teacher) == 0 and torch.backends.mha.get_fastpath_enabled()
     assert with_features != without  # the same seed and batches: the feature terms changed the fine-tune
+
+
+def test_mpnet_blocks_distil_hidden_states_but_not_attention_maps():
+    """MPNet's self-attention (q/k/v Linears, a relative position bias) is not recomputed: its blocks'
+    hidden states are distilled, and the applicability check says why attention is not offered."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MPNetConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    teacher = transformers.MPNetModel(cfg).eval()
+    x = torch.randint(3, 64, (2, 10))
+    assert offered(teacher) == ("none", "hidden")
+    assert encoder_points(teacher) == (["encoder.layer.0", "encoder.layer.1"], [])
+    (gone, why), = inapplicable(teacher).values()
+    assert gone == ("attention", "hidden+attention") and "not recomputed" in why
+    student = copy.deepcopy(teacher)
+    d = EncoderDistill(teacher, student, "hidden")
+    try:
+        with torch.no_grad():
+            teacher(x)
+        student(x)
+        assert abs(d.hidden_loss().item()) < 1e-10  # identical
+        with torch.no_grad():
+            for p in student.encoder.layer[0].parameters():
+                p.add_(0.5 * p.std() * torch.randn_like(p))
+        with torch.no_grad():
+            teacher(x)
+        student(x)
+        loss = d.hidden_loss()
+        assert loss.item() > 1e-6  # identical: below 1e-10
+        loss.backward()
+        q = student.encoder.layer[0].attention.attn.q.weight
+        assert q.grad is not None and q.grad.abs().sum() > 0
+    finally:
+        d.close()
