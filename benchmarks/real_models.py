@@ -22,8 +22,11 @@ Per model:
 It prints one table per model (metric, drops, probe, speedup, size, wall time to each answer), the
 study's set-up cost (start to its first trial) and its time and trial count to the first model that
 matches the best peer answer, and exits 1 unless, on each model, the front's best within the budget is
->= 1.5x as fast as the best peer answer within it and the front holds a model at least as fast as that
-answer at an equal or better metric (2: bad input).
+>= 1.5x as fast as the best peer answer within it, the front holds a model at least as fast as that
+answer at an equal or better metric, and the study's first model that matches it came within 3 completed
+trials and 5 minutes of the start (the goal for the 22M-parameter encoder class, whose float export runs
+74.4 ms here; scaled by the model's float latency against that when it is slower: ~18 min for MPNet-base)
+(2: bad input).
 
     python benchmarks/real_models.py --setup                      # fetch, unpack, fine-tune (cached)
     python benchmarks/real_models.py                              # everything (hours on 2 cores)
@@ -277,8 +280,13 @@ def run_model(model: str, root: Path, args, log) -> dict:
             r["wall_s"] = by_number[r["trial"]]["end_s"]  # from the study's start, its set-up included
     sign = info["sign"]
     peer = checks.best(rows, "peer", b)
-    result.update(rows=rows, info=info, facts=facts, verdict=checks.verdict(rows, b, sign),
-                  first_match=checks.first_match(facts["trials"], peer, sign), best_peer=peer and peer["name"])  # fmt: skip
+    match = checks.first_match(facts["trials"], peer, sign)
+    verdict = checks.verdict(rows, b, sign)
+    base_ms = next((r["latency_ms"] for r in rows if r["kind"] == "baseline" and r.get("latency_ms")), None)
+    if result.get("study_run") and base_ms:
+        verdict.append(checks.early_verdict(match, peer, base_ms))
+    result.update(rows=rows, info=info, facts=facts, verdict=verdict, first_match=match,
+                  best_peer=peer and peer["name"])  # fmt: skip
     (folder / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -357,7 +365,7 @@ def summary(result: dict) -> list[str]:
         else:
             out.append(
                 f"first model matching the best peer ({peer}): trial {m['trial']}, after {m['count']} completed "
-                f"trials, {_wall(m['seconds'])} from the study's start (goal: <= 3 trials)"
+                f"trials, {_wall(m['seconds'])} from the study's start"
             )
     else:
         out.append(

@@ -141,3 +141,17 @@ def test_study_file_is_hands_off(tmp_path):
     )
     with pytest.raises(SystemExit):
         real.parse_args(["--models", "resnet"])
+
+
+def test_the_early_answer_goal_scales_with_the_float_latency_and_counts_trials():
+    assert checks.early_goal_s(2.0) == 300.0  # a small CNN keeps the 5 minutes
+    assert checks.early_goal_s(2 * checks.EARLY_REF_MS) == 600.0  # twice the 22M encoder's float latency
+    peer = {"name": "NNCF", "speedup": 1.5, "metric": 0.97}
+    name, ok, why = checks.early_verdict({"trial": 1, "count": 2, "seconds": 540.0}, peer, 273.0)
+    assert ok and "within 3 trials and 18.3 min" in name and "9.0 min" in why
+    assert not checks.early_verdict({"trial": 5, "count": 4, "seconds": 540.0}, peer, 273.0)[1]  # 4 trials
+    assert not checks.early_verdict({"trial": 1, "count": 2, "seconds": 400.0}, peer, 40.0)[1]  # > 5 min
+    assert not checks.early_verdict(None, peer, 40.0)[1]
+    assert checks.early_verdict(None, None, 40.0)[1]  # no peer within the budget: nothing to match
+    code, missed = real.exit_code([{"model": "m", "verdict": [checks.early_verdict(None, peer, 40.0)]}])
+    assert code == 1 and missed == ["m: the peer's answer within 3 trials and 5.0 min"]
