@@ -56,11 +56,26 @@ def run_elapsed() -> float | None:
     return None if r is None else time.monotonic() - r[0]
 
 
+_trials_in_setup: contextvars.ContextVar[float] = contextvars.ContextVar("autocompress_setup_trials", default=0.0)
+
+
+@contextlib.contextmanager
+def trials_during_setup(seconds: float) -> Iterator[None]:
+    """Inside, :func:`setup_over` does not count ``seconds`` of the run's elapsed time as set-up: the
+    first trials that ran between the two stages of set-up (:mod:`.search.first_trials`) are trials."""
+    token = _trials_in_setup.set(max(0.0, seconds))
+    try:
+        yield
+    finally:
+        _trials_in_setup.reset(token)
+
+
 def setup_over(share: float = SETUP_SHARE) -> bool:
-    """Whether the run has spent more than ``share`` of its wall-time budget (False without one): the
-    optional parts of set-up (profiling more rows) stop there, leaving the rest to trials."""
+    """Whether set-up has spent more than ``share`` of the run's wall-time budget (False without one):
+    the optional parts of set-up (profiling more rows) stop there, leaving the rest to trials. The time
+    of trials run during set-up (:func:`trials_during_setup`) is not set-up."""
     r = _run.get()
-    return r is not None and time.monotonic() - r[0] > share * r[1]
+    return r is not None and time.monotonic() - r[0] - _trials_in_setup.get() > share * r[1]
 
 
 @contextlib.contextmanager

@@ -11,10 +11,16 @@ fidelity of the post-training model (the plan applied, no optimizer step) and of
 fine-tuned the hands-off way (cosine to the teacher's embedding + the encoder blocks' hidden-state KD,
 the learning rate :func:`autocompress.finetune_policy.auto_lr` picks), for a few step counts.
 
+With ``--mpnet``, the teacher is the real all-mpnet-base-v2 of ``benchmarks/real_models.py --setup``
+(cached under ``--root``) on BBC News articles (the task of ``autocompress.examples.pretrained:mpnet_bbc``,
+fidelity on the first ``--eval-samples`` eval articles), and the plans remove FFN neurons only (MPNet's
+attention has no head pruning here).
+
 Usage::
 
     python benchmarks/finetune_recovery.py              # about 2 minutes on 2 cores
     python benchmarks/finetune_recovery.py --steps 50 200
+    python benchmarks/finetune_recovery.py --mpnet --steps 20 60 --eval-samples 128   # ~20 min
 """
 
 from __future__ import annotations
@@ -93,12 +99,40 @@ def _plans(n_steps: int) -> dict[str, Plan]:
     }
 
 
+def _mpnet_plans(fractions: list[float]) -> dict[str, Plan]:
+    kw = {"kd_features": "hidden", "kd_feature_weight": 1.0}
+    return {
+        f"FFN neurons -{f:.0%}": Plan(
+            layers={
+                f"encoder.encoder.layer.{i}.intermediate.dense": LayerPlan(sparsity=f, sparsity_kind="structured")
+                for i in range(12)
+            },
+            **kw,
+        )
+        for f in fractions
+    }
+
+
+def mpnet_task(root: str, eval_samples: int):
+    """The real all-mpnet-base-v2 task on BBC News and its teacher (the model as users hold it)."""
+    from autocompress.examples.pretrained import mpnet_bbc
+
+    task = mpnet_bbc(root=root, eval_samples=eval_samples)
+    return task, task.teacher()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--steps", type=int, nargs="+", default=[50, 200])
+    ap.add_argument("--mpnet", action="store_true", help="the real all-mpnet-base-v2 on BBC News instead")
+    ap.add_argument("--root", default="runs/_checkpoints", help="real_models.py --setup's cache folder")
+    ap.add_argument("--eval-samples", type=int, default=128, help="--mpnet: eval articles scored")
+    ap.add_argument("--remove", type=float, nargs="+", default=[0.25], help="--mpnet: FFN fractions removed")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.mpnet:
+        return run_mpnet(args)
     texts = stdlib_sentences(1400)
     t0 = time.perf_counter()
     print(f"pretraining the encoder ({args.pretrain_steps} MLM steps on {len(texts)} docstrings)")
@@ -122,6 +156,28 @@ def main() -> None:
         for n in [0, *args.steps]:
             out = compress(task, teacher, dataclasses.replace(plan, steps=n, lr=lr), threads=2, batch_size=16)
             row.append(holdout_scores([out.model], task, task.eval_split, teacher)[0])
+        print(f"{name:<24} {row[0]:>13.4f} " + " ".join(f"{v:>10.4f}" for v in row[1:]))
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 2 threads; {time.perf_counter() - t0:.0f} s"
+    )
+
+
+def run_mpnet(args) -> None:
+    t0 = time.perf_counter()
+    task, teacher = mpnet_task(args.root, args.eval_samples)
+    lr = auto_lr(teacher, pretrained=True)
+    print(
+        f"all-mpnet-base-v2 on BBC News: loss {task.loss_kind()} + hidden-state KD; lr {lr:g}; batch 16; "
+        f"fidelity on {args.eval_samples} eval articles"
+    )
+    print(f"{'plan':<24} {'post-training':>13} " + " ".join(f"{f'{n} steps':>10}" for n in args.steps))
+    for name, plan in _mpnet_plans(args.remove).items():
+        row = []
+        for n in [0, *args.steps]:
+            t = time.perf_counter()
+            out = compress(task, teacher, dataclasses.replace(plan, steps=n, lr=lr), threads=2, batch_size=16)
+            row.append(holdout_scores([out.model], task, task.eval_split, teacher)[0])
+            print(f"  {name}, {n} steps: fidelity {row[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         print(f"{name:<24} {row[0]:>13.4f} " + " ".join(f"{v:>10.4f}" for v in row[1:]))
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 2 threads; {time.perf_counter() - t0:.0f} s"

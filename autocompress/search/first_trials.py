@@ -33,6 +33,7 @@ from filelock import FileLock
 from optuna.trial import TrialState
 
 from ..context import RunContext
+from ..deadline import trials_during_setup
 from ..rundir import SETUP_LOCK
 from .one_shot import POST_TRAINING, PROFILE_LABELS, one_shot_plans
 from .planner import Planned, layer_values
@@ -178,9 +179,19 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
         from .planned_starts import enqueue_planned
 
         trial_s = (ctx.trial_estimate or {}).get("total")
-        enqueue_planned(ctx, study, planned - len(measured), log, trial_s, measured, given_rows(ctx, study))
+        with trials_during_setup(first_trials_seconds(study)):  # the profile's share of the budget
+            enqueue_planned(ctx, study, planned - len(measured), log, trial_s, measured, given_rows(ctx, study))
     study.set_user_attr(SECOND_STAGE, {"start": t0, "seconds": time.time() - t0})
     study.set_user_attr(SETUP_STAGE, DONE)
+
+
+def first_trials_seconds(study: optuna.Study) -> float:
+    """Wall seconds the study's finished first trials ran (they are trials, not set-up)."""
+    return sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+        if FIXED_PLAN in t.user_attrs and t.datetime_start and t.datetime_complete
+    )
 
 
 def complete_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:

@@ -119,3 +119,27 @@ def test_two_workers_run_the_second_stage_once(tmp_path):
     assert len(done) >= 3 and FIXED_PLAN in study.trials[0].user_attrs
     # every worker asked in the narrowed domains (the one that did not run the stage read them back)
     assert all("sparsity_kind.features.0" not in t.params for t in study.trials[1:])
+
+
+def test_the_first_trials_time_is_not_counted_as_set_up():
+    """The profile stops at the run's set-up share of trials.timeout_s: the first trials' wall time,
+    which precedes it, is trials' time (finished ones, whatever their state; other trials not)."""
+    import datetime
+
+    from autocompress.search.first_trials import first_trials_seconds
+
+    study = optuna.create_study()
+    t0 = datetime.datetime(2026, 1, 1)
+    for seconds, attrs, state in (
+        (100, {FIXED_PLAN: {}}, TrialState.COMPLETE),
+        (30, {FIXED_PLAN: {}}, TrialState.FAIL),
+        (500, {}, TrialState.COMPLETE),  # a trial of the search
+    ):
+        study.add_trial(
+            optuna.trial.FrozenTrial(
+                number=0, trial_id=0, state=state, value=1.0 if state == TrialState.COMPLETE else None,
+                values=None, datetime_start=t0, datetime_complete=t0 + datetime.timedelta(seconds=seconds),
+                params={}, distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={},
+            )
+        )  # fmt: skip
+    assert first_trials_seconds(study) == 130.0

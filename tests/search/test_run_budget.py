@@ -11,7 +11,14 @@ from reliability_helpers import study_file
 
 import autocompress
 from autocompress.config import load_config
-from autocompress.deadline import check_deadline, run_clock, run_remaining, setup_over, trial_scope
+from autocompress.deadline import (
+    check_deadline,
+    run_clock,
+    run_remaining,
+    setup_over,
+    trial_scope,
+    trials_during_setup,
+)
 from autocompress.errors import TrialTimeout
 
 BUDGET_S = 12.0  # set-up (teacher, baseline, applicability) takes 2-4 s of it here: trials get the rest
@@ -38,6 +45,15 @@ def test_a_trial_stops_at_the_runs_end_and_names_the_budget():
         with pytest.raises(TrialTimeout, match=r"exceeded trials.trial_timeout_s = 0.01 s during evaluation"):
             check_deadline("evaluation")
     assert run_remaining() is None and not setup_over()
+
+
+def test_trials_run_during_set_up_are_not_set_up():
+    with run_clock(1.0):
+        time.sleep(0.3)
+        assert setup_over(0.2)
+        with trials_during_setup(0.25):  # 0.3 s elapsed, 0.25 s of it trials: 0.05 s of set-up
+            assert not setup_over(0.2)
+        assert setup_over(0.2)
 
 
 @pytest.mark.slow
