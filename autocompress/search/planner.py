@@ -181,7 +181,7 @@ def plan_candidates(profile: dict, space, max_drop: float | None) -> list[Planne
         _, base, chosen, pred = best
         labels = [base.label] + [f"{o.unit} {o.label}" for o in chosen]
         out.append(Planned(name, _layers(base, chosen), {**pred, "budget": budget}, labels))
-    uniform = uniform_plans(bases, opts, baseline, space, profile["rows"])
+    uniform = uniform_plans(bases, opts, baseline, space, profile["rows"], max_drop)
     out[len(SPEED_BUDGETS) - 1 : len(SPEED_BUDGETS) - 1] = uniform
     return out
 
@@ -235,9 +235,16 @@ def _with_heads(layers: dict[str, dict], labels: list[str], space, names, level:
 
 
 def uniform_plans(
-    bases: list[Option], opts: list[Option], baseline: dict, space=None, rows: list[dict] | None = None
+    bases: list[Option],
+    opts: list[Option],
+    baseline: dict,
+    space=None,
+    rows: list[dict] | None = None,
+    max_drop: float | None = None,
 ) -> list[Planned]:
-    """The fastest measured precision base with the same channel removal on every unit that has it
+    """The fastest measured precision base within ``max_drop`` (float when none is: fine-tuning recovers
+    removed channels, not a precision that broke the model, e.g. static int8 on an encoder whose
+    activations carry outliers) with the same channel removal on every unit that has it
     (one plan per profiled structured level, milder first): the one-layer drops before fine-tuning
     add up past any budget, yet fine-tuning recovers uniform removal well (the shipped studies'
     former hand-written warm starts were such plans), so these go in outside the drop budgets.
@@ -251,7 +258,10 @@ def uniform_plans(
     (:func:`heads_at`). With the profile's ``rows``, a structured level whose rows the profile could not
     measure (over its budget: on a BERT encoder one row is a 15 s lowering, past a post-training trial's
     budget after five rows) still gets its uniform plan, predicted as the base alone (``unprofiled``)."""
-    base = min(bases, key=lambda b: b.dlat)
+    base = min(
+        (b for b in bases if max_drop is None or b.drop <= max_drop or b.label == "float"),
+        key=lambda b: b.dlat,
+    )
     levels = sorted({o.label for o in opts if o.label.startswith("structured ")}, key=_level)
     names = sorted({n for r in rows or () if r["layer"] != "*" for n in r.get("members", [r["layer"]])})
     out = []

@@ -174,3 +174,25 @@ def test_planned_starts_are_the_default_without_warm_start(tmp_path):
         ConfigError, match=r"s.yaml: trials.planned_starts: must be 'auto' or a count from 0 to 20"
     ):
         load_config(path)
+
+
+def test_uniform_plans_build_on_the_fastest_base_within_the_budget():
+    """A whole-model int8 that broke the model (static int8 on an encoder with outliers: 69% lost) is
+    not the base of the channel-removal plans; the slower one within the budget is, else float."""
+    prof = _profile()
+    prof["rows"][0] = _row("*", "all 8-bit", 2.8, 0.69, 4.0, {"a": {"bits": 8}, "b": {"bits": 8}})
+    prof["rows"].append(
+        _row("*", "all 8-bit dynamic", 2.3, 0.008, 3.0, {"a": {"bits": 8, "quant": "dynamic"}})
+    )
+    space = SearchSpace.from_dict({"sparsity": {"low": 0.0, "high": 0.5, "step": 0.05}})
+    uniform = {p.name: p for p in plan_candidates(prof, space, 0.01)}["uniform structured 0.5"]
+    assert uniform.choices[0] == "all 8-bit dynamic"
+    assert uniform.layers["a"] == {
+        "bits": 8,
+        "quant": "dynamic",
+        "sparsity": 0.5,
+        "sparsity_kind": "structured",
+    }
+    prof["rows"].pop()  # no base within the budget: float
+    uniform = {p.name: p for p in plan_candidates(prof, space, 0.01)}["uniform structured 0.5"]
+    assert uniform.choices[0] == "float" and "bits" not in uniform.layers["a"]
