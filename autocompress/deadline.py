@@ -56,6 +56,27 @@ def run_elapsed() -> float | None:
     return None if r is None else time.monotonic() - r[0]
 
 
+_finetune_end: contextvars.ContextVar[float | None] = contextvars.ContextVar("autocompress_finetune_end", default=None)
+
+
+@contextlib.contextmanager
+def finetune_time(seconds: float | None) -> Iterator[None]:
+    """Inside, a fine-tune stops (between two steps, keeping what it learned) once ``seconds`` have
+    passed (None: no limit): the time a trial's share of the run's budget gave its fine-tune, whatever
+    a step really costs (quantization-aware steps are slower than the set-up's float estimate)."""
+    token = _finetune_end.set(None if seconds is None else time.monotonic() + max(0.0, seconds))
+    try:
+        yield
+    finally:
+        _finetune_end.reset(token)
+
+
+def finetune_time_up() -> bool:
+    """Whether the fine-tune's time (:func:`finetune_time`) is spent."""
+    end = _finetune_end.get()
+    return end is not None and time.monotonic() >= end
+
+
 _trials_in_setup: contextvars.ContextVar[float] = contextvars.ContextVar("autocompress_setup_trials", default=0.0)
 
 

@@ -32,6 +32,7 @@ from .plan import Plan
 WHEN = ("auto", "always", "missed_budget")
 FINETUNE_SHARE = 0.5  # of one trial's share of trials.timeout_s that its fine-tune may take
 MIN_STEPS = 10  # fewer steps than this recover nothing: the plan is then not fine-tuned
+FINETUNE_SLACK = 1.2  # a fine-tune may run this much past its steps' estimated time, then it stops
 MAX_GROWTH = 4  # a trial's rolling share is at most this many times the steps planned at set-up
 
 

@@ -19,10 +19,10 @@ from torch import nn
 from .backends import Artifact, timed_or_cached
 from .backends.device_facts import environment
 from .context import RunContext  # noqa: F401 - re-exported: the trial's context
-from .deadline import check_deadline, run_remaining, trial_scope
+from .deadline import check_deadline, finetune_time, run_remaining, trial_scope
 from .errors import RunFolderUnwritable, TrialFailed, unwritable_errno
 from .faults import arm_export_hooks, crash_point, fault
-from .finetune_policy import recoverable, rolling_steps, skip_reason
+from .finetune_policy import FINETUNE_SLACK, recoverable, rolling_steps, skip_reason
 from .holdout import holdout_scores
 from .pareto import metric_drop, relative_drop
 from .pipeline import Compressed, compress, finetune_steps
@@ -210,7 +210,7 @@ def build_model(
                 {"kept": "post_training", "holdout_post_training": pt, "finetune_skipped": why},
                 seconds,
             )
-        plan, steps = _rolling(ctx, plan, task)
+        plan, steps, limit_s = _rolling(ctx, plan, task, seconds["holdout"])
         if steps == 0:
             why = "no fine-tune time is left in the run's wall-time budget (trials.timeout_s)"
             return (
@@ -218,7 +218,8 @@ def build_model(
                 {"kept": "post_training", "holdout_post_training": pt, "finetune_skipped": why},
                 seconds,
             )
-        tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
+        with finetune_time(limit_s):
+            tuned = compress(task, ctx.teacher, plan, on_epoch=on_epoch, **args)
         t3 = time.perf_counter()
         (ft,) = holdout_scores([tuned.model], task, held.split, ctx.teacher)
         seconds["holdout"] += time.perf_counter() - t3
@@ -229,24 +230,31 @@ def build_model(
         seconds = {"post_training": t1 - t0, "holdout": time.perf_counter() - t3}
     steps = finetune_steps(task, plan, cfg.finetune.batch_size)
     record = {"holdout_post_training": pt, "holdout_finetuned": ft, "finetune_steps": steps}
+    if tuned.steps_done < steps:  # the fine-tune's time ran out first
+        record["finetune_steps_done"] = tuned.steps_done
     if _finetuned_wins(ft, pt, ctx.metric.sign):
         return tuned, {"kept": "finetuned", **record}, seconds
     post.losses, post.train_s = tuned.losses, tuned.train_s  # what the fine-tune did, though not kept
     return post, {"kept": "post_training", **record}, seconds
 
 
-def _rolling(ctx: RunContext, plan: Plan, task) -> tuple[Plan, int]:
+def _rolling(ctx: RunContext, plan: Plan, task, holdout_s: float = 0.0) -> tuple[Plan, int, float | None]:
     """The plan with this trial's share of the fine-tune time the run has left
-    (:func:`~autocompress.finetune_policy.rolling_steps`), and its steps."""
+    (:func:`~autocompress.finetune_policy.rolling_steps`), its steps, and the seconds its fine-tune may
+    take (None: no run-wide budget). ``holdout_s``: what scoring one model on the held-out part took
+    (the fine-tuned model is scored too, in each trial's share)."""
     cfg, est = ctx.config, ctx.trial_estimate or {}
     planned = finetune_steps(task, plan, cfg.finetune.batch_size)
     remaining = run_remaining()
     if not est.get("step_s") or remaining is None or not ctx.trials_left:
-        return plan, planned  # no run-wide budget (or a worker of a shared study): as planned
-    other = est["total"] - est["finetune"]
+        return plan, planned, None  # no run-wide budget (or a worker of a shared study): as planned
+    other = est["total"] - est["finetune"] + holdout_s
     base = max(planned, round(est["finetune"] / est["step_s"]))  # the length before any time cap
     steps = rolling_steps(base, remaining, ctx.trials_left, other, est["step_s"], cfg.trials.trial_timeout_s)
-    return (plan if steps == planned else dataclasses.replace(plan, steps=steps)), steps
+    # the estimate timed float steps: a step that costs more (quantization-aware, distilled features)
+    # ends the fine-tune at its share of the time instead of overrunning the trials after it
+    limit_s = steps * est["step_s"] * FINETUNE_SLACK
+    return (plan if steps == planned else dataclasses.replace(plan, steps=steps)), steps, limit_s
 
 
 def _run_trial(ctx: RunContext, plan: Plan, trial_dir: Path, on_epoch=None) -> dict:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .deadline import finetune_time_up
 from .errors import ConfigError, NonFiniteLoss
 from .faults import on_step
 from .inventory import layer_kind
@@ -44,6 +45,8 @@ class Compressed:
         losses: mean training loss per epoch.
         channel_steps: iterative structured pruning: (progress, layer -> output channels) after each step.
         train_s: seconds spent in the fine-tuning loop itself (the rest of compress() is technique set-up).
+        steps_done: the optimizer steps taken (fewer than planned when the fine-tune's time ran out:
+            :func:`.deadline.finetune_time`).
         lowering: what ``Backend.lower`` needs besides the model (per layer: bits, static or dynamic, the
             trained weight grid; the activation calibration).
     """
@@ -56,6 +59,7 @@ class Compressed:
     channel_steps: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     train_s: float = 0.0
     lowering: LoweringSpec = field(default_factory=LoweringSpec)
+    steps_done: int = 0
 
 
 def compress(
@@ -105,7 +109,7 @@ def compress(
         ts = deployable(teacher, task.io)
         ds = deployable(build.student, task.io)  # shares every module with the student: train/eval through it
         t_train = time.perf_counter()
-        losses = _finetune(build, ts, ds, batch_size, on_epoch) if build.total else []
+        losses, steps_done = _finetune(build, ts, ds, batch_size, on_epoch) if build.total else ([], 0)
         ds.eval()
         train_s = time.perf_counter() - t_train
         for hook in build.trained:
@@ -123,7 +127,15 @@ def compress(
     sparsity = {n: float((m.weight == 0).sum()) / m.weight.numel() for n, m in build.modules.items()}
     lowering = LoweringSpec(dict(build.lowering), build.calibration)
     return Compressed(
-        student, dict(build.layer_bits), sparsity, build.notes, losses, build.channel_steps, train_s, lowering
+        student,
+        dict(build.layer_bits),
+        sparsity,
+        build.notes,
+        losses,
+        build.channel_steps,
+        train_s,
+        lowering,
+        steps_done,
     )
 
 
@@ -151,8 +163,9 @@ def _finetune(
     ds: nn.Module,
     batch_size: int,
     on_epoch: Callable[[int, float, nn.Module], None] | None,
-) -> list[float]:
-    """``build.total`` optimizer steps of distillation from ``ts`` into ``ds``; the mean loss of each epoch.
+) -> tuple[list[float], int]:
+    """``build.total`` optimizer steps of distillation from ``ts`` into ``ds`` (fewer when the fine-tune's
+    time runs out: :func:`.deadline.finetune_time`); the mean loss of each epoch and the steps taken.
 
     Every ``total // 50`` steps the techniques' schedule hooks advance (:meth:`Build.advance`); when layers
     got physically smaller the optimizer starts afresh over the new parameters.
@@ -176,6 +189,9 @@ def _finetune(
         for inputs, targets in task.train_split.batches(generator=gen, batch_size=batch_size):
             if step >= total:
                 break
+            if step and finetune_time_up():
+                total = step  # the schedule's end comes after the loop (advance(1.0))
+                break
             if step % every == 0 and build.advance(step / total):
                 opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
                 ds.train()
@@ -197,9 +213,11 @@ def _finetune(
             n_batches += 1
             step += 1
         if n_batches == 0:
+            if step and step == total:  # time ran out at an epoch's start
+                break
             raise ConfigError("task.train yielded no batch", field="task")
         losses.append(running / n_batches)
         if on_epoch:
             on_epoch(epoch, losses[-1], student)
         epoch += 1
-    return losses
+    return losses, step

@@ -157,3 +157,32 @@ def test_a_fine_tuned_trial_gets_its_share_of_the_run_time_left(digits_task, dig
     with run_clock(4.2):  # (4.2 - 4) / 4 s: 5 steps at most, fewer than the 10 worth running
         _, kept, _ = build_model(ctx, plan)
     assert kept["finetune_skipped"].startswith("no fine-tune time is left"), kept
+
+
+def test_a_fine_tune_stops_when_its_time_is_spent(digits_task, digits_teacher, backend):
+    """Steps that cost more than the set-up's estimate (quantization-aware ones) end the fine-tune at the
+    time its share gave it, keeping what it learned, instead of overrunning the trials after it."""
+    import time
+
+    from autocompress.deadline import finetune_time
+    from autocompress.pipeline import compress
+
+    plan = Plan(layers={n: LayerPlan(bits=8) for n in LAYERS}, steps=100_000)
+    t0 = time.perf_counter()
+    with finetune_time(0.5):
+        out = compress(digits_task, digits_teacher, plan, threads=1, batch_size=32)
+    assert 1 <= out.steps_done < 100_000 and time.perf_counter() - t0 < 30
+    assert out.losses and all(torch.isfinite(torch.tensor(out.losses)))
+    assert not out.model.training
+    whole = compress(digits_task, digits_teacher, dataclasses.replace(plan, steps=3), threads=1, batch_size=32)
+    assert whole.steps_done == 3  # no limit: every planned step
+
+    ctx = _ctx(digits_task, digits_teacher, backend, {"max_metric_drop": 0.01})
+    ctx.trial_estimate = {"finetune": 0.05, "total": 1.05, "step_s": 1e-5}  # far faster than real steps
+    ctx.trials_left = 1
+    removal = Plan(layers={n: LayerPlan(sparsity=0.5, sparsity_kind="structured") for n in LAYERS[:-1]}, steps=5)
+    from autocompress.deadline import run_clock
+
+    with run_clock(60.0):  # a share of ~59 s at 1e-5 s a step: capped at 4 x 5000 steps, cut by time
+        _, kept, _ = build_model(ctx, dataclasses.replace(removal, steps=5000))
+    assert kept["finetune_steps"] == 20_000 and kept["finetune_steps_done"] < 20_000, kept
