@@ -10,7 +10,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_tasks.py for module:factory tasks
 
-torch.set_num_threads(2)
+# two threads per test process on this project's 2-core CI machine; under pytest-xdist (the README's
+# test command runs two workers) each worker gets its share of the cores
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
