@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh WHEELHOUSE [PYTHON]
 #
 # WHEELHOUSE: built as docs/howto/air-gapped-install.md shows (autocompress, its dependencies but torch,
-# pytest, pytest-timeout, hypothesis; onnxruntime-gpu to check ONNX Runtime's CUDA provider too).
+# pytest, pytest-timeout, pytest-xdist, hypothesis; onnxruntime-gpu to check ONNX Runtime's CUDA provider too).
 # PYTHON: the interpreter whose torch (a CUDA build) is used (default: python3).
 # Run from a checkout (the conformance tests live in tests/). Takes about 10 minutes; exits 2, saying
 # what is missing, on a machine without a CUDA device.
@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # a fresh environment that sees the interpreter's packages (its CUDA torch) and gets the rest offline
 "$PY" -m venv --system-site-packages "$WORK/venv"
 VPY="$WORK/venv/bin/python"
-"$VPY" -m pip install --no-index --find-links "$WHEELHOUSE" autocompress pytest pytest-timeout hypothesis
+"$VPY" -m pip install --no-index --find-links "$WHEELHOUSE" autocompress pytest pytest-timeout pytest-xdist hypothesis
 "$VPY" -c "import autocompress, torch; print('gpu_check: autocompress', autocompress.__version__, 'from', autocompress.__file__, '| torch', torch.__version__)"
 
 # 1. the backend conformance suite on cuda:0, against the installed package (run outside the checkout)
