@@ -25,7 +25,7 @@ matches the best peer answer, and exits 1 unless, on each model, the front's bes
 >= 1.5x as fast as the best peer answer within it, the front holds a model at least as fast as that
 answer at an equal or better metric, and the study's first model that matches it came within 3 completed
 trials and 5 minutes of the start (the goal for the 22M-parameter encoder class, whose float export runs
-74.4 ms here; scaled by the model's float latency against that when it is slower: ~18 min for MPNet-base)
+74.4 ms here; scaled by the model's float latency against that when it is slower: ~16 min for MPNet-base)
 (2: bad input).
 
     python benchmarks/real_models.py --setup                      # fetch, unpack, fine-tune (cached)
