@@ -183,14 +183,11 @@ def _finetune(
     opt = make_optimizer()
     gen = torch.Generator().manual_seed(plan.seed)
     step = epoch = 0
-    while step < total:
+    while step < total and not (step and finetune_time_up()):
         ds.train()
         running, n_batches = 0.0, 0
         for inputs, targets in task.train_split.batches(generator=gen, batch_size=batch_size):
-            if step >= total:
-                break
-            if step and finetune_time_up():
-                total = step  # the schedule's end comes after the loop (advance(1.0))
+            if step >= total or (n_batches and finetune_time_up()):  # the schedule ends after: advance(1.0)
                 break
             if step % every == 0 and build.advance(step / total):
                 opt = make_optimizer()  # a physical change: new parameters, fresh optimizer state
@@ -213,8 +210,6 @@ def _finetune(
             n_batches += 1
             step += 1
         if n_batches == 0:
-            if step and step == total:  # time ran out at an epoch's start
-                break
             raise ConfigError("task.train yielded no batch", field="task")
         losses.append(running / n_batches)
         if on_epoch:

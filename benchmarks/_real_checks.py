@@ -135,7 +135,7 @@ def first_match(trials: list[dict], peer: dict | None, sign: int = 1) -> dict | 
 # the goal for the first answer that matches the best peer: within 3 completed trials and 5 minutes
 # of the start on this 2-core machine for the 22M-parameter encoder class, whose float export ran 74.4 ms
 # here (batch 1, sequence 128, one ONNX Runtime thread); a model whose float baseline is slower gets the
-# 5 minutes scaled by its latency against that (MPNet-base: ~3.5x), a smaller one keeps 5 minutes
+# 5 minutes scaled by its latency against that (MPNet-base: 243 ms, 3.3x), a smaller one keeps 5 minutes
 EARLY_TRIALS, EARLY_S, EARLY_REF_MS = 3, 300.0, 74.4
 
 

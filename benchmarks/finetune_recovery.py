@@ -150,12 +150,21 @@ def main() -> None:
     print(
         f"loss {task.loss_kind()} + hidden-state KD; lr {lr:g}; batch 16; fidelity on {len(texts) - 1000} held-out sentences"
     )
-    print(f"{'plan':<24} {'post-training':>13} " + " ".join(f"{f'{n} steps':>10}" for n in args.steps))
-    for name, plan in _plans(0).items():
+    recovery_table(task, teacher, _plans(0), args.steps, lr, t0)
+
+
+def recovery_table(task, teacher, plans: dict[str, Plan], steps: list[int], lr: float, t0: float, progress=False):
+    """Per plan, the fidelity post-training and after each of ``steps`` fine-tune steps, printed as a table
+    (with ``progress``, a line per model as it is scored)."""
+    print(f"{'plan':<24} {'post-training':>13} " + " ".join(f"{f'{n} steps':>10}" for n in steps))
+    for name, plan in plans.items():
         row = []
-        for n in [0, *args.steps]:
+        for n in [0, *steps]:
+            t = time.perf_counter()
             out = compress(task, teacher, dataclasses.replace(plan, steps=n, lr=lr), threads=2, batch_size=16)
             row.append(holdout_scores([out.model], task, task.eval_split, teacher)[0])
+            if progress:
+                print(f"  {name}, {n} steps: fidelity {row[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         print(f"{name:<24} {row[0]:>13.4f} " + " ".join(f"{v:>10.4f}" for v in row[1:]))
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 2 threads; {time.perf_counter() - t0:.0f} s"
@@ -170,18 +179,7 @@ def run_mpnet(args) -> None:
         f"all-mpnet-base-v2 on BBC News: loss {task.loss_kind()} + hidden-state KD; lr {lr:g}; batch 16; "
         f"fidelity on {args.eval_samples} eval articles"
     )
-    print(f"{'plan':<24} {'post-training':>13} " + " ".join(f"{f'{n} steps':>10}" for n in args.steps))
-    for name, plan in _mpnet_plans(args.remove).items():
-        row = []
-        for n in [0, *args.steps]:
-            t = time.perf_counter()
-            out = compress(task, teacher, dataclasses.replace(plan, steps=n, lr=lr), threads=2, batch_size=16)
-            row.append(holdout_scores([out.model], task, task.eval_split, teacher)[0])
-            print(f"  {name}, {n} steps: fidelity {row[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
-        print(f"{name:<24} {row[0]:>13.4f} " + " ".join(f"{v:>10.4f}" for v in row[1:]))
-    print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 2 threads; {time.perf_counter() - t0:.0f} s"
-    )
+    recovery_table(task, teacher, _mpnet_plans(args.remove), args.steps, lr, t0, progress=True)
 
 
 if __name__ == "__main__":

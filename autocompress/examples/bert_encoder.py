@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, MissingDependencyError
 from ..tasks.base import Task
+from ._offline import hub_offline
 from ._text import encode, stdlib_sentences
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -86,15 +86,8 @@ def load_encoder(folder: str | Path) -> torch.nn.Module:
             f"{folder} is not a save_pretrained folder (no config.json)", field="task.options.checkpoint"
         )
     tf = _transformers()
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
+    with hub_offline():
         return tf.BertModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True).eval()
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:

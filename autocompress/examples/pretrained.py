@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..errors import ConfigError
 from ..tasks.base import Task
+from ._offline import hub_offline
 from ._real_data import MnistRGB, stratified_split
 from .resnet18 import images, labels
 
@@ -146,20 +146,15 @@ def load_sentence_encoder(folder: str | Path) -> MeanPooledEncoder:
     pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
     if not pooling.get("pooling_mode_mean_tokens"):
         raise ConfigError(f"{folder}: pooling is not mean pooling ({pooling})", field="task.options.root")
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # the checkpoint's unused pooler is left out on purpose
     try:
-        encoder = transformers.MPNetModel.from_pretrained(
-            folder, add_pooling_layer=False, local_files_only=True, attn_implementation="eager"
-        )
+        with hub_offline():
+            encoder = transformers.MPNetModel.from_pretrained(
+                folder, add_pooling_layer=False, local_files_only=True, attn_implementation="eager"
+            )
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
     return MeanPooledEncoder(encoder.eval(), normalize="Normalize" in kinds).eval()
 
 
@@ -167,7 +162,9 @@ def tokenize(folder: str | Path, texts: list[str], seq_len: int) -> list[dict[st
     """``texts`` as single samples ``{input_ids, attention_mask}`` padded / truncated to ``seq_len``."""
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(Path(folder).resolve(), local_files_only=True)
+    folder = _need(Path(folder).resolve(), "the tokenizer's folder")
+    with hub_offline():
+        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     return [
         {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i]}

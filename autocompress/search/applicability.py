@@ -124,6 +124,7 @@ class _Checker:
         self.roles = roles or {}  # layer -> structural role (.roles): one check per role and setting
         self.lowerings = self.applies = 0
         self.together: tuple[str, str] | None = None  # why the layers of the last kind failed together
+        self.shared: dict[str, str] = {}  # last kind: member -> the layer whose failing verdict it took
 
     def representatives(self, plans: dict[str, LayerPlan]) -> dict[str, str]:
         """layer -> the first layer of its role with the same plan (itself when it is the first)."""
@@ -180,6 +181,7 @@ class _Checker:
         """
         verdict: dict[str, tuple[str, str, str]] = {}
         self.together = None
+        self.shared = {}
         if not kind.coupled:  # a coupled technique applied everywhere is another experiment than alone
             out, err = self.apply(kind.plans)
             err = err or self.lower(out, kind)
@@ -198,7 +200,7 @@ class _Checker:
                 if rep[layer] in passed:
                     passed[layer] = passed[rep[layer]]
                 else:
-                    verdict[layer] = _as_member(verdict[rep[layer]], rep[layer])
+                    verdict[layer] = self._as_member(layer, verdict[rep[layer]], rep[layer])
                 continue
             out, err = self.apply({layer: lp})
             if err is not None:
@@ -221,11 +223,20 @@ class _Checker:
         lowered: dict[str, tuple[str, str, str]] = {}
         for layer, out in passed.items():  # each one's lowering alone (one per role)
             if rep[layer] in lowered:
-                verdict[layer] = _as_member(lowered[rep[layer]], rep[layer])
+                verdict[layer] = self._as_member(layer, lowered[rep[layer]], rep[layer])
                 continue
             err = self.lower(out, kind)
             verdict[layer] = lowered[layer] = ("fails", *err) if err else ("ok", "", "")
         return verdict
+
+    def _as_member(self, layer: str, verdict: tuple[str, str, str], first: str) -> tuple[str, str, str]:
+        """The verdict of a role's first layer, for another member (its reason says whose it is; a verdict
+        other than ``ok`` is recorded in :attr:`shared`: member -> the layer checked)."""
+        status, stage, reason = verdict
+        if status == "ok":
+            return verdict
+        self.shared[layer] = first
+        return (status, stage, f"{reason} (checked on {first}, the same structure)")
 
     def _greedy(self, kind: _Kind, passed: dict, verdict: dict):
         """Add the layers one at a time (inventory order); one that breaks the set kept so far fails.
@@ -250,10 +261,6 @@ class _Checker:
         return out, kept
 
 
-def _as_member(verdict: tuple[str, str, str], first: str) -> tuple[str, str, str]:
-    """The verdict of a role's first layer, for another member (its reason says whose it is)."""
-    status, stage, reason = verdict
-    return (status, stage, f"{reason} (checked on {first}, the same structure)" if status != "ok" else reason)
 
 
 def check_applicability(
@@ -317,7 +324,10 @@ def _check_all(task, teacher, inventory, space, backend, seed, result, removals,
                     f"({stage}: {reason}), on each layer alone it works: a trial may still fail"
                 )
             for layer, (status, stage, reason) in verdicts.items():
-                result.checks.append(PairCheck(layer, kind.technique, kind.setting, status, stage, reason))
+                checked_on = checker.shared.get(layer, "")
+                result.checks.append(
+                    PairCheck(layer, kind.technique, kind.setting, status, stage, reason, checked_on=checked_on)
+                )
                 dims.append((result.checks[-1], kind.dim))
                 if status != "ok":
                     removals.setdefault(f"{layer}|{kind.dim}", set()).add(kind.value)

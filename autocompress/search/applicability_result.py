@@ -3,7 +3,6 @@ layer, setting), the :class:`Applicability` result stored in the run folder, and
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 
@@ -18,6 +17,8 @@ class PairCheck:
         stage: where it failed (``apply``, ``forward``, ``lowering``), empty when ``ok``.
         reason: the error or the pipeline's note.
         removed: what left the domain, e.g. ``rank.fc -> fixed 1.0`` (empty when ``ok``).
+        checked_on: the layer of the same structural role whose verdict this is (empty when the layer
+            was checked itself, or is ``ok``).
     """
 
     layer: str
@@ -27,6 +28,7 @@ class PairCheck:
     stage: str = ""
     reason: str = ""
     removed: str = ""
+    checked_on: str = ""
 
 
 @dataclass
@@ -69,9 +71,6 @@ class Applicability:
         )
 
 
-SAME_STRUCTURE = re.compile(r" \(checked on (?P<first>[^,()]+), the same structure\)")
-
-
 def summary_lines(result: Applicability) -> list[str]:
     """The log lines of a check: the count and cost, then one line per excluded pair; the layers that
     took their verdict from a layer of the same structure are named on that layer's line."""
@@ -85,8 +84,7 @@ def summary_lines(result: Applicability) -> list[str]:
     lines += [f"  warning: {w}" for w in result.interactions]
     groups: dict[tuple[str, str, str], list[PairCheck]] = {}  # (checked layer, technique, setting)
     for c in result.excluded:
-        m = SAME_STRUCTURE.search(c.reason)
-        groups.setdefault((m.group("first") if m else c.layer, c.technique, c.setting), []).append(c)
+        groups.setdefault((c.checked_on or c.layer, c.technique, c.setting), []).append(c)
     for (checked, _, _), members in groups.items():
         c = next((m for m in members if m.layer == checked), members[0])
         others = [m.layer for m in members if m is not c]

@@ -197,3 +197,15 @@ def test_mobilenet_v2_tiny_checkpoint_has_torchvision_names_lowers_and_scores(tm
     assert 0.0 <= acc <= 1.0
     with pytest.raises(ConfigError, match="task.options.checkpoint: .*the options ask"):
         mobilenet_v2_task(**(opts | {"width_mult": 0.5}))
+
+
+def test_hub_offline_reaches_an_imported_huggingface_hub_and_is_restored():
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: setting the environment alone would not
+    switch off a hub already imported; the built-in tasks' loaders switch off both."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    from autocompress.examples._offline import hub_offline
+
+    before, env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    with hub_offline():
+        assert constants.is_offline_mode() and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert constants.HF_HUB_OFFLINE is before and os.environ.get("HF_HUB_OFFLINE") == env

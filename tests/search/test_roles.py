@@ -126,7 +126,16 @@ def test_the_log_names_a_role_once_with_the_layers_that_share_its_verdict():
     same = " (checked on enc.0.fc, the same structure)"
     checks = [PairCheck("enc.0.fc", "int4", "bits 4", "fails", "lowering", "no kernel", "bits.enc.*.fc")]
     checks += [
-        PairCheck(f"enc.{i}.fc", "int4", "bits 4", "fails", "lowering", "no kernel" + same, "bits.enc.*.fc")
+        PairCheck(
+            f"enc.{i}.fc",
+            "int4",
+            "bits 4",
+            "fails",
+            "lowering",
+            "no kernel" + same,
+            "bits.enc.*.fc",
+            "enc.0.fc",
+        )
         for i in range(1, 12)
     ]
     checks.append(PairCheck("head", "int4", "bits 4", "no effect", "", "too small", "bits.head"))
