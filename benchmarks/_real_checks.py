@@ -118,6 +118,13 @@ def _metrics(row: dict) -> str:
     return f"{row['metric']:.4f}{probe}"
 
 
+def budget_stand_in(baseline_metric: float, b: Budget, sign: int = 1) -> dict:
+    """What the first answer must match when no peer answer is within ``b``: a model at least as fast as
+    the float baseline whose metric is at the budget's edge (``name``, ``speedup``, ``metric``)."""
+    drop = b.max_drop * abs(baseline_metric) if b.drop_kind == "rel" else b.max_drop
+    return {"name": f"a model {b.describe()}", "speedup": 1.0, "metric": baseline_metric - sign * drop}
+
+
 def first_match(trials: list[dict], peer: dict | None, sign: int = 1) -> dict | None:
     """The first completed trial (in order of completion) at least as fast as ``peer`` at an equal or
     better metric, by the trial's own records: ``{"trial", "count", "seconds"}`` (``count``: completed
@@ -146,8 +153,9 @@ def early_goal_s(baseline_ms: float) -> float:
 
 def early_verdict(match: dict | None, peer: dict | None, baseline_ms: float) -> tuple[str, bool, str]:
     """The target line of the first model that matches the best peer (:func:`first_match`): within
-    :data:`EARLY_TRIALS` completed trials and :func:`early_goal_s` (no peer within the budget: nothing to
-    match, met)."""
+    :data:`EARLY_TRIALS` completed trials and :func:`early_goal_s`. With no peer answer within the budget
+    ``peer`` is :func:`budget_stand_in`: the first model within the budget is due by then (``None``: met,
+    nothing to match)."""
     goal = early_goal_s(baseline_ms)
     name = f"the peer's answer within {EARLY_TRIALS} trials and {goal / 60:.1f} min"
     if peer is None:

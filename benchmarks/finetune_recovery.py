@@ -104,7 +104,9 @@ def _mpnet_plans(fractions: list[float]) -> dict[str, Plan]:
     return {
         f"FFN neurons -{f:.0%}": Plan(
             layers={
-                f"encoder.encoder.layer.{i}.intermediate.dense": LayerPlan(sparsity=f, sparsity_kind="structured")
+                f"encoder.encoder.layer.{i}.intermediate.dense": LayerPlan(
+                    sparsity=f, sparsity_kind="structured"
+                )
                 for i in range(12)
             },
             **kw,
@@ -153,7 +155,9 @@ def main() -> None:
     recovery_table(task, teacher, _plans(0), args.steps, lr, t0)
 
 
-def recovery_table(task, teacher, plans: dict[str, Plan], steps: list[int], lr: float, t0: float, progress=False):
+def recovery_table(
+    task, teacher, plans: dict[str, Plan], steps: list[int], lr: float, t0: float, progress=False
+):
     """Per plan, the fidelity post-training and after each of ``steps`` fine-tune steps, printed as a table
     (with ``progress``, a line per model as it is scored)."""
     print(f"{'plan':<24} {'post-training':>13} " + " ".join(f"{f'{n} steps':>10}" for n in steps))
@@ -164,7 +168,10 @@ def recovery_table(task, teacher, plans: dict[str, Plan], steps: list[int], lr: 
             out = compress(task, teacher, dataclasses.replace(plan, steps=n, lr=lr), threads=2, batch_size=16)
             row.append(holdout_scores([out.model], task, task.eval_split, teacher)[0])
             if progress:
-                print(f"  {name}, {n} steps: fidelity {row[-1]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
+                print(
+                    f"  {name}, {n} steps: fidelity {row[-1]:.4f} ({time.perf_counter() - t:.0f} s)",
+                    flush=True,
+                )
         print(f"{name:<24} {row[0]:>13.4f} " + " ".join(f"{v:>10.4f}" for v in row[1:]))
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 2 threads; {time.perf_counter() - t0:.0f} s"

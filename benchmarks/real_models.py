@@ -280,11 +280,14 @@ def run_model(model: str, root: Path, args, log) -> dict:
             r["wall_s"] = by_number[r["trial"]]["end_s"]  # from the study's start, its set-up included
     sign = info["sign"]
     peer = checks.best(rows, "peer", b)
-    match = checks.first_match(facts["trials"], peer, sign)
+    base = next((r for r in rows if r["kind"] == "baseline" and r.get("metric") is not None), None)
+    # no peer answer within the budget: the first answer due early is the first model within it
+    due = peer or (base and checks.budget_stand_in(base["metric"], b, sign))
+    match = checks.first_match(facts["trials"], due, sign)
     verdict = checks.verdict(rows, b, sign)
     base_ms = next((r["latency_ms"] for r in rows if r["kind"] == "baseline" and r.get("latency_ms")), None)
     if result.get("study_run") and base_ms:
-        verdict.append(checks.early_verdict(match, peer, base_ms))
+        verdict.append(checks.early_verdict(match, due, base_ms))
     result.update(rows=rows, info=info, facts=facts, verdict=verdict, first_match=match,
                   best_peer=peer and peer["name"])  # fmt: skip
     (folder / "result.json").write_text(json.dumps(result, indent=2, default=str))
@@ -358,8 +361,13 @@ def summary(result: dict) -> list[str]:
             out.append(f"note: {ran['note']}")
         m = result["first_match"]
         peer = result["best_peer"]
-        if peer is None:
-            out.append("first model matching the best peer: no peer answer within the budget")
+        if peer is None and m is None:
+            out.append("no peer answer within the budget; first model within it: none in the study")
+        elif peer is None:
+            out.append(
+                f"no peer answer within the budget; first model within it: trial {m['trial']}, after "
+                f"{m['count']} completed trials, {_wall(m['seconds'])} from the study's start"
+            )
         elif m is None:
             out.append(f"first model matching the best peer ({peer}): none in the study")
         else:

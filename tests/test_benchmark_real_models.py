@@ -153,5 +153,13 @@ def test_the_early_answer_goal_scales_with_the_float_latency_and_counts_trials()
     assert not checks.early_verdict({"trial": 1, "count": 2, "seconds": 400.0}, peer, 40.0)[1]  # > 5 min
     assert not checks.early_verdict(None, peer, 40.0)[1]
     assert checks.early_verdict(None, None, 40.0)[1]  # no peer within the budget: nothing to match
+    # no peer within the budget: the first model within it is due early (1% relative of 0.5: 0.495)
+    due = checks.budget_stand_in(0.5, checks.BUDGETS["mpnet_bbc"])
+    assert due["metric"] == pytest.approx(0.495) and due["speedup"] == 1.0
+    assert checks.budget_stand_in(0.98, checks.BUDGETS["mobilenet_v2"])["metric"] == pytest.approx(0.97)
+    trials = [{"number": 0, "end_s": 60.0, "speedup": 3.0, "metric": 0.31},
+              {"number": 1, "end_s": 120.0, "speedup": 2.2, "metric": 0.4951}]  # fmt: skip
+    assert checks.first_match(trials, due) == {"trial": 1, "count": 2, "seconds": 120.0}
+    assert not checks.early_verdict(checks.first_match(trials[:1], due), due, 40.0)[1]
     code, missed = real.exit_code([{"model": "m", "verdict": [checks.early_verdict(None, peer, 40.0)]}])
     assert code == 1 and missed == ["m: the peer's answer within 3 trials and 5.0 min"]
