@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -284,11 +285,21 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The ``autocompress`` program: :func:`main`, then the exit.
 
-    The heap is not frozen before the exit (``gc.freeze`` saved about a second a command): the final
-    collection is what closes the study's SQLite connections, and without it a finished run folder kept
-    its ``study.db-wal`` / ``study.db-shm`` files.
+    What is alive at the end is frozen first: the interpreter's last garbage collection would otherwise
+    walk the whole heap of torch, ONNX Runtime and pandas (about a second of every command) just before
+    the process ends. That collection is also what closed the SQLite storages' connections, so they are
+    closed explicitly before (:func:`~autocompress.search.storage.close_sqlite_storages`): a finished run
+    folder keeps no ``study.db-wal`` / ``study.db-shm``. (``main`` called from Python leaves the
+    caller's heap alone.)
     """
-    sys.exit(main())
+    rc = main()
+    storage = sys.modules.get("autocompress.search.storage")
+    if storage is not None:
+        storage.close_sqlite_storages()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -346,7 +347,20 @@ def _sqlite_wal(storage: RDBStorage) -> RDBStorage:
         cursor.close()
 
     engine.dispose()  # connections opened while Optuna set the schema up get the pragmas on reopening
+    _SQLITE.add(storage)
     return storage
+
+
+_SQLITE: weakref.WeakSet = weakref.WeakSet()  # the SQLite file storages this process opened
+
+
+def close_sqlite_storages() -> None:
+    """Close the pooled connections of every SQLite file storage this process opened. The last
+    connection to close checkpoints the write-ahead log into the database file and deletes
+    ``study.db-wal`` / ``study.db-shm``; a process that ends without collecting its heap
+    (:func:`autocompress.cli.run`) would leave them beside the database otherwise."""
+    for storage in list(_SQLITE):
+        storage.engine.dispose()
 
 
 def check_storage_url(url: str) -> None:
