@@ -122,7 +122,8 @@ def given_rows(ctx: RunContext, study: optuna.Study) -> dict[tuple[str, str], di
     same mode): ``{("*", label): row}``."""
     from .latency_profile import uniform_settings
 
-    wanted = {label: _int8_layers(layers) for label, layers in uniform_settings(ctx.space, ctx.inventory)}
+    settings = dict(uniform_settings(ctx.space, ctx.inventory))
+    wanted = {label: _int8_layers(layers) for label, layers in settings.items()}
     out: dict[tuple[str, str], dict] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if FIXED_PLAN not in t.user_attrs or "speedup" not in t.user_attrs:
@@ -134,7 +135,8 @@ def given_rows(ctx: RunContext, study: optuna.Study) -> dict[tuple[str, str], di
         out[("*", label)] = {
             "layer": "*",
             "setting": label,
-            "values": {},
+            # what the planner builds on this base: a plan on an empty base was float under its label
+            "values": settings[label],
             "status": "ok",
             **row,
             "timed": f"trial {t.number}",

@@ -3,6 +3,7 @@ before the applicability check and the profile, which then narrow the space and 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -54,6 +55,11 @@ def test_the_one_shot_trials_complete_before_the_applicability_check_and_the_pro
     assert at("[1/3] trial 0") < at("applicability:") < at("latency profile:") < at("[2/3] trial 1")
     # the profile took the first trial's whole-model row, and planned no structure it measured again
     assert study.user_attrs["latency_profile"]["from_trials"] == 1
+    # ... with the layers it quantizes: the plans built on that base (the uniform channel removals) are int8
+    rows = json.loads((load_config(path).output_dir() / "latency_profile.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["layer"] == "*" and r.get("timed") == "trial 0"]
+    int8 = {k: v["bits"] for k, v in first.user_attrs[FIXED_PLAN]["layers"].items() if v["bits"] < 32}
+    assert int8 and {k: v["bits"] for k, v in row["values"].items()} == int8
     later = study.trials[1:]
     assert all(t.state == TrialState.COMPLETE and REPEAT_OF not in t.user_attrs for t in later)
     assert all(t.user_attrs.get("planned", {}).get("name") != STATIC for t in later)
