@@ -182,7 +182,9 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
 
         trial_s = (ctx.trial_estimate or {}).get("total")
         with trials_during_setup(first_trials_seconds(study)):  # the profile's share of the budget
-            enqueue_planned(ctx, study, planned - len(measured), log, trial_s, measured, given_rows(ctx, study))
+            enqueue_planned(
+                ctx, study, planned - len(measured), log, trial_s, measured, given_rows(ctx, study)
+            )
     study.set_user_attr(SECOND_STAGE, {"start": t0, "seconds": time.time() - t0})
     study.set_user_attr(SETUP_STAGE, DONE)
 
@@ -191,7 +193,9 @@ def first_trials_seconds(study: optuna.Study) -> float:
     """Wall seconds the study's finished first trials ran (they are trials, not set-up)."""
     return sum(
         (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+        for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+        )
         if FIXED_PLAN in t.user_attrs and t.datetime_start and t.datetime_complete
     )
 
