@@ -118,9 +118,17 @@ def rolling_steps(
     ``planned`` (the study's length before any time cap), within ``trial_timeout_s`` where one is set; 0 when fewer
     than :data:`MIN_STEPS` fit. ``planned`` unchanged without a budget (no run clock, or no count of
     the trials left: a worker of a shared study).
+
+    When the trials left do not fit the time left at twice ``other_s`` each (16 trials asked for in 20
+    minutes: not all of them would run, even post-training), the time is shared among as many as fit so:
+    a fine-tuned trial gets at least as long to fine-tune as the rest of a trial takes. Sharing it among
+    all of them gave every fine-tune 0 steps, and a plan that removes channels, run untuned, is a trial
+    spent for nothing.
     """
     if remaining_s is None or not trials_left or step_s <= 0 or planned <= 0:
         return planned
+    fit = int(remaining_s / (2 * other_s)) if other_s > 0 else trials_left
+    trials_left = max(1, min(trials_left, fit))
     share = (remaining_s - trials_left * other_s) / trials_left
     if trial_timeout_s:
         share = min(share, FINETUNE_SHARE * trial_timeout_s - other_s)

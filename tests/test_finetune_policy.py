@@ -76,7 +76,10 @@ def test_budget_and_recoverability_rules():
     assert rolling_steps(100, 1000.0, 5, 20.0, 1.0) == 180
     assert rolling_steps(40, 1000.0, 5, 20.0, 1.0) == 160  # at most 4x the steps planned at set-up
     assert rolling_steps(100, 1000.0, 5, 20.0, 1.0, trial_timeout_s=100.0) == 30  # half of 100 s less 20
-    assert rolling_steps(100, 105.0, 5, 20.0, 1.0) == 0  # 1 s each: fewer than 10 steps fit
+    # 5 trials of 20 s do not fit 105 s at 40 s each: shared among the 2 that do, (105 - 40) / 2 s each
+    assert rolling_steps(100, 105.0, 5, 20.0, 1.0) == 32
+    assert rolling_steps(100, 125.0, 3, 20.0, 1.0) == 21  # 3 fit: (125 - 60) / 3 s each
+    assert rolling_steps(100, 25.0, 5, 20.0, 1.0) == 0  # one trial's 20 s leave 5 s: fewer than 10 steps
     assert (
         rolling_steps(100, None, 5, 20.0, 1.0) == 100 and rolling_steps(100, 1000.0, None, 20.0, 1.0) == 100
     )
@@ -154,7 +157,7 @@ def test_a_fine_tuned_trial_gets_its_share_of_the_run_time_left(digits_task, dig
         _, kept, _ = build_model(ctx, capped)
     assert 90 <= kept["finetune_steps"] <= 125, kept
     ctx.trial_estimate = {"finetune": 0.05, "total": 1.05, "step_s": 0.01}
-    with run_clock(4.2):  # (4.2 - 4) / 4 s: 5 steps at most, fewer than the 10 worth running
+    with run_clock(1.1):  # one trial of 1 s fits, with (1.1 - 1) s to fine-tune: fewer than 10 steps
         _, kept, _ = build_model(ctx, plan)
     assert kept["finetune_skipped"].startswith("no fine-tune time is left"), kept
 
@@ -174,13 +177,17 @@ def test_a_fine_tune_stops_when_its_time_is_spent(digits_task, digits_teacher, b
     assert 1 <= out.steps_done < 100_000 and time.perf_counter() - t0 < 30
     assert out.losses and all(torch.isfinite(torch.tensor(out.losses)))
     assert not out.model.training
-    whole = compress(digits_task, digits_teacher, dataclasses.replace(plan, steps=3), threads=1, batch_size=32)
+    whole = compress(
+        digits_task, digits_teacher, dataclasses.replace(plan, steps=3), threads=1, batch_size=32
+    )
     assert whole.steps_done == 3  # no limit: every planned step
 
     ctx = _ctx(digits_task, digits_teacher, backend, {"max_metric_drop": 0.01})
     ctx.trial_estimate = {"finetune": 0.05, "total": 1.05, "step_s": 1e-5}  # far faster than real steps
     ctx.trials_left = 1
-    removal = Plan(layers={n: LayerPlan(sparsity=0.5, sparsity_kind="structured") for n in LAYERS[:-1]}, steps=5)
+    removal = Plan(
+        layers={n: LayerPlan(sparsity=0.5, sparsity_kind="structured") for n in LAYERS[:-1]}, steps=5
+    )
     from autocompress.deadline import run_clock
 
     with run_clock(60.0):  # a share of ~59 s at 1e-5 s a step: capped at 4 x 5000 steps, cut by time
