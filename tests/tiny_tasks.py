@@ -116,3 +116,24 @@ def column_labels() -> Task:
     t.train = (t.train[0], t.train[1][:, None])
     t.test = (t.test[0], t.test[1][:, None])
     return t
+
+
+def int8_sensitive_mlp() -> Task:
+    """A trained mlp (``model=``) whose classifier reads one hidden unit of huge constant value (bias 300)
+    through zero weights: static int8 calibrates the classifier's input grid to it, so every other hidden
+    unit rounds to a step or two and the accuracy falls, while the first layer's int8 costs nothing
+    measurable. What the mixed int8 plan is for: keep the classifier (13% of the MACs) float."""
+    t = mlp(64)
+    torch.manual_seed(0)
+    model = t.model_fn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = t.train
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = 300.0
+        model[2].weight[:, 0] = 0.0
+    return Task(name="int8_sensitive_mlp", model=model.eval(), train=t.train, test=t.test)

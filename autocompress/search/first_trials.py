@@ -8,12 +8,15 @@
    trial is waiting): the applicability check narrows the domains, the sensitivity analysis, the warm
    starts, and the latency profile with the rest of the planned starts (the mixed int8 plan, the
    profile's candidates; a structure the first trials measured is not planned again, and their
-   whole-model rows are not profiled again). Then the sampler.
+   whole-model rows are not profiled again). Where the mixed int8 plan can be made, the profile first
+   measures only the rows it needs and enqueues it as one more first trial (stage ``profile``); once
+   it ran, the rest of the profile plans the rest. Then the sampler.
 
 The study's user attr :data:`SETUP_STAGE` says which stage it is in (``early`` until the second stage
-is done, then ``done``; a study without it was made in one stage), so a run killed anywhere resumes
-where it stopped, and the first worker that finds the stage due runs it (under the run folder's set-up
-lock) while the others wait for it and then narrow their own space from the study.
+ran, ``profile`` between its two parts, then ``done``; a study without it was made in one stage), so a
+run killed anywhere resumes where it stopped, and the first worker that finds the stage due runs it
+(under the run folder's set-up lock) while the others wait for it and then narrow their own space from
+the study.
 
 Why the first trials carry their plan (user attr :data:`FIXED_PLAN`) instead of Optuna parameters: the
 applicability check narrows categorical domains after them, and Optuna refuses a parameter another
@@ -38,8 +41,11 @@ from ..rundir import SETUP_LOCK
 from .one_shot import POST_TRAINING, PROFILE_LABELS, one_shot_plans
 from .planner import Planned, layer_values
 
-SETUP_STAGE = "setup_stage"  # study user attr: EARLY until the second stage ran, then DONE
-EARLY, DONE = "early", "done"
+SETUP_STAGE = (
+    "setup_stage"  # study user attr: EARLY, PROFILE while the second stage's second part is due, DONE
+)
+EARLY, PROFILE, DONE = "early", "profile", "done"
+EARLY_PROFILE = "early_profile"  # study user attr: the summary of the profile's first pass (the 8-bit rows)
 SECOND_STAGE = "setup_second_stage"  # study user attr: when the second stage began (epoch s), its seconds
 FIXED_PLAN = "fixed_plan"  # trial user attr: the plan to run as it is (no Optuna parameters)
 AT_ONCE = {"schedule_kind": "one_shot", "schedule_start": 0.0}
@@ -49,22 +55,9 @@ ROW_FIELDS = ("metric", "metric_drop", "size_bytes", "size_ratio", "speedup", "l
 
 def enqueue_first(ctx: RunContext, study: optuna.Study, n: int, log: Callable[[str], None]) -> list[Planned]:
     """Enqueue up to ``n`` one-shot int8 plans as the study's first trials (see the module doc)."""
-    cfg = ctx.config
     plans = one_shot_plans(ctx.space, ctx.inventory)[:n]
     for p in plans:
-        params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))
-        params.update(ctx.space.plan_params(**AT_ONCE, kd_temperature=4.0, kd_alpha=0.5))
-        plan = ctx.space.plan_from_params(
-            ctx.inventory, params, epochs=cfg.finetune.epochs, steps=0, lr=cfg.finetune.lr, seed=cfg.seed
-        )
-        record = {"name": p.name, "choices": p.choices, "merged": [], "first": True}
-        attrs = {
-            "warm_start": f"planned: {p.name}",
-            "planned": record,
-            POST_TRAINING: True,
-            FIXED_PLAN: plan.to_dict(),
-        }
-        study.enqueue_trial({}, user_attrs=attrs)
+        _enqueue_fixed(ctx, study, p, {"merged": []})
         log(
             f"planned start '{p.name}' (post-training), a first trial before the applicability check and "
             f"the profile: {', '.join(p.choices)}"
@@ -72,9 +65,27 @@ def enqueue_first(ctx: RunContext, study: optuna.Study, n: int, log: Callable[[s
     return plans
 
 
+def _enqueue_fixed(ctx: RunContext, study: optuna.Study, p: Planned, record: dict) -> None:
+    """Enqueue ``p`` as a first trial: its plan fixed, post-training (``record``: more of the trial's
+    ``planned`` user attr)."""
+    cfg = ctx.config
+    params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))
+    params.update(ctx.space.plan_params(**AT_ONCE, kd_temperature=4.0, kd_alpha=0.5))
+    plan = ctx.space.plan_from_params(
+        ctx.inventory, params, epochs=cfg.finetune.epochs, steps=0, lr=cfg.finetune.lr, seed=cfg.seed
+    )
+    attrs = {
+        "warm_start": f"planned: {p.name}",
+        "planned": {**record, "name": p.name, "choices": p.choices, "first": True},
+        POST_TRAINING: True,
+        FIXED_PLAN: plan.to_dict(),
+    }
+    study.enqueue_trial({}, user_attrs=attrs)
+
+
 def setup_pending(study: optuna.Study) -> bool:
-    """Whether the study's second set-up stage has yet to run."""
-    return study.user_attrs.get(SETUP_STAGE) == EARLY
+    """Whether the study's second set-up stage (or its second part) has yet to run."""
+    return study.user_attrs.get(SETUP_STAGE) in (EARLY, PROFILE)
 
 
 def first_waiting(study: optuna.Study) -> bool:
@@ -145,12 +156,58 @@ def given_rows(ctx: RunContext, study: optuna.Study) -> dict[tuple[str, str], di
 
 
 def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
-    """The second stage (the module doc): narrow, analyse, enqueue the warm and planned starts."""
-    from .study_narrowing import narrow_by_applicability, narrow_by_sensitivity
+    """The second stage (the module doc): narrow, analyse, enqueue the warm and planned starts.
 
+    Where it plans, it runs in two parts: the first (stage :data:`EARLY`) narrows, enqueues the warm
+    starts, profiles only what the mixed int8 plan needs (each unit's ``8-bit`` row) and enqueues that
+    plan as one more first trial (stage :data:`PROFILE`); the second (stage :data:`PROFILE`, once that
+    trial ran) completes the profile and plans the rest. The mixed plan is the usual answer to "int8
+    everywhere lost too much": on MobileNetV2 it came 2.8 minutes later when it waited for the whole
+    profile (its 16 rows: 5.3 min)."""
     cfg, t0 = ctx.config, time.time()
     if "narrowed_domains" in study.user_attrs:  # a stage killed after narrowing: resumed as narrowed
         ctx.space.narrow(study.user_attrs["narrowed_domains"])
+    _, planned = cfg.trials.starts()
+    trial_s = (ctx.trial_estimate or {}).get("total")
+    if study.user_attrs.get(SETUP_STAGE) != PROFILE:
+        _narrow_and_warm_starts(ctx, study, log)
+        measured = measured_plans(study)
+        if planned > len(measured):
+            with trials_during_setup(first_trials_seconds(study)):
+                early = _enqueue_mixed(ctx, study, log, trial_s, measured)
+            if early is not None:
+                study.set_user_attr(EARLY_PROFILE, early)
+                study.set_user_attr(SECOND_STAGE, {"start": t0, "seconds": time.time() - t0})
+                study.set_user_attr(SETUP_STAGE, PROFILE)
+                return
+    measured = measured_plans(study)
+    if planned > len(measured):
+        from .planned_starts import enqueue_planned
+
+        with trials_during_setup(first_trials_seconds(study)):  # the profile's share of the budget
+            enqueue_planned(
+                ctx,
+                study,
+                planned - len(measured),
+                log,
+                trial_s,
+                measured,
+                given_rows(ctx, study),
+                earlier=study.user_attrs.get(EARLY_PROFILE),
+            )
+    before = study.user_attrs.get(SECOND_STAGE) or {}
+    study.set_user_attr(
+        SECOND_STAGE,
+        {"start": before.get("start", t0), "seconds": before.get("seconds", 0.0) + time.time() - t0},
+    )
+    study.set_user_attr(SETUP_STAGE, DONE)
+
+
+def _narrow_and_warm_starts(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """The applicability check's (and the sensitivity analysis's) narrowing, and the warm starts."""
+    from .study_narrowing import narrow_by_applicability, narrow_by_sensitivity
+
+    cfg = ctx.config
     narrow_by_applicability(ctx, study, log)
     sensitivity = None
     if cfg.trials.sensitivity_start is not None or cfg.trials.sensitivity_narrow is not None:
@@ -159,7 +216,7 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
         sensitivity = analyze(ctx, log=log)
     if cfg.trials.sensitivity_narrow is not None and "sensitivity_narrow" not in study.user_attrs:
         narrow_by_sensitivity(ctx, study, sensitivity, cfg.trials.sensitivity_narrow, log)
-    warm_starts, planned = cfg.trials.starts()
+    warm_starts, _ = cfg.trials.starts()
     for ws in warm_starts:
         params = ctx.space.params_for(ctx.inventory, **ws.layer_values())
         params.update(
@@ -176,17 +233,40 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
             ctx.space.params_from_layers(ctx.inventory, gentle),
             user_attrs={"warm_start": f"sensitivity <= {cfg.trials.sensitivity_start}"},
         )
-    measured = measured_plans(study)
-    if planned > len(measured):
-        from .planned_starts import enqueue_planned
 
-        trial_s = (ctx.trial_estimate or {}).get("total")
-        with trials_during_setup(first_trials_seconds(study)):  # the profile's share of the budget
-            enqueue_planned(
-                ctx, study, planned - len(measured), log, trial_s, measured, given_rows(ctx, study)
-            )
-    study.set_user_attr(SECOND_STAGE, {"start": t0, "seconds": time.time() - t0})
-    study.set_user_attr(SETUP_STAGE, DONE)
+
+def _enqueue_mixed(
+    ctx: RunContext, study: optuna.Study, log: Callable[[str], None], trial_s, measured: list[Planned]
+) -> dict | None:
+    """Profile each unit's ``8-bit`` row only and enqueue the mixed int8 plan
+    (:func:`.one_shot_mixed.mixed_plan`) as a first trial; the first pass's profile summary (what the
+    full pass adds to), or None when there is no such plan or one of its structure already ran."""
+    from .latency_profile import measure_profile
+    from .one_shot_mixed import SENSITIVITY, mixed_plan
+    from .planned_starts import _structure, allowed_drop
+    from .planner import merge_same_structure
+
+    said: list[str] = []  # the first pass's lines: shown only where it plans (else the full pass says it all)
+    profile = measure_profile(
+        ctx, said.append, trial_s=trial_s, given=given_rows(ctx, study), settings={SENSITIVITY}
+    )
+    summary = {k: v for k, v in profile.items() if k != "rows"}
+    summary["rows"] = [{"status": r.get("status")} for r in profile["rows"]]
+    mixed = mixed_plan(ctx.space, ctx.inventory, profile, allowed_drop(ctx))
+    if mixed is None:
+        return None
+    kept = merge_same_structure([*measured, mixed], lambda p: _structure(ctx, p))
+    if mixed not in kept:
+        return None  # a first trial ran this structure already
+    _enqueue_fixed(ctx, study, mixed, {**mixed.predicted, "merged": []})
+    for line in said:
+        log(line)
+    log(
+        f"planned start '{mixed.name}' (post-training), a first trial from the profile's 8-bit rows, before "
+        f"the rest of it: predicted {mixed.predicted['speedup']:.2f}x faster, drop "
+        f"{mixed.predicted['metric_drop']:+.4f}: {', '.join(mixed.choices)}"
+    )
+    return summary
 
 
 def first_trials_seconds(study: optuna.Study) -> float:
@@ -204,8 +284,11 @@ def complete_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], No
     """Run the second stage once (the first process here, under the run folder's set-up lock), or take
     its narrowed domains from the study when another process ran it."""
     with FileLock(str(ctx.run_dir / SETUP_LOCK)):
-        if setup_pending(study):
+        if study.user_attrs.get(SETUP_STAGE) == PROFILE:
+            log("the first trials are done: the rest of the profile plans the rest")
+        elif setup_pending(study):
             log("the first trials are done: the applicability check and the profile plan the rest")
+        if setup_pending(study):
             finish_setup(ctx, study, log)
     sync_domains(ctx, study)
 
@@ -214,5 +297,5 @@ def sync_domains(ctx: RunContext, study: optuna.Study) -> None:
     """This process's space narrowed as the study's second stage narrowed it (a worker that ran a first
     trial while another ran the stage)."""
     narrowed = study.user_attrs.get("narrowed_domains")
-    if narrowed is not None and not setup_pending(study):
+    if narrowed is not None and study.user_attrs.get(SETUP_STAGE) != EARLY:  # narrowed by the first part
         ctx.space.narrow(narrowed)

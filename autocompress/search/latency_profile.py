@@ -318,6 +318,8 @@ def measure_profile(
     use_cache: bool = True,
     share_roles: bool = True,
     given: dict | None = None,
+    settings: set[str] | None = None,
+    earlier: dict | None = None,
 ) -> dict:
     """The latency + accuracy profile of the run's teacher (see the module doc); written to the run folder.
 
@@ -329,6 +331,12 @@ def measure_profile(
             (the module doc); False measures every row itself.
         given: rows measured elsewhere, by (layer, setting): the study's first trials ran the whole-model
             int8 plans (:mod:`.first_trials`), so their rows are not lowered again.
+        settings: only the unit rows of these settings (and the whole-model rows already measured, by the
+            first trials or earlier): a first pass for one plan
+            (:mod:`.first_trials`: the mixed int8 plan needs every unit's ``8-bit`` row); a later full
+            pass reuses them from the file.
+        earlier: the result of such a first pass: its seconds count against the budget, its lowerings
+            and timings are this profile's, and its rows are not counted as reused.
 
     Returns:
         ``{"key", "rows", "seconds", "trial_s", "trial_equivalents", "lowerings", "timed", "reused",
@@ -339,6 +347,12 @@ def measure_profile(
     key = profile_key(ctx)
     given = given or {}
     old = {**(_cached_rows(path, key) if use_cache else {}), **given}  # the first trials' rows first
+    before = {"seconds": 0.0, "lowerings": 0, "timed": 0, "cache_hits": 0, "measured": 0}
+    if earlier is not None:
+        before = {k: earlier[k] for k in ("seconds", "lowerings", "timed", "cache_hits")}
+        # the rows the first pass made (not those it reused): this pass reads them back from the file
+        made = sum(r.get("status") != "not measured" for r in earlier["rows"]) - earlier["reused"]
+        before["measured"] = made
     t0 = time.perf_counter()
     rows, reused, skipped = [], 0, 0
     roles = _roles(ctx) if share_roles else {}
@@ -347,6 +361,10 @@ def measure_profile(
     with scratch_dir("ac-profile-") as tmp:
         prof = _Profiler(ctx, Path(tmp), log)
         for layer, label, layers in _items(ctx):
+            if settings is not None and (
+                (layer, label) not in old if layer == "*" else label not in settings
+            ):
+                continue  # a first pass: these settings' unit rows, and the whole-model rows already known
             prior = old.get((layer, label))
             if prior is not None and prior.get("status") != "not measured":
                 rows.append(prior)
@@ -357,7 +375,7 @@ def measure_profile(
                 rows.append(_row_head(layer, label, layers))
                 members.append((rows[-1], first[role]))
                 continue
-            over = _over_budget(time.perf_counter() - t0, trial_s, budget_trials)
+            over = _over_budget(before["seconds"] + time.perf_counter() - t0, trial_s, budget_trials)
             if over:
                 rows.append({**_row_head(layer, label, layers), "status": "not measured", "note": over})
                 skipped += 1
@@ -368,7 +386,7 @@ def measure_profile(
                 first[role] = rows[-1]
         prof.flush()
     _copy_role_rows(members)
-    seconds = time.perf_counter() - t0
+    seconds = before["seconds"] + time.perf_counter() - t0
     result = {
         "key": key,
         "rows": rows,
@@ -376,11 +394,11 @@ def measure_profile(
         "seconds": seconds,
         "trial_s": trial_s,
         "trial_equivalents": seconds / trial_s if trial_s else None,
-        "lowerings": prof.lowerings,
-        "timed": prof.timed,
-        "reused": reused,
+        "lowerings": before["lowerings"] + prof.lowerings,
+        "timed": before["timed"] + prof.timed,
+        "reused": reused - before["measured"],
         "from_trials": sum((r["layer"], r["setting"]) in given for r in rows),
-        "cache_hits": prof.cache_hits,
+        "cache_hits": before["cache_hits"] + prof.cache_hits,
         "skipped": skipped,
         "shared": len(members),
         "roles": len(set(roles.values())) if roles else len(ctx.inventory),

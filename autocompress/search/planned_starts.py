@@ -105,12 +105,14 @@ def enqueue_planned(
     trial_s: float | None,
     measured: Sequence[Planned] = (),
     given: dict | None = None,
+    earlier: dict | None = None,
 ) -> list[Planned]:
     """Profile the teacher, plan, and enqueue up to ``n`` planned trials (user attr ``planned``).
 
     ``measured``: the plans the study's first trials ran (not planned again); ``given``: profile rows
-    those trials measured (:func:`~.latency_profile.measure_profile`'s ``given``)."""
-    profile = measure_profile(ctx, log, trial_s=trial_s, given=given)
+    those trials measured, ``earlier``: the profile's first pass (:func:`~.latency_profile.measure_profile`'s
+    ``given`` and ``earlier``)."""
+    profile = measure_profile(ctx, log, trial_s=trial_s, given=given, earlier=earlier)
     plans = make_plans(ctx, profile, n, measured)
     study.set_user_attr("latency_profile", {k: v for k, v in profile.items() if k != "rows"})
     for p in plans:

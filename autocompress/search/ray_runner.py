@@ -237,8 +237,10 @@ def run_study_ray(
         # every result holds the searcher's metrics does not apply (its documented switch)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with open_run(cfg, log) as (ctx, study):
-        if setup_pending(study):  # the first trials stay first in the queue; Tune runs them in parallel
-            complete_setup(ctx, study, log)  # with the sampler's, so the driver sets the rest up before
+        # the first trials stay first in the queue; Tune runs them in parallel with the sampler's, so the
+        # driver sets the rest up before (both parts of the second stage, one after the other)
+        while setup_pending(study):
+            complete_setup(ctx, study, log)
         run_dir = ctx.run_dir.resolve()
         # "local": a Ray instance started for this run only (no cluster)
         ray.init(

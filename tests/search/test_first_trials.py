@@ -15,7 +15,14 @@ from reliability_helpers import study_file
 
 import autocompress
 from autocompress.config import load_config
-from autocompress.search.first_trials import DONE, FIXED_PLAN, SECOND_STAGE, SETUP_STAGE, setup_pending
+from autocompress.search.first_trials import (
+    DONE,
+    EARLY_PROFILE,
+    FIXED_PLAN,
+    SECOND_STAGE,
+    SETUP_STAGE,
+    setup_pending,
+)
 from autocompress.search.one_shot import POST_TRAINING, STATIC
 from autocompress.search.repeats import REPEAT_OF
 
@@ -149,3 +156,40 @@ def test_the_first_trials_time_is_not_counted_as_set_up():
             )
         )  # fmt: skip
     assert first_trials_seconds(study) == 130.0
+
+
+def test_the_mixed_int8_plan_runs_before_the_rest_of_the_profile(tmp_path):
+    """Where int8 everywhere costs accuracy, the profile first measures each unit's 8-bit row alone; the
+    mixed plan (the most sensitive units float) runs next, as a first trial, and only then the rest of
+    the profile plans the rest."""
+    path, _ = study_file(
+        tmp_path,
+        task={"name": "tiny_tasks:int8_sensitive_mlp"},
+        trials={"n": 4, "planned_starts": 4},
+        budgets={"max_metric_drop": 0.01},
+        sampler=TPE,
+    )
+    lines: list[str] = []
+    study = autocompress.run_study(load_config(path), log=lines.append).study
+
+    def at(prefix: str) -> int:
+        return next(i for i, s in enumerate(lines) if s.startswith(prefix))
+
+    # trials 0 and 1: int8 static and dynamic everywhere; then the profile's 8-bit rows alone, and the
+    # mixed plan (the classifier float) as trial 2, before the rest of the profile
+    mixed = "planned start 'int8 static, 1 sensitive layer float' (post-training), a first trial from the"
+    assert at("[2/4] trial 1") < at("latency profile:") < at(mixed) < at("[3/4] trial 2")
+    assert (
+        at("[3/4] trial 2") < at("the first trials are done: the rest of the profile") < at("[4/4] trial 3")
+    )
+    third = study.trials[2].user_attrs
+    assert third["planned"]["name"] == "int8 static, 1 sensitive layer float" and third[POST_TRAINING]
+    assert {k: v["bits"] for k, v in third[FIXED_PLAN]["layers"].items()} == {"0": 8, "2": 32}
+    assert sum(s.startswith("latency profile:") for s in lines) == 2
+    # the full pass took the first pass's rows from the file and counts its cost
+    early, full = study.user_attrs[EARLY_PROFILE], study.user_attrs["latency_profile"]
+    assert early["lowerings"] >= 1 and full["lowerings"] >= early["lowerings"]
+    assert full["seconds"] >= early["seconds"] and study.user_attrs[SETUP_STAGE] == DONE
+    assert "int8 static, 1 sensitive layer float" not in [
+        t.user_attrs.get("planned", {}).get("name") for t in study.trials[3:]
+    ]
