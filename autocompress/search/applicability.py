@@ -261,8 +261,6 @@ class _Checker:
         return out, kept
 
 
-
-
 def check_applicability(
     task: Task,
     teacher: nn.Module,
@@ -326,7 +324,9 @@ def _check_all(task, teacher, inventory, space, backend, seed, result, removals,
             for layer, (status, stage, reason) in verdicts.items():
                 checked_on = checker.shared.get(layer, "")
                 result.checks.append(
-                    PairCheck(layer, kind.technique, kind.setting, status, stage, reason, checked_on=checked_on)
+                    PairCheck(
+                        layer, kind.technique, kind.setting, status, stage, reason, checked_on=checked_on
+                    )
                 )
                 dims.append((result.checks[-1], kind.dim))
                 if status != "ok":

@@ -182,7 +182,7 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
                 return
     measured = measured_plans(study)
     if planned > len(measured):
-        from .planned_starts import enqueue_planned
+        from .planned_starts import allowed_drop, enqueue_planned
 
         with trials_during_setup(first_trials_seconds(study)):  # the profile's share of the budget
             enqueue_planned(
@@ -194,6 +194,7 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
                 measured,
                 given_rows(ctx, study),
                 earlier=study.user_attrs.get(EARLY_PROFILE),
+                mixed_scale=mixed_scale(study, allowed_drop(ctx)),
             )
     before = study.user_attrs.get(SECOND_STAGE) or {}
     study.set_user_attr(
@@ -201,6 +202,20 @@ def finish_setup(ctx: RunContext, study: optuna.Study, log: Callable[[str], None
         {"start": before.get("start", t0), "seconds": before.get("seconds", 0.0) + time.time() - t0},
     )
     study.set_user_attr(SETUP_STAGE, DONE)
+
+
+def mixed_scale(study: optuna.Study, allowed: float | None) -> float:
+    """Measured over predicted metric drop of the mixed int8 first trial when it missed the budget
+    ``allowed`` (:func:`.one_shot_mixed.mixed_plan`'s ``scale``; 1: none ran, or it kept within the
+    budget, or it measured less than predicted)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        planned, ua = t.user_attrs.get("planned") or {}, t.user_attrs
+        if FIXED_PLAN not in ua or "metric_drop" not in planned or "metric_drop" not in ua:
+            continue
+        measured, predicted = float(ua["metric_drop"]), float(planned["metric_drop"])
+        if allowed is not None and measured > allowed and predicted > 0 and measured > predicted:
+            return measured / predicted
+    return 1.0
 
 
 def _narrow_and_warm_starts(ctx: RunContext, study: optuna.Study, log: Callable[[str], None]) -> None:

@@ -23,6 +23,11 @@ unit of latency it saves left in float. :func:`mixed_plan` plans it from the lat
   float units carry at most :data:`MAX_FLOAT_MACS` of the int8 layers' MACs (past that it is not an int8
   plan any more); a unit that would pass it is skipped.
 
+* **Measured.** Where a mixed plan already ran post-training and measured more drop than predicted
+  and more than the budget (the profile scores a subset of the eval split, and one-unit drops under-
+  or overstate their sum), the next mixed plan scales every predicted drop by measured / predicted,
+  which keeps more units float (``scale``).
+
 No plan when no unit's int8 costs anything measurable (every measured drop <= 0), when no unit can be
 kept float within the MACs cap, or when the model has no static int8 layers.
 """
@@ -96,9 +101,13 @@ def _prediction(whole: dict | None, units: list[dict], floated: list[dict], base
     return pred if whole is not None else {**pred, "unprofiled": True}
 
 
-def mixed_plan(space, inventory, profile: dict, allowed_drop: float | None) -> Planned | None:
+def mixed_plan(
+    space, inventory, profile: dict, allowed_drop: float | None, scale: float = 1.0
+) -> Planned | None:
     """int8 static everywhere but the most sensitive units, post-training (the module doc); None when
-    there is nothing to keep float."""
+    there is nothing to keep float. ``scale``: what a mixed plan already run measured over its predicted
+    drop (> 1: the profile's subset understated it): every predicted drop is multiplied by it, so the
+    plan keeps more units float."""
     static = dict(next((layers for name, layers in uniform_layers(space, inventory) if name == STATIC), {}))
     if not static:
         return None
@@ -115,7 +124,7 @@ def mixed_plan(space, inventory, profile: dict, allowed_drop: float | None) -> P
     used = 0
     ranked = sorted((u for u in units if u["drop"] > 0), key=lambda u: -u["drop"] / max(u["gain"], _EPS))
     for u in ranked:
-        if _prediction(whole, units, floated, profile["baseline"])["metric_drop"] <= target:
+        if scale * _prediction(whole, units, floated, profile["baseline"])["metric_drop"] <= target:
             break
         cost = sum(macs[m] for m in u["members"])
         if used + cost > cap:
@@ -130,4 +139,5 @@ def mixed_plan(space, inventory, profile: dict, allowed_drop: float | None) -> P
     kept = ", ".join(u["unit"] for u in floated)
     choices = [f"{name} ({kept}; {len(layers)} layers int8), post-training"]
     predicted = _prediction(whole, units, floated, profile["baseline"])
+    predicted["metric_drop"] *= scale
     return Planned(name, layers, predicted, choices, post_training=True)

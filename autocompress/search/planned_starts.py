@@ -59,7 +59,9 @@ def tuning_differs(ctx: RunContext, plan: Plan, post_model) -> bool:
     return recoverable(ctx.teacher, post_model, plan)
 
 
-def make_plans(ctx: RunContext, profile: dict, n: int, measured: Sequence[Planned] = ()) -> list[Planned]:
+def make_plans(
+    ctx: RunContext, profile: dict, n: int, measured: Sequence[Planned] = (), mixed_scale: float = 1.0
+) -> list[Planned]:
     """At most ``n`` plans of different structure: the peers' one-call answers first
     (:func:`.one_shot.one_shot_plans`, post-training), the int8 plan with its most sensitive layers kept
     float (:func:`.one_shot_mixed.mixed_plan`, post-training), then the profile's
@@ -74,7 +76,7 @@ def make_plans(ctx: RunContext, profile: dict, n: int, measured: Sequence[Planne
     the post-training trial."""
     drop = allowed_drop(ctx)
     first = one_shot_plans(ctx.space, ctx.inventory, profile)
-    mixed = mixed_plan(ctx.space, ctx.inventory, profile, drop)
+    mixed = mixed_plan(ctx.space, ctx.inventory, profile, drop, mixed_scale)
     first += [mixed] if mixed is not None else []
     plans = merge_same_structure(
         [*measured, *first, *plan_candidates(profile, ctx.space, drop)], lambda p: _structure(ctx, p)
@@ -106,14 +108,15 @@ def enqueue_planned(
     measured: Sequence[Planned] = (),
     given: dict | None = None,
     earlier: dict | None = None,
+    mixed_scale: float = 1.0,
 ) -> list[Planned]:
     """Profile the teacher, plan, and enqueue up to ``n`` planned trials (user attr ``planned``).
 
     ``measured``: the plans the study's first trials ran (not planned again); ``given``: profile rows
     those trials measured, ``earlier``: the profile's first pass (:func:`~.latency_profile.measure_profile`'s
-    ``given`` and ``earlier``)."""
+    ``given`` and ``earlier``); ``mixed_scale``: :func:`.one_shot_mixed.mixed_plan`'s ``scale``."""
     profile = measure_profile(ctx, log, trial_s=trial_s, given=given, earlier=earlier)
-    plans = make_plans(ctx, profile, n, measured)
+    plans = make_plans(ctx, profile, n, measured, mixed_scale)
     study.set_user_attr("latency_profile", {k: v for k, v in profile.items() if k != "rows"})
     for p in plans:
         params = ctx.space.params_from_layers(ctx.inventory, layer_values(p, ctx.inventory))

@@ -21,6 +21,7 @@ from autocompress.search.first_trials import (
     FIXED_PLAN,
     SECOND_STAGE,
     SETUP_STAGE,
+    mixed_scale,
     setup_pending,
 )
 from autocompress.search.one_shot import POST_TRAINING, STATIC
@@ -185,6 +186,11 @@ def test_the_mixed_int8_plan_runs_before_the_rest_of_the_profile(tmp_path):
     third = study.trials[2].user_attrs
     assert third["planned"]["name"] == "int8 static, 1 sensitive layer float" and third[POST_TRAINING]
     assert {k: v["bits"] for k, v in third[FIXED_PLAN]["layers"].items()} == {"0": 8, "2": 32}
+    # it missed the budget by more than predicted: the rest of the plan scales the predictions by it
+    measured, predicted = third["metric_drop"], third["planned"]["metric_drop"]
+    assert measured > 0.01 and measured > predicted > 0
+    assert mixed_scale(study, 0.01) == pytest.approx(measured / predicted)
+    assert mixed_scale(study, 1.0) == 1.0  # within a looser budget: as predicted
     assert sum(s.startswith("latency profile:") for s in lines) == 2
     # the full pass took the first pass's rows from the file and counts its cost
     early, full = study.user_attrs[EARLY_PROFILE], study.user_attrs["latency_profile"]

@@ -79,6 +79,18 @@ def test_the_layers_with_the_largest_measured_int8_drop_stay_float_post_training
     assert plan.predicted["speedup"] == pytest.approx(2.5 / 1.1**2)
 
 
+def test_a_mixed_plan_that_measured_more_drop_keeps_more_layers_float(space):
+    """The first mixed plan measured 5x its predicted drop: the next one scales every prediction by it."""
+    drops = {"c0": 0.0, "c1": 0.004, "fc": 0.001, "c3": 0.0005, "c5": 0.0045}
+    first = mixed_plan(space, INVENTORY, _profile(drops), allowed_drop=0.01)
+    assert sorted({i.name for i in INVENTORY} - set(first.layers)) == ["c1", "c5"]
+    again = mixed_plan(space, INVENTORY, _profile(drops), allowed_drop=0.01, scale=5.0)
+    assert sorted({i.name for i in INVENTORY} - set(again.layers)) == ["c1", "c5", "fc"]
+    # 5 x 0.012 x 0.0005 / 0.01 = 0.003 <= half the budget (fc float too); c1, c5 alone: 5 x 0.0018 > it
+    assert again.predicted["metric_drop"] == pytest.approx(5 * 0.012 * 0.0005 / 0.01)
+    assert again.predicted["metric_drop"] <= WELL_INSIDE * 0.01
+
+
 def test_within_the_budget_it_aims_at_nearly_lossless(space):
     drops = {"c0": 0.002, "c1": 0.001, "c2": 0.0004, "c3": 0.0001}
     loose = mixed_plan(space, INVENTORY, _profile(drops, whole_drop=0.006), allowed_drop=0.01)
