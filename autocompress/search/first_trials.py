@@ -258,7 +258,7 @@ def _enqueue_mixed(
     full pass adds to), or None when there is no such plan or one of its structure already ran."""
     from .latency_profile import measure_profile
     from .one_shot_mixed import SENSITIVITY, mixed_plan
-    from .planned_starts import _structure, allowed_drop
+    from .planned_starts import allowed_drop, plan_structure
     from .planner import merge_same_structure
 
     said: list[str] = []  # the first pass's lines: shown only where it plans (else the full pass says it all)
@@ -270,7 +270,7 @@ def _enqueue_mixed(
     mixed = mixed_plan(ctx.space, ctx.inventory, profile, allowed_drop(ctx))
     if mixed is None:
         return None
-    kept = merge_same_structure([*measured, mixed], lambda p: _structure(ctx, p))
+    kept = merge_same_structure([*measured, mixed], lambda p: plan_structure(ctx, p))
     if mixed not in kept:
         return None  # a first trial ran this structure already
     _enqueue_fixed(ctx, study, mixed, {**mixed.predicted, "merged": []})

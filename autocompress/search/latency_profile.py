@@ -50,11 +50,9 @@ from ..plan import LayerPlan, Plan
 from ..rundir import LATENCY_PROFILE, write_json
 from ..scratch import scratch_dir
 from .costs import profile_line
-from .one_shot import PROFILE_LABELS, uniform_layers
-from .one_shot_mixed import SENSITIVITY
+from .profile_settings import LEVELS, _items, layer_settings, uniform_settings, units  # noqa: F401
 from .roles import role_key, structural_roles
 
-LEVELS = (0.25, 0.5)  # structured sparsity and rank ratio levels tried (clipped into the domain)
 CHUNK = 8  # artifacts timed side by side with the baseline in one session
 TIMING = {"warmup_s": 0.05, "min_s": 0.15, "max_s": 0.6, "target_rel_ci": 0.03}
 BUDGET_TRIALS = 2.0  # the profile stops past this many trial-equivalents
@@ -72,60 +70,6 @@ SHARED = (
 )
 
 
-def _levels(p, levels=LEVELS) -> list[float]:
-    """The levels of a searched sparsity / rank domain the profile tries (within it, on its grid)."""
-    if p.fixed is not None:
-        return [float(p.fixed)]
-    if p.choices is not None:
-        return [float(v) for v in p.choices]
-    out = []
-    for v in levels:
-        v = min(max(v, p.low), p.high)
-        if p.step:
-            v = p.low + round((v - p.low) / p.step) * p.step
-        out.append(round(v, 6))
-    return sorted(set(out))
-
-
-def layer_settings(space, info) -> list[tuple[str, dict]]:
-    """``(label, LayerPlan fields)`` of every setting the profile measures on one layer."""
-    params = space.layer_params(info)
-    grid = space.allowed_by_kind.get("quant_granularity", {}).get(info.kind, ())
-    extra = {"quant_granularity": grid[0]} if grid and "channel" not in grid else {}
-    out: list[tuple[str, dict]] = []
-    for b in sorted({int(v) for v in params["bits"].values() if int(v) < 32}, reverse=True):
-        out.append((f"{b}-bit", {"bits": b, **extra}))
-        if b == 8 and "dynamic" in [str(v) for v in params["quant_mode"].values()]:
-            out.append(("8-bit dynamic", {"bits": 8, "quant_mode": "dynamic", **extra}))
-    if "structured" in [str(v) for v in params["sparsity_kind"].values()]:
-        for s in _levels(params["sparsity"]):
-            if s > 0:
-                out.append((f"structured {s:g}", {"sparsity": s, "sparsity_kind": "structured"}))
-    mode = str(params["rank_mode"].values()[0])
-    for r in _levels(params["rank_ratio"]):
-        if r < 1.0:
-            out.append((f"rank {r:g}", {"rank_ratio": r, "rank_mode": mode}))
-    init = str(params["share_init"].values()[0])  # weight sharing: the fewest shared values (size, load)
-    shared = [int(v) for v in params["share_bits"].values() if int(v) > 0]
-    if shared:
-        out.append((f"shared {2 ** min(shared)} values", {"share_bits": min(shared), "share_init": init}))
-    for m in sorted({int(v) for v in params["separable"].values()} - {0}):  # depthwise-separable
-        if info.kind == "Conv2d" and info.groups == 1 and max(info.kernel) > 1:
-            out.append((f"separable x{m}", {"separable": m}))
-    if "linear" in [str(v) for v in params["attention"].values()]:  # its attention block, kernelized
-        out.append(("linear attention", {"attention": "linear"}))
-    return out
-
-
-def uniform_settings(space, inventory) -> list[tuple[str, dict[str, dict]]]:
-    """``(label, {layer: fields})`` of the whole-model int8 rows: the one-shot plans' layers
-    (:func:`.one_shot.uniform_layers`: static on each layer whose domain allows it; dynamic on the Linear
-    layers with int8 tables), when they change more than one layer."""
-    return [
-        (PROFILE_LABELS[name], layers) for name, layers in uniform_layers(space, inventory) if len(layers) > 1
-    ]
-
-
 def profile_key(ctx: RunContext) -> str:
     """The model, the device's timing identity and the eval subset: what makes a row reusable."""
     from ..tasks.base import weights_hash
@@ -138,34 +82,6 @@ def profile_key(ctx: RunContext) -> str:
         "inputs": [list(x.shape) for x in ctx.task.example_inputs()],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def units(space, inventory) -> list[tuple[str, list]]:
-    """``(unit, member layers)``, largest first (MACs): a layer alone, or the layers of a group of the
-    space (``groups``), which share their parameters and so change together."""
-    by: dict[str, list] = {}
-    for info in inventory:
-        by.setdefault(space.group_of(info.name), []).append(info)
-    return sorted(by.items(), key=lambda kv: -sum(i.macs for i in kv[1]))
-
-
-def _items(ctx: RunContext) -> list[tuple[str, str, dict[str, dict]]]:
-    """``(unit or '*', label, {layer: fields})`` in profiling order: whole-model rows, then units by MACs.
-
-    A group is profiled as one row per setting, its members changed together (a setting every member
-    offers): one row per member measured the members' coupled channels several times (removing a
-    stage conv's outputs removes those of every conv DepGraph couples to it), and a product of such rows
-    predicted ResNet-18's stage plans at 2-6x what they measured."""
-    items = [("*", label, layers) for label, layers in uniform_settings(ctx.space, ctx.inventory)]
-    for unit, infos in units(ctx.space, ctx.inventory):
-        offered = [dict(layer_settings(ctx.space, i)) for i in infos]
-        if len(infos) == 1:
-            items += [(infos[0].name, label, {infos[0].name: v}) for label, v in offered[0].items()]
-            continue
-        for label in [lb for lb in offered[0] if all(lb in o for o in offered)]:
-            items.append((unit, label, {i.name: o[label] for i, o in zip(infos, offered, strict=True)}))
-    # every unit's 8-bit row first: the sensitivity .one_shot_mixed plans from covers every unit
-    return sorted(items, key=lambda it: 0 if it[0] == "*" else 1 if it[1] == SENSITIVITY else 2)
 
 
 def _row_head(layer: str, label: str, layers: dict[str, dict]) -> dict:
@@ -309,6 +225,51 @@ def _roles(ctx: RunContext) -> dict[str, str]:
     return structural_roles(ctx.teacher, names, ctx.task.example_inputs(), ctx.task.io)
 
 
+def _first_pass(earlier: dict | None) -> dict:
+    """The counts a first pass (``earlier``) adds to the full one; ``made``: the rows it made (not those
+    it reused), which the full pass reads back from the file."""
+    if earlier is None:
+        return {"seconds": 0.0, "lowerings": 0, "timed": 0, "cache_hits": 0, "made": 0}
+    made = sum(r.get("status") != "not measured" for r in earlier["rows"]) - earlier["reused"]
+    return {**{k: earlier[k] for k in ("seconds", "lowerings", "timed", "cache_hits")}, "made": made}
+
+
+def _profile_rows(ctx: RunContext, log, old: dict, settings: set[str] | None, roles: dict, over):
+    """Each item's row (:func:`measure_profile`): reused from ``old``, copied from its structural role,
+    not measured (``over()`` says why), or measured; ``(rows, reused, skipped, role members, profiler)``."""
+    rows, reused, skipped = [], 0, 0
+    first: dict[str, dict] = {}  # role key -> the row measured for it
+    members: list[tuple[dict, dict]] = []  # (a later member's row, its role's measured row)
+    with scratch_dir("ac-profile-") as tmp:
+        prof = _Profiler(ctx, Path(tmp), log)
+        for layer, label, layers in _items(ctx):
+            if settings is not None and (
+                (layer, label) not in old if layer == "*" else label not in settings
+            ):
+                continue  # a first pass: these settings' unit rows, and the whole-model rows already known
+            prior = old.get((layer, label))
+            if prior is not None and prior.get("status") != "not measured":
+                rows.append(prior)
+                reused += 1
+                continue
+            role = role_key(roles, layers) if layer != "*" else None
+            if role in first:  # the same change on the same structure: the role's row, copied below
+                rows.append(_row_head(layer, label, layers))
+                members.append((rows[-1], first[role]))
+                continue
+            why = over()
+            if why:
+                rows.append({**_row_head(layer, label, layers), "status": "not measured", "note": why})
+                skipped += 1
+                continue
+            rows.append(prof.row(layer, label, layers))
+            crash_point("profile")  # dies with the profile's artifacts in its scratch folder
+            if role is not None:
+                first[role] = rows[-1]
+        prof.flush()
+    return rows, reused, skipped, members, prof
+
+
 def measure_profile(
     ctx: RunContext,
     log: Callable[[str], None] = print,
@@ -331,12 +292,9 @@ def measure_profile(
             (the module doc); False measures every row itself.
         given: rows measured elsewhere, by (layer, setting): the study's first trials ran the whole-model
             int8 plans (:mod:`.first_trials`), so their rows are not lowered again.
-        settings: only the unit rows of these settings (and the whole-model rows already measured, by the
-            first trials or earlier): a first pass for one plan
-            (:mod:`.first_trials`: the mixed int8 plan needs every unit's ``8-bit`` row); a later full
-            pass reuses them from the file.
-        earlier: the result of such a first pass: its seconds count against the budget, its lowerings
-            and timings are this profile's, and its rows are not counted as reused.
+        settings: a first pass: only these settings' unit rows, and the whole-model rows already known
+            (:mod:`.first_trials`: the mixed int8 plan's ``8-bit`` rows); the full pass reuses them.
+        earlier: that first pass's result: its cost counts here, its rows are not counted as reused.
 
     Returns:
         ``{"key", "rows", "seconds", "trial_s", "trial_equivalents", "lowerings", "timed", "reused",
@@ -347,44 +305,14 @@ def measure_profile(
     key = profile_key(ctx)
     given = given or {}
     old = {**(_cached_rows(path, key) if use_cache else {}), **given}  # the first trials' rows first
-    before = {"seconds": 0.0, "lowerings": 0, "timed": 0, "cache_hits": 0, "measured": 0}
-    if earlier is not None:
-        before = {k: earlier[k] for k in ("seconds", "lowerings", "timed", "cache_hits")}
-        # the rows the first pass made (not those it reused): this pass reads them back from the file
-        made = sum(r.get("status") != "not measured" for r in earlier["rows"]) - earlier["reused"]
-        before["measured"] = made
+    before = _first_pass(earlier)
     t0 = time.perf_counter()
-    rows, reused, skipped = [], 0, 0
     roles = _roles(ctx) if share_roles else {}
-    first: dict[str, dict] = {}  # role key -> the row measured for it
-    members: list[tuple[dict, dict]] = []  # (a later member's row, its role's measured row)
-    with scratch_dir("ac-profile-") as tmp:
-        prof = _Profiler(ctx, Path(tmp), log)
-        for layer, label, layers in _items(ctx):
-            if settings is not None and (
-                (layer, label) not in old if layer == "*" else label not in settings
-            ):
-                continue  # a first pass: these settings' unit rows, and the whole-model rows already known
-            prior = old.get((layer, label))
-            if prior is not None and prior.get("status") != "not measured":
-                rows.append(prior)
-                reused += 1
-                continue
-            role = role_key(roles, layers) if layer != "*" else None
-            if role in first:  # the same change on the same structure: the role's row, copied below
-                rows.append(_row_head(layer, label, layers))
-                members.append((rows[-1], first[role]))
-                continue
-            over = _over_budget(before["seconds"] + time.perf_counter() - t0, trial_s, budget_trials)
-            if over:
-                rows.append({**_row_head(layer, label, layers), "status": "not measured", "note": over})
-                skipped += 1
-                continue
-            rows.append(prof.row(layer, label, layers))
-            crash_point("profile")  # dies with the profile's artifacts in its scratch folder
-            if role is not None:
-                first[role] = rows[-1]
-        prof.flush()
+
+    def over() -> str | None:
+        return _over_budget(before["seconds"] + time.perf_counter() - t0, trial_s, budget_trials)
+
+    rows, reused, skipped, members, prof = _profile_rows(ctx, log, old, settings, roles, over)
     _copy_role_rows(members)
     seconds = before["seconds"] + time.perf_counter() - t0
     result = {
@@ -396,7 +324,7 @@ def measure_profile(
         "trial_equivalents": seconds / trial_s if trial_s else None,
         "lowerings": before["lowerings"] + prof.lowerings,
         "timed": before["timed"] + prof.timed,
-        "reused": reused - before["measured"],
+        "reused": reused - before["made"],
         "from_trials": sum((r["layer"], r["setting"]) in given for r in rows),
         "cache_hits": before["cache_hits"] + prof.cache_hits,
         "skipped": skipped,

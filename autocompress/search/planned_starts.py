@@ -29,7 +29,7 @@ def allowed_drop(ctx: RunContext) -> float | None:
     return min(drops) if drops else None
 
 
-def _structure(ctx: RunContext, planned: Planned) -> str:
+def plan_structure(ctx: RunContext, planned: Planned) -> str:
     """The plan's structure key (:func:`.planner.structure_key`), plus whether it is fine-tuned where a
     fine-tuned trial of it could end with other weights than a post-training one (:func:`tuning_differs`)."""
     layers = {k: LayerPlan(**v) for k, v in layer_values(planned, ctx.inventory).items()}
@@ -79,7 +79,7 @@ def make_plans(
     mixed = mixed_plan(ctx.space, ctx.inventory, profile, drop, mixed_scale)
     first += [mixed] if mixed is not None else []
     plans = merge_same_structure(
-        [*measured, *first, *plan_candidates(profile, ctx.space, drop)], lambda p: _structure(ctx, p)
+        [*measured, *first, *plan_candidates(profile, ctx.space, drop)], lambda p: plan_structure(ctx, p)
     )
     ran = {id(p) for p in measured}
     return [p for p in plans if p.layers and id(p) not in ran][:n]

@@ -80,7 +80,7 @@ def test_second_profile_reuses_every_row_without_lowering(run):
 def test_planned_starts_are_enqueued_with_their_prediction_and_merged_by_structure(run):
     from optuna.trial import TrialState
 
-    from autocompress.search.planned_starts import _structure, enqueue_planned, prediction_errors
+    from autocompress.search.planned_starts import enqueue_planned, plan_structure, prediction_errors
     from autocompress.search.planner import Planned, merge_same_structure
 
     ctx, study = run
@@ -90,13 +90,13 @@ def test_planned_starts_are_enqueued_with_their_prediction_and_merged_by_structu
         for s in (0.3, 0.5)
     ]
     merged = merge_same_structure(
-        [*pruned, Planned("int8", {"classifier": {"bits": 8}}, {})], lambda p: _structure(ctx, p)
+        [*pruned, Planned("int8", {"classifier": {"bits": 8}}, {})], lambda p: plan_structure(ctx, p)
     )
     assert [p.name for p in merged] == ["0.3", "int8"] and merged[0].merged == ["0.5"]
     lines: list[str] = []
     plans = enqueue_planned(ctx, study, 4, lines.append, trial_s=1.0)
     # a one-shot plan (post-training) and a fine-tuned plan of the same structure are two experiments
-    assert 1 <= len(plans) <= 4 and len({(_structure(ctx, p), p.post_training) for p in plans}) == len(plans)
+    assert 1 <= len(plans) <= 4 and len({(plan_structure(ctx, p), p.post_training) for p in plans}) == len(plans)
     assert plans[0].name == "int8 static everywhere" and plans[0].post_training  # the peers' answer first
     assert lines[0].startswith("latency profile:") and "planned start" in lines[1]
     waiting = study.get_trials(states=(TrialState.WAITING,))

@@ -16,7 +16,7 @@ from autocompress.config import load_config
 from autocompress.search import open_run
 from autocompress.search.latency_profile import measure_profile
 from autocompress.search.one_shot import STATIC
-from autocompress.search.planned_starts import _structure, make_plans
+from autocompress.search.planned_starts import make_plans, plan_structure
 from autocompress.search.planner import Planned, merge_same_structure
 
 
@@ -52,7 +52,7 @@ def test_a_fine_tuned_plan_that_would_repeat_a_post_training_one_is_enqueued_onc
         Planned("pruned, post-training", pruned, {}, post_training=True),
         Planned("pruned, fine-tuned", pruned, {}),
     ]
-    merged = merge_same_structure(plans, lambda p: _structure(ctx, p))
+    merged = merge_same_structure(plans, lambda p: plan_structure(ctx, p))
     # quantization alone is never fine-tuned under missed_budget: the second trial would repeat the first
     assert [p.name for p in merged] == [STATIC, "pruned, post-training", "pruned, fine-tuned"]
     assert merged[0].merged == ["speed, drop <= 1x budget"]
@@ -61,7 +61,7 @@ def test_a_fine_tuned_plan_that_would_repeat_a_post_training_one_is_enqueued_onc
         ctx.config.finetune = always.model_copy(update={"when": "always"})
         for p in plans:
             p.merged = []
-        assert len(merge_same_structure(plans, lambda p: _structure(ctx, p))) == 4
+        assert len(merge_same_structure(plans, lambda p: plan_structure(ctx, p))) == 4
     finally:
         ctx.config.finetune = always
 
