@@ -62,6 +62,9 @@ class WeightQuant:
     scale: np.ndarray  # float32
     zero_point: np.ndarray  # int32
     lsq: bool = False
+    # float32, torch layout: the weight the integers were rounded from, kept where no fine-tune moved
+    # the weight after rounding (a post-training plan): bias correction's float reference
+    source: np.ndarray | None = None
 
     def dequantize(self) -> np.ndarray:
         shape = (-1, *([1] * (self.q.ndim - 1))) if self.scale.ndim else ()

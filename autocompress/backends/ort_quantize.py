@@ -200,7 +200,8 @@ def quantize_graph(
         if int8_connectors:
             float_gemm_outputs(qmodel.graph)
         if spec.bias_correction:
-            correct_biases(qmodel, current, _feeds(calibration, graph_input_names(current)), nodes)
+            reference = _unrounded(current, spec, eight, tmp)
+            correct_biases(qmodel, reference, _feeds(calibration, graph_input_names(current)), nodes)
     for w in located:
         if w.lookup:
             lookup_weight_only(qmodel, w)
@@ -210,6 +211,27 @@ def quantize_graph(
             half_weight(qmodel.graph, w)
     onnx.save(qmodel, str(target))
     return kept
+
+
+def _unrounded(current: Path, spec: LoweringSpec, eight: list[LocatedWeight], tmp: Path) -> Path:
+    """The float graph bias correction compares against: ``current`` with the weights before rounding
+    where the record keeps them (a post-training plan's student holds weights already on the int8 grid,
+    and a reference with those would hide the shift their rounding adds)."""
+    sources = {}
+    for w in eight:
+        record = spec.layer(w.layer).weight
+        if record is not None and record.source is not None:
+            sources[w.init] = record.source.T if w.axis == 1 else record.source
+    if not sources:
+        return current
+    model = onnx.load(str(current))
+    for init in model.graph.initializer:
+        if init.name in sources:
+            values = sources[init.name].astype(np.float32).reshape(tuple(init.dims))
+            init.CopyFrom(numpy_helper.from_array(values, init.name))
+    path = tmp / "unrounded.onnx"
+    onnx.save(model, str(path))
+    return path
 
 
 def quantize_dynamic_nodes(fp32: Path, out: Path, nodes: list[str], reduce_range: bool):

@@ -23,6 +23,8 @@ which cannot be recomputed from the weight afterwards: the record is the only fa
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -74,8 +76,9 @@ def add_fake_quant(
     parametrize.register_parametrization(module, "weight", fq)
 
 
-def record_weight_quant(module: nn.Module) -> WeightQuant | None:
-    """The integer form of a fake-quantized weight (None: not integer-quantized).
+def record_weight_quant(module: nn.Module, keep_source: bool = False) -> WeightQuant | None:
+    """The integer form of a fake-quantized weight (None: not integer-quantized); with ``keep_source``
+    also the float weight it was rounded from (after any mask).
 
     Call before the parametrizations are removed.
     """
@@ -89,7 +92,8 @@ def record_weight_quant(module: nn.Module) -> WeightQuant | None:
         w = plist.original
         for p in list(plist)[:-1]:
             w = p(w)
-        return last.integers(w)
+        record = last.integers(w)
+    return dataclasses.replace(record, source=w.detach().float().numpy().copy()) if keep_source else record
 
 
 # -- the technique: per-layer fields, fake quantization (pipeline order 40), what the backend gets ----
@@ -187,8 +191,14 @@ def quantize_step(build) -> None:
 
     def finish() -> None:
         for name, bits in build.layer_bits.items():
-            record = record_weight_quant(build.modules[name]) if name in build.modules else None
             mode = "dynamic" if name in recurrent else modes.get(name, "static")
+            # post-training, the student's weights are the teacher's rounded: the backend's bias
+            # correction compares against the weights before rounding (else it cannot see the shift
+            # the rounding adds: EfficientNet-Lite0 on MNIST, 2,000 test images, 0.925 against 0.9655, float
+            # 0.9705)
+            source = build.total == 0 and mode == "static"
+            module = build.modules.get(name)
+            record = record_weight_quant(module, source) if module is not None else None
             build.lowering[name] = LayerLowering(bits, mode, record)
 
     build.finish.append(finish)

@@ -3,6 +3,7 @@ post-training quantization and learned step sizes (LSQ), each checked on the rea
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from autocompress.tasks import Task
 from autocompress.techniques import (
     LSQFakeQuant,
     add_fake_quant,
+    fold_batchnorm,
     int_range,
     record_weight_quant,
     weight_qparams,
@@ -481,3 +483,21 @@ def test_static_convs_feeding_a_dynamic_classifier_lower_to_a_valid_graph(rank_r
     x = task.test[0]
     got, ref = _run(backend, art, x), out.model(x).detach().numpy()
     assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_a_post_training_record_keeps_the_weight_before_rounding(digits_task, digits_teacher):
+    """Post-training, each static int8 layer's record keeps the weight it was rounded from (bias
+    correction's float reference: the student's own weights are on the grid already); a fine-tuned
+    record does not (the weight moved on the grid), nor does a dynamic layer's."""
+    names = [n for n, _ in compressible_layers(digits_teacher)]
+    layers = {n: LayerPlan(bits=8) for n in names}
+    layers[names[-1]] = LayerPlan(bits=8, quant_mode="dynamic")
+    post = compress(digits_task, digits_teacher, Plan(layers=layers, epochs=0))
+    teacher = dict(fold_batchnorm(copy.deepcopy(digits_teacher))[0].named_modules())  # as compress has it
+    for name in names[:-1]:
+        record = post.lowering.layer(name).weight
+        np.testing.assert_array_equal(record.source, teacher[name].weight.detach().numpy())
+        assert np.abs(record.dequantize() - record.source).max() > 0  # the integers are the rounded form
+    assert post.lowering.layer(names[-1]).weight.source is None
+    tuned = compress(digits_task, digits_teacher, Plan(layers=layers, steps=2))
+    assert all(tuned.lowering.layer(n).weight.source is None for n in names)
