@@ -10,7 +10,8 @@ without). Here, in graph order, each static int8 ``Conv`` with a bias gets
     bias += mean_float(output) - mean_quantized(output)      (per output channel)
 
 where the means run over the calibration samples and the spatial positions, the float figures come
-from the float graph, and the quantized ones from the quantized graph with every earlier correction
+from the float graph (with the weights before rounding, where a post-training plan rounded them in torch:
+``ort_quantize._unrounded``), and the quantized ones from the quantized graph with every earlier correction
 already in (so a layer corrects what its own rounding adds, not its inputs' shift again). Where ORT
 folded a Relu / Relu6 into the activation's int8 range, the means compared are the clipped outputs
 (what the next layer reads), and one step removes most but not all of the shift (the clip is not
