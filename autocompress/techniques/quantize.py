@@ -193,10 +193,10 @@ def quantize_step(build) -> None:
         for name, bits in build.layer_bits.items():
             mode = "dynamic" if name in recurrent else modes.get(name, "static")
             # post-training, the student's weights are the teacher's rounded: the backend's bias
-            # correction compares against the weights before rounding (else it cannot see the shift
-            # the rounding adds: EfficientNet-Lite0 on MNIST, 2,000 test images, 0.925 against 0.9655, float
-            # 0.9705)
-            source = build.total == 0 and mode == "static"
+            # correction (static 5-8-bit layers) compares against the weights before rounding, else it
+            # cannot see the shift the rounding adds (EfficientNet-Lite0 on MNIST, 2,000 test images:
+            # 0.925 against 0.9655, float 0.9705)
+            source = build.total == 0 and mode == "static" and 5 <= bits <= 8
             module = build.modules.get(name)
             record = record_weight_quant(module, source) if module is not None else None
             build.lowering[name] = LayerLowering(bits, mode, record)
